@@ -1,0 +1,423 @@
+"""Typed model configuration, read from and written to the released ``config.yaml`` layout.
+
+A released SongGeneration ``config.yaml`` uses two OmegaConf resolvers (``eval`` for arithmetic
+and ``load_yaml`` for the lyric tag list); both are registered here. The parsed file is kept
+(unresolved) in :attr:`ModelConfig.raw` so that :func:`save_config` writes the same layout back,
+with our own settings under a ``levo:`` section that the released code ignores.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import logging
+import operator
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+LYRIC_TAGS_DEFAULT = (
+    "[verse]", "[chorus]", "[bridge]", "[intro-short]", "[intro-medium]", "[intro-long]",
+    "[outro-short]", "[outro-medium]", "[outro-long]", "[inst-short]", "[inst-medium]",
+    "[inst-long]", "[silence]",
+)
+KNOWN_VERSIONS = ("v1", "v2")
+
+
+class ConfigError(ValueError):
+    """A model config is malformed or inconsistent; the message names the file and key."""
+
+
+# ----------------------------------------------------------------------------- resolvers
+_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+
+
+def _safe_eval(expr: str) -> Any:
+    """Arithmetic-only ``eval`` (the released configs only use ``a*b+c``); never runs code."""
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.operand))
+        raise ConfigError(f"`eval` resolver only supports arithmetic, got {expr!r}")
+
+    return ev(ast.parse(str(expr), mode="eval"))
+
+
+_LOAD_YAML_ROOTS: list[Path] = []
+
+
+def _load_yaml(rel: str) -> Any:
+    """``load_yaml`` resolver: paths are relative to the released code root; we search the
+    config's folder and its parents, and fall back to the known lyric tag list."""
+    for root in _LOAD_YAML_ROOTS:
+        for base in [root, *list(root.parents)[:3]]:
+            cand = base / rel
+            if cand.is_file():
+                return OmegaConf.to_container(OmegaConf.load(cand))
+    if Path(rel).name == "vocab.yaml":
+        log.info("load_yaml:%s not found next to the config; using the released lyric tag list", rel)
+        return list(LYRIC_TAGS_DEFAULT)
+    raise ConfigError(f"load_yaml:{rel}: file not found (searched from {[str(r) for r in _LOAD_YAML_ROOTS]})")
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("eval"):
+        OmegaConf.register_new_resolver("eval", _safe_eval)
+    if not OmegaConf.has_resolver("load_yaml"):
+        OmegaConf.register_new_resolver("load_yaml", _load_yaml)
+
+
+_register_resolvers()
+
+
+# ----------------------------------------------------------------------------- dataclasses
+@dataclass
+class LMConfig:
+    """Sizes of the two Llama-style stacks (``lm:`` in the released file)."""
+
+    dim: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    num_layers_sub: int
+    code_depth: int = 3
+    code_size: int = 16384
+    max_position_embeddings: int = 10000
+    max_position_embeddings_sub: int = 10000
+    rope_theta: float = 500000.0
+    rope_theta_sub: float = 500000.0
+    use_flash_attn_2: bool = False
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def eos_id(self) -> int:
+        return self.code_size
+
+    @property
+    def pad_id(self) -> int:
+        """The special/pad code (never predicted)."""
+        return self.code_size + 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes LeLM's parameters and conditioning.
+
+    ``text_words`` selects a small word-level text vocabulary (tiny/toy models); ``None`` means
+    the Qwen2 tokenizer (``tokenizer_path`` folder, or rebuilt offline when absent).
+    """
+
+    lm: LMConfig
+    delays: list[int] = field(default_factory=lambda: [0, 250, 250])
+    version: str = "v2"
+    lyric_max_len: int = 600
+    style_max_len: int = 100
+    prompt_max_len: int = 252
+    frame_rate: int = 25
+    sample_rate: int = 48000
+    max_dur: int = 270
+    cfg_dropout: float = 0.15
+    cfg_coef: float = 1.5
+    attribute_dropout: dict[str, float] = field(
+        default_factory=lambda: {"description": 0.0, "type_info": 0.2, "prompt_audio": 0.5}
+    )
+    lyric_tags: list[str] = field(default_factory=lambda: list(LYRIC_TAGS_DEFAULT))
+    text_words: list[str] | None = None
+    tokenizer_path: str | None = None
+    raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def prompt_frames(self) -> int:
+        """Audio-prompt frames the conditioner keeps (max_len minus the EOS and EOT slots)."""
+        return self.prompt_max_len - 2
+
+    @property
+    def prefix_len(self) -> int:
+        return self.lyric_max_len + self.prompt_max_len + self.style_max_len
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    def validate(self, where: str = "config") -> None:
+        lm = self.lm
+        if self.version not in KNOWN_VERSIONS:
+            raise ConfigError(f"{where}: unknown model version {self.version!r}; expected one of {KNOWN_VERSIONS}")
+        if lm.dim % lm.num_heads:
+            raise ConfigError(f"{where}: lm.dim={lm.dim} is not divisible by lm.num_heads={lm.num_heads}")
+        if lm.head_dim % 2:
+            raise ConfigError(f"{where}: head dim {lm.head_dim} must be even for RoPE")
+        if len(self.delays) != lm.code_depth:
+            raise ConfigError(
+                f"{where}: codebooks_pattern.delay.delays has {len(self.delays)} entries, lm.code_depth={lm.code_depth}"
+            )
+        if self.prompt_max_len < 2:
+            raise ConfigError(f"{where}: conditioners.prompt_audio max_len must be >= 2, got {self.prompt_max_len}")
+        for k in ("description", "type_info", "prompt_audio"):
+            if k not in self.attribute_dropout:
+                raise ConfigError(f"{where}: attribute_dropout lacks {k!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Released-layout dict (unresolved interpolations kept) with our fields synced in."""
+        return _to_released_layout(self)
+
+
+# ----------------------------------------------------------------------------- reading
+def _version_from_folder(folder: Path) -> str:
+    """Upstream's rule: ``songgeneration_base*`` and ``songgeneration_large`` are v1, else v2."""
+    name = folder.name
+    if name.startswith("songgeneration_base") or name == "songgeneration_large":
+        return "v1"
+    return "v2"
+
+
+def _get(cfg: DictConfig, dotted: str, where: str, default: Any = ...) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            if default is ...:
+                raise ConfigError(f"{where}: missing key `{dotted}`")
+            return default
+    return node
+
+
+def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Path | None = None) -> ModelConfig:
+    """Build a :class:`ModelConfig` from a parsed released-layout config."""
+    lm = LMConfig(
+        dim=int(_get(cfg, "lm.dim", where)),
+        intermediate_size=int(_get(cfg, "lm.intermediate_size", where)),
+        num_heads=int(_get(cfg, "lm.num_heads", where)),
+        num_layers=int(_get(cfg, "lm.num_layers", where)),
+        num_layers_sub=int(_get(cfg, "lm.num_layers_sub", where)),
+        code_depth=int(_get(cfg, "lm.code_depth", where, 3)),
+        code_size=int(_get(cfg, "lm.code_size", where, 16384)),
+        max_position_embeddings=int(_get(cfg, "lm.max_position_embeddings", where, 10000)),
+        max_position_embeddings_sub=int(_get(cfg, "lm.max_position_embeddings_sub", where, 10000)),
+        rope_theta=float(_get(cfg, "lm.rope_theta", where, 500000.0)),
+        rope_theta_sub=float(_get(cfg, "lm.rope_theta_sub", where, 500000.0)),
+        use_flash_attn_2=bool(_get(cfg, "lm.use_flash_attn_2", where, False)),
+    )
+    levo = _get(cfg, "levo", where, None)
+    version = None
+    if levo is not None and levo.get("version") is not None:
+        version = str(levo.get("version"))
+    if version is None:
+        version = _version_from_folder(folder) if folder is not None else "v2"
+    tags = _get(cfg, "conditioners.description.QwTokenizer.add_token_list", where, None)
+    words = levo.get("text_words") if levo is not None else None
+    tok_path = levo.get("tokenizer_path") if levo is not None else None
+    if tok_path is None and words is None:
+        tok_path = _get(cfg, "conditioners.description.QwTokenizer.token_path", where, None)
+    attr = _get(cfg, "attribute_dropout", where, None)
+    attr_d = {
+        "description": float(_get(attr, "text.description", where, 0.0)) if attr is not None else 0.0,
+        "type_info": float(_get(attr, "text.type_info", where, 0.2)) if attr is not None else 0.2,
+        "prompt_audio": float(_get(attr, "audio.prompt_audio", where, 0.5)) if attr is not None else 0.5,
+    }
+    mc = ModelConfig(
+        lm=lm,
+        delays=[int(d) for d in _get(cfg, "codebooks_pattern.delay.delays", where, [0, 250, 250])],
+        version=version,
+        lyric_max_len=int(_get(cfg, "conditioners.description.QwTokenizer.max_len", where)),
+        style_max_len=int(_get(cfg, "conditioners.type_info.QwTextTokenizer.max_len", where)),
+        prompt_max_len=int(_get(cfg, "conditioners.prompt_audio.qt_embedding.max_len", where)),
+        frame_rate=int(_get(cfg, "audio_tokenizer_frame_rate", where, 25)),
+        sample_rate=int(_get(cfg, "sample_rate", where, 48000)),
+        max_dur=int(_get(cfg, "max_dur", where, 270)),
+        cfg_dropout=float(_get(cfg, "classifier_free_guidance.training_dropout", where, 0.15)),
+        cfg_coef=float(_get(cfg, "classifier_free_guidance.inference_coef", where, 1.5)),
+        attribute_dropout=attr_d,
+        lyric_tags=[str(t) for t in tags] if tags is not None else list(LYRIC_TAGS_DEFAULT),
+        text_words=[str(w) for w in words] if words is not None else None,
+        tokenizer_path=str(tok_path) if tok_path is not None else None,
+        raw=OmegaConf.to_container(cfg, resolve=False),
+    )
+    mc.validate(where)
+    return mc
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read a released (or our) ``config.yaml``; ``path`` may be the file or its folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.yaml"
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    _LOAD_YAML_ROOTS[:] = [p.parent.resolve()]
+    try:
+        cfg = OmegaConf.load(p)
+        # resolve eagerly so that resolver failures name this file
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError:
+        raise
+    except Exception as e:  # omegaconf errors: add the file name
+        raise ConfigError(f"{p}: cannot parse config: {e}") from e
+    mc = config_from_omegaconf(resolved, where=str(p), folder=p.parent)
+    mc.raw = OmegaConf.to_container(cfg, resolve=False)  # keep interpolations for write-back
+    return mc
+
+
+# ----------------------------------------------------------------------------- writing
+def _released_template() -> dict[str, Any]:
+    """Skeleton of the released layout for configs made from scratch (tiny models)."""
+    return {
+        "max_dur": 270,
+        "min_dur": 30,
+        "prompt_len": 10,
+        "pad_to_max": True,
+        "audio_tokenizer_frame_rate": 25,
+        "audio_tokenizer_code_depth": 1,
+        "sample_rate": 48000,
+        "lm": {"lm_type": "Llama"},
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [0, 250, 250], "flatten_first": 0, "empty_initial": 0}},
+        "classifier_free_guidance": {"training_dropout": 0.15, "inference_coef": 1.5},
+        "attribute_dropout": {
+            "args": {"active_on_eval": False},
+            "text": {"description": 0.0, "type_info": 0.2},
+            "audio": {"prompt_audio": 0.5},
+        },
+        "use_text_training": True,
+        "fuser": {"sum": [], "prepend": ["description", "prompt_audio", "type_info"]},
+        "conditioners": {
+            "prompt_audio": {"model": "qt_embedding", "qt_embedding": {"code_size": 16384, "code_depth": 3, "max_len": 252}},
+            "description": {"model": "QwTokenizer", "QwTokenizer": {"token_path": None, "max_len": 600, "add_token_list": list(LYRIC_TAGS_DEFAULT)}},
+            "type_info": {"model": "QwTextTokenizer", "QwTextTokenizer": {"token_path": None, "max_len": 100}},
+        },
+    }
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def _peek(d: dict[str, Any], dotted: str) -> Any:
+    for p in dotted.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _sync(d: dict[str, Any], dotted: str, value: Any, resolved: Any) -> None:
+    """Write ``value`` unless the raw entry is an interpolation that already resolves to it."""
+    cur = _peek(d, dotted)
+    if isinstance(cur, str) and "${" in cur and resolved == value:
+        return
+    _set(d, dotted, value)
+
+
+def _to_released_layout(mc: ModelConfig) -> dict[str, Any]:
+    d = copy.deepcopy(mc.raw) if mc.raw is not None else _released_template()
+    resolved: dict[str, Any] = {}
+    if mc.raw is not None:
+        try:
+            resolved = OmegaConf.to_container(OmegaConf.create(d), resolve=True)  # type: ignore[assignment]
+        except Exception:
+            resolved = {}
+    lm = mc.lm
+    for key in ("dim", "intermediate_size", "num_heads", "num_layers", "num_layers_sub", "code_depth",
+                "code_size", "max_position_embeddings", "max_position_embeddings_sub", "rope_theta",
+                "rope_theta_sub", "use_flash_attn_2"):
+        _set(d, f"lm.{key}", getattr(lm, key))
+    _set(d, "codebooks_pattern.delay.delays", list(mc.delays))
+    _sync(d, "conditioners.prompt_audio.qt_embedding.max_len", mc.prompt_max_len,
+          _peek(resolved, "conditioners.prompt_audio.qt_embedding.max_len"))
+    _set(d, "conditioners.prompt_audio.qt_embedding.code_size", lm.code_size)
+    _set(d, "conditioners.prompt_audio.qt_embedding.code_depth", lm.code_depth)
+    _set(d, "conditioners.description.QwTokenizer.max_len", mc.lyric_max_len)
+    _sync(d, "conditioners.description.QwTokenizer.add_token_list", list(mc.lyric_tags),
+          _peek(resolved, "conditioners.description.QwTokenizer.add_token_list"))
+    _set(d, "conditioners.type_info.QwTextTokenizer.max_len", mc.style_max_len)
+    _sync(d, "audio_tokenizer_frame_rate", mc.frame_rate, _peek(resolved, "audio_tokenizer_frame_rate"))
+    _set(d, "sample_rate", mc.sample_rate)
+    _set(d, "max_dur", mc.max_dur)
+    _set(d, "classifier_free_guidance.training_dropout", mc.cfg_dropout)
+    _set(d, "classifier_free_guidance.inference_coef", mc.cfg_coef)
+    _set(d, "attribute_dropout.text.description", mc.attribute_dropout["description"])
+    _set(d, "attribute_dropout.text.type_info", mc.attribute_dropout["type_info"])
+    _set(d, "attribute_dropout.audio.prompt_audio", mc.attribute_dropout["prompt_audio"])
+    _set(d, "levo", {
+        "version": mc.version,
+        "text_words": list(mc.text_words) if mc.text_words is not None else None,
+        "tokenizer_path": mc.tokenizer_path,
+    })
+    return d
+
+
+def save_config(mc: ModelConfig, path: str | os.PathLike) -> Path:
+    """Write ``config.yaml`` (released layout) atomically; ``path`` may be a folder."""
+    p = Path(path)
+    if p.is_dir() or p.suffix == "":
+        p.mkdir(parents=True, exist_ok=True)
+        p = p / "config.yaml"
+    text = OmegaConf.to_yaml(OmegaConf.create(mc.to_dict()))
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p
+
+
+def make_config(
+    *,
+    dim: int,
+    num_heads: int,
+    num_layers: int,
+    num_layers_sub: int,
+    intermediate_size: int | None = None,
+    code_size: int = 16384,
+    delays: list[int] | None = None,
+    lyric_max_len: int = 600,
+    style_max_len: int = 100,
+    prompt_frames: int = 250,
+    text_words: list[str] | None = None,
+    version: str = "v2",
+    rope_theta: float = 500000.0,
+    **extra: Any,
+) -> ModelConfig:
+    """A config made from scratch (tiny test and toy models), in the released layout."""
+    lm = LMConfig(
+        dim=dim,
+        intermediate_size=intermediate_size or 4 * dim,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        num_layers_sub=num_layers_sub,
+        code_size=code_size,
+        rope_theta=rope_theta,
+        rope_theta_sub=rope_theta,
+    )
+    mc = ModelConfig(
+        lm=lm,
+        delays=list(delays) if delays is not None else [0, 250, 250],
+        version=version,
+        lyric_max_len=lyric_max_len,
+        style_max_len=style_max_len,
+        prompt_max_len=prompt_frames + 2,
+        text_words=list(text_words) if text_words is not None else None,
+        **extra,
+    )
+    mc.validate("make_config")
+    return mc

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny LeLM configs (dim <= 64) and environment for offline, quiet runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared"))
+
+TINY_WORDS = ["<unk>", ".", ",", ";", "la", "da", "love", "night", "rock", "pop", "sad", "happy"]
+
+
+def tiny_config(**kw):
+    from levo_infer.config import make_config
+
+    args = dict(dim=32, num_heads=2, num_layers=2, num_layers_sub=1, intermediate_size=64, code_size=16,
+                delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=3, text_words=TINY_WORDS,
+                rope_theta=10000.0)
+    args.update(kw)
+    return make_config(**args)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    from levo_infer.model import LeLM
+
+    torch.manual_seed(0)
+    m = LeLM(tiny_cfg)
+    m.init_weights(std=0.2)
+    return m.eval()
+
+
+def released_config_path() -> Path:
+    p = SHARED / "released_configs" / "v2_large_config.yaml"
+    if not p.is_file():
+        pytest.skip(f"released config not available at {p} (set LEVO_SHARED_DIR)")
+    return p
