@@ -172,3 +172,13 @@ def test_greedy_generation_batched_equals_single(tiny_model):
         one = generate(m, LYRICS[i:i + 1], STYLES[i:i + 1], max_frames=8, top_k=1, cfg_coef=1.5)
         assert one.lengths[0] == out.lengths[i]
         assert torch.equal(one.codes[0], out.codes[i])
+
+
+def test_released_config_tokenizers_match_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEVO_CACHE_DIR", str(tmp_path))
+    cfg = load_config(released_config_path())
+    with torch.device("meta"):
+        m = LeLM(cfg)
+    lyr, sty = m.tokenizers  # third_party/Qwen2-7B is absent here: offline Qwen2 build
+    assert (lyr.vocab_size, sty.vocab_size) == (151659, 151652)
+    assert lyr.encode("[verse] hello")[:2] == [151644, 151646]

