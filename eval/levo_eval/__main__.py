@@ -1,0 +1,3 @@
+from levo_eval.cli import main
+
+raise SystemExit(main())

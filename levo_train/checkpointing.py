@@ -1,0 +1,39 @@
+"""Atomic checkpoint writes and run-folder checkpoint helpers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from levo_infer.checkpoint import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that never leaves a half-written file: it writes a temp file in the
+    target folder, fsyncs it and renames it over the target (``os.replace`` is atomic)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(checkpoint, path)
+
+
+def clean_stale_temp_files(folder: str | os.PathLike) -> int:
+    """Remove temp files left by a writer that was killed mid-write; returns how many."""
+    n = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp*"):
+            p.unlink(missing_ok=True)
+            n += 1
+    if n:
+        log.warning("removed %d incomplete checkpoint temp file(s) in %s", n, folder)
+    return n

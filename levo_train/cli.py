@@ -1,0 +1,286 @@
+"""``levo-train recipe=NAME [overrides]``: wires hydra config -> data, model, Lightning Trainer.
+
+Configs live in ``configs/`` (groups model/ data/ optim/ trainer/ logger/) and recipes in
+``recipes/`` (the ``recipe`` group). With no data given, the built-in toy song world is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("levo_train")
+
+MAIN_OVERRIDES = """\
+main overrides:
+  recipe=NAME                 which recipe to run (required)
+  run_dir=PATH                output folder (default runs/<recipe>-<time>, or $LEVO_RUNS/...)
+  model.init=PATH             start from a released model folder or a levo-train export
+  data.train=DIR data.val=DIR shard folders (default: the built-in toy song world)
+  data.batch_size=N           per-device batch size
+  optim.lr=X                  peak learning rate (warmup + cosine)
+  trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
+  checkpoint.every_n_steps=N  checkpoint interval (atomic writes; last.ckpt is kept up to date)
+  resume=true                 continue run_dir from its last checkpoint (or ckpt_path=PATH)
+  logger=none                 disable wandb (offline by default; WANDB_MODE=online to sync)
+"""
+
+
+class UsageError(SystemExit):
+    """A user-facing configuration error: printed without a traceback, exit status 2."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(2)
+        self.msg = msg
+
+
+def known_recipes() -> list[str]:
+    files = resources.files("levo_train.configs.recipe")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("toy_vocab"):
+        def toy_vocab(seed: Any = 0) -> list[str]:
+            from levo_train.data.toy import ToyWorld
+
+            return list(ToyWorld(int(seed)).vocabulary())
+
+        OmegaConf.register_new_resolver("toy_vocab", toy_vocab)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose ``train.yaml`` with the command-line overrides; clear errors for bad recipes."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    _register_resolvers()
+    recipes = known_recipes()
+    names = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "recipe" and "=" in o]
+    if not names:
+        raise UsageError(f"no recipe given: pass recipe=NAME with NAME one of {', '.join(recipes)}")
+    if names[-1] not in recipes:
+        raise UsageError(f"unknown recipe {names[-1]!r}; known recipes: {', '.join(recipes)}")
+    try:
+        with initialize_config_module(config_module="levo_train.configs", version_base="1.3"):
+            # any Lightning Trainer argument may be given as trainer.KEY=VALUE: keys that the
+            # trainer config does not list are appended (+trainer.KEY) instead of overridden
+            trainer_ovr = [o for o in overrides if o.startswith("trainer.") and "=" in o]
+            if trainer_ovr:
+                rest = [o for o in overrides if o not in trainer_ovr]
+                known = compose(config_name="train", overrides=rest).trainer
+                overrides = rest + [o if o.split("=", 1)[0].split(".")[1] in known else "+" + o for o in trainer_ovr]
+            return compose(config_name="train", overrides=overrides)
+    except HydraException as e:
+        raise UsageError(f"bad override: {e}") from e
+
+
+def print_help() -> None:
+    print("usage: levo-train recipe=NAME [key=value ...]\n")
+    print(f"recipes: {', '.join(known_recipes())}\n")
+    print(MAIN_OVERRIDES)
+    print("Show the composed config without running: levo-train recipe=sft --cfg")
+
+
+# ----------------------------------------------------------------------------- pieces
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(str(cfg.run_dir))
+    root = Path(os.environ.get("LEVO_RUNS", "runs"))
+    return root / f"{cfg.recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def toy_cache_root(cfg: DictConfig) -> Path:
+    if cfg.data.toy.get("cache_dir"):
+        return Path(str(cfg.data.toy.cache_dir))
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "levo-train" / "toy"
+
+
+def resolve_data(cfg: DictConfig) -> tuple[Any, Any, bool]:
+    """(train, val, is_toy): shard locations, building the toy world when none are given."""
+    if cfg.data.train is not None:
+        return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
+    from levo_train.data.toy import ensure_toy_dataset
+
+    t = cfg.data.toy
+    root = ensure_toy_dataset(toy_cache_root(cfg), seed=int(t.seed), n_train=int(t.n_train), n_val=int(t.n_val))
+    return str(root / "train"), str(root / "val"), True
+
+
+def check_init_path(init: str) -> Path:
+    p = Path(init)
+    if not p.exists():
+        raise UsageError(f"model.init={init}: path does not exist (expected a released model folder or a "
+                         "levo-train export folder holding config.yaml + model.pt, e.g. RUN_DIR/export)")
+    if p.is_file():
+        p = p.parent
+    missing = [n for n in ("config.yaml",) if not (p / n).is_file()]
+    if missing or not any((p / n).is_file() for n in ("model.pt", "model.safetensors")):
+        raise UsageError(f"model.init={init}: folder lacks {missing or ['model.pt']} (expected config.yaml + model.pt)")
+    return p
+
+
+def build_model_config(cfg: DictConfig):  # -> ModelConfig
+    from levo_infer.config import load_config, make_config
+
+    if cfg.model.get("init"):
+        return load_config(check_init_path(str(cfg.model.init)))
+    if cfg.model.get("config_file"):
+        return load_config(str(cfg.model.config_file))
+    return make_config(**OmegaConf.to_container(cfg.model.config, resolve=True))
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.ckpt_path:
+        p = Path(str(cfg.ckpt_path))
+        if not p.is_file():
+            raise UsageError(f"ckpt_path={p}: no such checkpoint file")
+        return str(p)
+    if cfg.resume:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.warning("resume=true but %s does not exist: starting a fresh run", last)
+    return None
+
+
+def build_module(cfg: DictConfig, model_config: Any, total_steps: int):
+    from levo_train.train.lm import LMModule
+
+    t = cfg.train
+    return LMModule(
+        model_config,
+        lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay), betas=tuple(cfg.optim.betas),
+        warmup_steps=int(cfg.optim.warmup_steps), total_steps=total_steps, min_lr_ratio=float(cfg.optim.min_lr_ratio),
+        stream_weights=list(t.stream_weights) if t.stream_weights is not None else None,
+        condition_dropout=bool(t.condition_dropout), freeze=list(t.freeze),
+        activation_checkpointing=bool(t.activation_checkpointing), seed=int(cfg.seed),
+        init_weights=not cfg.model.get("init"),
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from levo_train.checkpointing import AtomicCheckpointIO
+
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=int(cfg.checkpoint.every_n_steps), save_top_k=int(cfg.checkpoint.keep_last),
+                        monitor="step", mode="max", save_last=True),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    if cfg.logger.get("enabled"):
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", str(cfg.logger.mode))
+        loggers.append(WandbLogger(project=str(cfg.logger.project), name=cfg.logger.name or run_dir.name,
+                                   save_dir=str(run_dir), mode=str(cfg.logger.mode)))
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+                     plugins=[AtomicCheckpointIO()], **kwargs)
+
+
+def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int):
+    from levo_train.data.datamodule import SongDataModule
+
+    d = cfg.data
+    return SongDataModule(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
+                          num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
+                          max_frames=d.max_frames, shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
+
+
+# ----------------------------------------------------------------------------- run
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one recipe; returns (and writes to run_dir/summary.json) where the outputs are."""
+    import lightning as L
+
+    from levo_infer.checkpoint import find_weights, load_weights
+    from levo_train.checkpointing import clean_stale_temp_files
+
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True)
+    model_config = build_model_config(cfg)
+    train, val, is_toy = resolve_data(cfg)
+    if is_toy and model_config.lm.code_size != 64:
+        raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
+                         "pass data.train=... for real data or a toy-sized model.init")
+    total = cfg.optim.get("total_steps") or cfg.trainer.max_steps
+    module = build_module(cfg, model_config, total_steps=int(total))
+    if cfg.model.get("init"):
+        load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
+    dm = build_datamodule(cfg, train, val, model_config.lm.code_size)
+    trainer = build_trainer(cfg, run_dir)
+    ckpt = find_resume_checkpoint(cfg, run_dir)
+    clean_stale_temp_files(run_dir / "checkpoints")
+    OmegaConf.save(cfg, run_dir / "train_config.yaml", resolve=True)
+    val_start = None
+    if ckpt is None and val is not None:
+        val_start = trainer.validate(module, datamodule=dm, verbose=False)[0].get("val/loss")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
+                               "val_loss_start": val_start,
+                               "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss"))}
+    if trainer.is_global_zero:
+        if cfg.export.enabled:
+            import torch
+
+            dtype = getattr(torch, str(cfg.export.dtype)) if cfg.export.dtype else None
+            export = run_dir / "export"
+            module.model.save(str(export), dtype=dtype)
+            summary["export"] = str(export)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"\nlevo-train {cfg.recipe_name}: done at step {trainer.global_step}")
+        for k in ("run_dir", "last_checkpoint", "export"):
+            if k in summary:
+                print(f"  {k:16s} {summary[k]}")
+        if val_start is not None:
+            print(f"  val/loss         {val_start:.4f} -> {summary['val_loss_end']}")
+    return summary
+
+
+def _to_float(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    try:
+        cfg = compose_config(argv)
+        if show_cfg:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        run(cfg)
+    except UsageError as e:
+        print(f"levo-train: error: {e.msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
