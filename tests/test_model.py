@@ -6,7 +6,13 @@ import pytest
 import torch
 from conftest import released_config_path, tiny_config
 
-from levo_infer.checkpoint import CheckpointError, load_model, load_weights, released_state_dict, save_released
+from levo_infer.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_weights,
+    released_state_dict,
+    save_released,
+)
 from levo_infer.config import ConfigError, load_config, save_config
 from levo_infer.generate import generate
 from levo_infer.model import LeLM

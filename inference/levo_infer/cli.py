@@ -1,60 +1,502 @@
-"""``levo-infer``: generation from released or finetuned checkpoints (see the levo-infer issue).
+"""``levo-infer``: generate songs from a released SongGeneration model folder or a levo-train export.
 
-Until the full CLI lands this entry point generates token files for a JSONL input with the
-shared sampler.
+    levo-infer CKPT_DIR INPUT.jsonl OUT_DIR [--mode mixed|vocal|bgm|separate] [--low-mem]
+               [--not-use-flash-attn] [--batch-size N] [--duration S] [--cfg-coef X] [--top-k K]
+               [--temperature T] [--seed N] [--tokens-only] [--auto-prompt-file PATH] [--device ...]
+
+The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``, ``--separate``,
+``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
+``--generate_type``) are accepted too.
+
+Input: one JSON object per line with ``idx`` (output name), ``gt_lyric``, optional ``descriptions``
+and optional ``prompt_audio_path`` (a prompt *token* file until the audio encoder lands, see
+:mod:`levo_infer.prompts`) or ``auto_prompt_audio_type`` (needs ``--auto-prompt-file``). A bad
+line is reported with its line number and the broken rule; the other songs are still generated
+and the exit status is 1.
+
+Output (``OUT_DIR``):
+
+* ``tokens/<idx>.pt``: LongTensor [3, T] (mixed, vocal, bgm; T = frames before the earliest EOS),
+  exactly the tokens the codec decodes into ``audios/<idx>.flac``. So for ``--mode vocal`` the bgm
+  row is the silent code 9670, for ``--mode bgm`` the vocal row is 3142 (the released decoder's
+  substitution; the mixed row is never decoded and kept as generated); ``--mode separate`` writes
+  ``<idx>.pt`` (as generated) plus ``<idx>_vocal.pt`` and ``<idx>_bgm.pt``.
+* ``audios/<idx>[_vocal|_bgm].flac`` when an audio codec is available (``levo_infer.codec``, a
+  later issue); until then only tokens are written (``--tokens-only`` is the default and says so once).
+* ``jsonl/<input name>.jsonl``: one record per generated song (input fields, the text the model
+  saw, prompt, settings, seed, frames, seconds); ``jsonl/<input name>.errors.jsonl``: the bad lines.
+
+Caller formatting as released: the description is lower-cased; v2 prefixes
+``[Musicality-very-high], `` (``.`` alone without a description) and, in bgm mode, ``[Pure-Music], ``
+with the lyric replaced by ``.``. Sampling defaults to the released rules (``--compat``: top-k 5000
+and temperature 0.8 on codebook 0, greedy on vocal/bgm, repetition penalty 1.1 over 50 steps,
+prompt-token ban, CFG 1.5; the released low-memory script used ``--top-k 50 --temperature 0.9``).
+Each song's seed is ``--seed`` + its line index, so results do not depend on ``--batch-size``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import random
+import re
 import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
+
+MODES = ("mixed", "vocal", "bgm", "separate")
+LYRIC_POLICIES = ("normalize", "check", "raw")
+_SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="levo-infer", description="generate songs (tokens) from a checkpoint folder")
-    ap.add_argument("ckpt_dir")
-    ap.add_argument("input_jsonl")
-    ap.add_argument("out_dir")
-    ap.add_argument("--duration", type=float, default=None, help="seconds (default: max_dur of the config)")
-    ap.add_argument("--cfg-coef", type=float, default=None)
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--temperature", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+class UsageError(Exception):
+    """A problem with the command line or the model folder (exit status 2)."""
+
+
+class Codec(Protocol):
+    """What ``levo-infer`` needs from an audio codec (``levo_infer.codec.load_codec`` returns one)."""
+
+    sample_rate: int
+
+    def decode(self, tokens: Any) -> Any:
+        """[3, T] tokens (mixed, vocal, bgm) -> waveform [channels, samples] (float tensor)."""
+
+
+def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Codec | None:
+    """The audio codec if one is installed (module ``levo_infer.codec``), else None."""
+    try:
+        mod = importlib.import_module("levo_infer.codec")
+    except ModuleNotFoundError as e:
+        if e.name == "levo_infer.codec":
+            return None
+        raise
+    return mod.load_codec(ckpt_dir, device)
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    from .generate import RELEASED_TEMPERATURE, RELEASED_TOP_K
+
+    ap = argparse.ArgumentParser(
+        prog="levo-infer",
+        description="Generate songs (tokens, and audio once a codec is available) from a released SongGeneration "
+                    "model folder or a levo-train export, for a JSONL file with one song per line.",
+        epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/jsonl/<input>.jsonl (+ .errors.jsonl). Exit status: 0 all "
+               "songs generated, 1 some lines failed, 2 usage or model-loading error.")
+    ap.add_argument("ckpt_dir", nargs="?", help="model folder: config.yaml + model.pt (or model.safetensors)")
+    ap.add_argument("input_jsonl", nargs="?", help="one JSON object per line: idx, gt_lyric, [descriptions], "
+                    "[prompt_audio_path | auto_prompt_audio_type]")
+    ap.add_argument("out_dir", nargs="?", help="output folder")
+    ap.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_opt", help=argparse.SUPPRESS)
+    ap.add_argument("--input_jsonl", "--input-jsonl", dest="input_opt", help=argparse.SUPPRESS)
+    ap.add_argument("--save_dir", "--save-dir", dest="out_opt", help=argparse.SUPPRESS)
+    g = ap.add_argument_group("output mode")
+    g.add_argument("--mode", "--generate_type", "--generate-type", dest="mode", choices=MODES, default="mixed",
+                   help="mixed (default), vocal, bgm (instrumental: adds [Pure-Music], lyric '.') or separate")
+    for m in ("mixed", "vocal", "bgm", "separate"):
+        g.add_argument(f"--{m}", dest="mode", action="store_const", const=m, help=argparse.SUPPRESS)
+    g.add_argument("--tokens-only", "--tokens_only", action="store_true",
+                   help="write tokens only (the default until an audio codec is available)")
+    s = ap.add_argument_group("sampling")
+    s.add_argument("--duration", type=float, default=None, help="seconds to generate at most (default: the "
+                   "config's max_dur, 270 for released models)")
+    s.add_argument("--cfg-coef", "--cfg_coef", type=float, default=None, help="guidance (default: config, 1.5)")
+    s.add_argument("--top-k", "--top_k", type=int, default=RELEASED_TOP_K, help="top-k (default %(default)s)")
+    s.add_argument("--temperature", "--temp", type=float, default=RELEASED_TEMPERATURE,
+                   help="temperature (default %(default)s; 0 = greedy)")
+    s.add_argument("--top-p", "--top_p", type=float, default=0.0, help="top-p (default 0 = off)")
+    s.add_argument("--compat", action=argparse.BooleanOptionalAction, default=True,
+                   help="released sampling rules exactly: top-k/temperature on codebook 0, greedy on vocal/bgm, "
+                        "penalty 1.1 over 50 steps (default). --no-compat: top-k/top-p/temperature on every codebook")
+    s.add_argument("--repetition-penalty", type=float, default=None,
+                   help="--no-compat only: logit divisor for codes seen in the window (default 1.1; 1 = off)")
+    s.add_argument("--penalty-window", type=int, default=None, help="--no-compat only: window in steps (default 50)")
+    s.add_argument("--seed", type=int, default=None, help="base seed; song seed = base + line index (default: random, "
+                   "recorded in the output JSONL)")
+    r = ap.add_argument_group("runtime")
+    r.add_argument("--batch-size", "--batch_size", type=int, default=4, help="songs per forward (default %(default)s)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    r.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (default: the checkpoint's dtype on GPU, "
+                   "fp32 on CPU)")
+    r.add_argument("--low-mem", "--low_mem", action="store_true",
+                   help="keep decoder layers in CPU memory and move each to the GPU as it runs (no effect on CPU)")
+    r.add_argument("--not-use-flash-attn", "--not_use_flash_attn", action="store_true",
+                   help="do not use flash-attn even when installed (it is only used on GPU in bf16/fp16)")
+    r.add_argument("--use-flash-attn", "--use_flash_attn", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--tokenizer-dir", default=None, help="Qwen2 tokenizer folder (default: the config's path, else "
+                   "rebuilt offline)")
+    r.add_argument("--auto-prompt-file", default=None, help="released prompt library for auto_prompt_audio_type "
+                   "(tools/new_auto_prompt.pt for v2, ckpt/prompt.pt for v1)")
+    r.add_argument("--lyrics", choices=LYRIC_POLICIES, default="normalize",
+                   help="normalize: check the released lyric rules and feed the canonical form (default); check: "
+                        "check, feed the text as written; raw: no check")
+    r.add_argument("--skip-existing", action="store_true", help="skip songs whose token files already exist")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    args.ckpt_dir = args.ckpt_opt or args.ckpt_dir
+    args.input_jsonl = args.input_opt or args.input_jsonl
+    args.out_dir = args.out_opt or args.out_dir
+    missing = [n for n in ("ckpt_dir", "input_jsonl", "out_dir") if not getattr(args, n)]
+    if missing:
+        ap.error(f"missing {', '.join(m.upper() for m in missing)} (usage: levo-infer CKPT_DIR INPUT.jsonl OUT_DIR)")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
+    if args.duration is not None and args.duration <= 0:
+        ap.error("--duration must be > 0")
+    if args.compat and (args.repetition_penalty is not None or args.penalty_window is not None):
+        ap.error("--repetition-penalty/--penalty-window need --no-compat (--compat fixes the released 1.1 over 50 steps)")
+    return args
 
-    import torch
 
-    from .checkpoint import load_model
-    from .generate import generate
+# ----------------------------------------------------------------------------- input
+@dataclass
+class Song:
+    """One valid input line, ready to generate."""
 
-    model = load_model(args.ckpt_dir, device=args.device)
-    out = Path(args.out_dir) / "tokens"
-    out.mkdir(parents=True, exist_ok=True)
-    dur = args.duration if args.duration is not None else model.cfg.max_dur
-    max_frames = int(dur * model.cfg.frame_rate)
-    status = 0
-    for n, line in enumerate(Path(args.input_jsonl).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    line: int
+    idx: str
+    item: dict[str, Any]
+    lyric: str | None
+    style: str | None
+    seed: int
+    prompt: Any = None  # LongTensor [K, T] or None
+    prompt_info: dict[str, Any] | None = None
+    outputs: list[str] = field(default_factory=list)
+
+
+class LineError(Exception):
+    """A bad input line (reported with its line number; the run goes on)."""
+
+
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e})") from e
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, library: Any, base_seed: int,
+               seen: dict[str, int]) -> Song:
+    """Validate one JSONL line and build its :class:`Song` (raises :class:`LineError`)."""
+    from .generate import released_style
+    from .lyrics import LyricError, normalize_lyrics
+    from .prompts import PromptError, load_prompt_tokens
+
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LineError(f"not valid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(item, dict):
+        raise LineError(f"expected a JSON object, got {type(item).__name__}")
+    if "idx" not in item or item["idx"] in (None, ""):
+        raise LineError("missing 'idx' (the output name)")
+    idx = str(item["idx"])
+    if not _SAFE_IDX.match(idx) or idx in (".", "..") or len(idx) > 200:
+        raise LineError(f"idx {idx!r} cannot be a file name (no '/', '\\', at most 200 characters)")
+    if idx in seen:
+        raise LineError(f"idx {idx!r} was already used on line {seen[idx]}; outputs would overwrite each other")
+    where = f"idx {idx!r}"
+    mode, version = args.mode, model.cfg.version
+    desc = item.get("descriptions")
+    if desc is not None and not isinstance(desc, str):
+        raise LineError(f"{where}: 'descriptions' must be a string, got {type(desc).__name__}")
+    lyric_in = item.get("gt_lyric")
+    if mode == "bgm":  # released: instrumental generation ignores the lyric
+        lyric = "."
+    else:
+        if lyric_in is None:
+            raise LineError(f"{where}: missing 'gt_lyric'")
+        if not isinstance(lyric_in, str):
+            raise LineError(f"{where}: 'gt_lyric' must be a string, got {type(lyric_in).__name__}")
+        lyric = lyric_in.replace("  ", " ")
+        if args.lyrics != "raw":
+            try:
+                canonical = normalize_lyrics(lyric_in, compact=True)
+            except LyricError as e:
+                raise LineError(f"{where}: {e}") from e
+            if args.lyrics == "normalize":
+                lyric = canonical
+    has_path, has_auto = item.get("prompt_audio_path") is not None, item.get("auto_prompt_audio_type") is not None
+    if has_path and has_auto:
+        raise LineError(f"{where}: both 'prompt_audio_path' and 'auto_prompt_audio_type' are given; use one "
+                        "(the released generator refuses this too)")
+    seed = base_seed + n - 1
+    song = Song(n, idx, item, lyric, released_style(desc, version, mode), seed)
+    K, code_size = model.code_depth, model.cfg.lm.code_size
+    try:
+        if has_path:
+            p = Path(str(item["prompt_audio_path"]))
+            if not p.is_absolute() and not p.exists():
+                alt = Path(args.input_jsonl).parent / p
+                p = alt if alt.exists() else p
+            song.prompt = load_prompt_tokens(p, code_depth=K, code_size=code_size)
+            song.prompt_info = {"source": "prompt_audio_path", "path": str(p), "frames": int(song.prompt.shape[1])}
+        elif has_auto:
+            kind = item["auto_prompt_audio_type"]
+            if not isinstance(kind, str):
+                raise PromptError(f"'auto_prompt_audio_type' must be a string, got {type(kind).__name__}")
+            if library is None:
+                raise PromptError(f"auto_prompt_audio_type {kind!r} needs the released prompt library: pass "
+                                  "--auto-prompt-file PATH (tools/new_auto_prompt.pt for v2, ckpt/prompt.pt for v1)")
+            toks, info = library.pick(kind, lyric_in if isinstance(lyric_in, str) else None, random.Random(seed))
+            song.prompt = toks
+            song.prompt_info = {"source": "auto_prompt_audio_type", **info, "file": library.source}
+    except PromptError as e:
+        raise LineError(f"{where}: {e}") from e
+    return song
+
+
+# ----------------------------------------------------------------------------- run
+class _PlainBar:
+    """Progress lines on stderr when tqdm is not installed (it is optional for the inference package)."""
+
+    def __init__(self, total: int, disable: bool) -> None:
+        self.total, self.n, self.disable = total, 0, disable
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if not self.disable:
+            print(f"levo-infer: {self.n}/{self.total} songs", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, *, disable: bool) -> Any:
+    """A tqdm bar over songs (updated per batch, with the step in the postfix), or plain lines."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainBar(total, disable)
+    return tqdm(total=total, unit="song", desc="levo-infer", disable=disable or None, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+class Runner:
+    """Loads the model once and generates the songs of one JSONL file in batches."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out_dir)
+        self.input = Path(args.input_jsonl)
+        self.errors: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+
+    # -- setup ------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        from .checkpoint import CheckpointError, load_model, resolve_dtype
+        from .config import ConfigError
+        from .prompts import AutoPromptLibrary, PromptError
+
+        a = self.args
+        if not self.input.is_file():
+            raise UsageError(f"{self.input}: input JSONL not found")
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
         try:
-            rec = json.loads(line)
-            idx, lyric = str(rec["idx"]), rec["gt_lyric"]
-        except (json.JSONDecodeError, KeyError) as e:
-            print(f"{args.input_jsonl}:{n}: bad record ({e}); expected a JSON object with idx and gt_lyric",
-                  file=sys.stderr)
-            status = 1
-            continue
-        desc = rec.get("descriptions")
-        style = f"[Musicality-very-high], {desc.lower()}" if desc else "."
-        if model.cfg.version != "v2":
-            style = desc.lower() if desc else None
-        g = generate(model, [lyric], [style], max_frames=max_frames, cfg_coef=args.cfg_coef, top_k=args.top_k,
-                     temperature=args.temperature, seed=args.seed)
-        torch.save(g.codes[0, :, :int(g.lengths[0])].cpu(), out / f"{idx}.pt")
-    return status
+            self.device = torch.device(dev)
+        except RuntimeError as e:
+            raise UsageError(f"--device {a.device}: {e}") from e
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {a.device}: CUDA is not available on this machine")
+        try:
+            dtype = resolve_dtype(a.dtype)
+        except ValueError as e:
+            raise UsageError(f"--dtype: {e}") from e
+        if dtype is None and self.device.type == "cpu":
+            dtype = torch.float32
+        try:
+            self.model = load_model(a.ckpt_dir, tokenizer_dir=a.tokenizer_dir, device=self.device, dtype=dtype,
+                                    low_mem=a.low_mem)
+        except (CheckpointError, ConfigError, ValueError, OSError) as e:
+            raise UsageError(str(e)) from e
+        self.model.set_flash_attention(not a.not_use_flash_attn)
+        self.library = None
+        if a.auto_prompt_file:
+            try:
+                self.library = AutoPromptLibrary.load(a.auto_prompt_file, code_depth=self.model.code_depth,
+                                                      code_size=self.model.cfg.lm.code_size)
+            except PromptError as e:
+                raise UsageError(str(e)) from e
+        cfg = self.model.cfg
+        self.duration = float(a.duration if a.duration is not None else cfg.max_dur)
+        self.max_frames = max(1, int(round(self.duration * cfg.frame_rate)))
+        self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
+        self.codec = None if a.tokens_only else load_codec(a.ckpt_dir, str(self.device))
+        if self.codec is None and not a.tokens_only:
+            print("levo-infer: no audio codec is available yet (the native decoder is a separate issue): writing "
+                  f"tokens only to {self.out / 'tokens'} (--tokens-only is the default until then)", file=sys.stderr)
+        self.settings = {
+            "checkpoint": str(a.ckpt_dir), "version": cfg.version, "mode": a.mode, "compat": a.compat,
+            "cfg_coef": a.cfg_coef if a.cfg_coef is not None else cfg.cfg_coef, "top_k": a.top_k,
+            "temperature": a.temperature, "top_p": a.top_p,
+            "repetition_penalty": 1.1 if a.compat or a.repetition_penalty is None else a.repetition_penalty,
+            "penalty_window": 50 if a.compat or a.penalty_window is None else a.penalty_window,
+            "duration": self.duration, "max_frames": self.max_frames, "batch_size": a.batch_size,
+            "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
+            "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "base_seed": self.base_seed,
+        }
+
+    # -- helpers ----------------------------------------------------------------------
+    def fail(self, line: int, idx: str | None, msg: str) -> None:
+        self.errors.append({"line": line, "idx": idx, "status": "error", "error": msg})
+        print(f"levo-infer: {self.input}:{line}: {msg}", file=sys.stderr)
+
+    def token_paths(self, idx: str) -> dict[str, Path]:
+        import torch
+
+        from .generate import mode_tokens
+
+        suffixes = mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode)
+        return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in suffixes}
+
+    def read_songs(self) -> list[Song]:
+        songs: list[Song] = []
+        seen: dict[str, int] = {}
+        for n, line in read_lines(self.input):
+            idx = None
+            try:
+                obj = json.loads(line)
+                idx = str(obj["idx"]) if isinstance(obj, dict) and obj.get("idx") not in (None, "") else None
+            except json.JSONDecodeError:
+                pass
+            try:
+                song = parse_song(n, line, args=self.args, model=self.model, library=self.library,
+                                  base_seed=self.base_seed, seen=seen)
+            except LineError as e:
+                self.fail(n, idx, str(e))
+                continue
+            seen[song.idx] = n
+            if self.args.skip_existing and all(p.is_file() for p in self.token_paths(song.idx).values()):
+                continue
+            songs.append(song)
+        return songs
+
+    def write_jsonl(self) -> tuple[Path, Path]:
+        d = self.out / "jsonl"
+        d.mkdir(parents=True, exist_ok=True)
+        ok, bad = d / f"{self.input.stem}.jsonl", d / f"{self.input.stem}.errors.jsonl"
+        for path, rows in ((ok, self.records), (bad, sorted(self.errors, key=lambda r: r["line"]))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, path)
+        return ok, bad
+
+    # -- generation -------------------------------------------------------------------
+    def generate_batch(self, batch: list[Song], bar: Any) -> None:
+        import torch
+
+        from .checkpoint import atomic_torch_save
+        from .generate import generate, mode_tokens
+
+        a, m = self.args, self.model
+        P, pad = m.cfg.prompt_frames, m.pad_id
+        prompt = None
+        if any(s.prompt is not None for s in batch):
+            prompt = torch.full((len(batch), m.code_depth, max(P, 1)), pad, dtype=torch.long)
+            for i, s in enumerate(batch):
+                if s.prompt is not None:
+                    t = s.prompt[:, :P]
+                    prompt[i, :, :t.shape[1]] = t
+
+        def progress(step: int, total: int, running: int) -> None:
+            if bar is not None and (step % 25 == 0 or step == total):
+                bar.set_postfix_str(f"step {step}/{total}, {running} running", refresh=False)
+
+        kw: dict[str, Any] = {}
+        if not a.compat:
+            kw = {"repetition_penalty": 1.1 if a.repetition_penalty is None else a.repetition_penalty,
+                  "penalty_window": a.penalty_window}
+        t0 = time.perf_counter()
+        out = generate(m, [s.lyric for s in batch], [s.style for s in batch], prompt, max_frames=self.max_frames,
+                       cfg_coef=a.cfg_coef, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                       seed=[s.seed for s in batch], compat=a.compat, stop_at_cut=True, progress=progress, **kw)
+        if m.device.type == "cuda":
+            torch.cuda.synchronize(m.device)
+        seconds = time.perf_counter() - t0
+        (self.out / "tokens").mkdir(parents=True, exist_ok=True)
+        codes, lengths = out.codes.cpu(), out.lengths.cpu()
+        for i, s in enumerate(batch):
+            n = int(lengths[i])
+            toks = codes[i, :, :n].clone()
+            files, audios = [], []
+            for sfx, t in mode_tokens(toks, a.mode).items():
+                path = self.out / "tokens" / f"{s.idx}{sfx}.pt"
+                atomic_torch_save(t.contiguous(), path)
+                files.append(str(path))
+                if self.codec is not None:
+                    audios.append(self.write_audio(t, self.out / "audios" / f"{s.idx}{sfx}.flac"))
+            self.records.append({
+                "idx": s.idx, "line": s.line, "status": "ok", "input": s.item, "lyric": s.lyric, "style": s.style,
+                "prompt": s.prompt_info, "seed": s.seed, "frames": n,
+                "audio_seconds": n / m.cfg.frame_rate, "ended_with_eos": n < self.max_frames,
+                "seconds": seconds / len(batch), "batch_seconds": seconds, "batch_songs": len(batch),
+                "tokens": files, "audios": audios, "settings": self.settings,
+            })
+
+    def write_audio(self, tokens: Any, path: Path) -> str:
+        import soundfile as sf
+
+        assert self.codec is not None
+        wav = self.codec.decode(tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), wav.detach().float().cpu().numpy().T, int(self.codec.sample_rate), format="FLAC")
+        return str(path)
+
+    def run(self) -> int:
+        self.setup()
+        songs = self.read_songs()
+        bs = self.args.batch_size
+        bar = progress_bar(len(songs), disable=self.args.no_progress)
+        try:
+            for start in range(0, len(songs), bs):
+                batch = songs[start:start + bs]
+                try:
+                    self.generate_batch(batch, bar)
+                except Exception as e:  # noqa: BLE001 - report, go on with the next batch
+                    hint = " (try a smaller --batch-size or --low-mem)" if "out of memory" in str(e).lower() else ""
+                    for s in batch:
+                        self.fail(s.line, s.idx, f"idx {s.idx!r}: generation failed: {type(e).__name__}: {e}{hint}")
+                    if self.model.device.type == "cuda":
+                        import torch
+
+                        torch.cuda.empty_cache()
+                bar.update(len(batch))
+                self.write_jsonl()
+        finally:
+            bar.close()
+        ok, bad = self.write_jsonl()
+        n_ok, n_bad = len(self.records), len(self.errors)
+        msg = f"levo-infer: {n_ok} song(s) generated -> {self.out / 'tokens'}; records in {ok}"
+        if n_bad:
+            lines = ", ".join(str(e["line"]) for e in sorted(self.errors, key=lambda r: r["line"]))
+            msg += f"; {n_bad} failed (line {lines}), see {bad}"
+        print(msg, file=sys.stderr)
+        return 1 if n_bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return Runner(args).run()
+    except UsageError as e:
+        print(f"levo-infer: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -102,13 +102,19 @@ def _parse(text: str, *, require_vocal: bool) -> Sections:
         m = _TAG_RE.match(sec)
         if m is None:
             raise LyricError(
-                i, "missing_tag", "a section must start with a structure tag, one of " + " ".join(STRUCTURE_TAGS), sec
+                i,
+                "missing_tag",
+                "a section must start with a structure tag, one of " + " ".join(STRUCTURE_TAGS),
+                sec,
             )
         tag = m.group(0).lower().replace(" ", "")
         if tag not in STRUCTURE_TAGS:
             hint = f" (did you mean {_ALIASES[tag]}?)" if tag in _ALIASES else ""
             raise LyricError(
-                i, "unknown_tag", f"unknown structure tag {m.group(0)}{hint}; allowed: " + " ".join(STRUCTURE_TAGS), sec
+                i,
+                "unknown_tag",
+                f"unknown structure tag {m.group(0)}{hint}; allowed: " + " ".join(STRUCTURE_TAGS),
+                sec,
             )
         body = sec[m.end() :]
         extra = _TAG_RE.search(body)
@@ -124,7 +130,9 @@ def _parse(text: str, *, require_vocal: bool) -> Sections:
         sentences = [s.split() for s in body.split(".")]
         sentences = [s for s in sentences if s]
         if tag in VOCAL_TAGS and not sentences:
-            raise LyricError(i, "missing_lyrics", f"{tag} must carry lyrics ([verse], [chorus], [bridge] do)", sec)
+            raise LyricError(
+                i, "missing_lyrics", f"{tag} must carry lyrics ([verse], [chorus], [bridge] do)", sec
+            )
         if tag in INSTRUMENTAL_TAGS and sentences:
             raise LyricError(
                 i,
@@ -134,7 +142,9 @@ def _parse(text: str, *, require_vocal: bool) -> Sections:
             )
         out.append((tag, sentences))
     if require_vocal and not any(tag in VOCAL_TAGS for tag, _ in out):
-        raise LyricError(None, "no_vocal_section", "the lyric needs at least one [verse], [chorus] or [bridge]")
+        raise LyricError(
+            None, "no_vocal_section", "the lyric needs at least one [verse], [chorus] or [bridge]"
+        )
     return out
 
 

@@ -460,6 +460,16 @@ class LeLM(nn.Module):
         """Teacher-forced scoring API: logits [B, K, T, code_size+1] aligned with ``codes``."""
         return self(codes.to(self.device), self.prepare_conditions(lyrics, styles, prompt))
 
+    @torch.no_grad()
+    def generate(self, lyrics: Sequence[str | None], styles: Sequence[str | None],
+                 prompt: torch.Tensor | None = None, **kwargs):  # -> GenerationOutput
+        """Batched generation (KV cache, CFG, sampling rules): see :func:`levo_infer.generate.generate`
+        for the keyword arguments (``max_frames``, ``cfg_coef``, ``top_k``, ``top_p``, ``temperature``,
+        ``compat``, ``seed``, ...). Returns tokens [B, K, max_frames] plus ``lengths``."""
+        from .generate import generate
+
+        return generate(self, lyrics, styles, prompt, **kwargs)
+
     def new_caches(self, batch: int, max_len: int) -> tuple[KVCache, KVCache]:
         lm = self.cfg.lm
         mk = lambda n: KVCache(n, batch, lm.num_heads, max_len, lm.head_dim, self.device, self.dtype)  # noqa: E731
