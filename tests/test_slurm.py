@@ -1,0 +1,204 @@
+"""The sbatch scripts under a real single-node Slurm (tests/slurm/start_slurm.sh): 2 tasks on CPU,
+DDP over gloo, one task per device; the job must complete and leave the export in its run folder.
+Preemption: USR1 makes the ranks checkpoint and requeue the job, and the requeued job resumes.
+
+Skipped when ``sbatch`` is missing or the cluster is down, unless LEVO_REQUIRE_SLURM=1 (CI sets
+it after starting the cluster), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT = float(os.environ.get("LEVO_SLURM_JOB_TIMEOUT", 300))
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+# as tests/test_train.py's TINY: a tiny model on a tiny toy world
+TINY = [
+    "model.config.dim=32", "model.config.num_heads=2", "model.config.num_layers=2", "model.config.num_layers_sub=1",
+    "model.config.intermediate_size=64", "model.config.lyric_max_len=48",
+    "data.toy.n_train=400", "data.toy.n_val=64", "data.batch_size=8", "data.val_batch_size=32",
+    "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+    "logger=none", "optim.warmup_steps=5",
+]
+# 2 tasks on CPU; the scripts' GPU/CPU defaults are for 8-GPU nodes
+SBATCH_CPU = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15"]
+# LeLM keeps released parameters that no loss uses (unused embed_tokens, the sub-stack's lm_head,
+# out_norm) and condition dropout can leave a conditioner out of a step: DDP must look for them
+CPU_OVERRIDES = ["trainer.accelerator=cpu", "trainer.strategy=ddp"]
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH (start a test cluster as root: bash tests/slurm/start_slurm.sh)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T %c"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"sinfo failed: {e}"
+    if out.returncode != 0:
+        return f"Slurm cluster is not up (sinfo: {out.stderr.strip() or out.returncode}); run tests/slurm/start_slurm.sh"
+    nodes = [ln.split() for ln in out.stdout.splitlines() if len(ln.split()) == 2]
+    usable = [n for n in nodes if n[0].rstrip("*~#$@").startswith(("idle", "mix", "alloc", "complet"))]
+    if not usable:
+        return f"no usable Slurm node (sinfo: {out.stdout.strip() or 'nothing'})"
+    if not any(n[1].isdigit() and int(n[1]) >= 2 for n in usable):
+        return f"no Slurm node with 2 CPUs (sinfo: {out.stdout.strip()})"
+    return None
+
+
+_problem = _cluster_problem()
+if _problem and os.environ.get("LEVO_REQUIRE_SLURM") == "1":
+    raise RuntimeError(f"LEVO_REQUIRE_SLURM=1 but {_problem}")
+pytestmark = pytest.mark.skipif(_problem is not None, reason=_problem or "")
+
+
+def job_env(runs: Path) -> dict[str, str]:
+    """Environment sbatch passes on to the job: levo-train from this interpreter's bin folder."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["LEVO_RUNS"] = str(runs)
+    env.setdefault("WANDB_MODE", "offline")
+    return env
+
+
+def submit(script: str, sbatch_args: list[str], overrides: list[str], cwd: Path, env: dict[str, str]) -> str:
+    cmd = ["sbatch", "--parsable", *sbatch_args, str(REPO / "slurm" / script), *overrides]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"sbatch failed: {out.stderr}"
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout)) if out.returncode == 0 else {}
+
+
+def wait_job(job: str, timeout: float = JOB_TIMEOUT, until=None) -> dict[str, str]:
+    """Poll until the job is in a final state (or ``until(info)`` holds); scancel on timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = job_info(job)
+        if info.get("JobState") in FINAL_STATES or (until is not None and until(info)):
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job], check=False)
+    raise AssertionError(f"job {job} not done after {timeout:.0f}s: {job_info(job)}")
+
+
+def read_log(run_dir: Path, job: str) -> str:
+    p = run_dir / "logs" / f"slurm-{job}.out"
+    return p.read_text(errors="replace") if p.is_file() else f"(no log at {p})"
+
+
+def assert_completed(info: dict[str, str], run_dir: Path, job: str, submit_dir: Path) -> str:
+    log = read_log(run_dir, job)
+    batch = "\n".join(p.read_text() for p in submit_dir.glob(f"slurm-*-{job}.out"))
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
+        f"job {job}: {info.get('JobState')} exit {info.get('ExitCode')}\n--- batch output\n{batch}\n"
+        f"--- run log (tail)\n{log[-6000:]}")
+    return log
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("slurm-toycache"))
+
+
+@pytest.fixture(scope="module")
+def sft_job(tmp_path_factory, toy_cache):
+    """One ``sbatch slurm/sft.sh`` run with the default run folder ($LEVO_RUNS/<job name>-<job id>)."""
+    work = tmp_path_factory.mktemp("slurm-sft")
+    env = job_env(work / "runs")
+    overrides = [*CPU_OVERRIDES, f"data.toy.cache_dir={toy_cache}", *TINY, "trainer.max_steps=10",
+                 "trainer.val_check_interval=5", "checkpoint.every_n_steps=5"]
+    t0 = time.monotonic()
+    job = submit("sft.sh", SBATCH_CPU, overrides, work, env)
+    info = wait_job(job)
+    return dict(job=job, info=info, work=work, run_dir=work / "runs" / f"levo-sft-{job}", seconds=time.monotonic() - t0)
+
+
+def test_sbatch_sft_ddp_two_tasks(sft_job) -> None:
+    job, run_dir = sft_job["job"], sft_job["run_dir"]
+    log = assert_completed(sft_job["info"], run_dir, job, sft_job["work"])
+    assert (run_dir / "export" / "model.pt").is_file() and (run_dir / "export" / "config.yaml").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 10
+    # both ranks ran, in one DDP group of 2 under Lightning's SLURMEnvironment (srun --label prefixes)
+    assert re.search(r"^0: .*MEMBER: 1/2", log, re.M) and re.search(r"^1: .*MEMBER: 2/2", log, re.M), log[-4000:]
+    assert "trainer.num_nodes=1 trainer.devices=2 resume=true" in log
+    # the submit folder's file only points to the run folder's log
+    assert f"logs in {run_dir}/logs/slurm-{job}.out" in (sft_job["work"] / f"slurm-levo-sft-{job}.out").read_text()
+    print(f"sbatch slurm/sft.sh: job {job} completed in {sft_job['seconds']:.0f}s")
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "dpo"])
+def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) -> None:
+    """slurm/pretrain.sh from scratch, slurm/dpo.sh from the SFT job's export."""
+    if not (REPO / "recipes" / f"{recipe}.yaml").is_file():
+        pytest.skip(f"recipes/{recipe}.yaml does not exist yet (levo-train recipe={recipe} is not implemented)")
+    extra: list[str] = []
+    if recipe == "dpo":
+        init = sft_job["run_dir"] / "export"
+        if not (init / "model.pt").is_file():
+            pytest.skip("the SFT job left no export to start DPO from (see test_sbatch_sft_ddp_two_tasks)")
+        extra = [f"model.init={init}"]
+    env = job_env(tmp_path / "runs")
+    overrides = [*CPU_OVERRIDES, *extra, f"data.toy.cache_dir={toy_cache}", *TINY,
+                 "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3"]
+    job = submit(f"{recipe}.sh", SBATCH_CPU, overrides, tmp_path, env)
+    run_dir = tmp_path / "runs" / f"levo-{recipe}-{job}"
+    assert_completed(wait_job(job), run_dir, job, tmp_path)
+    assert (run_dir / "export" / "model.pt").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("levo_train.slurm") is None
+                    and os.environ.get("LEVO_TEST_SLURM_REQUEUE") != "1",
+                    reason="levo_train.slurm.SlurmRequeue is not wired into levo-train yet: Lightning's own "
+                           "auto-requeue saves inside the USR1 handler and can deadlock DDP ranks (Lightning "
+                           "issue #21406; seen here in 1 of 7 runs); LEVO_TEST_SLURM_REQUEUE=1 runs it anyway")
+def test_sbatch_requeue_on_usr1_resumes(tmp_path, toy_cache) -> None:
+    """``scancel --signal=USR1`` (what ``--signal=USR1@120`` sends before the time limit): the ranks
+    write hpc_ckpt_N.ckpt at a step boundary and the job requeues itself; it restarts with the
+    same id and run folder and resumes from that checkpoint (the newest), finishing at max_steps."""
+    env = job_env(tmp_path / "runs")
+    max_steps = 80
+    overrides = [*CPU_OVERRIDES, f"data.toy.cache_dir={toy_cache}", *TINY, f"trainer.max_steps={max_steps}",
+                 "trainer.val_check_interval=40", "checkpoint.every_n_steps=10"]
+    job = submit("sft.sh", SBATCH_CPU, overrides, tmp_path, env)
+    run_dir = tmp_path / "runs" / f"levo-sft-{job}"
+
+    def training(info: dict[str, str]) -> bool:  # well into training: a periodic checkpoint exists
+        return info.get("JobState") == "RUNNING" and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    info = wait_job(job, until=training)
+    assert info.get("JobState") == "RUNNING", f"job {job} ended before it could be preempted: {info}\n" \
+                                              f"{read_log(run_dir, job)[-4000:]}"
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    info = wait_job(job)
+    log = assert_completed(info, run_dir, job, tmp_path)
+    assert info.get("Restarts") == "1", info
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert hpc, "Lightning wrote no hpc checkpoint on USR1"
+    import torch
+
+    hpc_step = torch.load(hpc[-1], map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < hpc_step < max_steps, hpc_step  # preempted mid-run, not at the start or the end
+    m = re.search(r"resuming from (\S+)", log)
+    assert m and (m.group(1).endswith("last.ckpt") or m.group(1) in map(str, hpc)), log[-4000:]
+    assert "Restored all states from the checkpoint" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == max_steps
+    assert (run_dir / "export" / "model.pt").is_file()
