@@ -1,0 +1,131 @@
+"""``levo-data``: data tools (toy world, shard validation, ...).
+
+Subcommands live in :data:`COMMANDS` (name -> :class:`Command`); to add one, write an
+``add_arguments(parser)`` and a ``run(args) -> exit code`` function and add an entry.
+Heavy imports happen inside ``run`` so ``levo-data --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, argument setup and runner (returns the exit code)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------- toy
+def _toy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (gets train/, val/, toy_world.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-val", type=int, default=512)
+    p.add_argument("--records-per-shard", type=int, default=2000)
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+
+def _toy_run(args: argparse.Namespace) -> int:
+    from levo_train.data.toy import write_toy_dataset
+
+    try:
+        summary = write_toy_dataset(
+            args.out,
+            seed=args.seed,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            records_per_shard=args.records_per_shard,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": args.out, **summary}, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------- validate
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="shard directories, .tar files or brace/glob patterns")
+    p.add_argument(
+        "--code-size", type=int, default=16384, help="codes must be in [0, code_size) (default 16384)"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="check every record and report all bad ones (default: stop at the first)",
+    )
+
+
+def _validate_run(args: argparse.Namespace) -> int:
+    from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards, shard_sizes
+
+    report: dict = {"shards": 0, "records": 0, "bad": 0, "per_shard": {}}
+    errors: list[str] = []
+    try:
+        shards = resolve_shards(args.paths)
+        expected = shard_sizes(shards)
+        report["shards"] = len(shards)
+        for shard, n_expected in zip(shards, expected):
+            n = 0
+            for raw in iter_raw(shard):
+                n += 1
+                try:
+                    decode_song(raw, code_size=args.code_size, shard=shard)
+                except ShardError as e:
+                    if not args.all:
+                        raise
+                    report["bad"] += 1
+                    errors.append(str(e))
+            if n != n_expected:
+                err = ShardError(f"holds {n} records, but index.json lists {n_expected}", shard=shard)
+                if not args.all:
+                    raise err
+                errors.append(str(err))
+            report["records"] += n
+            report["per_shard"][shard] = n
+    except (ShardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if errors:
+        report["errors"] = errors[:100]
+    print(json.dumps(report, indent=1))
+    for e in errors[:100]:
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+#: name -> subcommand; add new subcommands here.
+COMMANDS: dict[str, Command] = {
+    "toy": Command("write the toy song world data set (train/ and val/ shards)", _toy_args, _toy_run),
+    "validate": Command(
+        "validate song shards; print counts or the first error", _validate_args, _validate_run
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="levo-data", description="LeVo data tools")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``levo-data``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command].run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,452 @@
+"""Preference-pair shards: schema, writer, validating reader, builders and the pair DataModule.
+
+One record (webdataset sample) holds one pair sharing its conditions:
+
+================  ===========================================================================
+``chosen.npy``    int16/int32 ``[3, Tc]`` codes in [0, code_size) — the preferred song
+``rejected.npy``  int16/int32 ``[3, Tr]`` — the other song
+``lyric.txt``     shared lyric (released lyric rules)       ``style.txt``  shared style text
+``prompt.npy``    optional shared audio prompt ``[3, P]``
+``json``          ``dimension`` (what the preference is about), ``scores`` {chosen: {...},
+                  rejected: {...}}, ``margin`` (chosen − rejected on ``dimension``), ``origin``
+================  ===========================================================================
+
+Reference log-probs (``levo-data ref-logps``) live beside the shards in ``ref_logps.json``:
+``{"model": fingerprint, "stream_weights": [...], "logps": {key: [chosen, rejected]}}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from levo_train.data.datamodule import SongDataModule, _SongStream, collate_songs
+from levo_train.data.shards import (
+    INDEX_NAME,
+    ShardError,
+    ShardWriter,
+    Song,
+    _check_codes,
+    _check_key,
+    _check_lyric,
+    _check_meta,
+    _check_range,
+    _load_npy,
+    _npy_bytes,
+    _write_json_atomic,
+    read_index,
+)
+
+log = logging.getLogger(__name__)
+
+PAIR_FORMAT = "levo-pairs"
+PAIR_MEMBERS: tuple[str, ...] = ("chosen.npy", "rejected.npy", "lyric.txt", "style.txt", "json")
+REF_LOGPS_NAME = "ref_logps.json"
+
+
+@dataclass
+class Pair:
+    """One validated preference pair (codes as int64)."""
+
+    key: str
+    chosen: np.ndarray
+    rejected: np.ndarray
+    lyric: str
+    style: str
+    prompt: np.ndarray | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    shard: str = ""
+
+
+def decode_pair(sample: dict[str, Any], *, code_size: int, shard: str | None = None) -> Pair:
+    """Validate and decode one raw pair record (errors name shard, key and expectation)."""
+    key = sample.get("__key__")
+    shard = shard if shard is not None else sample.get("__url__")
+    try:
+        missing = [m for m in PAIR_MEMBERS if m not in sample]
+        if missing:
+            have = sorted(k for k in sample if not k.startswith("__"))
+            hint = " (this looks like a song shard, not a pair shard)" if "tokens.npy" in sample else ""
+            raise ValueError(f"missing {', '.join(missing)} (record has: {', '.join(have) or 'nothing'}){hint}")
+        arrs = {m: _check_codes(_load_npy(sample[m], m), m, code_size=code_size, allow_none=False)
+                for m in ("chosen.npy", "rejected.npy")}
+        prompt = None
+        if "prompt.npy" in sample:
+            prompt = _check_codes(_load_npy(sample["prompt.npy"], "prompt.npy"), "prompt.npy",
+                                  code_size=code_size, allow_none=True)
+        texts = {}
+        for m in ("lyric.txt", "style.txt"):
+            try:
+                texts[m] = sample[m].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{m} is not valid utf-8 ({e})") from None
+        _check_lyric(texts["lyric.txt"])
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"json is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"json must be an object, found {type(meta).__name__}")
+    except ValueError as e:
+        raise ShardError(str(e), shard=shard, key=key) from None
+    return Pair(key, arrs["chosen.npy"], arrs["rejected.npy"], texts["lyric.txt"], texts["style.txt"], prompt,
+                meta, shard or "")
+
+
+def _same_prompt(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+class PairWriter(ShardWriter):
+    """Write validated preference pairs (``prefix-NNNNNN.tar`` + ``index.json``, atomic shards)."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "pairs", **kw: Any) -> None:
+        super().__init__(out_dir, prefix=prefix, **kw)
+
+    def write_song(self, *a: Any, **k: Any) -> None:  # pragma: no cover - guard
+        raise TypeError("PairWriter writes pairs: use write_pair()")
+
+    def write_pair(self, key: str, chosen: Song, rejected: Song, meta: dict[str, Any] | None = None) -> None:
+        """Append one pair; ``chosen`` and ``rejected`` must share lyric, style and prompt."""
+        where = str(self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar")
+        try:
+            _check_key(key)
+            if key in self._keys:
+                raise ValueError("duplicate key")
+            diff = [n for n, same in (("lyric", chosen.lyric == rejected.lyric), ("style", chosen.style == rejected.style),
+                                      ("prompt", _same_prompt(chosen.prompt, rejected.prompt))) if not same]
+            if diff:
+                raise ValueError(
+                    f"chosen ({chosen.key}) and rejected ({rejected.key}) have different {' and '.join(diff)}: "
+                    "a preference pair must share its conditions")
+            _check_lyric(chosen.lyric)
+            sample: dict[str, Any] = {"__key__": key}
+            for name, song in (("chosen", chosen), ("rejected", rejected)):
+                arr = _check_range(np.asarray(song.tokens).astype(np.int64), name, code_size=self.code_size,
+                                   allow_none=False)
+                if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
+                    raise ValueError(f"{name} has shape {list(arr.shape)}, expected [3, T] with T >= 1")
+                sample[f"{name}.npy"] = _npy_bytes(arr.astype(self.dtype))
+            if chosen.prompt is not None:
+                p = _check_range(np.asarray(chosen.prompt).astype(np.int64), "prompt", code_size=self.code_size,
+                                 allow_none=True)
+                sample["prompt.npy"] = _npy_bytes(p.astype(self.dtype))
+            meta = dict(meta or {})
+            _check_meta({k: v for k, v in meta.items() if k != "scores"})
+            sample["lyric.txt"] = chosen.lyric.encode("utf-8")
+            sample["style.txt"] = chosen.style.encode("utf-8")
+            sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+        except (ValueError, TypeError) as e:
+            raise ShardError(str(e), shard=where, key=str(key)) from None
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._keys.add(key)
+        self._count += 1
+        if self._count >= self.max_records:
+            self._finish()
+
+    def close(self) -> dict[str, Any]:
+        index = super().close()
+        if index.get("format") != PAIR_FORMAT:
+            index["format"] = PAIR_FORMAT
+            _write_json_atomic(self.out_dir / INDEX_NAME, index)
+        return index
+
+
+# ----------------------------------------------------------------------------- building pairs
+def condition_key(song: Song) -> str:
+    """Songs with equal keys share conditions (lyric, style, prompt)."""
+    h = hashlib.sha1(song.lyric.encode() + b"\0" + song.style.encode())
+    if song.prompt is not None:
+        h.update(np.ascontiguousarray(song.prompt).tobytes())
+    return h.hexdigest()
+
+
+def song_score(song: Song, dimension: str) -> float:
+    if dimension == "quality" and "quality" in song.meta:
+        return float(song.meta["quality"])
+    scores = song.meta.get("scores") or {}
+    if dimension not in scores:
+        raise ShardError(f"has no score for dimension {dimension!r} (scores: {sorted(scores)})",
+                         shard=song.shard or None, key=song.key)
+    return float(scores[dimension])
+
+
+def select_pair(cands: Sequence[Song], dimensions: Sequence[str], min_margin: float,
+                require_all: bool = False) -> tuple[Song, Song, float] | None:
+    """Best vs worst of ``cands`` on the first dimension (ties -> None); with ``require_all`` the
+    chosen song must beat the rejected one by ``min_margin`` on every listed dimension."""
+    if len(cands) < 2:
+        return None
+    main = dimensions[0]
+    ranked = sorted(cands, key=lambda s: (song_score(s, main), s.key))
+    best, worst = ranked[-1], ranked[0]
+    margin = song_score(best, main) - song_score(worst, main)
+    if margin < min_margin or margin <= 0:
+        return None
+    if require_all and any(song_score(best, d) - song_score(worst, d) < min_margin for d in dimensions):
+        return None
+    return best, worst, margin
+
+
+def song_scores(song: Song) -> dict[str, float]:
+    """All scores of a candidate: ``meta["scores"]`` plus the top-level ``quality`` when present."""
+    out = {str(k): float(v) for k, v in (song.meta.get("scores") or {}).items()}
+    if "quality" in song.meta and "quality" not in out:
+        out["quality"] = float(song.meta["quality"])
+    return out
+
+
+def pair_meta(best: Song, worst: Song, margin: float, *, dimensions: Sequence[str], require_all: bool,
+              origin: str) -> dict[str, Any]:
+    """The ``json`` member of a pair built from two scored candidates."""
+    return {"dimension": "+".join(dimensions) if require_all else dimensions[0], "margin": margin,
+            "origin": origin, "scores": {"chosen": song_scores(best), "rejected": song_scores(worst)},
+            "chosen_key": best.key, "rejected_key": worst.key}
+
+
+def remove_stale_ref_logps(out_dir: str | os.PathLike) -> None:
+    """New pairs invalidate reference log-probs computed for the old ones (same keys, other songs)."""
+    p = Path(out_dir) / REF_LOGPS_NAME
+    if p.is_file():
+        p.unlink()
+
+
+def build_pairs(songs: Iterable[Song], out_dir: str | os.PathLike, *, dimensions: Sequence[str] = ("quality",),
+                min_margin: float = 0.05, require_all: bool = False, code_size: int = 16384,
+                origin: str = "candidates", records_per_shard: int = 2000) -> dict[str, Any]:
+    """Group scored candidates by condition and write best-vs-worst pairs (all songs in memory;
+    ``levo-data pairs`` streams shards instead)."""
+    groups: dict[str, list[Song]] = {}
+    for s in songs:
+        groups.setdefault(condition_key(s), []).append(s)
+    n = 0
+    remove_stale_ref_logps(out_dir)
+    with PairWriter(out_dir, code_size=code_size, max_records=records_per_shard, overwrite=True) as w:
+        for gk in sorted(groups):
+            sel = select_pair(groups[gk], dimensions, min_margin, require_all)
+            if sel is None:
+                continue
+            best, worst, margin = sel
+            meta = pair_meta(best, worst, margin, dimensions=dimensions, require_all=require_all, origin=origin)
+            w.write_pair(f"pair-{n:08d}", best, worst, meta)
+            n += 1
+    return {"pairs": n, "groups": len(groups), "out": str(out_dir)}
+
+
+def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, tier: str | None = "top",
+                   key_prefix: str = "c") -> list[Song]:
+    """``n_candidates`` renderings (random corruption as in the toy data set) per toy condition,
+    scored by the world's hidden quality; styles carry ``tier`` (top: as released inference asks)."""
+    from levo_train.data.toy import style_text
+
+    rng = np.random.default_rng([seed, 90210])
+    out: list[Song] = []
+    for i in range(n_prompts):
+        cond = world.sample_condition(rng)
+        style = style_text(cond.style_base, tier)
+        for j in range(n_candidates):
+            toks = world.render(cond, world.sample_corruption(rng), rng)
+            sc = world.score(toks, cond.lyric, style)
+            meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
+            out.append(Song(f"{key_prefix}{i:07d}-{j}", np.asarray(toks, dtype=np.int64), cond.lyric, style, None, meta))
+    return out
+
+
+def write_toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, n_train: int = 4000, n_val: int = 256,
+                    n_candidates: int = 4, dimension: str = "quality", min_margin: float = 0.1,
+                    tier: str | None = "top") -> dict[str, Any]:
+    """Toy-world pairs from the world's hidden scores into ``out/train`` and ``out/val`` (prompts
+    of the training split; val uses other prompts). Returns per-split counts."""
+    from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
+
+    world = ToyWorld(world_seed)
+    stats: dict[str, Any] = {}
+    for split, n, seed in (("train", n_train, world_seed * 1000 + 1), ("val", n_val, world_seed * 1000 + 2)):
+        cands = toy_candidates(world, n, n_candidates, seed=seed, tier=tier, key_prefix=f"{split}")
+        stats[split] = build_pairs(cands, Path(out) / split, dimensions=[dimension], min_margin=min_margin,
+                                   code_size=TOY_CODE_SIZE, origin="toy-world")
+    return stats
+
+
+def ensure_toy_pairs(root: str | os.PathLike, *, world_seed: int = 0, n_train: int = 4000, n_val: int = 256,
+                     n_candidates: int = 4, dimension: str = "quality", min_margin: float = 0.1,
+                     tier: str | None = "top") -> Path:
+    """Toy-world pair shards (train/ and val/) built once under ``root``, atomically."""
+    import shutil
+    import tempfile
+
+    from levo_train.data.toy import TOY_WORLD_VERSION
+
+    name = f"pairs-v{TOY_WORLD_VERSION}-s{world_seed}-n{n_train}-v{n_val}-c{n_candidates}-{dimension}-m{min_margin}-t{tier}"
+    final = Path(root) / name
+    if (final / "done.json").is_file():
+        return final
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        stats = write_toy_pairs(tmp, world_seed=world_seed, n_train=n_train, n_val=n_val, n_candidates=n_candidates,
+                                dimension=dimension, min_margin=min_margin, tier=tier)
+        (tmp / "done.json").write_text(json.dumps(stats))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+def read_ref_logps(pairs_dir: str | os.PathLike) -> dict[str, Any] | None:
+    p = Path(pairs_dir) / REF_LOGPS_NAME
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+        data["logps"] = {str(k): (float(v[0]), float(v[1])) for k, v in data["logps"].items()}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ShardError(f"malformed {REF_LOGPS_NAME} ({e}); expected {{'model', 'logps': {{key: [c, r]}}}}",
+                         shard=str(p)) from None
+    return data
+
+
+def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Pairs -> batch: ``chosen``/``rejected`` [B,3,T] (pad = code_size+1) with lengths, shared
+    conditions, and reference log-probs when ``ref`` is given."""
+    def songs(attr: str) -> list[Song]:
+        return [Song(p.key, getattr(p, attr), p.lyric, p.style, p.prompt, p.meta, p.shard) for p in pairs]
+
+    c, r = collate_songs(songs("chosen"), code_size), collate_songs(songs("rejected"), code_size)
+    batch = {"chosen": c["codes"], "chosen_lengths": c["lengths"], "rejected": r["codes"],
+             "rejected_lengths": r["lengths"], "lyrics": c["lyrics"], "styles": c["styles"],
+             "prompts": c["prompts"], "keys": c["keys"], "meta": c["meta"]}
+    if ref is not None:
+        try:
+            vals = [ref[p.key] for p in pairs]
+        except KeyError as e:
+            raise ShardError(f"no reference log-probs for record {e.args[0]!r} in {REF_LOGPS_NAME}: "
+                             "recompute them with `levo-data ref-logps`") from None
+        batch["ref_chosen_logps"] = torch.tensor([v[0] for v in vals], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([v[1] for v in vals], dtype=torch.float32)
+    return batch
+
+
+class _PairStream(_SongStream):
+    """The song stream's exact-resume machinery, decoding pair records."""
+
+    def __init__(self, *, ref: dict[str, tuple[float, float]] | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.ref = ref
+
+    def _decode(self, raw: dict, position: int) -> Pair | None:  # type: ignore[override]
+        try:
+            return decode_pair(raw, code_size=self.code_size)
+        except ShardError as e:
+            if not self.skip_bad:
+                raise
+            self.n_bad += 1
+            if self.owner is not None:
+                self.owner.bad_records += 1
+            log.warning("skipping bad pair: %s", e)
+            return None
+
+    def _batch(self, raws: list[tuple[int, dict]]) -> dict[str, Any]:
+        bad_before = self.n_bad
+        pairs = [p for p in (self._decode(raw, pos) for pos, raw in raws) if p is not None]
+        if not pairs:
+            raise ShardError(f"all {len(raws)} records of a batch are bad")
+        batch = collate_pairs(pairs, self.code_size, self.ref)
+        batch["n_bad"] = self.n_bad - bad_before
+        return batch
+
+
+class PairDataModule(SongDataModule):
+    """Deterministic, exactly resumable batches of preference pairs (see :class:`SongDataModule`).
+
+    ``use_ref_logps``: attach the precomputed reference log-probs found beside the shards
+    (required; an error says how to make them when absent) and check they were computed by
+    ``ref_fingerprint`` when given.
+    """
+
+    stream_cls = _PairStream
+
+    def __init__(self, *a: Any, use_ref_logps: bool = False, ref_fingerprint: str | None = None,
+                 ref_stream_weights: Sequence[float] | None = None, **kw: Any) -> None:
+        if kw.get("max_frames") is not None:
+            raise ValueError("max_frames cropping is not allowed for pairs (it would change their log-probs)")
+        super().__init__(*a, **kw)
+        self.use_ref_logps = use_ref_logps
+        self.ref_fingerprint = ref_fingerprint
+        self.ref_stream_weights = list(ref_stream_weights) if ref_stream_weights is not None else None
+
+    def _ref_for(self, spec: Any) -> dict[str, tuple[float, float]] | None:
+        if not self.use_ref_logps or spec is None:
+            return None
+        dirs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+        out: dict[str, tuple[float, float]] = {}
+        for d in dirs:
+            path = Path(d) / REF_LOGPS_NAME
+            data = read_ref_logps(d)
+            if data is None:
+                raise FileNotFoundError(f"{path}: no precomputed reference log-probs; run "
+                                        f"`levo-data ref-logps --pairs {d} --model INIT_EXPORT` or use dpo.reference=model")
+            if self.ref_fingerprint is not None and data.get("model") != self.ref_fingerprint:
+                raise ShardError(f"reference log-probs were computed with model {data.get('model')!r}, but model.init "
+                                 f"is {self.ref_fingerprint!r} (another export): recompute them with `levo-data "
+                                 f"ref-logps --pairs {d} --model INIT_EXPORT`", shard=str(path))
+            have = [float(w) for w in data.get("stream_weights") or []]
+            want = self.ref_stream_weights if self.ref_stream_weights is not None else [1.0] * len(have)
+            if have and [float(w) for w in want] != have:
+                raise ShardError(f"reference log-probs were computed with stream weights {have}, training uses "
+                                 f"{want}: recompute them with `levo-data ref-logps --stream-weights ...`",
+                                 shard=str(path))
+            out.update(data["logps"])
+        return out
+
+    def stream_kwargs(self, train: bool) -> dict[str, Any]:
+        return {"ref": self._ref_for(self.train_spec if train else self.val_spec)}
+
+
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """Identifies an export (config + weights file) for reference log-prob bookkeeping."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in ("config.yaml", "model.pt", "model.safetensors"):
+        p = folder / name
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{name}:{st.st_size}".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+                if st.st_size > 1 << 21:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[str, tuple[float, float]],
+                    stream_weights: Sequence[float]) -> Path:
+    p = Path(pairs_dir) / REF_LOGPS_NAME
+    _write_json_atomic(p, {"model": fingerprint, "stream_weights": list(stream_weights),
+                           "logps": {k: [float(a), float(b)] for k, a, b in ((k, *v) for k, v in sorted(logps.items()))}})
+    return p
+
+
+__all__ = ["PAIR_FORMAT", "REF_LOGPS_NAME", "Pair", "PairWriter", "PairDataModule", "build_pairs", "collate_pairs",
+           "condition_key", "decode_pair", "ensure_toy_pairs", "model_fingerprint", "pair_meta", "read_ref_logps",
+           "read_index", "remove_stale_ref_logps", "select_pair", "song_scores", "toy_candidates",
+           "write_ref_logps", "write_toy_pairs"]

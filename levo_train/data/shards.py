@@ -1,0 +1,530 @@
+"""Song shards: schema, an atomic writer and a validating reader (webdataset tar files).
+
+One record (webdataset sample, members named ``<key>.<ext>``):
+
+=============  ==========================================================================
+``tokens.npy`` int16 or int32 ``[3, T]``, T >= 1 (mixed, vocal, bgm), codes in [0, code_size)
+``lyric.txt``  utf-8 lyric obeying :mod:`levo_infer.lyrics` rules
+``style.txt``  utf-8 style text (may be empty)
+``prompt.npy`` optional int16/int32 ``[3, P]``, codes in [0, code_size) or code_size+1 ("none")
+``json``       metadata object: ``duration`` (s), ``language``, ``source``, optional ``scores``
+               ({dimension: float}), optional ``quality`` (float), anything else
+=============  ==========================================================================
+
+EOS (``code_size``) and pad (``code_size + 1``) are never stored in tokens. A shard directory holds
+``<prefix>-000000.tar`` ... and an ``index.json`` (shard names and record counts) written on close.
+Every validation failure raises :class:`ShardError` naming the shard, the record key and what was
+expected vs found.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from levo_infer.lyrics import LyricError, split_sections
+
+__all__ = [
+    "INDEX_NAME",
+    "SONG_FORMAT",
+    "REQUIRED_MEMBERS",
+    "ShardError",
+    "Song",
+    "ShardWriter",
+    "SongReader",
+    "iter_songs",
+    "iter_raw",
+    "decode_song",
+    "resolve_shards",
+    "shard_sizes",
+    "read_index",
+]
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+SONG_FORMAT = "levo-songs"
+SCHEMA_VERSION = 1
+REQUIRED_MEMBERS: tuple[str, ...] = ("tokens.npy", "lyric.txt", "style.txt", "json")
+_INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+# Fixed, so the same records give byte-identical shards; an int, because a float mtime makes
+# tarfile add a PAX header to every member.
+_TAR_MTIME = 0
+
+
+class ShardError(ValueError):
+    """A shard or record breaks the schema. ``shard`` and ``key`` name where (either may be None)."""
+
+    def __init__(self, message: str, *, shard: str | None = None, key: str | None = None) -> None:
+        self.shard = shard
+        self.key = key
+        where = ""
+        if shard is not None:
+            where += f"{shard}: "
+        if key is not None:
+            where += f"record {key!r}: "
+        super().__init__(where + message)
+
+
+@dataclass
+class Song:
+    """One validated song record. ``tokens``/``prompt`` are int64."""
+
+    key: str
+    tokens: np.ndarray
+    lyric: str
+    style: str
+    prompt: np.ndarray | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    shard: str = ""
+
+    @property
+    def frames(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+# ---------------------------------------------------------------------------- validation
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(data: bytes, member: str) -> np.ndarray:
+    try:
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a schema error
+        raise ValueError(f"{member} is not a valid .npy array ({e})") from None
+
+
+def _check_codes(arr: np.ndarray, member: str, *, code_size: int, allow_none: bool) -> np.ndarray:
+    """Check dtype/shape/range of a [3, N] code array; return it as int64 (raise ValueError)."""
+    if arr.dtype not in _INT_DTYPES:
+        raise ValueError(f"{member} has dtype {arr.dtype}, expected int16 or int32")
+    if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
+        raise ValueError(f"{member} has shape {list(arr.shape)}, expected [3, N] with N >= 1")
+    return _check_range(arr.astype(np.int64), member, code_size=code_size, allow_none=allow_none)
+
+
+def _check_range(a: np.ndarray, member: str, *, code_size: int, allow_none: bool) -> np.ndarray:
+    bad = (a < 0) | (a >= code_size)
+    if allow_none:
+        bad &= a != code_size + 1
+    if bad.any():
+        s, t = (int(x) for x in np.argwhere(bad)[0])
+        allowed = f"0 <= code < {code_size}" + (f" or {code_size + 1} (none)" if allow_none else "")
+        raise ValueError(
+            f"{member} code {int(a[s, t])} at [stream {s}, frame {t}] is out of range, expected {allowed}"
+            f" ({int(bad.sum())} bad codes in total)"
+        )
+    return a
+
+
+def _check_meta(meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise ValueError(f"json must be an object, found {type(meta).__name__}")
+    if "duration" in meta and not (isinstance(meta["duration"], (int, float)) and meta["duration"] >= 0):
+        raise ValueError(f"json duration must be a number >= 0, found {meta['duration']!r}")
+    for name in ("language", "source"):
+        if name in meta and not isinstance(meta[name], str):
+            raise ValueError(f"json {name} must be a string, found {meta[name]!r}")
+    scores = meta.get("scores")
+    if scores is not None and not (
+        isinstance(scores, dict)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values())
+    ):
+        raise ValueError(f"json scores must map dimension -> number, found {scores!r}")
+    q = meta.get("quality")
+    if q is not None and not (isinstance(q, (int, float)) and not isinstance(q, bool)):
+        raise ValueError(f"json quality must be a number, found {q!r}")
+    return meta
+
+
+def _check_lyric(lyric: str) -> None:
+    try:
+        split_sections(lyric)
+    except LyricError as e:
+        raise ValueError(f"malformed lyric.txt: {e}") from None
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"bad key {key!r}: expected letters, digits, '_', '-', '/'-separated parts (no '.')")
+    return key
+
+
+def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = None) -> Song:
+    """Validate and decode one raw webdataset sample (member bytes keyed by extension)."""
+    key = sample.get("__key__")
+    shard = shard if shard is not None else sample.get("__url__")
+    try:
+        missing = [m for m in REQUIRED_MEMBERS if m not in sample]
+        if missing:
+            have = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"missing {', '.join(missing)} (record has: {', '.join(have) or 'nothing'})")
+        tokens = _check_codes(
+            _load_npy(sample["tokens.npy"], "tokens.npy"), "tokens.npy", code_size=code_size, allow_none=False
+        )
+        prompt = None
+        if "prompt.npy" in sample:
+            prompt = _check_codes(
+                _load_npy(sample["prompt.npy"], "prompt.npy"),
+                "prompt.npy",
+                code_size=code_size,
+                allow_none=True,
+            )
+        texts = {}
+        for m in ("lyric.txt", "style.txt"):
+            try:
+                texts[m] = sample[m].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{m} is not valid utf-8 ({e})") from None
+        _check_lyric(texts["lyric.txt"])
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"json is not valid JSON ({e})") from None
+        meta = _check_meta(meta)
+    except ValueError as e:
+        raise ShardError(str(e), shard=shard, key=key) from None
+    return Song(
+        key=key,
+        tokens=tokens,
+        lyric=texts["lyric.txt"],
+        style=texts["style.txt"],
+        prompt=prompt,
+        meta=meta,
+        shard=shard or "",
+    )
+
+
+# ---------------------------------------------------------------------------- writing
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_index(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The directory's ``index.json`` (or None when absent)."""
+    p = Path(directory) / INDEX_NAME
+    if not p.is_file():
+        return None
+    try:
+        index = json.loads(p.read_text())
+        for s in index["shards"]:
+            str(s["name"]), int(s["records"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardError(
+            f"malformed {INDEX_NAME} ({e}); expected {{'shards': [{{'name', 'records'}}]}}", shard=str(p)
+        ) from None
+    return index
+
+
+class ShardWriter:
+    """Write validated songs to ``out_dir/<prefix>-NNNNNN.tar`` (``max_records`` per shard).
+
+    Use as a context manager. Each shard is written to ``*.tar.tmp`` and renamed when complete;
+    ``index.json`` is written (atomically, merged with other prefixes' entries) on a clean close.
+    On an exception the unfinished shard is removed and no index entry is written.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        prefix: str = "songs",
+        max_records: int = 2000,
+        code_size: int = 16384,
+        overwrite: bool = False,
+    ) -> None:
+        if max_records < 1:
+            raise ValueError("max_records must be >= 1")
+        if not re.match(r"^[A-Za-z0-9_\-]+$", prefix):
+            raise ValueError(f"bad prefix {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.max_records = max_records
+        self.code_size = code_size
+        self.dtype = np.int16 if code_size + 1 <= np.iinfo(np.int16).max else np.int32
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob(f"{prefix}-*.tar"))
+        if existing:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.out_dir} already holds {prefix}-*.tar shards; pass overwrite=True"
+                )
+            for p in existing:
+                p.unlink()
+        self.shards: list[dict[str, Any]] = []
+        self._keys: set[str] = set()
+        self._file = None
+        self._tar: TarWriter | None = None
+        self._count = 0
+        self._closed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def records(self) -> int:
+        """Records written so far."""
+        return sum(s["records"] for s in self.shards) + self._count
+
+    def _tmp_path(self) -> Path:
+        return self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar.tmp"
+
+    def _open(self) -> None:
+        self._file = open(self._tmp_path(), "wb")  # noqa: SIM115 - closed in _finish/abort
+        self._tar = TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
+        self._count = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.close()
+        tmp = self._tmp_path()
+        name = tmp.name[: -len(".tmp")]
+        os.replace(tmp, self.out_dir / name)
+        self.shards.append({"name": name, "records": self._count})
+        self._tar, self._file, self._count = None, None, 0
+
+    def write_song(
+        self,
+        key: str,
+        tokens: Any,
+        lyric: str,
+        style: str,
+        meta: dict[str, Any] | None = None,
+        prompt: Any = None,
+    ) -> None:
+        """Validate and append one song (raises :class:`ShardError` naming the key on bad input).
+
+        ``meta`` gets defaults ``duration`` = T / 25, ``language``/``source`` = "unknown".
+        """
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        where = str(self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar")
+        try:
+            _check_key(key)
+            if key in self._keys:
+                raise ValueError("duplicate key")
+            sample: dict[str, Any] = {"__key__": key}
+            arr = np.asarray(tokens)
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"tokens has dtype {arr.dtype}, expected integers")
+            if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
+                raise ValueError(f"tokens has shape {list(arr.shape)}, expected [3, T] with T >= 1")
+            arr64 = _check_range(arr.astype(np.int64), "tokens", code_size=self.code_size, allow_none=False)
+            sample["tokens.npy"] = _npy_bytes(arr64.astype(self.dtype))
+            if prompt is not None:
+                p = np.asarray(prompt)
+                if not np.issubdtype(p.dtype, np.integer):
+                    raise ValueError(f"prompt has dtype {p.dtype}, expected integers")
+                if p.ndim != 2 or p.shape[0] != 3 or p.shape[1] < 1:
+                    raise ValueError(f"prompt has shape {list(p.shape)}, expected [3, P] with P >= 1")
+                p64 = _check_range(p.astype(np.int64), "prompt", code_size=self.code_size, allow_none=True)
+                sample["prompt.npy"] = _npy_bytes(p64.astype(self.dtype))
+            if not isinstance(lyric, str) or not isinstance(style, str):
+                raise ValueError("lyric and style must be str")
+            _check_lyric(lyric)
+            meta = dict(meta or {})
+            meta.setdefault("duration", arr.shape[1] / 25.0)
+            meta.setdefault("language", "unknown")
+            meta.setdefault("source", "unknown")
+            _check_meta(meta)
+            sample["lyric.txt"] = lyric.encode("utf-8")
+            sample["style.txt"] = style.encode("utf-8")
+            sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+        except (ValueError, TypeError) as e:
+            raise ShardError(str(e), shard=where, key=str(key)) from None
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._keys.add(key)
+        self._count += 1
+        if self._count >= self.max_records:
+            self._finish()
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard and write ``index.json``; returns the index."""
+        if self._closed:
+            return read_index(self.out_dir) or {}
+        self._finish()
+        self._closed = True
+        old = read_index(self.out_dir)
+        others = [s for s in (old or {}).get("shards", []) if not s["name"].startswith(self.prefix + "-")]
+        shards = sorted(others + self.shards, key=lambda s: s["name"])
+        index = {
+            "format": SONG_FORMAT,
+            "version": SCHEMA_VERSION,
+            "code_size": self.code_size,
+            "records": sum(int(s["records"]) for s in shards),
+            "shards": shards,
+        }
+        _write_json_atomic(self.out_dir / INDEX_NAME, index)
+        return index
+
+    def abort(self) -> None:
+        """Drop the unfinished shard; completed shards stay, no index is written."""
+        if self._tar is not None:
+            try:
+                self._tar.close()
+                self._file.close()
+            finally:
+                self._tmp_path().unlink(missing_ok=True)
+                self._tar, self._file = None, None
+        self._closed = True
+
+
+# ---------------------------------------------------------------------------- reading
+def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths from directories (``index.json`` order, else sorted ``*.tar``), tar paths,
+    brace patterns (``songs-{000000..000009}.tar``) or globs; a list may mix them."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        s = os.fspath(s)
+        if os.path.isdir(s):
+            index = read_index(s)
+            if index is not None:
+                names = [sh["name"] for sh in index["shards"]]
+            else:
+                names = sorted(p.name for p in Path(s).glob("*.tar"))
+            if not names:
+                raise FileNotFoundError(f"no .tar shards in directory {s}")
+            out += [os.path.join(s, n) for n in names]
+            continue
+        if os.path.isfile(s):
+            out.append(s)
+            continue
+        expanded = list(braceexpand.braceexpand(s)) if "{" in s else [s]
+        for e in expanded:
+            if os.path.isfile(e):
+                out.append(e)
+            elif any(ch in e for ch in "*?["):
+                found = sorted(glob.glob(e))
+                if not found:
+                    raise FileNotFoundError(f"no shards match {e}")
+                out += found
+            else:
+                raise FileNotFoundError(f"shard {e} not found")
+    missing = [p for p in out if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"shard {missing[0]} is listed (index.json?) but missing")
+    return out
+
+
+def _count_records(shard: str) -> int:
+    """Count records by scanning tar headers (no payload reads)."""
+    n, last = 0, None
+    try:
+        with tarfile.open(shard, "r:") as tf:
+            for m in tf:
+                if not m.isreg():
+                    continue
+                key, _ = base_plus_ext(m.name)
+                if key is not None and key != last:
+                    n += 1
+                    last = key
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"unreadable tar ({e})", shard=shard) from None
+    return n
+
+
+def shard_sizes(shards: Sequence[str]) -> list[int]:
+    """Record count per shard: from its directory's ``index.json`` when listed, else by scanning."""
+    indexes: dict[str, dict[str, int]] = {}
+    sizes = []
+    for sh in shards:
+        d = os.path.dirname(os.path.abspath(sh))
+        if d not in indexes:
+            idx = read_index(d)
+            indexes[d] = {s["name"]: int(s["records"]) for s in idx["shards"]} if idx else {}
+        n = indexes[d].get(os.path.basename(sh))
+        sizes.append(n if n is not None else _count_records(sh))
+    return sizes
+
+
+def iter_raw(shard: str) -> Iterator[dict[str, Any]]:
+    """Undecoded samples of one shard in file order (webdataset tar iterators); dict of bytes."""
+    with open(shard, "rb") as f:
+        stream = tar_file_expander([{"url": shard, "stream": f}])
+        it = group_by_keys(stream)
+        while True:
+            try:
+                sample = next(it)
+            except StopIteration:
+                return
+            except (tarfile.TarError, ValueError, OSError) as e:
+                msg = str(e.args[0]) if e.args else repr(e)
+                raise ShardError(f"unreadable tar ({msg})", shard=shard) from None
+            yield sample
+
+
+class SongReader:
+    """Iterator over validated :class:`Song` records of one or more shards.
+
+    With ``skip_bad`` bad records are logged (``logging.warning``, same message as the error) and
+    counted in ``n_bad`` (messages in ``errors``, first 1000) instead of raising. ``n_good`` counts
+    yielded records. An unreadable tar always raises.
+    """
+
+    def __init__(self, path: Any, *, code_size: int, skip_bad: bool = False) -> None:
+        self.shards = resolve_shards(path)
+        self.code_size = code_size
+        self.skip_bad = skip_bad
+        self.n_good = 0
+        self.n_bad = 0
+        self.errors: list[str] = []
+        self._it = self._gen()
+
+    def _gen(self) -> Iterator[Song]:
+        for shard in self.shards:
+            for raw in iter_raw(shard):
+                try:
+                    song = decode_song(raw, code_size=self.code_size, shard=shard)
+                except ShardError as e:
+                    if not self.skip_bad:
+                        raise
+                    self.n_bad += 1
+                    if len(self.errors) < 1000:
+                        self.errors.append(str(e))
+                    log.warning("skipping bad record: %s", e)
+                    continue
+                self.n_good += 1
+                yield song
+
+    def __iter__(self) -> SongReader:
+        return self
+
+    def __next__(self) -> Song:
+        return next(self._it)
+
+
+def iter_songs(path: Any, *, code_size: int, skip_bad: bool = False) -> SongReader:
+    """Validated songs from shard dir(s) / tar paths / patterns. The returned iterator exposes
+    ``n_good``, ``n_bad`` and ``errors`` (see :class:`SongReader`)."""
+    return SongReader(path, code_size=code_size, skip_bad=skip_bad)
