@@ -153,19 +153,42 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
-def build_module(cfg: DictConfig, model_config: Any, total_steps: int):
-    from levo_train.train.lm import LMModule
-
+def _common_module_kwargs(cfg: DictConfig, total_steps: int) -> dict[str, Any]:
     t = cfg.train
-    return LMModule(
-        model_config,
+    return dict(
         lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay), betas=tuple(cfg.optim.betas),
         warmup_steps=int(cfg.optim.warmup_steps), total_steps=total_steps, min_lr_ratio=float(cfg.optim.min_lr_ratio),
         stream_weights=list(t.stream_weights) if t.stream_weights is not None else None,
-        condition_dropout=bool(t.condition_dropout), freeze=list(t.freeze),
-        activation_checkpointing=bool(t.activation_checkpointing), seed=int(cfg.seed),
+        freeze=list(t.freeze), activation_checkpointing=bool(t.activation_checkpointing), seed=int(cfg.seed),
         init_weights=not cfg.model.get("init"),
     )
+
+
+def build_module(cfg: DictConfig, model_config: Any, total_steps: int):
+    """The Lightning module of the recipe's method, with ``model.init`` weights loaded."""
+    from levo_infer.checkpoint import find_weights, load_weights
+
+    kw = _common_module_kwargs(cfg, total_steps)
+    if cfg.method == "dpo":
+        from levo_train.train.dpo import DPOModule
+
+        d = cfg.dpo
+        lt = d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type)
+        try:
+            module = DPOModule(model_config, beta=float(d.beta), loss_type=lt,
+                               loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
+                               label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
+        except ValueError as e:  # unknown loss_type / reference, bad beta or weights
+            raise UsageError(f"dpo: {e}") from e
+    else:
+        from levo_train.train.lm import LMModule
+
+        module = LMModule(model_config, condition_dropout=bool(cfg.train.condition_dropout), **kw)
+    if cfg.model.get("init"):
+        load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
+    if cfg.method == "dpo":
+        module.freeze_reference()
+    return module
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path):
@@ -189,18 +212,52 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         os.environ.setdefault("WANDB_MODE", str(cfg.logger.mode))
         loggers.append(WandbLogger(project=str(cfg.logger.project), name=cfg.logger.name or run_dir.name,
                                    save_dir=str(run_dir), mode=str(cfg.logger.mode)))
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # requeue on preemption at a step boundary (Lightning's in-handler save can deadlock DDP)
+        from levo_train.slurm import SlurmRequeue
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue())
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
-                     plugins=[AtomicCheckpointIO()], **kwargs)
+    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, plugins=plugins, **kwargs)
 
 
 def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int):
+    d = cfg.data
+    kw = dict(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
+              num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
+              shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
+    if cfg.method == "dpo":
+        from levo_train.data.pairs import PairDataModule, model_fingerprint
+
+        precomputed = str(cfg.dpo.reference) == "precomputed"
+        fp = model_fingerprint(check_init_path(str(cfg.model.init))) if precomputed else None
+        sw = list(cfg.train.stream_weights) if cfg.train.stream_weights is not None else None
+        return PairDataModule(**kw, use_ref_logps=precomputed, ref_fingerprint=fp, ref_stream_weights=sw)
     from levo_train.data.datamodule import SongDataModule
 
-    d = cfg.data
-    return SongDataModule(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
-                          num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
-                          max_frames=d.max_frames, shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
+    return SongDataModule(**kw, max_frames=d.max_frames)
+
+
+def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
+    """(train, val, is_toy) pair shard folders; toy-world pairs when ``data.pairs`` is unset."""
+    if cfg.data.get("pairs"):
+        root = Path(str(cfg.data.pairs))
+        if not root.exists():
+            raise UsageError(f"data.pairs={root}: no such folder")
+        if (root / "train").is_dir():
+            return str(root / "train"), str(root / "val") if (root / "val").is_dir() else None, False
+        return str(root), str(cfg.data.pairs_val) if cfg.data.get("pairs_val") else None, False
+    from levo_train.data.pairs import ensure_toy_pairs
+
+    t, tp = cfg.data.toy, cfg.data.toy_pairs
+    root = ensure_toy_pairs(toy_cache_root(cfg), world_seed=int(t.seed), n_train=int(tp.n_train),
+                            n_val=int(tp.n_val), n_candidates=int(tp.n_candidates), dimension=str(tp.dimension),
+                            min_margin=float(tp.min_margin), tier=tp.tier)
+    return str(root / "train"), str(root / "val"), True
 
 
 # ----------------------------------------------------------------------------- run
@@ -208,21 +265,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one recipe; returns (and writes to run_dir/summary.json) where the outputs are."""
     import lightning as L
 
-    from levo_infer.checkpoint import find_weights, load_weights
     from levo_train.checkpointing import clean_stale_temp_files
 
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.method == "dpo" and not cfg.model.get("init"):
+        raise UsageError("recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen reference), "
+                         "e.g. `levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo model.init=A/export`")
     model_config = build_model_config(cfg)
-    train, val, is_toy = resolve_data(cfg)
+    train, val, is_toy = resolve_pairs(cfg) if cfg.method == "dpo" else resolve_data(cfg)
     if is_toy and model_config.lm.code_size != 64:
         raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
                          "pass data.train=... for real data or a toy-sized model.init")
     total = cfg.optim.get("total_steps") or cfg.trainer.max_steps
     module = build_module(cfg, model_config, total_steps=int(total))
-    if cfg.model.get("init"):
-        load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
     dm = build_datamodule(cfg, train, val, model_config.lm.code_size)
     trainer = build_trainer(cfg, run_dir)
     ckpt = find_resume_checkpoint(cfg, run_dir)
@@ -236,7 +293,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.save_checkpoint(last)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
                                "val_loss_start": val_start,
-                               "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss"))}
+                               "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
+                               "val_metrics": {k: _to_float(v) for k, v in trainer.callback_metrics.items()
+                                               if k.startswith("val/")}}
     if trainer.is_global_zero:
         if cfg.export.enabled:
             import torch
@@ -279,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"levo-train: error: {e.msg}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as e:
+        from levo_infer.checkpoint import CheckpointError
+        from levo_infer.config import ConfigError
+        from levo_train.data.shards import ShardError
+
+        if isinstance(e, (CheckpointError, ConfigError, ShardError, FileNotFoundError)):
+            print(f"levo-train: error: {e}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -89,8 +89,10 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
 
-class LMModule(L.LightningModule):
-    """Pretraining / SFT of LeLM with masked per-codebook cross-entropy."""
+class LeLMTrainModule(L.LightningModule):
+    """What every LeLM training method shares: the policy model, AdamW with warmup + cosine,
+    freezing by parameter-name prefix, and the state an exact resume needs (data position,
+    dropout generator, global RNGs)."""
 
     def __init__(
         self,
@@ -103,7 +105,6 @@ class LMModule(L.LightningModule):
         total_steps: int = 1000,
         min_lr_ratio: float = 0.1,
         stream_weights: Sequence[float] | None = None,
-        condition_dropout: bool = True,
         freeze: Sequence[str] = (),
         activation_checkpointing: bool = False,
         seed: int = 0,
@@ -121,19 +122,17 @@ class LMModule(L.LightningModule):
         self.stream_weights = list(stream_weights) if stream_weights is not None else [1.0] * K
         if len(self.stream_weights) != K:
             raise ValueError(f"stream_weights has {len(self.stream_weights)} entries, the model has {K} streams")
-        self.condition_dropout = condition_dropout
         self.freeze_prefixes = list(freeze)
         self._apply_freeze()
+        # parameters kept only for the released layout never get gradients (DDP would complain)
+        from levo_infer.checkpoint import UNUSED_KEYS
+
+        for n, p in self.model.named_parameters():
+            if n in UNUSED_KEYS:
+                p.requires_grad_(False)
         self.seed = seed
         self.dropout_gen = torch.Generator().manual_seed(seed + 1)
         self.samples_seen = 0  # global stream position of the training data (for exact resume)
-        V = model_config.lm.code_size + 1
-        self.val_loss = MeanMetric()
-        self.val_acc1 = torch.nn.ModuleList(
-            [MulticlassAccuracy(num_classes=V, top_k=1, average="micro") for _ in range(K)])
-        self.val_acc10 = torch.nn.ModuleList(
-            [MulticlassAccuracy(num_classes=V, top_k=min(10, V), average="micro") for _ in range(K)])
-        self.val_stream_loss = torch.nn.ModuleList([MeanMetric() for _ in range(K)])
 
     # -- setup ------------------------------------------------------------------------
     def _apply_freeze(self) -> None:
@@ -161,6 +160,60 @@ class LMModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
             s, warmup=self.warmup_steps, total=self.total_steps, min_ratio=self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- data position ----------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _global_batch(self, batch_size: int) -> int:
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "batch_samples_global"):
+            return int(dm.batch_samples_global)
+        return batch_size * max(1, self.trainer.world_size if self._trainer is not None else 1)
+
+    def advance_data_position(self, batch_size: int) -> None:
+        """Count one consumed training batch (all ranks) towards the resumable data position."""
+        self.samples_seen += self._global_batch(batch_size)
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "set_position"):
+            dm.set_position(self.samples_seen)  # keeps the datamodule's checkpointed state current
+
+    # -- exact resume -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["levo"] = {
+            "samples_seen": self.samples_seen,
+            "dropout_gen": self.dropout_gen.get_state(),
+            "rng": rng_state(),
+            "model_config": self.model_config.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        st = checkpoint.get("levo")
+        if st is None:
+            raise ValueError("checkpoint has no `levo` section: not written by levo-train, cannot resume exactly")
+        self.samples_seen = int(st["samples_seen"])
+        self.dropout_gen.set_state(st["dropout_gen"])
+        set_rng_state(st["rng"])
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "set_position"):
+            dm.set_position(self.samples_seen)
+            log.info("resuming data at global sample %d", self.samples_seen)
+
+
+class LMModule(LeLMTrainModule):
+    """Pretraining / SFT of LeLM with masked per-codebook cross-entropy."""
+
+    def __init__(self, model_config: ModelConfig, *, condition_dropout: bool = True, **kw: Any) -> None:
+        super().__init__(model_config, **kw)
+        self.condition_dropout = condition_dropout
+        K = model_config.lm.code_depth
+        V = model_config.lm.code_size + 1
+        self.val_loss = MeanMetric()
+        self.val_acc1 = torch.nn.ModuleList(
+            [MulticlassAccuracy(num_classes=V, top_k=1, average="micro") for _ in range(K)])
+        self.val_acc10 = torch.nn.ModuleList(
+            [MulticlassAccuracy(num_classes=V, top_k=min(10, V), average="micro") for _ in range(K)])
+        self.val_stream_loss = torch.nn.ModuleList([MeanMetric() for _ in range(K)])
 
     # -- loss -------------------------------------------------------------------------
     def conditions(self, batch: dict[str, Any], *, dropout: bool) -> Conditions:
@@ -192,26 +245,14 @@ class LMModule(L.LightningModule):
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.lm_loss(batch, self.conditions(batch, dropout=self.condition_dropout))
-        self.samples_seen += self._global_batch(batch)
-        dm = self._datamodule()
-        if dm is not None and hasattr(dm, "set_position"):
-            dm.set_position(self.samples_seen)  # keeps the datamodule's checkpointed state current
         B = batch["codes"].shape[0]
+        self.advance_data_position(B)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         for k, p in enumerate(parts):
             acc = (p["logits"].argmax(-1) == p["target"]).float().mean()
             self.log(f"train/ce_{stream_name(k)}", p["ce"], batch_size=B)
             self.log(f"train/acc1_{stream_name(k)}", acc, batch_size=B)
         return loss
-
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
-    def _global_batch(self, batch: dict[str, Any]) -> int:
-        dm = self._datamodule()
-        if dm is not None and hasattr(dm, "batch_samples_global"):
-            return int(dm.batch_samples_global)
-        return int(batch["codes"].shape[0]) * max(1, self.trainer.world_size if self._trainer is not None else 1)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, parts = self.lm_loss(batch, self.conditions(batch, dropout=False))
@@ -232,24 +273,3 @@ class LMModule(L.LightningModule):
             self.log(f"val/acc10_{n}", self.val_acc10[k].compute())
             for m in (self.val_stream_loss[k], self.val_acc1[k], self.val_acc10[k]):
                 m.reset()
-
-    # -- exact resume -----------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["levo"] = {
-            "samples_seen": self.samples_seen,
-            "dropout_gen": self.dropout_gen.get_state(),
-            "rng": rng_state(),
-            "model_config": self.model_config.to_dict(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        st = checkpoint.get("levo")
-        if st is None:
-            raise ValueError("checkpoint has no `levo` section: not written by levo-train, cannot resume exactly")
-        self.samples_seen = int(st["samples_seen"])
-        self.dropout_gen.set_state(st["dropout_gen"])
-        set_rng_state(st["rng"])
-        dm = self._datamodule()
-        if dm is not None and hasattr(dm, "set_position"):
-            dm.set_position(self.samples_seen)
-            log.info("resuming data at global sample %d", self.samples_seen)

@@ -1,0 +1,166 @@
+"""Offline DPO of LeLM on preference pairs.
+
+One forward over the concatenated batch ``[chosen; rejected]`` (both halves share conditions),
+sequence log-probs summed over valid tokens of all streams (:func:`sequence_logps`), a frozen
+reference — a copy of the initial policy, or reference log-probs precomputed beside the pairs —
+and the TRL-named loss family of :mod:`levo_train.train.dpo_loss`. Condition dropout is off for
+policy and reference: both must see identical conditions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+
+from levo_infer.config import ModelConfig
+from levo_infer.model import Conditions, LeLM
+
+from .dpo_loss import combined_dpo_loss
+from .lm import LeLMTrainModule
+from .logps import sequence_logps
+
+
+def cat_pairs(chosen: torch.Tensor, rejected: torch.Tensor, pad: int) -> torch.Tensor:
+    """[B,K,Tc] and [B,K,Tr] -> [2B, K, max(Tc,Tr)] (chosen first), right-padded with ``pad``."""
+    T = max(chosen.shape[2], rejected.shape[2])
+    pad_to = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[2]), value=pad)  # noqa: E731
+    return torch.cat([pad_to(chosen), pad_to(rejected)], dim=0)
+
+
+def pair_conditions(model: LeLM, batch: dict[str, Any]) -> Conditions:
+    """Conditions of the concatenated ``[chosen; rejected]`` batch: each pair's shared lyric, style
+    and prompt, tokenised once and repeated for both halves. No condition dropout (policy and
+    reference must see identical conditions)."""
+    cond = model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
+    return Conditions.cat([cond, cond])
+
+
+def pair_logps(model: LeLM, batch: dict[str, Any], cond2: Conditions | None = None, *,
+               stream_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and scored-token counts, each [2B] (chosen first), of a pair batch under
+    ``model`` in one forward; the single definition used by training and ``levo-data ref-logps``."""
+    cond2 = pair_conditions(model, batch) if cond2 is None else cond2
+    dev = model.device
+    codes = cat_pairs(batch["chosen"].to(dev), batch["rejected"].to(dev), model.pad_id)
+    lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]]).to(dev)
+    return sequence_logps(model, codes, lengths, cond2, stream_weights=stream_weights)
+
+
+def check_loss_config(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None, beta: float,
+                      label_smoothing: float) -> None:
+    """Raise ``ValueError`` now (not at the first step) for an unknown loss type or bad settings."""
+    z, one = torch.zeros(1), torch.ones(1)
+    combined_dpo_loss(z, z, z, z, loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+                      label_smoothing=label_smoothing, chosen_token_counts=one, rejected_token_counts=one)
+
+
+class DPOModule(LeLMTrainModule):
+    """DPO / IPO / hinge / robust (+ optional SFT term) on preference pairs."""
+
+    METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected", "drift")
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        *,
+        beta: float = 0.1,
+        loss_type: str | Sequence[str] = "sigmoid",
+        loss_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        reference: str = "model",
+        **kw: Any,
+    ) -> None:
+        kw.setdefault("init_weights", False)
+        super().__init__(model_config, **kw)
+        if reference not in ("model", "precomputed"):
+            raise ValueError(f"reference must be 'model' or 'precomputed', got {reference!r}")
+        self.beta, self.label_smoothing = float(beta), float(label_smoothing)
+        self.loss_type = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        self.loss_weights = list(loss_weights) if loss_weights is not None else None
+        check_loss_config(self.loss_type, self.loss_weights, self.beta, self.label_smoothing)
+        self.reference = reference
+        self.ref: LeLM | None = None
+        self.val_metrics = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in self.METRICS})
+
+    def freeze_reference(self) -> None:
+        """Snapshot the current policy as the frozen reference (call after loading the init)."""
+        if self.reference != "model":
+            return
+        self.ref = copy.deepcopy(self.model).eval()
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+
+    def state_dict(self, *args: Any, **kw: Any) -> dict[str, Any]:  # type: ignore[override]
+        """The reference is kept out of checkpoints (it is rebuilt from the init on resume)."""
+        sd = super().state_dict(*args, **kw)
+        return {k: v for k, v in sd.items() if not k.startswith("ref.")} if isinstance(sd, dict) else sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Strict about everything but the reference, which checkpoints do not carry."""
+        res = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in res.missing_keys if not k.startswith("ref.")]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(f"DPO checkpoint does not match the module: missing {missing[:5]}, "
+                               f"unexpected {res.unexpected_keys[:5]}")
+        return res
+
+    # -- core -------------------------------------------------------------------------
+    def pair_logps(self, model: LeLM, batch: dict[str, Any], cond2: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_logps(model, batch, cond2, stream_weights=self.stream_weights)
+
+    def dpo_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics of one pair batch (policy forward; reference forward or precomputed)."""
+        B = batch["chosen"].shape[0]
+        cond2 = pair_conditions(self.model, batch)
+        logps, counts = self.pair_logps(self.model, batch, cond2)
+        pc, pr = logps[:B], logps[B:]
+        if self.reference == "precomputed":
+            if "ref_chosen_logps" not in batch:
+                raise ValueError("reference=precomputed but the pair batch has no reference log-probs: "
+                                 "run `levo-data ref-logps` on the pairs first, or use reference=model")
+            rc, rr = batch["ref_chosen_logps"].to(pc), batch["ref_rejected_logps"].to(pc)
+        else:
+            if self.ref is None:
+                raise RuntimeError("no reference model: call freeze_reference() after loading the init weights")
+            with torch.no_grad():
+                rlogps, _ = self.pair_logps(self.ref, batch, cond2)
+            rc, rr = rlogps[:B], rlogps[B:]
+        out = combined_dpo_loss(pc, pr, rc, rr, loss_type=self.loss_type, loss_weights=self.loss_weights,
+                                beta=self.beta, label_smoothing=self.label_smoothing,
+                                chosen_token_counts=counts[:B], rejected_token_counts=counts[B:])
+        cr, rj = out.chosen_rewards, out.rejected_rewards
+        drift = ((pc - rc) / counts[:B] + (pr - rr) / counts[B:]).detach() / 2  # per token
+        m = {"loss": out.loss.detach(), "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),
+             "rewards/margins": (cr - rj).mean(), "rewards/accuracies": (cr > rj).float().mean(),
+             "logps/chosen": (pc.detach() / counts[:B]).mean(), "logps/rejected": (pr.detach() / counts[B:]).mean(),
+             "drift": drift.mean()}
+        for t, v in out.terms.items():
+            m[f"loss/{t}"] = v
+        return out.loss, m
+
+    # -- steps ------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, m = self.dpo_step(batch)
+        B = batch["chosen"].shape[0]
+        self.advance_data_position(B)
+        for k, v in m.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "rewards/accuracies"), batch_size=B)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with torch.no_grad():
+            _, m = self.dpo_step(batch)
+        B = batch["chosen"].shape[0]
+        for k in self.METRICS:
+            self.val_metrics[k.replace("/", "_")].update(m[k], weight=B)
+
+    def on_validation_epoch_end(self) -> None:
+        for k in self.METRICS:
+            metric = self.val_metrics[k.replace("/", "_")]
+            self.log(f"val/{k}", metric.compute(), prog_bar=k == "rewards/accuracies")
+            metric.reset()
