@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from levo_infer import tokenizer as T
 from levo_infer.tokenizer import (
     LYRIC_TAGS,
