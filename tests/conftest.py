@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread: tiny models gain nothing from more, and a shared machine makes 2 threads crawl
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared"))

@@ -101,7 +101,7 @@ def test_sigkill_then_resume(tmp_path, cache):
         proc.wait()
     ck = torch.load(last, weights_only=False, map_location="cpu")  # complete, loadable
     step = ck["global_step"]
-    assert step >= 10
+    assert step >= 5 and step % 5 == 0
     assert run_cli(base(cache, rd, f"trainer.max_steps={step + 5}", "resume=true", "checkpoint.every_n_steps=5",
                         "trainer.val_check_interval=1000")) == 0
     summary = json.loads((rd / "summary.json").read_text())

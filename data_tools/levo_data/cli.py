@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from levo_data.prefs import PREF_COMMANDS
+
 
 @dataclass(frozen=True)
 class Command:
@@ -110,6 +112,8 @@ COMMANDS: dict[str, Command] = {
         "validate song shards; print counts or the first error", _validate_args, _validate_run
     ),
 }
+# preference data: pairs, ref-logps, merge (levo_data.prefs)
+COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in PREF_COMMANDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:

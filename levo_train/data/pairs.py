@@ -196,8 +196,10 @@ def select_pair(cands: Sequence[Song], dimensions: Sequence[str], min_margin: fl
     margin = song_score(best, main) - song_score(worst, main)
     if margin < min_margin or margin <= 0:
         return None
-    if require_all and any(song_score(best, d) - song_score(worst, d) < min_margin for d in dimensions):
-        return None
+    if require_all:
+        gaps = [song_score(best, d) - song_score(worst, d) for d in dimensions]
+        if any(g < min_margin or g <= 0 for g in gaps):  # preferred (strictly) on every dimension
+            return None
     return best, worst, margin
 
 
@@ -247,36 +249,48 @@ def build_pairs(songs: Iterable[Song], out_dir: str | os.PathLike, *, dimensions
 
 
 def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, tier: str | None = "top",
-                   key_prefix: str = "c") -> list[Song]:
-    """``n_candidates`` renderings (random corruption as in the toy data set) per toy condition,
-    scored by the world's hidden quality; styles carry ``tier`` (top: as released inference asks)."""
-    from levo_train.data.toy import style_text
+                   key_prefix: str = "c", dimension: str = "quality") -> list[Song]:
+    """``n_candidates`` renderings per toy condition, scored by the world's hidden quality; styles
+    carry ``tier`` (top: as released inference asks).
 
+    ``dimension="quality"``: each candidate gets a random corruption as in the toy data set.
+    A single dimension (e.g. ``lyrics``): candidates are clean except for that dimension, which is
+    corrupted at rates from 0 (the first candidate) up to the data set's range — minimal pairs that
+    differ only in what the preference is about.
+    """
+    from levo_train.data.toy import CORRUPTION, DIMENSIONS, style_text
+
+    if dimension != "quality" and dimension not in DIMENSIONS:
+        raise ValueError(f"unknown toy dimension {dimension!r}; expected quality or one of {DIMENSIONS}")
     rng = np.random.default_rng([seed, 90210])
     out: list[Song] = []
     for i in range(n_prompts):
         cond = world.sample_condition(rng)
         style = style_text(cond.style_base, tier)
         for j in range(n_candidates):
-            toks = world.render(cond, world.sample_corruption(rng), rng)
+            if dimension == "quality":
+                corruption = world.sample_corruption(rng)
+            else:
+                _, lo, hi = CORRUPTION[dimension]
+                corruption = {dimension: float(rng.uniform(lo, hi))} if j > 0 else {}
+            toks = world.render(cond, corruption, rng)
             sc = world.score(toks, cond.lyric, style)
             meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
             out.append(Song(f"{key_prefix}{i:07d}-{j}", np.asarray(toks, dtype=np.int64), cond.lyric, style, None, meta))
     return out
 
 
-def write_toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, n_train: int = 4000, n_val: int = 256,
+def write_toy_pairs(out_dir: str | os.PathLike, *, world_seed: int = 0, n_train: int = 4000, n_val: int = 256,
                     n_candidates: int = 4, dimension: str = "quality", min_margin: float = 0.1,
                     tier: str | None = "top") -> dict[str, Any]:
-    """Toy-world pairs from the world's hidden scores into ``out/train`` and ``out/val`` (prompts
-    of the training split; val uses other prompts). Returns per-split counts."""
+    """Write toy-world pair shards ``out_dir/train`` and ``out_dir/val``; returns their stats."""
     from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
 
     world = ToyWorld(world_seed)
-    stats: dict[str, Any] = {}
+    stats = {}
     for split, n, seed in (("train", n_train, world_seed * 1000 + 1), ("val", n_val, world_seed * 1000 + 2)):
-        cands = toy_candidates(world, n, n_candidates, seed=seed, tier=tier, key_prefix=f"{split}")
-        stats[split] = build_pairs(cands, Path(out) / split, dimensions=[dimension], min_margin=min_margin,
+        cands = toy_candidates(world, n, n_candidates, seed=seed, tier=tier, key_prefix=split, dimension=dimension)
+        stats[split] = build_pairs(cands, Path(out_dir) / split, dimensions=[dimension], min_margin=min_margin,
                                    code_size=TOY_CODE_SIZE, origin="toy-world")
     return stats
 
@@ -290,7 +304,7 @@ def ensure_toy_pairs(root: str | os.PathLike, *, world_seed: int = 0, n_train: i
 
     from levo_train.data.toy import TOY_WORLD_VERSION
 
-    name = f"pairs-v{TOY_WORLD_VERSION}-s{world_seed}-n{n_train}-v{n_val}-c{n_candidates}-{dimension}-m{min_margin}-t{tier}"
+    name = f"pairs2-v{TOY_WORLD_VERSION}-s{world_seed}-n{n_train}-v{n_val}-c{n_candidates}-{dimension}-m{min_margin}-t{tier}"
     final = Path(root) / name
     if (final / "done.json").is_file():
         return final

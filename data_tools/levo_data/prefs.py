@@ -1,0 +1,517 @@
+"""Preference-data tools of ``levo-data``: ``pairs``, ``ref-logps`` and ``merge``.
+
+* ``pairs`` — preference-pair shards (schema in :mod:`levo_train.data.pairs`), best vs worst of the
+  N candidates of each condition:
+
+  - ``--candidates SHARDS...``: scored candidate *song* shards (``json`` ``scores`` per dimension,
+    or a top-level ``quality``). Candidates sharing lyric, style and prompt form one group. Two
+    streaming passes (scores first, then only the chosen songs' tokens), so memory holds scores
+    and the songs of unfinished pairs, never the whole candidate set.
+  - ``--toy``: toy-world candidates scored by the world's hidden scores (``out/train``, ``out/val``).
+  - ``--from-model EXPORT``: toy world only — K songs sampled from the model for each toy training
+    prompt (top tier style, as released inference asks), scored by the hidden scores: pairs built
+    from the model's own samples.
+* ``ref-logps`` — reference log-probs of every pair under an export, computed exactly as the DPO
+  module does (one forward over ``[chosen; rejected]``, shared conditions, no condition dropout,
+  eval mode, no grad, fp32), written to ``ref_logps.json`` beside each shard folder with the
+  export's fingerprint; ``levo-train recipe=dpo dpo.reference=precomputed`` then runs one model.
+* ``merge`` — weight interpolation of exports of one config (LeVo 1: one DPO run per preference
+  dimension, then merge): ``Σ w_i θ_i`` computed in fp32 for every tensor.
+
+Each command prints one JSON summary on stdout; errors go to stderr with exit status 1.
+:func:`register` adds the three subcommands to an ``argparse`` sub-parser set; each parser gets
+``func`` (``args.func(args)`` returns the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from levo_infer.model import LeLM
+    from levo_train.data.pairs import Pair
+
+log = logging.getLogger("levo_data.prefs")
+
+TOY_DEFAULTS: dict[str, Any] = {"n_train": 4000, "n_val": 256, "n_candidates": 4, "dimension": "quality",
+                                "min_margin": 0.1, "tier": "top"}
+
+
+# ----------------------------------------------------------------------------- pairs
+def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                          dimensions: Sequence[str] = ("quality",), require_all: bool = False,
+                          min_margin: float = 0.05, code_size: int = 16384, records_per_shard: int = 2000,
+                          origin: str = "candidates") -> dict[str, Any]:
+    """Scored candidate song shards -> best-vs-worst pair shards in ``out``.
+
+    Pass 1 reads every record (validated) and keeps only its condition key and scores; pairs are
+    selected per condition group (:func:`levo_train.data.pairs.select_pair`). Pass 2 re-reads the
+    shards and writes each pair as soon as both of its songs have been seen.
+    """
+    from levo_train.data.pairs import (
+        PairWriter,
+        condition_key,
+        pair_meta,
+        remove_stale_ref_logps,
+        select_pair,
+        song_score,
+        song_scores,
+    )
+    from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards
+
+    dims = [str(d) for d in dimensions]
+    if not dims:
+        raise ValueError("no preference dimension given")
+    shards = resolve_shards([os.fspath(c) for c in candidates])
+
+    def records() -> Iterator[tuple[int, str, dict[str, Any]]]:
+        i = 0
+        for sh in shards:
+            for raw in iter_raw(sh):
+                yield i, sh, raw
+                i += 1
+
+    # pass 1: scores only (tokens dropped right away); candidates are named by their stream index,
+    # so equal scores resolve by stream order and duplicate keys across folders do no harm
+    groups: dict[str, list[Song]] = {}
+    n_records = 0
+    for i, sh, raw in records():
+        song = decode_song(raw, code_size=code_size, shard=sh)
+        for d in dims:
+            song_score(song, d)  # a missing score fails here, naming shard and key
+        light = Song(key=f"{i:012d}", tokens=song.tokens[:, :0], lyric="", style="", prompt=None,
+                     meta={"scores": song_scores(song)}, shard=song.shard)
+        groups.setdefault(condition_key(song), []).append(light)
+        n_records += 1
+    if n_records == 0:
+        raise ShardError("no candidate records", shard=", ".join(shards))
+    wanted: dict[int, tuple[int, str]] = {}  # record index -> (pair index, "chosen"/"rejected")
+    margins: list[float] = []
+    for gk in sorted(groups):
+        sel = select_pair(groups[gk], dims, min_margin, require_all)
+        if sel is None:
+            continue
+        best, worst, margin = sel
+        n = len(margins)
+        wanted[int(best.key)] = (n, "chosen")
+        wanted[int(worst.key)] = (n, "rejected")
+        margins.append(margin)
+
+    # pass 2: tokens of the selected songs; write a pair when both halves are in
+    remove_stale_ref_logps(out)
+    pending: dict[int, dict[str, Song]] = {}
+    written = 0
+    with PairWriter(out, code_size=code_size, max_records=records_per_shard, overwrite=True) as w:
+        for i, sh, raw in records():
+            if i not in wanted:
+                continue
+            n, role = wanted[i]
+            halves = pending.setdefault(n, {})
+            halves[role] = decode_song(raw, code_size=code_size, shard=sh)
+            if len(halves) == 2:
+                c, r = halves["chosen"], halves["rejected"]
+                meta = pair_meta(c, r, margins[n], dimensions=dims, require_all=require_all, origin=origin)
+                w.write_pair(f"pair-{written:08d}", c, r, meta)
+                written += 1
+                del pending[n]
+    if pending:  # only if the shards changed between the passes
+        raise ShardError(f"{len(pending)} selected pairs were not found again in pass 2 (shards changed?)")
+    return {"pairs": written, "groups": len(groups), "candidates": n_records, "dimensions": dims,
+            "require_all": require_all, "min_margin": min_margin, "out": str(out)}
+
+
+def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, **kw: Any) -> dict[str, Any]:
+    """Toy-world pairs (hidden scores) into ``out/train`` and ``out/val``; see
+    :func:`levo_train.data.pairs.write_toy_pairs` for the keywords (defaults: :data:`TOY_DEFAULTS`)."""
+    from levo_train.data.pairs import write_toy_pairs
+
+    args = {**TOY_DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
+    stats = write_toy_pairs(out, world_seed=world_seed, **args)
+    return {"out": str(out), "world_seed": world_seed, **args, **{s: v["pairs"] for s, v in stats.items()}}
+
+
+def sample_candidates(model: LeLM, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
+                      tier: str | None = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                      cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
+                      key_prefix: str = "s") -> tuple[list[Any], int]:
+    """``n_candidates`` songs sampled from ``model`` for each of ``n_prompts`` toy training
+    conditions, scored by the world's hidden scores. Returns (songs, number of empty samples
+    dropped). Per-song seeds make every song independent of the batch it was generated in."""
+    import numpy as np
+
+    from levo_infer.generate import generate
+    from levo_train.data.shards import Song
+    from levo_train.data.toy import style_text
+
+    rng = np.random.default_rng([seed, 0x5A3])
+    conds = [world.sample_condition(rng) for _ in range(n_prompts)]
+    jobs = [(i, j) for i in range(n_prompts) for j in range(n_candidates)]
+    songs: list[Any] = []
+    empty = 0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        lyrics = [conds[i].lyric for i, _ in chunk]
+        styles = [style_text(conds[i].style_base, tier) for i, _ in chunk]
+        seeds = [seed * 1_000_003 + i * n_candidates + j for i, j in chunk]
+        g = generate(model, lyrics, styles, max_frames=max_frames, cfg_coef=cfg_coef, temperature=temperature,
+                     top_k=top_k, top_p=top_p, seed=seeds)
+        codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
+        items = [(codes[b, :, :lengths[b]], lyrics[b], styles[b]) for b in range(len(chunk))]
+        scores = world.score_many(items)
+        for b, (i, j) in enumerate(chunk):
+            if lengths[b] < 1:
+                empty += 1
+                continue
+            sc = scores[b]
+            meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
+            songs.append(Song(f"{key_prefix}{i:07d}-{j}", np.asarray(items[b][0], dtype=np.int64), lyrics[b],
+                              styles[b], None, meta))
+    return songs, empty
+
+
+def pairs_from_model(export: str | os.PathLike, out: str | os.PathLike, *, n_prompts: int = 1000, n_val: int = 128,
+                     n_candidates: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                     cfg_coef: float | None = None, max_frames: int = 96, seed: int = 0, world_seed: int = 0,
+                     dimension: str = "quality", min_margin: float = 0.1, tier: str | None = "top",
+                     batch_size: int = 128, device: str = "cpu") -> dict[str, Any]:
+    """Pairs built from the model's own samples (toy world): ``out/train`` from ``n_prompts``
+    training-split prompts, ``out/val`` from ``n_val`` others (none when 0)."""
+    import torch
+
+    from levo_infer.checkpoint import load_model
+    from levo_train.data.pairs import build_pairs
+    from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
+
+    model = load_model(export, device=device, dtype=torch.float32)
+    if model.cfg.lm.code_size != TOY_CODE_SIZE:
+        raise ValueError(f"--from-model {export}: the model has code_size={model.cfg.lm.code_size}, the toy world "
+                         f"{TOY_CODE_SIZE}; sampling pairs from a model is supported for toy-world models only")
+    world = ToyWorld(world_seed)
+    t0 = time.time()
+    res: dict[str, Any] = {"out": str(out), "model": str(export), "n_candidates": n_candidates,
+                           "temperature": temperature, "seed": seed, "tier": tier, "dimension": dimension}
+    for split, n, s in (("train", n_prompts, seed * 2 + 1), ("val", n_val, seed * 2 + 2)):
+        if n <= 0:
+            continue
+        songs, empty = sample_candidates(model, world, n, n_candidates, seed=s, tier=tier, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
+                                         batch_size=batch_size, key_prefix=split)
+        st = build_pairs(songs, Path(out) / split, dimensions=[dimension], min_margin=min_margin,
+                         code_size=TOY_CODE_SIZE, origin="model-samples")
+        qs = [float(x.meta["quality"]) for x in songs]
+        res[split] = {"pairs": st["pairs"], "prompts": n, "samples": len(songs), "empty_samples": empty,
+                      "mean_quality": sum(qs) / max(1, len(qs))}
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+# ----------------------------------------------------------------------------- ref-logps
+def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
+    """Shard folders of a pair set: ``DIR/train`` (+ ``DIR/val``) when present, else ``DIR``."""
+    root = Path(pairs)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--pairs {root}: no such folder")
+    subs = [root / s for s in ("train", "val") if (root / s).is_dir()]
+    return subs or [root]
+
+
+def iter_pairs(folder: str | os.PathLike, *, code_size: int) -> Iterator[Pair]:
+    """Validated pair records of every shard of ``folder`` in file order."""
+    from levo_train.data.pairs import decode_pair
+    from levo_train.data.shards import iter_raw, resolve_shards
+
+    for sh in resolve_shards(os.fspath(folder)):
+        for raw in iter_raw(sh):
+            yield decode_pair(raw, code_size=code_size, shard=sh)
+
+
+def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    buf: list[Any] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int = 16,
+                      stream_weights: Sequence[float] | None = None) -> dict[str, tuple[float, float]]:
+    """``{key: (chosen, rejected)}`` summed reference log-probs of every pair in ``folder``,
+    computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in eval mode
+    without gradients."""
+    import torch
+
+    from levo_train.data.pairs import collate_pairs
+    from levo_train.train.dpo import pair_logps
+
+    model.eval()
+    out: dict[str, tuple[float, float]] = {}
+    code_size = model.cfg.lm.code_size
+    for batch_pairs in _batches(iter_pairs(folder, code_size=code_size), batch_size):
+        batch = collate_pairs(batch_pairs, code_size)
+        with torch.no_grad():
+            logps, _ = pair_logps(model, batch, stream_weights=stream_weights)
+        B = len(batch_pairs)
+        vals = logps.double().cpu().tolist()
+        for i, p in enumerate(batch_pairs):
+            if p.key in out:
+                raise ValueError(f"{folder}: pair key {p.key!r} occurs twice; keys must be unique per folder")
+            out[p.key] = (vals[i], vals[B + i])
+    return out
+
+
+def _auto_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_size: int = 16,
+              stream_weights: Sequence[float] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Write ``ref_logps.json`` beside every shard folder of ``pairs`` (see :func:`pair_dirs`)
+    for the export ``model_path`` (fp32, as the DPO module holds the reference)."""
+    import torch
+
+    from levo_infer.checkpoint import load_model
+    from levo_train.data.pairs import model_fingerprint, write_ref_logps
+
+    folders = pair_dirs(pairs)
+    mdir = Path(model_path)
+    mdir = mdir.parent if mdir.is_file() else mdir
+    model = load_model(mdir, device=_auto_device(device), dtype=torch.float32)
+    K = model.code_depth
+    sw = [1.0] * K if stream_weights is None else [float(w) for w in stream_weights]
+    if len(sw) != K:
+        raise ValueError(f"--stream-weights has {len(sw)} entries, the model has {K} streams")
+    fp = model_fingerprint(mdir)
+    res: dict[str, Any] = {"model": str(mdir), "fingerprint": fp, "stream_weights": sw, "folders": {}}
+    t0 = time.time()
+    for f in folders:
+        vals = compute_ref_logps(model, f, batch_size=batch_size, stream_weights=sw)
+        path = write_ref_logps(f, fp, vals, sw)
+        res["folders"][str(f)] = {"pairs": len(vals), "file": str(path)}
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+# ----------------------------------------------------------------------------- merge
+def config_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """Dotted name and both values of the first differing (compared) config field, or None."""
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        for f in dataclasses.fields(a):
+            if not f.compare:
+                continue
+            d = config_difference(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
+            if d is not None:
+                return d
+        return None
+    if a != b:
+        return f"{prefix[:-1]} ({a!r} vs {b!r})"
+    return None
+
+
+def merge_exports(exports: Sequence[str | os.PathLike], weights: Sequence[float], out: str | os.PathLike, *,
+                  normalize: bool = False, dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``out`` = ``Σ w_i · export_i`` (every tensor, computed in fp32) with the first export's
+    config. Configs must be identical; weights must match the exports in number and sum to 1
+    (``normalize`` divides them by their sum instead). ``dtype``: of the written weights (default:
+    the first export's floating dtype)."""
+    import torch
+
+    from levo_infer.checkpoint import StateSource, find_weights, load_model, resolve_dtype, save_released
+    from levo_infer.config import load_config
+
+    if len(exports) < 1:
+        raise ValueError("merge needs at least one export")
+    w = [float(x) for x in weights]
+    if len(w) != len(exports):
+        raise ValueError(f"--weights has {len(w)} values for {len(exports)} exports; give one weight per export")
+    total = sum(w)
+    if normalize:
+        if abs(total) < 1e-12:
+            raise ValueError(f"--normalize: the weights {w} sum to 0")
+        w = [x / total for x in w]
+    elif abs(total - 1.0) > 1e-6:
+        raise ValueError(f"--weights {w} sum to {total:g}, not 1: fix them or pass --normalize")
+    folders = [Path(e).parent if Path(e).is_file() else Path(e) for e in exports]
+    out = Path(out)
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise ValueError(f"--out {out} is one of the inputs; write the merge to a new folder")
+    if (out / "model.pt").exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already holds model.pt; pass --overwrite to replace it")
+    cfgs = [load_config(f) for f in folders]
+    for f, c in zip(folders[1:], cfgs[1:]):
+        d = config_difference(cfgs[0], c)
+        if d is not None:
+            raise ValueError(f"{f}: config differs from {folders[0]} in {d}: only exports of the same model "
+                             "config can be merged")
+    out_dtype = resolve_dtype(dtype) or StateSource(find_weights(folders[0])).floating_dtype() or torch.float32
+    acc: dict[str, torch.Tensor] = {}
+    base = None
+    for i, (f, wi) in enumerate(zip(folders, w)):
+        m = load_model(f, dtype=torch.float32, build_tokenizers=False)  # every key checked
+        sd = m.state_dict()
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                if i == 0:
+                    acc[k] = v.clone()
+                elif not torch.equal(acc[k], v):
+                    raise ValueError(f"{f}: non-floating tensor {k!r} differs from {folders[0]}; cannot interpolate")
+                continue
+            t = v.detach().float() * wi
+            acc[k] = t if i == 0 else acc[k].add_(t)
+        if i == 0:
+            base = m
+        else:
+            del m
+    assert base is not None
+    base.load_state_dict(acc, strict=True)
+    save_released(base, out, dtype=out_dtype)
+    return {"out": str(out), "exports": [str(f) for f in folders], "weights": w, "dtype": str(out_dtype),
+            "tensors": len(acc)}
+
+
+# ----------------------------------------------------------------------------- CLI
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _pairs_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--candidates", nargs="+", metavar="SHARDS", help="scored candidate song shards (dirs, tars, patterns)")
+    src.add_argument("--toy", action="store_true", help="toy-world candidates scored by its hidden scores")
+    src.add_argument("--from-model", metavar="EXPORT", help="toy world: sample candidates from this export")
+    p.add_argument("--out", required=True, help="output folder (--toy/--from-model: gets train/ and val/)")
+    p.add_argument("--dimension", action="append", help="preference dimension (repeatable; default quality)")
+    p.add_argument("--require-all", action="store_true",
+                   help="chosen must beat rejected by the margin on every listed dimension")
+    p.add_argument("--min-margin", type=float, default=None, help="minimum score margin (default 0.05; toy 0.1)")
+    p.add_argument("--code-size", type=int, default=16384, help="--candidates: codes are in [0, code_size)")
+    p.add_argument("--records-per-shard", type=int, default=2000)
+    toy = p.add_argument_group("toy world (--toy, --from-model)")
+    toy.add_argument("--world-seed", type=int, default=0)
+    toy.add_argument("--n-train", type=int, default=None, help="--toy: training prompts (default 4000)")
+    toy.add_argument("--n-val", type=int, default=None, help="validation prompts (default --toy 256, --from-model 128)")
+    toy.add_argument("--n-candidates", type=int, default=None, help="candidates per prompt (default 4)")
+    toy.add_argument("--tier", default="top", help="style tier tag of the prompts (top | none | high | ...)")
+    fm = p.add_argument_group("--from-model sampling")
+    fm.add_argument("--n-prompts", type=int, default=1000, help="training prompts to sample for")
+    fm.add_argument("--temperature", type=float, default=1.0)
+    fm.add_argument("--top-k", type=int, default=0)
+    fm.add_argument("--top-p", type=float, default=0.0)
+    fm.add_argument("--cfg-coef", type=float, default=None, help="default: the model config's")
+    fm.add_argument("--max-frames", type=int, default=96)
+    fm.add_argument("--seed", type=int, default=0)
+    fm.add_argument("--batch-size", type=int, default=128)
+    fm.add_argument("--device", default="cpu")
+
+
+def _pairs_run(args: argparse.Namespace) -> int:
+    dims = args.dimension or ["quality"]
+    tier = None if args.tier in (None, "none") else args.tier
+    if args.candidates:
+        res = pairs_from_candidates(args.candidates, args.out, dimensions=dims, require_all=args.require_all,
+                                    min_margin=0.05 if args.min_margin is None else args.min_margin,
+                                    code_size=args.code_size, records_per_shard=args.records_per_shard)
+    else:
+        if len(dims) > 1 or args.require_all:
+            raise ValueError("--toy/--from-model build pairs on one --dimension")
+        if args.toy:
+            res = toy_pairs(args.out, world_seed=args.world_seed, n_train=args.n_train, n_val=args.n_val,
+                            n_candidates=args.n_candidates, dimension=dims[0], min_margin=args.min_margin, tier=tier)
+        else:
+            res = pairs_from_model(args.from_model, args.out, n_prompts=args.n_prompts,
+                                   n_val=128 if args.n_val is None else args.n_val,
+                                   n_candidates=args.n_candidates or 4, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, cfg_coef=args.cfg_coef,
+                                   max_frames=args.max_frames, seed=args.seed, world_seed=args.world_seed,
+                                   dimension=dims[0], min_margin=0.1 if args.min_margin is None else args.min_margin,
+                                   tier=tier, batch_size=args.batch_size, device=args.device)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _ref_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", required=True, help="pair folder (with train/ and val/, or the shards themselves)")
+    p.add_argument("--model", required=True, metavar="EXPORT", help="the DPO init export (config.yaml + model.pt)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
+    p.add_argument("--stream-weights", type=_floats, default=None, metavar="A,B,C",
+                   help="per-stream weights, as train.stream_weights of the DPO run (default all 1)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def _ref_run(args: argparse.Namespace) -> int:
+    res = ref_logps(args.pairs, args.model, batch_size=args.batch_size, stream_weights=args.stream_weights,
+                    device=args.device)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("exports", nargs="+", help="export folders of the same model config")
+    p.add_argument("--out", required=True, help="folder of the merged export")
+    p.add_argument("--weights", required=True, type=_floats, metavar="W1,W2,...", help="one weight per export")
+    p.add_argument("--normalize", action="store_true", help="divide the weights by their sum")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the first export's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+
+
+def _merge_run(args: argparse.Namespace) -> int:
+    res = merge_exports(args.exports, args.weights, args.out, normalize=args.normalize, dtype=args.dtype,
+                        overwrite=args.overwrite)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _guarded(fn: Any) -> Any:
+    """Run a command; data/model errors become one ``error:`` line and exit status 1."""
+    def run(args: argparse.Namespace) -> int:
+        from levo_infer.checkpoint import CheckpointError
+        from levo_infer.config import ConfigError
+        from levo_train.data.shards import ShardError
+
+        try:
+            return fn(args)
+        except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+            print(f"levo-data {args.command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+#: name -> (help, add_arguments, run)
+PREF_COMMANDS: dict[str, tuple[str, Any, Any]] = {
+    "pairs": ("build preference-pair shards (best vs worst of N per prompt) from scored candidates, "
+              "the toy world, or a toy model's own samples", _pairs_args, _guarded(_pairs_run)),
+    "ref-logps": ("precompute reference log-probs of pair shards (ref_logps.json beside them)", _ref_args,
+                  _guarded(_ref_run)),
+    "merge": ("interpolate the weights of exports of one config into a new export", _merge_args,
+              _guarded(_merge_run)),
+}
+
+
+def register(subparsers: Any) -> None:
+    """Add ``pairs``, ``ref-logps`` and ``merge`` to ``subparsers`` (from ``add_subparsers``); each
+    parser sets ``command`` and ``func`` (``args.func(args)`` -> exit code)."""
+    for name, (help_, add_arguments, run) in PREF_COMMANDS.items():
+        p = subparsers.add_parser(name, help=help_, description=help_)
+        add_arguments(p)
+        p.set_defaults(func=run, command=name)
