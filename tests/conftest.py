@@ -16,6 +16,15 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared"))
 
+#: levo-train overrides for a tiny model on a tiny toy world (CLI tests)
+TINY = [
+    "model.config.dim=32", "model.config.num_heads=2", "model.config.num_layers=2", "model.config.num_layers_sub=1",
+    "model.config.intermediate_size=64", "model.config.lyric_max_len=48",
+    "data.toy.n_train=400", "data.toy.n_val=64", "data.batch_size=8", "data.val_batch_size=32",
+    "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+    "logger=none", "optim.warmup_steps=5",
+]
+
 TINY_WORDS = ["<unk>", ".", ",", ";", "la", "da", "love", "night", "rock", "pop", "sad", "happy"]
 
 

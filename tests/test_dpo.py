@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 
 from levo_data.prefs import compute_ref_logps, merge_exports, register
 from levo_infer.checkpoint import load_model, load_weights, save_released
@@ -34,13 +34,6 @@ from levo_train.data.pairs import (
 from levo_train.data.shards import ShardError, ShardWriter, Song, iter_raw
 from levo_train.train.dpo import DPOModule, pair_logps
 
-TINY = [
-    "model.config.dim=32", "model.config.num_heads=2", "model.config.num_layers=2", "model.config.num_layers_sub=1",
-    "model.config.intermediate_size=64", "model.config.lyric_max_len=48",
-    "data.toy.n_train=400", "data.toy.n_val=64", "data.batch_size=8", "data.val_batch_size=32",
-    "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
-    "logger=none", "optim.warmup_steps=5",
-]
 TOY_PAIRS = ["data.toy_pairs.n_train=200", "data.toy_pairs.n_val=64"]
 LYRICS = ["[verse] love . night", "[verse] la da ; [chorus] happy . love", "[verse] rock , pop . sad"]
 

@@ -19,24 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = float(os.environ.get("LEVO_SLURM_JOB_TIMEOUT", 300))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
-# as tests/test_train.py's TINY: a tiny model on a tiny toy world
-TINY = [
-    "model.config.dim=32", "model.config.num_heads=2", "model.config.num_layers=2", "model.config.num_layers_sub=1",
-    "model.config.intermediate_size=64", "model.config.lyric_max_len=48",
-    "data.toy.n_train=400", "data.toy.n_val=64", "data.batch_size=8", "data.val_batch_size=32",
-    "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
-    "logger=none", "optim.warmup_steps=5",
-]
 # 2 tasks on CPU; the scripts' GPU/CPU defaults are for 8-GPU nodes
 SBATCH_CPU = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15"]
-# LeLM keeps released parameters that no loss uses (unused embed_tokens, the sub-stack's lm_head,
-# out_norm) and condition dropout can leave a conditioner out of a step: DDP must look for them
+# plain DDP: the released parameters that no loss uses are frozen by the training modules
 CPU_OVERRIDES = ["trainer.accelerator=cpu", "trainer.strategy=ddp"]
 
 

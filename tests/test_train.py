@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from levo_infer.checkpoint import atomic_torch_save, load_model
 from levo_train.cli import main
-
-TINY = [
-    "model.config.dim=32", "model.config.num_heads=2", "model.config.num_layers=2", "model.config.num_layers_sub=1",
-    "model.config.intermediate_size=64", "model.config.lyric_max_len=48",
-    "data.toy.n_train=400", "data.toy.n_val=64", "data.batch_size=8", "data.val_batch_size=32",
-    "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
-    "logger=none", "optim.warmup_steps=5",
-]
 
 
 @pytest.fixture(scope="module")

@@ -197,16 +197,20 @@ class _SongStream(IterableDataset):
             yield pos, store.pop(rid)
 
     # ------------------------------------------------------------------ decoding
+    def _skip_bad(self, err: ShardError) -> None:
+        """Count and log a bad record (``skip_bad``), or re-raise it."""
+        if not self.skip_bad:
+            raise err
+        self.n_bad += 1
+        if self.owner is not None:
+            self.owner.bad_records += 1
+        log.warning("skipping bad record: %s", err)
+
     def _decode(self, raw: dict, position: int) -> Song | None:
         try:
             song = decode_song(raw, code_size=self.code_size)
         except ShardError as e:
-            if not self.skip_bad:
-                raise
-            self.n_bad += 1
-            if self.owner is not None:
-                self.owner.bad_records += 1
-            log.warning("skipping bad record: %s", e)
+            self._skip_bad(e)
             return None
         mf = self.max_frames
         if mf is not None and song.tokens.shape[1] > mf:

@@ -149,13 +149,7 @@ class PairWriter(ShardWriter):
             sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
         except (ValueError, TypeError) as e:
             raise ShardError(str(e), shard=where, key=str(key)) from None
-        if self._tar is None:
-            self._open()
-        self._tar.write(sample)
-        self._keys.add(key)
-        self._count += 1
-        if self._count >= self.max_records:
-            self._finish()
+        self._append(key, sample)
 
     def close(self) -> dict[str, Any]:
         index = super().close()
@@ -370,12 +364,7 @@ class _PairStream(_SongStream):
         try:
             return decode_pair(raw, code_size=self.code_size)
         except ShardError as e:
-            if not self.skip_bad:
-                raise
-            self.n_bad += 1
-            if self.owner is not None:
-                self.owner.bad_records += 1
-            log.warning("skipping bad pair: %s", e)
+            self._skip_bad(e)
             return None
 
     def _batch(self, raws: list[tuple[int, dict]]) -> dict[str, Any]:

@@ -360,6 +360,10 @@ class ShardWriter:
             sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
         except (ValueError, TypeError) as e:
             raise ShardError(str(e), shard=where, key=str(key)) from None
+        self._append(key, sample)
+
+    def _append(self, key: str, sample: dict[str, Any]) -> None:
+        """Write one validated sample, rotating to a new shard every ``max_records``."""
         if self._tar is None:
             self._open()
         self._tar.write(sample)
