@@ -43,6 +43,7 @@ from levo_train.data.shards import (
     _load_npy,
     _npy_bytes,
     _write_json_atomic,
+    decode_texts_and_meta,
     read_index,
 )
 
@@ -83,17 +84,7 @@ def decode_pair(sample: dict[str, Any], *, code_size: int, shard: str | None = N
         if "prompt.npy" in sample:
             prompt = _check_codes(_load_npy(sample["prompt.npy"], "prompt.npy"), "prompt.npy",
                                   code_size=code_size, allow_none=True)
-        texts = {}
-        for m in ("lyric.txt", "style.txt"):
-            try:
-                texts[m] = sample[m].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{m} is not valid utf-8 ({e})") from None
-        _check_lyric(texts["lyric.txt"])
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"json is not valid JSON ({e})") from None
+        texts, meta = decode_texts_and_meta(sample)
         if not isinstance(meta, dict):
             raise ValueError(f"json must be an object, found {type(meta).__name__}")
     except ValueError as e:

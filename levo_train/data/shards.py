@@ -168,6 +168,23 @@ def _check_key(key: Any) -> str:
     return key
 
 
+def decode_texts_and_meta(sample: dict[str, Any]) -> tuple[dict[str, str], Any]:
+    """Shared members of song and pair records: utf-8 ``lyric.txt``/``style.txt`` (the lyric
+    checked against the released rules) and the parsed ``json`` (raises ValueError)."""
+    texts = {}
+    for m in ("lyric.txt", "style.txt"):
+        try:
+            texts[m] = sample[m].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{m} is not valid utf-8 ({e})") from None
+    _check_lyric(texts["lyric.txt"])
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"json is not valid JSON ({e})") from None
+    return texts, meta
+
+
 def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = None) -> Song:
     """Validate and decode one raw webdataset sample (member bytes keyed by extension)."""
     key = sample.get("__key__")
@@ -188,17 +205,7 @@ def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = N
                 code_size=code_size,
                 allow_none=True,
             )
-        texts = {}
-        for m in ("lyric.txt", "style.txt"):
-            try:
-                texts[m] = sample[m].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{m} is not valid utf-8 ({e})") from None
-        _check_lyric(texts["lyric.txt"])
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"json is not valid JSON ({e})") from None
+        texts, meta = decode_texts_and_meta(sample)
         meta = _check_meta(meta)
     except ValueError as e:
         raise ShardError(str(e), shard=shard, key=key) from None
