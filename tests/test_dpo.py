@@ -84,14 +84,6 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core machine
-    two spinning OpenMP threads made the same runs 30x slower (2 s -> 60+ s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

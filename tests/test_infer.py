@@ -34,13 +34,6 @@ STYLES = ["[Musicality-very-high], rock, sad", "pop", None, "[Musicality-very-hi
           "[Musicality-high], pop", None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_model(seed: int = 1, main_eos: float = 1.2, sub_eos: float = 0.9, code_size: int = 64, **kw) -> LeLM:

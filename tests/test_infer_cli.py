@@ -93,12 +93,6 @@ EN = "[intro-short] ; [verse] walking through the quiet streets.city lights ; [c
 ZH = "[verse] 漂泊在无尽的沧海.寻觅那颗失落的心 ; [chorus] 让一切重新开始"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_released_folder(root: Path, name: str, *, seed: int = 0) -> Path:
