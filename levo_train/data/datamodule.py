@@ -435,51 +435,36 @@ class SongDataModule(L.LightningDataModule):
         """Extra keyword arguments for :attr:`stream_cls` (none for songs)."""
         return {}
 
-    def train_dataloader(self) -> DataLoader:
-        """Infinite loader of collated batches starting at :attr:`position`."""
-        shards, sizes = self._train_shards()
+    def _stream(self, spec_shards: tuple[list[str], list[int]], *, train: bool, batch_size: int,
+                start: int) -> IterableDataset:
+        shards, sizes = spec_shards
         rank, world = self.rank_world()
-        ds = self.stream_cls(
+        return self.stream_cls(
             shards=shards,
             sizes=sizes,
-            train=True,
-            batch_size=self.batch_size,
+            train=train,
+            batch_size=batch_size,
             rank=rank,
             world_size=world,
-            start=self._position,
+            start=start,
             seed=self.seed,
             code_size=self.code_size,
-            shuffle_buffer=self.shuffle_buffer,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
             max_frames=self.max_frames,
-            crop=self.crop,
+            crop=self.crop if train else "start",
             skip_bad=self.skip_bad,
             owner=self,
-            **self.stream_kwargs(train=True),
+            **self.stream_kwargs(train=train),
         )
-        return self._loader(ds)
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite loader of collated batches starting at :attr:`position`."""
+        return self._loader(self._stream(self._train_shards(), train=True, batch_size=self.batch_size,
+                                         start=self._position))
 
     def val_dataloader(self) -> DataLoader | list:
         """Finite, ordered loader: rank r gets records r, r+W, ... in batches of ``val_batch_size``.
         Ranks may get one batch more or less than others when the count does not divide."""
         if self.val_spec is None:
             return []
-        shards, sizes = self._val_shards()
-        rank, world = self.rank_world()
-        ds = self.stream_cls(
-            shards=shards,
-            sizes=sizes,
-            train=False,
-            batch_size=self.val_batch_size,
-            rank=rank,
-            world_size=world,
-            start=0,
-            seed=self.seed,
-            code_size=self.code_size,
-            shuffle_buffer=0,
-            max_frames=self.max_frames,
-            crop="start",
-            skip_bad=self.skip_bad,
-            owner=self,
-            **self.stream_kwargs(train=False),
-        )
-        return self._loader(ds)
+        return self._loader(self._stream(self._val_shards(), train=False, batch_size=self.val_batch_size, start=0))
