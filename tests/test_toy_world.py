@@ -240,7 +240,7 @@ def test_write_and_ensure_toy_dataset(tmp_path, world):
         assert (again / "train" / name).read_bytes() == (path / "train" / name).read_bytes()
     # a directory under the final name without toy_world.json is never used
     (root / toy_dataset_name(1, 100, 10)).mkdir()
-    with pytest.raises(RuntimeError, match="not a complete toy data set"):
+    with pytest.raises(RuntimeError, match="not a complete build; remove it"):
         ensure_toy_dataset(root, seed=1, n_train=100, n_val=10)
 
 
@@ -273,3 +273,47 @@ def test_full_size_toy_dataset_is_fast(tmp_path):
     summary = write_toy_dataset(tmp_path / "full", seed=0)  # 20k train + 512 val
     assert time.perf_counter() - t0 < 30
     assert summary["train"]["count"] == 20000
+
+
+def _slow_build(root: str, log: str) -> None:
+    """One of two racing processes asking build_once for the same folder (see below)."""
+    import time
+
+    from levo_train.data.cache import build_once
+
+    def build(tmp):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        (tmp / "data.txt").write_text("x")
+        (tmp / "done").write_text("ok")
+
+    build_once(root, "thing", "done", build)
+
+
+def test_build_once_builds_once_for_racing_processes(tmp_path):
+    """DDP ranks each run the CLI: the second waits on the lock and reuses the first's build."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    log = tmp_path / "builds.log"
+    procs = [ctx.Process(target=_slow_build, args=(str(tmp_path / "c"), str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(log.read_text().split()) == 1
+    assert (tmp_path / "c" / "thing" / "data.txt").read_text() == "x"
+    assert not [p for p in (tmp_path / "c").iterdir() if ".tmp-" in p.name]
+
+    from levo_train.data.cache import build_once
+
+    def broken(tmp):
+        (tmp / "half").write_text("")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        build_once(tmp_path / "c", "other", "done", broken)
+    assert not (tmp_path / "c" / "other").exists()
+    assert not [p for p in (tmp_path / "c").iterdir() if ".tmp-" in p.name]

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -788,27 +786,10 @@ def toy_dataset_name(seed: int, n_train: int, n_val: int) -> str:
 def ensure_toy_dataset(
     root: str | os.PathLike, seed: int = 0, n_train: int = 20000, n_val: int = 512
 ) -> Path:
-    """Build the toy data set once under ``root/<name>`` (atomically: built in a temp dir, then
-    renamed) and return its path; an existing complete build is reused. A crashed or concurrent
-    build never leaves a partial directory under the final name."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / toy_dataset_name(seed, n_train, n_val)
-    if (final / "toy_world.json").is_file():
-        return final
-    if final.exists():
-        raise RuntimeError(
-            f"{final} exists but has no toy_world.json: not a complete toy data set; remove it"
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        write_toy_dataset(tmp, seed=seed, n_train=n_train, n_val=n_val)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "toy_world.json").is_file():  # lost a race against a broken build
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """Build the toy data set once under ``root/<name>`` and return its path; an existing complete
+    build is reused, concurrent callers wait for one build, a crashed build leaves nothing under
+    the final name (:func:`levo_train.data.cache.build_once`)."""
+    from levo_train.data.cache import build_once
+
+    return build_once(root, toy_dataset_name(seed, n_train, n_val), "toy_world.json",
+                      lambda tmp: write_toy_dataset(tmp, seed=seed, n_train=n_train, n_val=n_val, overwrite=True))
