@@ -251,13 +251,22 @@ def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
         if (root / "train").is_dir():
             return str(root / "train"), str(root / "val") if (root / "val").is_dir() else None, False
         return str(root), str(cfg.data.pairs_val) if cfg.data.get("pairs_val") else None, False
-    from levo_train.data.pairs import ensure_toy_pairs
+    from levo_train.data.toy_pairs import ToyPairSpec, ensure_toy_pairs
 
-    t, tp = cfg.data.toy, cfg.data.toy_pairs
-    root = ensure_toy_pairs(toy_cache_root(cfg), world_seed=int(t.seed), n_train=int(tp.n_train),
-                            n_val=int(tp.n_val), n_candidates=int(tp.n_candidates), dimension=str(tp.dimension),
-                            min_margin=float(tp.min_margin), tier=tp.tier)
-    return str(root / "train"), str(root / "val"), True
+    tp = OmegaConf.to_container(cfg.data.toy_pairs, resolve=True)
+    try:
+        spec = ToyPairSpec(**tp)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"data.toy_pairs: {e}") from None
+    init = check_init_path(str(cfg.model.init)) if spec.source == "model" else None
+    try:
+        root = ensure_toy_pairs(toy_cache_root(cfg), spec, world_seed=int(cfg.data.toy.seed), model=init)
+    except ValueError as e:
+        raise UsageError(f"data.toy_pairs.source=model: {e}") from None
+    done = json.loads((root / "done.json").read_text())
+    print(f"levo-train: toy pairs (source={spec.source}): {done.get('train', {}).get('pairs')} train / "
+          f"{done.get('val', {}).get('pairs')} val pairs in {root}", file=sys.stderr)
+    return str(root / "train"), str(root / "val") if (root / "val").is_dir() else None, True
 
 
 # ----------------------------------------------------------------------------- run
@@ -274,10 +283,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError("recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen reference), "
                          "e.g. `levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo model.init=A/export`")
     model_config = build_model_config(cfg)
-    train, val, is_toy = resolve_pairs(cfg) if cfg.method == "dpo" else resolve_data(cfg)
-    if is_toy and model_config.lm.code_size != 64:
+    uses_toy = not cfg.data.get("pairs") if cfg.method == "dpo" else cfg.data.train is None
+    if uses_toy and model_config.lm.code_size != 64:  # checked before any toy data or pairs are built
+        what = "data.pairs=..." if cfg.method == "dpo" else "data.train=..."
         raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
-                         "pass data.train=... for real data or a toy-sized model.init")
+                         f"pass {what} for real data or a toy-sized model.init")
+    train, val, _ = resolve_pairs(cfg) if cfg.method == "dpo" else resolve_data(cfg)
     total = cfg.optim.get("total_steps") or cfg.trainer.max_steps
     module = build_module(cfg, model_config, total_steps=int(total))
     dm = build_datamodule(cfg, train, val, model_config.lm.code_size)
@@ -292,6 +303,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
+                               "data": {"train": str(train), "val": None if val is None else str(val)},
                                "val_loss_start": val_start,
                                "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
                                "val_metrics": {k: _to_float(v) for k, v in trainer.callback_metrics.items()

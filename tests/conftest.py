@@ -58,3 +58,20 @@ def released_config_path() -> Path:
     if not p.is_file():
         pytest.skip(f"released config not available at {p} (set LEVO_SHARED_DIR)")
     return p
+
+
+@pytest.fixture(scope="session")
+def toy_cache_dir(tmp_path_factory) -> str:
+    """A toy-world cache folder shared by the tests that train on the tiny toy world."""
+    return str(tmp_path_factory.mktemp("toycache"))
+
+
+@pytest.fixture(scope="session")
+def toy_sft_export(toy_cache_dir, tmp_path_factory) -> Path:
+    """A briefly SFT-trained tiny toy model's export (DPO init, levo-eval subject)."""
+    from levo_train.cli import main
+
+    rd = tmp_path_factory.mktemp("sft")
+    assert main(["recipe=sft", f"run_dir={rd}", f"data.toy.cache_dir={toy_cache_dir}", *TINY, "trainer.max_steps=24",
+                 "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "optim.lr=3e-3"]) == 0
+    return rd / "export"

@@ -34,7 +34,7 @@ from levo_train.data.pairs import (
 from levo_train.data.shards import ShardError, ShardWriter, Song, iter_raw
 from levo_train.train.dpo import DPOModule, pair_logps
 
-TOY_PAIRS = ["data.toy_pairs.n_train=200", "data.toy_pairs.n_val=64"]
+TOY_PAIRS = ["data.toy_pairs.n_train=200", "data.toy_pairs.n_val=64", "data.toy_pairs.max_frames=48"]
 LYRICS = ["[verse] love . night", "[verse] la da ; [chorus] happy . love", "[verse] rock , pop . sad"]
 
 
@@ -87,17 +87,14 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("toycache"))
+def cache(toy_cache_dir) -> str:
+    return toy_cache_dir
 
 
 @pytest.fixture(scope="module")
-def sft_export(cache, tmp_path_factory) -> Path:
+def sft_export(toy_sft_export) -> Path:
     """A briefly SFT-trained toy model (the DPO init of the CLI tests)."""
-    rd = tmp_path_factory.mktemp("sft")
-    assert main(["recipe=sft", f"run_dir={rd}", f"data.toy.cache_dir={cache}", *TINY, "trainer.max_steps=24",
-                 "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "optim.lr=3e-3"]) == 0
-    return rd / "export"
+    return toy_sft_export
 
 
 # ----------------------------------------------------------------------------- gradient check
@@ -327,17 +324,19 @@ def test_pairs_from_candidates_best_vs_worst(tmp_path, capsys):
 def test_pairs_toy_and_from_model(tmp_path, sft_export, capsys):
     assert levo_data(["pairs", "--toy", "--out", str(tmp_path / "toy"), "--n-train", "30", "--n-val", "10"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["train"] > 10 and s["val"] > 3
+    assert s["source"] == "world" and s["train"]["pairs"] > 10 and s["val"]["pairs"] > 3
     tp = read_pairs(tmp_path / "toy" / "train", code_size=64)
-    assert len(tp) == s["train"]
-    assert all(p.meta["scores"]["chosen"]["quality"] - p.meta["scores"]["rejected"]["quality"] >= 0.1 for p in tp)
+    assert len(tp) == s["train"]["pairs"]
+    assert all(p.meta["scores"]["chosen"]["quality"] - p.meta["scores"]["rejected"]["quality"] >= 0.05 for p in tp)
+    assert all(p.meta["origin"] == "toy-world" for p in tp)
     assert all(p.style.startswith("[Musicality-very-high]") for p in tp)
 
     assert levo_data(["pairs", "--from-model", str(sft_export), "--out", str(tmp_path / "own"), "--n-prompts", "8",
                       "--n-val", "0", "--n-candidates", "3", "--max-frames", "40", "--min-margin", "0.0",
                       "--seed", "3"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["train"]["samples"] + s["train"]["empty_samples"] == 24
+    assert s["source"] == "model" and s["train"]["candidates"] + s["train"]["empty_samples"] == 24
+    assert "val" not in s
     own = read_pairs(tmp_path / "own" / "train", code_size=64)
     assert len(own) == s["train"]["pairs"] >= 1
     from levo_train.data.toy import ToyWorld
@@ -351,7 +350,41 @@ def test_pairs_toy_and_from_model(tmp_path, sft_export, capsys):
     other = tiny_export(tmp_path / "tiny16")
     capsys.readouterr()
     assert levo_data(["pairs", "--from-model", str(other), "--out", str(tmp_path / "x"), "--n-prompts", "2"]) == 1
-    assert "toy-world models only" in capsys.readouterr().err
+    assert "code_size=16, the toy world 64" in capsys.readouterr().err
+
+
+def test_toy_pairs_from_the_init_are_cached_per_model(tmp_path, sft_export):
+    """recipe=dpo's default pairs: sampled from model.init, cached under the model's fingerprint."""
+    from levo_train.data.toy import ToyWorld
+    from levo_train.data.toy_pairs import ToyPairSpec, ensure_toy_pairs
+
+    spec = ToyPairSpec(n_train=12, n_val=4, n_candidates=3, max_frames=40, min_margin=0.0)
+    root = tmp_path / "cache"
+    a = ensure_toy_pairs(root, spec, model=sft_export)
+    done = json.loads((a / "done.json").read_text())
+    assert done["source"] == "model" and done["model_fingerprint"] == model_fingerprint(sft_export)
+    assert done["train"]["candidates"] + done["train"]["empty_samples"] == 36 and done["val"]["prompts"] == 4
+    stamp = (a / "done.json").stat().st_mtime_ns
+    assert ensure_toy_pairs(root, spec, model=sft_export) == a
+    assert (a / "done.json").stat().st_mtime_ns == stamp  # reused
+    world = ToyWorld(0)
+    pairs = read_pairs(a / "train", code_size=64)
+    assert len(pairs) == done["train"]["pairs"] >= 1
+    for p in pairs:
+        assert p.meta["origin"] == "model-samples" and p.style.startswith("[Musicality-very-high]")
+        assert world.score(p.chosen, p.lyric, p.style)["quality"] > world.score(p.rejected, p.lyric, p.style)["quality"]
+    # another model (or another setting) gets its own pairs, never the cached ones
+    m = load_model(sft_export)
+    perturb(m, seed=5)
+    save_released(m, tmp_path / "other")
+    b = ensure_toy_pairs(root, spec, model=tmp_path / "other")
+    assert b != a and json.loads((b / "done.json").read_text())["model_fingerprint"] == model_fingerprint(tmp_path / "other")
+    w = ensure_toy_pairs(root, ToyPairSpec(source="world", n_train=12, n_val=4), model=sft_export)
+    assert w not in (a, b) and read_pairs(w / "train", code_size=64)[0].meta["origin"] == "toy-world"
+    with pytest.raises(ValueError, match="need the model"):
+        ensure_toy_pairs(root, ToyPairSpec(n_train=3, n_val=0))
+    with pytest.raises(ValueError, match="source 'nope'"):
+        ToyPairSpec(source="nope")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -439,6 +472,11 @@ def test_dpo_cli_errors(tmp_path, cache, sft_export, capsys):
     assert main(dpo_args(cache, tmp_path / "b", small)) == 2
     err = capsys.readouterr().err
     assert "code_size=16" in err and "64 codes" in err
+
+    # a bad toy-pair setting
+    assert main(dpo_args(cache, tmp_path / "b2", sft_export, "data.toy_pairs.source=nope")) == 2
+    err = capsys.readouterr().err
+    assert "data.toy_pairs" in err and "'nope'" in err and "model" in err and "world" in err
 
     # unknown loss type
     assert main(dpo_args(cache, tmp_path / "c", sft_export, "dpo.loss_type=nope")) == 2

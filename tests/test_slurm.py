@@ -145,7 +145,9 @@ def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) 
         init = sft_job["run_dir"] / "export"
         if not (init / "model.pt").is_file():
             pytest.skip("the SFT job left no export to start DPO from (see test_sbatch_sft_ddp_two_tasks)")
-        extra = [f"model.init={init}"]
+        # toy pairs sampled from the init: both ranks ask for them, one builds, the other waits
+        extra = [f"model.init={init}", "data.toy_pairs.n_train=48", "data.toy_pairs.n_val=16",
+                 "data.toy_pairs.max_frames=40"]
     env = job_env(tmp_path / "runs")
     overrides = [*CPU_OVERRIDES, *extra, f"data.toy.cache_dir={toy_cache}", *TINY,
                  "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3"]
@@ -153,7 +155,12 @@ def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) 
     run_dir = tmp_path / "runs" / f"levo-{recipe}-{job}"
     assert_completed(wait_job(job), run_dir, job, tmp_path)
     assert (run_dir / "export" / "model.pt").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 6
+    if recipe == "dpo":  # default toy pairs: sampled from the init, built once for both ranks
+        done = json.loads((Path(summary["data"]["train"]).parent / "done.json").read_text())
+        assert done["source"] == "model" and done["model"] == str(init)
+        assert not [p for p in Path(toy_cache).iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("levo_train.slurm") is None

@@ -7,10 +7,11 @@
     or a top-level ``quality``). Candidates sharing lyric, style and prompt form one group. Two
     streaming passes (scores first, then only the chosen songs' tokens), so memory holds scores
     and the songs of unfinished pairs, never the whole candidate set.
-  - ``--toy``: toy-world candidates scored by the world's hidden scores (``out/train``, ``out/val``).
   - ``--from-model EXPORT``: toy world only — K songs sampled from the model for each toy training
-    prompt (top tier style, as released inference asks), scored by the hidden scores: pairs built
-    from the model's own samples.
+    prompt (top tier style, as released inference asks), scored by the world's hidden scores:
+    on-policy pairs, what ``levo-train recipe=dpo`` builds by default (``out/train``, ``out/val``).
+  - ``--toy``: the world's own corrupted renderings, scored the same way (off-policy; see
+    :mod:`levo_train.data.toy_pairs` for why plain DPO degrades on them).
 * ``ref-logps`` — reference log-probs of every pair under an export, computed exactly as the DPO
   module does (one forward over ``[chosen; rejected]``, shared conditions, no condition dropout,
   eval mode, no grad, fp32), written to ``ref_logps.json`` beside each shard folder with the
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("levo_data.prefs")
 
-TOY_DEFAULTS: dict[str, Any] = {"n_train": 4000, "n_val": 256, "n_candidates": 4, "dimension": "quality",
-                                "min_margin": 0.1, "tier": "top"}
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -131,89 +130,17 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
             "require_all": require_all, "min_margin": min_margin, "out": str(out)}
 
 
-def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, **kw: Any) -> dict[str, Any]:
-    """Toy-world pairs (hidden scores) into ``out/train`` and ``out/val``; see
-    :func:`levo_train.data.pairs.write_toy_pairs` for the keywords (defaults: :data:`TOY_DEFAULTS`)."""
-    from levo_train.data.pairs import write_toy_pairs
+def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.PathLike | None = None,
+              device: str | None = None, batch_size: int = 128, **kw: Any) -> dict[str, Any]:
+    """Toy pairs into ``out/train`` and ``out/val``: world renderings (``model`` None) or the
+    model's own samples, scored by the hidden scores. Keywords are :class:`ToyPairSpec` fields
+    (None: the default)."""
+    from levo_train.data.toy_pairs import ToyPairSpec, write_toy_pairs
 
-    args = {**TOY_DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
-    stats = write_toy_pairs(out, world_seed=world_seed, **args)
-    return {"out": str(out), "world_seed": world_seed, **args, **{s: v["pairs"] for s, v in stats.items()}}
-
-
-def sample_candidates(model: LeLM, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
-                      tier: str | None = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                      cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
-                      key_prefix: str = "s") -> tuple[list[Any], int]:
-    """``n_candidates`` songs sampled from ``model`` for each of ``n_prompts`` toy training
-    conditions, scored by the world's hidden scores. Returns (songs, number of empty samples
-    dropped). Per-song seeds make every song independent of the batch it was generated in."""
-    import numpy as np
-
-    from levo_infer.generate import generate
-    from levo_train.data.shards import Song
-    from levo_train.data.toy import style_text
-
-    rng = np.random.default_rng([seed, 0x5A3])
-    conds = [world.sample_condition(rng) for _ in range(n_prompts)]
-    jobs = [(i, j) for i in range(n_prompts) for j in range(n_candidates)]
-    songs: list[Any] = []
-    empty = 0
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        lyrics = [conds[i].lyric for i, _ in chunk]
-        styles = [style_text(conds[i].style_base, tier) for i, _ in chunk]
-        seeds = [seed * 1_000_003 + i * n_candidates + j for i, j in chunk]
-        g = generate(model, lyrics, styles, max_frames=max_frames, cfg_coef=cfg_coef, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seeds)
-        codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
-        items = [(codes[b, :, :lengths[b]], lyrics[b], styles[b]) for b in range(len(chunk))]
-        scores = world.score_many(items)
-        for b, (i, j) in enumerate(chunk):
-            if lengths[b] < 1:
-                empty += 1
-                continue
-            sc = scores[b]
-            meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
-            songs.append(Song(f"{key_prefix}{i:07d}-{j}", np.asarray(items[b][0], dtype=np.int64), lyrics[b],
-                              styles[b], None, meta))
-    return songs, empty
-
-
-def pairs_from_model(export: str | os.PathLike, out: str | os.PathLike, *, n_prompts: int = 1000, n_val: int = 128,
-                     n_candidates: int = 4, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                     cfg_coef: float | None = None, max_frames: int = 96, seed: int = 0, world_seed: int = 0,
-                     dimension: str = "quality", min_margin: float = 0.1, tier: str | None = "top",
-                     batch_size: int = 128, device: str = "cpu") -> dict[str, Any]:
-    """Pairs built from the model's own samples (toy world): ``out/train`` from ``n_prompts``
-    training-split prompts, ``out/val`` from ``n_val`` others (none when 0)."""
-    import torch
-
-    from levo_infer.checkpoint import load_model
-    from levo_train.data.pairs import build_pairs
-    from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
-
-    model = load_model(export, device=device, dtype=torch.float32)
-    if model.cfg.lm.code_size != TOY_CODE_SIZE:
-        raise ValueError(f"--from-model {export}: the model has code_size={model.cfg.lm.code_size}, the toy world "
-                         f"{TOY_CODE_SIZE}; sampling pairs from a model is supported for toy-world models only")
-    world = ToyWorld(world_seed)
-    t0 = time.time()
-    res: dict[str, Any] = {"out": str(out), "model": str(export), "n_candidates": n_candidates,
-                           "temperature": temperature, "seed": seed, "tier": tier, "dimension": dimension}
-    for split, n, s in (("train", n_prompts, seed * 2 + 1), ("val", n_val, seed * 2 + 2)):
-        if n <= 0:
-            continue
-        songs, empty = sample_candidates(model, world, n, n_candidates, seed=s, tier=tier, temperature=temperature,
-                                         top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
-                                         batch_size=batch_size, key_prefix=split)
-        st = build_pairs(songs, Path(out) / split, dimensions=[dimension], min_margin=min_margin,
-                         code_size=TOY_CODE_SIZE, origin="model-samples")
-        qs = [float(x.meta["quality"]) for x in songs]
-        res[split] = {"pairs": st["pairs"], "prompts": n, "samples": len(songs), "empty_samples": empty,
-                      "mean_quality": sum(qs) / max(1, len(qs))}
-    res["seconds"] = round(time.time() - t0, 2)
-    return res
+    fields = {k: v for k, v in kw.items() if v is not None}
+    spec = ToyPairSpec(source="world" if model is None else "model", **fields)
+    stats = write_toy_pairs(out, spec, world_seed=world_seed, model=model, device=device, batch_size=batch_size)
+    return {"out": str(out), "model": None if model is None else str(model), **dataclasses.asdict(spec), **stats}
 
 
 # ----------------------------------------------------------------------------- ref-logps
@@ -403,25 +330,25 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dimension", action="append", help="preference dimension (repeatable; default quality)")
     p.add_argument("--require-all", action="store_true",
                    help="chosen must beat rejected by the margin on every listed dimension")
-    p.add_argument("--min-margin", type=float, default=None, help="minimum score margin (default 0.05; toy 0.1)")
+    p.add_argument("--min-margin", type=float, default=None, help="minimum score margin (default 0.05)")
     p.add_argument("--code-size", type=int, default=16384, help="--candidates: codes are in [0, code_size)")
     p.add_argument("--records-per-shard", type=int, default=2000)
-    toy = p.add_argument_group("toy world (--toy, --from-model)")
+    toy = p.add_argument_group("toy world (--toy, --from-model; defaults as levo-train's data.toy_pairs)")
     toy.add_argument("--world-seed", type=int, default=0)
-    toy.add_argument("--n-train", type=int, default=None, help="--toy: training prompts (default 4000)")
-    toy.add_argument("--n-val", type=int, default=None, help="validation prompts (default --toy 256, --from-model 128)")
+    toy.add_argument("--n-train", "--n-prompts", type=int, default=None, dest="n_train",
+                     help="training prompts (default 3000)")
+    toy.add_argument("--n-val", type=int, default=None, help="held-out prompts (default 128; 0: no val/)")
     toy.add_argument("--n-candidates", type=int, default=None, help="candidates per prompt (default 4)")
     toy.add_argument("--tier", default="top", help="style tier tag of the prompts (top | none | high | ...)")
+    toy.add_argument("--seed", type=int, default=None, help="prompt / sampling seed (default 0)")
     fm = p.add_argument_group("--from-model sampling")
-    fm.add_argument("--n-prompts", type=int, default=1000, help="training prompts to sample for")
-    fm.add_argument("--temperature", type=float, default=1.0)
-    fm.add_argument("--top-k", type=int, default=0)
-    fm.add_argument("--top-p", type=float, default=0.0)
+    fm.add_argument("--temperature", type=float, default=None)
+    fm.add_argument("--top-k", type=int, default=None)
+    fm.add_argument("--top-p", type=float, default=None)
     fm.add_argument("--cfg-coef", type=float, default=None, help="default: the model config's")
-    fm.add_argument("--max-frames", type=int, default=96)
-    fm.add_argument("--seed", type=int, default=0)
+    fm.add_argument("--max-frames", type=int, default=None, help="default 96")
     fm.add_argument("--batch-size", type=int, default=128)
-    fm.add_argument("--device", default="cpu")
+    fm.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
 def _pairs_run(args: argparse.Namespace) -> int:
@@ -434,17 +361,11 @@ def _pairs_run(args: argparse.Namespace) -> int:
     else:
         if len(dims) > 1 or args.require_all:
             raise ValueError("--toy/--from-model build pairs on one --dimension")
-        if args.toy:
-            res = toy_pairs(args.out, world_seed=args.world_seed, n_train=args.n_train, n_val=args.n_val,
-                            n_candidates=args.n_candidates, dimension=dims[0], min_margin=args.min_margin, tier=tier)
-        else:
-            res = pairs_from_model(args.from_model, args.out, n_prompts=args.n_prompts,
-                                   n_val=128 if args.n_val is None else args.n_val,
-                                   n_candidates=args.n_candidates or 4, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, cfg_coef=args.cfg_coef,
-                                   max_frames=args.max_frames, seed=args.seed, world_seed=args.world_seed,
-                                   dimension=dims[0], min_margin=0.1 if args.min_margin is None else args.min_margin,
-                                   tier=tier, batch_size=args.batch_size, device=args.device)
+        res = toy_pairs(args.out, world_seed=args.world_seed, model=args.from_model, device=args.device,
+                        batch_size=args.batch_size, n_train=args.n_train, n_val=args.n_val,
+                        n_candidates=args.n_candidates, dimension=dims[0], min_margin=args.min_margin, tier=tier,
+                        seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        cfg_coef=args.cfg_coef, max_frames=args.max_frames)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -233,82 +233,6 @@ def build_pairs(songs: Iterable[Song], out_dir: str | os.PathLike, *, dimensions
     return {"pairs": n, "groups": len(groups), "out": str(out_dir)}
 
 
-def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, tier: str | None = "top",
-                   key_prefix: str = "c", dimension: str = "quality") -> list[Song]:
-    """``n_candidates`` renderings per toy condition, scored by the world's hidden quality; styles
-    carry ``tier`` (top: as released inference asks).
-
-    ``dimension="quality"``: each candidate gets a random corruption as in the toy data set.
-    A single dimension (e.g. ``lyrics``): candidates are clean except for that dimension, which is
-    corrupted at rates from 0 (the first candidate) up to the data set's range — minimal pairs that
-    differ only in what the preference is about.
-    """
-    from levo_train.data.toy import CORRUPTION, DIMENSIONS, style_text
-
-    if dimension != "quality" and dimension not in DIMENSIONS:
-        raise ValueError(f"unknown toy dimension {dimension!r}; expected quality or one of {DIMENSIONS}")
-    rng = np.random.default_rng([seed, 90210])
-    out: list[Song] = []
-    for i in range(n_prompts):
-        cond = world.sample_condition(rng)
-        style = style_text(cond.style_base, tier)
-        for j in range(n_candidates):
-            if dimension == "quality":
-                corruption = world.sample_corruption(rng)
-            else:
-                _, lo, hi = CORRUPTION[dimension]
-                corruption = {dimension: float(rng.uniform(lo, hi))} if j > 0 else {}
-            toks = world.render(cond, corruption, rng)
-            sc = world.score(toks, cond.lyric, style)
-            meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
-            out.append(Song(f"{key_prefix}{i:07d}-{j}", np.asarray(toks, dtype=np.int64), cond.lyric, style, None, meta))
-    return out
-
-
-def write_toy_pairs(out_dir: str | os.PathLike, *, world_seed: int = 0, n_train: int = 4000, n_val: int = 256,
-                    n_candidates: int = 4, dimension: str = "quality", min_margin: float = 0.1,
-                    tier: str | None = "top") -> dict[str, Any]:
-    """Write toy-world pair shards ``out_dir/train`` and ``out_dir/val``; returns their stats."""
-    from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
-
-    world = ToyWorld(world_seed)
-    stats = {}
-    for split, n, seed in (("train", n_train, world_seed * 1000 + 1), ("val", n_val, world_seed * 1000 + 2)):
-        cands = toy_candidates(world, n, n_candidates, seed=seed, tier=tier, key_prefix=split, dimension=dimension)
-        stats[split] = build_pairs(cands, Path(out_dir) / split, dimensions=[dimension], min_margin=min_margin,
-                                   code_size=TOY_CODE_SIZE, origin="toy-world")
-    return stats
-
-
-def ensure_toy_pairs(root: str | os.PathLike, *, world_seed: int = 0, n_train: int = 4000, n_val: int = 256,
-                     n_candidates: int = 4, dimension: str = "quality", min_margin: float = 0.1,
-                     tier: str | None = "top") -> Path:
-    """Toy-world pair shards (train/ and val/) built once under ``root``, atomically."""
-    import shutil
-    import tempfile
-
-    from levo_train.data.toy import TOY_WORLD_VERSION
-
-    name = f"pairs2-v{TOY_WORLD_VERSION}-s{world_seed}-n{n_train}-v{n_val}-c{n_candidates}-{dimension}-m{min_margin}-t{tier}"
-    final = Path(root) / name
-    if (final / "done.json").is_file():
-        return final
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
-        stats = write_toy_pairs(tmp, world_seed=world_seed, n_train=n_train, n_val=n_val, n_candidates=n_candidates,
-                                dimension=dimension, min_margin=min_margin, tier=tier)
-        (tmp / "done.json").write_text(json.dumps(stats))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 # ----------------------------------------------------------------------------- reference log-probs
 def read_ref_logps(pairs_dir: str | os.PathLike) -> dict[str, Any] | None:
     p = Path(pairs_dir) / REF_LOGPS_NAME
@@ -441,6 +365,5 @@ def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[
 
 
 __all__ = ["PAIR_FORMAT", "REF_LOGPS_NAME", "Pair", "PairWriter", "PairDataModule", "build_pairs", "collate_pairs",
-           "condition_key", "decode_pair", "ensure_toy_pairs", "model_fingerprint", "pair_meta", "read_ref_logps",
-           "read_index", "remove_stale_ref_logps", "select_pair", "song_scores", "toy_candidates",
-           "write_ref_logps", "write_toy_pairs"]
+           "condition_key", "decode_pair", "model_fingerprint", "pair_meta", "read_ref_logps", "read_index",
+           "remove_stale_ref_logps", "select_pair", "song_scores", "write_ref_logps"]

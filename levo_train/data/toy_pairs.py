@@ -1,0 +1,228 @@
+"""Toy-world preference pairs, scored by the world's hidden scores, from one of two sources.
+
+* ``source="model"`` (the ``recipe=dpo`` default): the DPO init model samples ``n_candidates``
+  songs per toy training prompt (top-tier style, as released inference asks); the world scores
+  them; best vs worst with a minimum margin. These are *on-policy* pairs, how LeVo builds its DPO
+  data (its own generations ranked by reward models). Both songs of a pair are ones the model
+  itself finds likely, so DPO moves probability between plausible songs.
+* ``source="world"``: the world renders the candidates itself with random corruptions. These
+  *off-policy* pairs are easy (a corrupted rendering holds tokens the model already gives ~0
+  probability) and with plain sigmoid DPO the push-down of those tokens dominates the gradient:
+  the chosen songs' likelihood falls with the rejected ones and samples degrade (measured in the
+  README's DPO section). Kept for comparison and for minimal pairs on one dimension.
+
+:func:`ensure_toy_pairs` builds a pair set once into a cache folder keyed by every setting and, for
+``source="model"``, by the model's fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from levo_train.data.pairs import build_pairs, model_fingerprint
+from levo_train.data.shards import Song
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("model", "world")
+
+
+@dataclass(frozen=True)
+class ToyPairSpec:
+    """What a toy pair set is built from (all of it keys the cache)."""
+
+    source: str = "model"          # model: samples of the DPO init | world: corrupted renderings
+    n_train: int = 3000            # training prompts (one pair each when the margin allows)
+    n_val: int = 128               # held-out prompts
+    n_candidates: int = 4          # songs per prompt; best vs worst on `dimension`
+    dimension: str = "quality"     # quality or one hidden dimension (lyrics|structure|harmony|mix)
+    min_margin: float = 0.05       # minimum score gap between chosen and rejected
+    tier: str | None = "top"       # style tier tag of the prompts (top: as released inference asks)
+    seed: int = 0
+    # sampling (source=model)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    cfg_coef: float | None = None  # None: the model config's inference coef
+    max_frames: int = 96
+
+    def __post_init__(self) -> None:
+        from levo_train.data.toy import DIMENSIONS
+
+        if self.source not in SOURCES:
+            raise ValueError(f"toy pair source {self.source!r}: expected one of {SOURCES}")
+        if self.dimension != "quality" and self.dimension not in DIMENSIONS:
+            raise ValueError(f"toy pair dimension {self.dimension!r}: expected quality or one of {DIMENSIONS}")
+        if self.n_train < 1 or self.n_val < 0 or self.n_candidates < 2:
+            raise ValueError(f"toy pairs need n_train >= 1, n_val >= 0, n_candidates >= 2; got {self}")
+
+
+def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, tier: str | None = "top",
+                   key_prefix: str = "c", dimension: str = "quality") -> list[Song]:
+    """``n_candidates`` world renderings per toy condition, scored by the world's hidden quality.
+
+    ``dimension="quality"``: each candidate gets a random corruption as in the toy data set.
+    A single dimension (e.g. ``lyrics``): candidates are clean except for that dimension, which is
+    corrupted at rates from 0 (the first candidate) up to the data set's range — minimal pairs that
+    differ only in what the preference is about.
+    """
+    from levo_train.data.toy import CORRUPTION, style_text
+
+    rng = np.random.default_rng([seed, 90210])
+    out: list[Song] = []
+    for i in range(n_prompts):
+        cond = world.sample_condition(rng)
+        style = style_text(cond.style_base, tier)
+        for j in range(n_candidates):
+            if dimension == "quality":
+                corruption = world.sample_corruption(rng)
+            else:
+                _, lo, hi = CORRUPTION[dimension]
+                corruption = {dimension: float(rng.uniform(lo, hi))} if j > 0 else {}
+            toks = world.render(cond, corruption, rng)
+            out.append(_scored_song(world, f"{key_prefix}{i:07d}-{j}", toks, cond.lyric, style))
+    return out
+
+
+def _scored_song(world: Any, key: str, tokens: np.ndarray, lyric: str, style: str,
+                 scores: dict[str, float] | None = None) -> Song:
+    sc = scores if scores is not None else world.score(tokens, lyric, style)
+    meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
+    return Song(key, np.asarray(tokens, dtype=np.int64), lyric, style, None, meta)
+
+
+def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
+                      tier: str | None = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                      cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
+                      key_prefix: str = "s") -> tuple[list[Song], int]:
+    """``n_candidates`` songs sampled from ``model`` (a LeLM) for each of ``n_prompts`` toy training
+    conditions, scored by the world's hidden scores. Returns (songs, number of empty samples
+    dropped). Per-song seeds make every song independent of the batch it was generated in."""
+    from levo_infer.generate import generate
+    from levo_train.data.toy import style_text
+
+    rng = np.random.default_rng([seed, 0x5A3])
+    conds = [world.sample_condition(rng) for _ in range(n_prompts)]
+    jobs = [(i, j) for i in range(n_prompts) for j in range(n_candidates)]
+    songs: list[Song] = []
+    empty = 0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        lyrics = [conds[i].lyric for i, _ in chunk]
+        styles = [style_text(conds[i].style_base, tier) for i, _ in chunk]
+        seeds = [seed * 1_000_003 + i * n_candidates + j for i, j in chunk]
+        g = generate(model, lyrics, styles, max_frames=max_frames, cfg_coef=cfg_coef, temperature=temperature,
+                     top_k=top_k, top_p=top_p, seed=seeds)
+        codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
+        items = [(codes[b, :, :lengths[b]], lyrics[b], styles[b]) for b in range(len(chunk))]
+        scores = world.score_many(items)
+        for b, (i, j) in enumerate(chunk):
+            if lengths[b] < 1:
+                empty += 1
+                continue
+            songs.append(_scored_song(world, f"{key_prefix}{i:07d}-{j}", items[b][0], lyrics[b], styles[b], scores[b]))
+    return songs, empty
+
+
+def _split_seeds(spec: ToyPairSpec, world_seed: int) -> dict[str, int]:
+    if spec.source == "world":
+        base = world_seed * 1000 + 2 * spec.seed
+    else:
+        base = 2 * spec.seed
+    return {"train": base + 1, "val": base + 2}
+
+
+def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(), *, world_seed: int = 0,
+                    model: str | os.PathLike | None = None, device: str | None = None,
+                    batch_size: int = 128) -> dict[str, Any]:
+    """Write toy pair shards ``out_dir/train`` and ``out_dir/val`` (none when ``n_val`` is 0);
+    ``model`` (an export folder of a toy-sized model) is required for ``source="model"``.
+    Returns per-split stats (pairs, prompts, and for sampled candidates their mean quality)."""
+    from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
+
+    world = ToyWorld(world_seed)
+    lelm = None
+    if spec.source == "model":
+        if model is None:
+            raise ValueError("toy pairs from source=model need the model to sample from (an export folder)")
+        lelm = load_toy_model(model, device)
+    t0 = time.time()
+    seeds = _split_seeds(spec, world_seed)
+    stats: dict[str, Any] = {"source": spec.source, "world_seed": world_seed}
+    for split, n in (("train", spec.n_train), ("val", spec.n_val)):
+        if n <= 0:
+            continue
+        empty = 0
+        if lelm is None:
+            cands = toy_candidates(world, n, spec.n_candidates, seed=seeds[split], tier=spec.tier, key_prefix=split,
+                                   dimension=spec.dimension)
+        else:
+            cands, empty = sample_candidates(lelm, world, n, spec.n_candidates, seed=seeds[split], tier=spec.tier,
+                                             temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+                                             cfg_coef=spec.cfg_coef, max_frames=spec.max_frames,
+                                             batch_size=batch_size, key_prefix=split)
+        st = build_pairs(cands, Path(out_dir) / split, dimensions=[spec.dimension], min_margin=spec.min_margin,
+                         code_size=TOY_CODE_SIZE, origin="model-samples" if lelm is not None else "toy-world")
+        qs = [float(c.meta["quality"]) for c in cands]
+        stats[split] = {"pairs": st["pairs"], "prompts": n, "candidates": len(cands), "empty_samples": empty,
+                        "mean_quality": round(float(np.mean(qs)), 6) if qs else None}
+    stats["seconds"] = round(time.time() - t0, 2)
+    return stats
+
+
+def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
+    """An export as an fp32 LeLM in eval mode, refused unless it speaks the toy world's codes."""
+    import torch
+
+    from levo_infer.checkpoint import load_model
+    from levo_train.data.toy import TOY_CODE_SIZE
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(export, device=dev, dtype=torch.float32)
+    if model.cfg.lm.code_size != TOY_CODE_SIZE:
+        raise ValueError(f"{export}: the model has code_size={model.cfg.lm.code_size}, the toy world "
+                         f"{TOY_CODE_SIZE}; sampling toy pairs from a model needs a toy-world model")
+    return model.eval()
+
+
+def toy_pairs_name(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> str:
+    """Cache folder name: readable head plus a hash of every setting (and the model's fingerprint)."""
+    from levo_train.data.toy import TOY_WORLD_VERSION
+
+    key = {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
+           "model": fingerprint, "format": 3}
+    h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"pairs-{spec.source}-s{world_seed}-{spec.dimension}-n{spec.n_train}-{h}"
+
+
+def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(), *, world_seed: int = 0,
+                     model: str | os.PathLike | None = None, device: str | None = None) -> Path:
+    """Toy pair shards (``train/``, ``val/``) built once under ``root``; ``done.json`` holds the spec,
+    the model's fingerprint and the build stats. Concurrent callers (DDP ranks) wait for one build."""
+    from levo_train.data.cache import build_once
+
+    fp = model_fingerprint(model) if spec.source == "model" and model is not None else None
+    name = toy_pairs_name(spec, world_seed, fp)
+
+    def build(tmp: Path) -> None:
+        log.info("building toy pairs %s (source=%s%s)", name, spec.source, f", model {model}" if fp else "")
+        stats = write_toy_pairs(tmp, spec, world_seed=world_seed, model=model, device=device)
+        info = {"spec": dataclasses.asdict(spec), "model": str(model) if fp else None, "model_fingerprint": fp,
+                **stats}
+        (tmp / "done.json").write_text(json.dumps(info, indent=1))
+
+    return build_once(root, name, "done.json", build)
+
+
+__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "toy_candidates",
+           "toy_pairs_name", "write_toy_pairs"]
