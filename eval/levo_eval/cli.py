@@ -4,6 +4,12 @@
 held-out toy-world conditions with the shared sampler and prints one JSON object: the mean hidden
 quality with its standard error, the toy PER and the mean of every quality dimension. The same
 seed gives the same numbers.
+
+``levo-eval compare --base SFT_EXPORT --ckpt DPO_EXPORT [...] --n N --seed S [--tier ...]`` scores
+every export on the same conditions with the same sampling seeds and reports, per export, quality
+and toy PER with their standard errors and the change against the base: ``delta``, ``z`` (delta over
+the combined standard error of two independent means, the conservative figure) and ``paired_se``
+(standard error of the per-condition differences).
 """
 
 from __future__ import annotations
@@ -87,11 +93,61 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="levo-eval", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("toy", help="sample and score held-out toy-world songs")
-    t.add_argument("--ckpt", required=True, help="export folder (config.yaml + model.pt)")
+def _paired(a: list[float], b: list[float]) -> dict[str, float]:
+    ma, sa = mean_se(a)
+    mb, sb = mean_se(b)
+    delta = mb - ma
+    _, pse = mean_se([y - x for x, y in zip(a, b)])
+    comb = math.sqrt(sa * sa + sb * sb)
+    return {"delta": delta, "z": delta / comb if comb > 0 else float("nan"), "paired_se": pse}
+
+
+def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of ``other`` plus its change against ``base`` (same conditions, same order)."""
+    if [s["lyric"] for s in base] != [s["lyric"] for s in other]:
+        raise ValueError("compare needs samples of the same conditions in the same order")
+    res = summarize(other)
+    res["vs_base"] = {
+        "quality": _paired([s["scores"]["quality"] for s in base], [s["scores"]["quality"] for s in other]),
+        "per": _paired([s["per"] for s in base], [s["per"] for s in other]),
+    }
+    return res
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    kw = {"n": args.n, "seed": args.seed, "tier": args.tier, "world_seed": args.world_seed,
+          "batch_size": args.batch_size, "max_frames": args.max_frames, "temperature": args.temperature,
+          "top_k": args.top_k, "top_p": args.top_p, "cfg_coef": args.cfg_coef, "device": args.device}
+    base = toy_samples(args.base, **kw)
+    out = {"base": {"ckpt": args.base, **summarize(base)}, "n": args.n, "seed": args.seed, "tier": args.tier,
+           "temperature": args.temperature, "top_k": args.top_k, "ckpts": []}
+    for ck in args.ckpt:
+        out["ckpts"].append({"ckpt": ck, **compare(base, toy_samples(ck, **kw))})
+    out["seconds"] = round(time.time() - t0, 2)
+    print(markdown_table(out) if args.table else json.dumps(out, indent=1))
+    return 0
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """One row per export of a ``compare`` result: quality and PER (mean ± SE), change vs the base."""
+    def row(r: dict[str, Any], vs: dict[str, Any] | None) -> str:
+        q = f"{r['quality']:.3f} ± {r['quality_se']:.3f}"
+        p = f"{r['per']:.3f} ± {r['per_se']:.3f}"
+        if vs is None:
+            dq = dp = "—"
+        else:
+            dq = f"{vs['quality']['delta']:+.3f} ({vs['quality']['z']:+.1f} SE)"
+            dp = f"{vs['per']['delta']:+.3f} ({vs['per']['z']:+.1f} SE)"
+        dims = ", ".join(f"{k} {v:.2f}" for k, v in r["dimensions"].items())
+        return f"| {r['ckpt']} | {q} | {dq} | {p} | {dp} | {dims} | {r['mean_frames']:.1f} |"
+
+    head = (f"tier {res['tier']}, n = {res['n']}, seed {res['seed']}, temperature {res['temperature']}\n\n"
+            "| export | quality | Δ quality | toy PER | Δ PER | dimensions | frames |\n|---|---|---|---|---|---|---|")
+    return "\n".join([head, row(res["base"], None), *(row(r, r["vs_base"]) for r in res["ckpts"])])
+
+
+def _sampling_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--n", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--tier", default="top", help=f"style tier tag: {'|'.join(TIERS)} (default: top, as released inference)")
@@ -103,11 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-p", type=float, default=0.0)
     t.add_argument("--cfg-coef", type=float, default=None, help="default: the model config's inference coef")
     t.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="levo-eval", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("toy", help="sample and score held-out toy-world songs")
+    t.add_argument("--ckpt", required=True, help="export folder (config.yaml + model.pt)")
+    _sampling_args(t)
     t.set_defaults(func=cmd_toy)
+    c = sub.add_parser("compare", help="score exports against a base export on the same toy conditions")
+    c.add_argument("--base", required=True, help="the export to compare against (e.g. the SFT export)")
+    c.add_argument("--ckpt", required=True, nargs="+", help="export folder(s) to compare")
+    c.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
+    _sampling_args(c)
+    c.set_defaults(func=cmd_compare)
     return p
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
