@@ -329,7 +329,9 @@ def test_pairs_toy_and_from_model(tmp_path, sft_export, capsys):
     assert len(tp) == s["train"]["pairs"]
     assert all(p.meta["scores"]["chosen"]["quality"] - p.meta["scores"]["rejected"]["quality"] >= 0.05 for p in tp)
     assert all(p.meta["origin"] == "toy-world" for p in tp)
-    assert all(p.style.startswith("[Musicality-very-high]") for p in tp)
+    # default tiers: top (released-style prompts) and untagged, cycled over the prompts
+    assert {p.style.startswith("[Musicality-very-high]") for p in tp} == {True, False}
+    assert all(p.style.startswith("[Musicality-very-high]") or "[Musicality" not in p.style for p in tp)
 
     assert levo_data(["pairs", "--from-model", str(sft_export), "--out", str(tmp_path / "own"), "--n-prompts", "8",
                       "--n-val", "0", "--n-candidates", "3", "--max-frames", "40", "--min-margin", "0.0",
@@ -371,7 +373,8 @@ def test_toy_pairs_from_the_init_are_cached_per_model(tmp_path, sft_export):
     pairs = read_pairs(a / "train", code_size=64)
     assert len(pairs) == done["train"]["pairs"] >= 1
     for p in pairs:
-        assert p.meta["origin"] == "model-samples" and p.style.startswith("[Musicality-very-high]")
+        assert p.meta["origin"] == "model-samples"
+        assert p.style.startswith("[Musicality-very-high]") or "[Musicality" not in p.style
         assert world.score(p.chosen, p.lyric, p.style)["quality"] > world.score(p.rejected, p.lyric, p.style)["quality"]
     # another model (or another setting) gets its own pairs, never the cached ones
     m = load_model(sft_export)
@@ -381,6 +384,13 @@ def test_toy_pairs_from_the_init_are_cached_per_model(tmp_path, sft_export):
     assert b != a and json.loads((b / "done.json").read_text())["model_fingerprint"] == model_fingerprint(tmp_path / "other")
     w = ensure_toy_pairs(root, ToyPairSpec(source="world", n_train=12, n_val=4), model=sft_export)
     assert w not in (a, b) and read_pairs(w / "train", code_size=64)[0].meta["origin"] == "toy-world"
+    # one tier for every prompt, or a list cycled over them (the default: top and untagged)
+    top = ensure_toy_pairs(root, ToyPairSpec(source="world", n_train=12, n_val=0, tier="top"))
+    assert not (top / "val").exists()
+    assert all(p.style.startswith("[Musicality-very-high]") for p in read_pairs(top / "train", code_size=64))
+    high = ensure_toy_pairs(root, ToyPairSpec(source="world", n_train=12, n_val=0, tier=["high", "none"]))
+    styles = {p.style.split(",")[0] for p in read_pairs(high / "train", code_size=64)}
+    assert "[Musicality-high]" in styles and not any(s.startswith("[Musicality-very") for s in styles)
     with pytest.raises(ValueError, match="need the model"):
         ensure_toy_pairs(root, ToyPairSpec(n_train=3, n_val=0))
     with pytest.raises(ValueError, match="source 'nope'"):

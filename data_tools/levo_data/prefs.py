@@ -8,7 +8,7 @@
     streaming passes (scores first, then only the chosen songs' tokens), so memory holds scores
     and the songs of unfinished pairs, never the whole candidate set.
   - ``--from-model EXPORT``: toy world only — K songs sampled from the model for each toy training
-    prompt (top tier style, as released inference asks), scored by the world's hidden scores:
+    prompt (top tier tag as released inference asks, and untagged), scored by the hidden scores:
     on-policy pairs, what ``levo-train recipe=dpo`` builds by default (``out/train``, ``out/val``).
   - ``--toy``: the world's own corrupted renderings, scored the same way (off-policy; see
     :mod:`levo_train.data.toy_pairs` for why plain DPO degrades on them).
@@ -339,7 +339,8 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
                      help="training prompts (default 3000)")
     toy.add_argument("--n-val", type=int, default=None, help="held-out prompts (default 128; 0: no val/)")
     toy.add_argument("--n-candidates", type=int, default=None, help="candidates per prompt (default 4)")
-    toy.add_argument("--tier", default="top", help="style tier tag of the prompts (top | none | high | ...)")
+    toy.add_argument("--tier", default=None, help="style tier tag(s) of the prompts, comma-separated ones cycled "
+                     "over the prompts (top | none | high | ...; default top,none)")
     toy.add_argument("--seed", type=int, default=None, help="prompt / sampling seed (default 0)")
     fm = p.add_argument_group("--from-model sampling")
     fm.add_argument("--temperature", type=float, default=None)
@@ -353,7 +354,7 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
 
 def _pairs_run(args: argparse.Namespace) -> int:
     dims = args.dimension or ["quality"]
-    tier = None if args.tier in (None, "none") else args.tier
+    tier = None if args.tier is None else tuple(t.strip() for t in args.tier.split(","))
     if args.candidates:
         res = pairs_from_candidates(args.candidates, args.out, dimensions=dims, require_all=args.require_all,
                                     min_margin=0.05 if args.min_margin is None else args.min_margin,

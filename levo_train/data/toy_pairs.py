@@ -1,8 +1,8 @@
 """Toy-world preference pairs, scored by the world's hidden scores, from one of two sources.
 
 * ``source="model"`` (the ``recipe=dpo`` default): the DPO init model samples ``n_candidates``
-  songs per toy training prompt (top-tier style, as released inference asks); the world scores
-  them; best vs worst with a minimum margin. These are *on-policy* pairs, how LeVo builds its DPO
+  songs per toy training prompt (styles with the top tier tag, as released inference asks, and
+  untagged ones, alternating); the world scores them; best vs worst with a minimum margin. These are *on-policy* pairs, how LeVo builds its DPO
   data (its own generations ranked by reward models). Both songs of a pair are ones the model
   itself finds likely, so DPO moves probability between plausible songs.
 * ``source="world"``: the world renders the candidates itself with random corruptions. These
@@ -47,7 +47,8 @@ class ToyPairSpec:
     n_candidates: int = 4          # songs per prompt; best vs worst on `dimension`
     dimension: str = "quality"     # quality or one hidden dimension (lyrics|structure|harmony|mix)
     min_margin: float = 0.05       # minimum score gap between chosen and rejected
-    tier: str | None = "top"       # style tier tag of the prompts (top: as released inference asks)
+    tier: Any = ("top", "none")    # style tier tag(s), cycled over the prompts: top (as released inference
+                                   # asks) and none (no tag)
     seed: int = 0
     # sampling (source=model)
     temperature: float = 1.0
@@ -63,11 +64,22 @@ class ToyPairSpec:
             raise ValueError(f"toy pair source {self.source!r}: expected one of {SOURCES}")
         if self.dimension != "quality" and self.dimension not in DIMENSIONS:
             raise ValueError(f"toy pair dimension {self.dimension!r}: expected quality or one of {DIMENSIONS}")
+        if isinstance(self.tier, (list, tuple)):
+            if not self.tier:
+                raise ValueError("toy pair tier list is empty")
+            object.__setattr__(self, "tier", tuple(self.tier))
         if self.n_train < 1 or self.n_val < 0 or self.n_candidates < 2:
             raise ValueError(f"toy pairs need n_train >= 1, n_val >= 0, n_candidates >= 2; got {self}")
 
 
-def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, tier: str | None = "top",
+def tier_of_prompt(tier: Any, i: int) -> str | None:
+    """The tier tag of prompt ``i``: ``tier`` itself, or ``tier[i % len(tier)]`` for a list;
+    ``"none"`` means no tag."""
+    t = tier[i % len(tier)] if isinstance(tier, (list, tuple)) else tier
+    return None if t in (None, "none") else str(t)
+
+
+def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, tier: Any = "top",
                    key_prefix: str = "c", dimension: str = "quality") -> list[Song]:
     """``n_candidates`` world renderings per toy condition, scored by the world's hidden quality.
 
@@ -82,7 +94,7 @@ def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, 
     out: list[Song] = []
     for i in range(n_prompts):
         cond = world.sample_condition(rng)
-        style = style_text(cond.style_base, tier)
+        style = style_text(cond.style_base, tier_of_prompt(tier, i))
         for j in range(n_candidates):
             if dimension == "quality":
                 corruption = world.sample_corruption(rng)
@@ -102,7 +114,7 @@ def _scored_song(world: Any, key: str, tokens: np.ndarray, lyric: str, style: st
 
 
 def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
-                      tier: str | None = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                      tier: Any = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                       cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
                       key_prefix: str = "s") -> tuple[list[Song], int]:
     """``n_candidates`` songs sampled from ``model`` (a LeLM) for each of ``n_prompts`` toy training
@@ -119,7 +131,7 @@ def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int,
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         lyrics = [conds[i].lyric for i, _ in chunk]
-        styles = [style_text(conds[i].style_base, tier) for i, _ in chunk]
+        styles = [style_text(conds[i].style_base, tier_of_prompt(tier, i)) for i, _ in chunk]
         seeds = [seed * 1_000_003 + i * n_candidates + j for i, j in chunk]
         g = generate(model, lyrics, styles, max_frames=max_frames, cfg_coef=cfg_coef, temperature=temperature,
                      top_k=top_k, top_p=top_p, seed=seeds)
@@ -224,5 +236,5 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
     return build_once(root, name, "done.json", build)
 
 
-__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "toy_candidates",
-           "toy_pairs_name", "write_toy_pairs"]
+__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "tier_of_prompt",
+           "toy_candidates", "toy_pairs_name", "write_toy_pairs"]
