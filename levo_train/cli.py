@@ -264,9 +264,16 @@ def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
     except ValueError as e:
         raise UsageError(f"data.toy_pairs.source=model: {e}") from None
     done = json.loads((root / "done.json").read_text())
-    print(f"levo-train: toy pairs (source={spec.source}): {done.get('train', {}).get('pairs')} train / "
-          f"{done.get('val', {}).get('pairs')} val pairs in {root}", file=sys.stderr)
-    return str(root / "train"), str(root / "val") if (root / "val").is_dir() else None, True
+    n_train, n_val = done["train"]["pairs"], done.get("val", {}).get("pairs", 0)
+    print(f"levo-train: toy pairs (source={spec.source}): {n_train} train / {n_val} val pairs in {root}",
+          file=sys.stderr)
+    if n_train == 0:
+        raise UsageError(f"toy pairs in {root}: no training prompt's candidates differ by >= data.toy_pairs.min_margin="
+                         f"{spec.min_margin} (mean quality {done['train'].get('mean_quality')}); lower the margin or "
+                         "raise data.toy_pairs.n_candidates / n_train, or start from a better-trained model.init")
+    if n_val == 0 and spec.n_val > 0:
+        log.warning("toy pairs in %s: no held-out pairs passed the margin; validation is skipped", root)
+    return str(root / "train"), str(root / "val") if n_val > 0 else None, True
 
 
 # ----------------------------------------------------------------------------- run

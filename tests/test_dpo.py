@@ -488,6 +488,12 @@ def test_dpo_cli_errors(tmp_path, cache, sft_export, capsys):
     err = capsys.readouterr().err
     assert "data.toy_pairs" in err and "'nope'" in err and "model" in err and "world" in err
 
+    # toy pairs that no prompt passes: says which knobs to turn
+    assert main(dpo_args(cache, tmp_path / "b3", sft_export, "data.toy_pairs.source=world",
+                         "data.toy_pairs.min_margin=2.0")) == 2
+    err = capsys.readouterr().err
+    assert "min_margin=2.0" in err and "n_candidates" in err
+
     # unknown loss type
     assert main(dpo_args(cache, tmp_path / "c", sft_export, "dpo.loss_type=nope")) == 2
     err = capsys.readouterr().err
@@ -552,6 +558,16 @@ def test_sft_then_dpo_improves_pair_metrics(tmp_path, cache, sft_export):
     w_dpo = torch.load(rd / "export" / "model.pt", weights_only=True)
     assert any(not torch.equal(w_sft[k], w_dpo[k]) for k in w_sft)
     assert model.cfg == load_config(sft_export)
+
+
+def test_dpo_without_held_out_pairs(tmp_path, cache, sft_export):
+    """data.toy_pairs.n_val=0: no validation set, the run trains and exports all the same."""
+    rd = tmp_path / "noval"
+    assert main(dpo_args(cache, rd, sft_export, "data.toy_pairs.source=world", "data.toy_pairs.n_val=0",
+                         "trainer.max_steps=3", "trainer.val_check_interval=2")) == 0
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["data"]["val"] is None and summary["val_loss_start"] is None
+    assert (rd / "export" / "model.pt").is_file()
 
 
 def test_dpo_exact_resume(tmp_path, cache, sft_export):

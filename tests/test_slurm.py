@@ -146,8 +146,8 @@ def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) 
         if not (init / "model.pt").is_file():
             pytest.skip("the SFT job left no export to start DPO from (see test_sbatch_sft_ddp_two_tasks)")
         # toy pairs sampled from the init: both ranks ask for them, one builds, the other waits
-        extra = [f"model.init={init}", "data.toy_pairs.n_train=48", "data.toy_pairs.n_val=16",
-                 "data.toy_pairs.max_frames=40"]
+        extra = [f"model.init={init}", "data.toy_pairs.n_train=48", "data.toy_pairs.n_val=32",
+                 "data.toy_pairs.max_frames=40", "data.toy_pairs.min_margin=0.0"]
     env = job_env(tmp_path / "runs")
     overrides = [*CPU_OVERRIDES, *extra, f"data.toy.cache_dir={toy_cache}", *TINY,
                  "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3"]
