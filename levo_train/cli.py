@@ -139,6 +139,26 @@ def build_model_config(cfg: DictConfig):  # -> ModelConfig
     return make_config(**OmegaConf.to_container(cfg.model.config, resolve=True))
 
 
+def check_init_overrides(cfg: DictConfig, argv: list[str]) -> None:
+    """``model.config.*`` given with ``model.init``: the init's config.yaml decides the model, so an
+    override that asks for something else is an error, not silently ignored (matching ones pass)."""
+    ovr = [o for o in argv if o.split("=", 1)[0].lstrip("+~").startswith("model.config.")]
+    if not ovr or not cfg.model.get("init"):
+        return
+    from levo_infer.config import config_differences, load_config, make_config
+
+    base = compose_config([o for o in argv if o not in ovr])
+    want = make_config(**OmegaConf.to_container(cfg.model.config, resolve=True))
+    asked = {name for name, _, _ in config_differences(make_config(**OmegaConf.to_container(base.model.config,
+                                                                                             resolve=True)), want)}
+    init = check_init_path(str(cfg.model.init))
+    for name, have, wanted in config_differences(load_config(init), want):
+        if name in asked:
+            raise UsageError(f"model.init={init} is a model with {name}={have!r}, but {' '.join(ovr)} asks for "
+                             f"{wanted!r}: the init's config.yaml decides the model; drop the model.config "
+                             "override or start from an init of that size")
+
+
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.ckpt_path:
         p = Path(str(cfg.ckpt_path))
@@ -151,6 +171,40 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             return str(last)
         log.warning("resume=true but %s does not exist: starting a fresh run", last)
     return None
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def check_resume_checkpoint(ckpt: str, model_config: Any, cfg: DictConfig) -> None:
+    """Refuse, before Lightning's loader fails with pages of shape errors, a checkpoint of another
+    model config, and a DPO resume whose ``model.init`` (the frozen reference) differs from the run's."""
+    import torch
+
+    if not Path(ckpt).is_file():  # sharded (DeepSpeed) checkpoint folders are left to their loader
+        return
+    st = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("levo")
+    if st is None:
+        raise UsageError(f"{ckpt}: no `levo` section; not a levo-train checkpoint, cannot resume exactly")
+    have, want = _flat(st.get("model_config", {})), _flat(model_config.to_dict())
+    diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+    if diff:
+        k = diff[0]
+        raise UsageError(f"{ckpt} holds a model with {k}={have.get(k)!r}, this run builds {k}={want.get(k)!r} "
+                         f"({len(diff)} config field(s) differ): resume with the model.init / model config the run "
+                         "was started with, or use a new run_dir")
+    fp_then = st.get("init_fingerprint")
+    if cfg.method == "dpo" and str(cfg.dpo.reference) == "model" and fp_then and cfg.model.get("init"):
+        from levo_train.data.pairs import model_fingerprint
+
+        fp_now = model_fingerprint(check_init_path(str(cfg.model.init)))
+        if fp_now != fp_then:
+            raise UsageError(f"{ckpt}: the run started from a model.init with fingerprint {fp_then}, this one is "
+                             f"{fp_now} ({cfg.model.init}); the frozen DPO reference is rebuilt from model.init on "
+                             "resume, so pass the original init (or use a new run_dir)")
 
 
 def _common_module_kwargs(cfg: DictConfig, total_steps: int) -> dict[str, Any]:
@@ -185,7 +239,11 @@ def build_module(cfg: DictConfig, model_config: Any, total_steps: int):
 
         module = LMModule(model_config, condition_dropout=bool(cfg.train.condition_dropout), **kw)
     if cfg.model.get("init"):
-        load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
+        from levo_train.data.pairs import model_fingerprint
+
+        init = check_init_path(str(cfg.model.init))
+        load_weights(module.model, find_weights(init))
+        module.init_fingerprint = model_fingerprint(init)
     if cfg.method == "dpo":
         module.freeze_reference()
     return module
@@ -290,6 +348,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError("recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen reference), "
                          "e.g. `levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo model.init=A/export`")
     model_config = build_model_config(cfg)
+    ckpt = find_resume_checkpoint(cfg, run_dir)
+    if ckpt is not None:  # before any data or pairs are built
+        check_resume_checkpoint(ckpt, model_config, cfg)
     uses_toy = not cfg.data.get("pairs") if cfg.method == "dpo" else cfg.data.train is None
     if uses_toy and model_config.lm.code_size != 64:  # checked before any toy data or pairs are built
         what = "data.pairs=..." if cfg.method == "dpo" else "data.train=..."
@@ -300,7 +361,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, model_config, total_steps=int(total))
     dm = build_datamodule(cfg, train, val, model_config.lm.code_size)
     trainer = build_trainer(cfg, run_dir)
-    ckpt = find_resume_checkpoint(cfg, run_dir)
     clean_stale_temp_files(run_dir / "checkpoints")
     OmegaConf.save(cfg, run_dir / "train_config.yaml", resolve=True)
     val_start = None
@@ -350,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--cfg"]
     try:
         cfg = compose_config(argv)
+        check_init_overrides(cfg, argv)
         if show_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0

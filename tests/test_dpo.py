@@ -479,9 +479,14 @@ def test_dpo_cli_errors(tmp_path, cache, sft_export, capsys):
 
     # an export of another model size (code_size 16) as the init of toy DPO
     small = tiny_export(tmp_path / "small")
-    assert main(dpo_args(cache, tmp_path / "b", small)) == 2
+    assert main([a for a in dpo_args(cache, tmp_path / "b", small) if not a.startswith("model.config.")]) == 2
     err = capsys.readouterr().err
     assert "code_size=16" in err and "64 codes" in err
+
+    # model.config overrides that contradict the init's own config are refused, not ignored
+    assert main(dpo_args(cache, tmp_path / "b1", sft_export, "model.config.dim=48")) == 2
+    err = capsys.readouterr().err
+    assert "lm.dim=32" in err and "model.config.dim=48" in err and "init" in err
 
     # a bad toy-pair setting
     assert main(dpo_args(cache, tmp_path / "b2", sft_export, "data.toy_pairs.source=nope")) == 2
@@ -585,6 +590,34 @@ def test_dpo_exact_resume(tmp_path, cache, sft_export):
     assert wa.keys() == wb.keys()
     diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not diff, f"weights differ after resume: {diff[:5]}"
+
+
+def test_dpo_resume_refuses_another_init(tmp_path, cache, sft_export, capsys):
+    """The frozen reference is rebuilt from model.init on resume: another init (same size) or a
+    model of another size is refused before anything is built or loaded."""
+    common = ["trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "trainer.max_steps=2",
+              "optim.lr=1e-3", "optim.warmup_steps=1", "data.toy_pairs.source=world"]
+    rd = tmp_path / "run"
+    assert main(dpo_args(cache, rd, sft_export, *common)) == 0
+    m = load_model(sft_export)
+    perturb(m, seed=7)
+    save_released(m, tmp_path / "other")
+    capsys.readouterr()
+    assert main(dpo_args(cache, rd, tmp_path / "other", *common, "resume=true", "trainer.max_steps=4")) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint" in err and "pass the original init" in err and str(tmp_path / "other") in err
+    # an init of another width: names the differing field instead of pages of shape errors
+    import dataclasses
+
+    cfg = load_config(sft_export)
+    wide = LeLM(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, dim=48)))
+    wide.init_weights()
+    save_released(wide, tmp_path / "w48")
+    args = [a for a in dpo_args(cache, rd, tmp_path / "w48", *common, "resume=true", "trainer.max_steps=4")
+            if not a.startswith("model.config.")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a model with lm.dim=32, this run builds lm.dim=48" in err and "new run_dir" in err
 
 
 def test_dpo_cli_precomputed_matches_live_reference(tmp_path, cache, sft_export):

@@ -237,19 +237,15 @@ def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_
 
 
 # ----------------------------------------------------------------------------- merge
-def config_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+def config_difference(a: Any, b: Any) -> str | None:
     """Dotted name and both values of the first differing (compared) config field, or None."""
-    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
-        for f in dataclasses.fields(a):
-            if not f.compare:
-                continue
-            d = config_difference(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
-            if d is not None:
-                return d
+    from levo_infer.config import config_differences
+
+    diffs = config_differences(a, b)
+    if not diffs:
         return None
-    if a != b:
-        return f"{prefix[:-1]} ({a!r} vs {b!r})"
-    return None
+    name, va, vb = diffs[0]
+    return f"{name} ({va!r} vs {vb!r})"
 
 
 def merge_exports(exports: Sequence[str | os.PathLike], weights: Sequence[float], out: str | os.PathLike, *,

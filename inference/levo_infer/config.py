@@ -400,6 +400,20 @@ def save_config(mc: ModelConfig, path: str | os.PathLike) -> Path:
     return p
 
 
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Every compared leaf field where two configs (nested dataclasses) differ, as
+    ``(dotted name, a's value, b's value)``."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        out: list[tuple[str, Any, Any]] = []
+        for f in dataclasses.fields(a):
+            if f.compare:
+                out += config_differences(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
+        return out
+    return [] if a == b else [(prefix[:-1], a, b)]
+
+
 def make_config(
     *,
     dim: int,

@@ -185,6 +185,7 @@ class LeLMTrainModule(L.LightningModule):
             "dropout_gen": self.dropout_gen.get_state(),
             "rng": rng_state(),
             "model_config": self.model_config.to_dict(),
+            "init_fingerprint": getattr(self, "init_fingerprint", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
