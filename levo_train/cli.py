@@ -331,7 +331,15 @@ def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
                          "raise data.toy_pairs.n_candidates / n_train, or start from a better-trained model.init")
     if n_val == 0 and spec.n_val > 0:
         log.warning("toy pairs in %s: no held-out pairs passed the margin; validation is skipped", root)
-    return str(root / "train"), str(root / "val") if n_val > 0 else None, True
+    folders = [root / "train"] + ([root / "val"] if n_val > 0 else [])
+    if str(cfg.dpo.reference) == "precomputed":  # toy pairs are ours to annotate: compute them once
+        from levo_train.train.ref_logps import ensure_ref_logps
+
+        sw = list(cfg.train.stream_weights) if cfg.train.stream_weights is not None else None
+        init_dir = check_init_path(str(cfg.model.init))
+        for f in ensure_ref_logps(folders, init_dir, stream_weights=sw):
+            print(f"levo-train: computed reference log-probs of {f} under {init_dir}", file=sys.stderr)
+    return str(folders[0]), str(folders[1]) if n_val > 0 else None, True
 
 
 # ----------------------------------------------------------------------------- run

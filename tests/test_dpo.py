@@ -565,6 +565,26 @@ def test_sft_then_dpo_improves_pair_metrics(tmp_path, cache, sft_export):
     assert model.cfg == load_config(sft_export)
 
 
+def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export):
+    """dpo.reference=precomputed on the default toy pairs: their reference log-probs are computed
+    once under model.init (beside the cached pairs) and reused by later runs."""
+    common = ["dpo.reference=precomputed", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "data.toy_pairs.n_train=40", "data.toy_pairs.n_val=16", "data.toy_pairs.min_margin=0.0"]
+    assert main(dpo_args(cache, tmp_path / "a", sft_export, *common)) == 0
+    data = json.loads((tmp_path / "a" / "summary.json").read_text())["data"]
+    files = [Path(data[s]) / "ref_logps.json" for s in ("train", "val")]
+    for f in files:
+        ref = json.loads(f.read_text())
+        assert ref["model"] == model_fingerprint(sft_export) and ref["stream_weights"] == [1.0, 1.0, 1.0]
+    n_train = len(read_pairs(Path(data["train"]), code_size=64))
+    assert len(json.loads(files[0].read_text())["logps"]) == n_train
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert main(dpo_args(cache, tmp_path / "b", sft_export, *common)) == 0
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not recomputed
+    ck = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert not any(k.startswith("ref.") for k in ck["state_dict"])
+
+
 def test_dpo_without_held_out_pairs(tmp_path, cache, sft_export):
     """data.toy_pairs.n_val=0: no validation set, the run trains and exports all the same."""
     rd = tmp_path / "noval"

@@ -32,16 +32,15 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+# reference log-probs are computed by the training package (the DPO step's own definition)
+from levo_train.train.ref_logps import compute_ref_logps, iter_pairs, pair_dirs, ref_logps
 
-    from levo_infer.model import LeLM
-    from levo_train.data.pairs import Pair
+__all__ = ["compute_ref_logps", "iter_pairs", "merge_exports", "pair_dirs", "pairs_from_candidates", "ref_logps",
+           "register", "toy_pairs"]
 
 log = logging.getLogger("levo_data.prefs")
 
@@ -144,98 +143,6 @@ def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.Pa
 
 
 # ----------------------------------------------------------------------------- ref-logps
-def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
-    """Shard folders of a pair set: ``DIR/train`` (+ ``DIR/val``) when present, else ``DIR``."""
-    root = Path(pairs)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--pairs {root}: no such folder")
-    subs = [root / s for s in ("train", "val") if (root / s).is_dir()]
-    return subs or [root]
-
-
-def iter_pairs(folder: str | os.PathLike, *, code_size: int) -> Iterator[Pair]:
-    """Validated pair records of every shard of ``folder`` in file order."""
-    from levo_train.data.pairs import decode_pair
-    from levo_train.data.shards import iter_raw, resolve_shards
-
-    for sh in resolve_shards(os.fspath(folder)):
-        for raw in iter_raw(sh):
-            yield decode_pair(raw, code_size=code_size, shard=sh)
-
-
-def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
-    buf: list[Any] = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
-def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int = 16,
-                      stream_weights: Sequence[float] | None = None) -> dict[str, tuple[float, float]]:
-    """``{key: (chosen, rejected)}`` summed reference log-probs of every pair in ``folder``,
-    computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in eval mode
-    without gradients."""
-    import torch
-
-    from levo_train.data.pairs import collate_pairs
-    from levo_train.train.dpo import pair_logps
-
-    model.eval()
-    out: dict[str, tuple[float, float]] = {}
-    code_size = model.cfg.lm.code_size
-    for batch_pairs in _batches(iter_pairs(folder, code_size=code_size), batch_size):
-        batch = collate_pairs(batch_pairs, code_size)
-        with torch.no_grad():
-            logps, _ = pair_logps(model, batch, stream_weights=stream_weights)
-        B = len(batch_pairs)
-        vals = logps.double().cpu().tolist()
-        for i, p in enumerate(batch_pairs):
-            if p.key in out:
-                raise ValueError(f"{folder}: pair key {p.key!r} occurs twice; keys must be unique per folder")
-            out[p.key] = (vals[i], vals[B + i])
-    return out
-
-
-def _auto_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_size: int = 16,
-              stream_weights: Sequence[float] | None = None, device: str | None = None) -> dict[str, Any]:
-    """Write ``ref_logps.json`` beside every shard folder of ``pairs`` (see :func:`pair_dirs`)
-    for the export ``model_path`` (fp32, as the DPO module holds the reference)."""
-    import torch
-
-    from levo_infer.checkpoint import load_model
-    from levo_train.data.pairs import model_fingerprint, write_ref_logps
-
-    folders = pair_dirs(pairs)
-    mdir = Path(model_path)
-    mdir = mdir.parent if mdir.is_file() else mdir
-    model = load_model(mdir, device=_auto_device(device), dtype=torch.float32)
-    K = model.code_depth
-    sw = [1.0] * K if stream_weights is None else [float(w) for w in stream_weights]
-    if len(sw) != K:
-        raise ValueError(f"--stream-weights has {len(sw)} entries, the model has {K} streams")
-    fp = model_fingerprint(mdir)
-    res: dict[str, Any] = {"model": str(mdir), "fingerprint": fp, "stream_weights": sw, "folders": {}}
-    t0 = time.time()
-    for f in folders:
-        vals = compute_ref_logps(model, f, batch_size=batch_size, stream_weights=sw)
-        path = write_ref_logps(f, fp, vals, sw)
-        res["folders"][str(f)] = {"pairs": len(vals), "file": str(path)}
-    res["seconds"] = round(time.time() - t0, 2)
-    return res
-
-
 # ----------------------------------------------------------------------------- merge
 def config_difference(a: Any, b: Any) -> str | None:
     """Dotted name and both values of the first differing (compared) config field, or None."""

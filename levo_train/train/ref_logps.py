@@ -1,0 +1,145 @@
+"""Reference log-probs of preference pairs, precomputed once so a DPO step runs one model.
+
+``ref_logps.json`` beside each pair shard folder holds ``{key: [chosen, rejected]}`` summed
+log-probs under the DPO init, computed exactly as the DPO module computes them
+(:func:`levo_train.train.dpo.pair_logps`: one forward over ``[chosen; rejected]``, shared
+conditions, no condition dropout, eval mode, no grad, fp32), plus the init's fingerprint and the
+stream weights; a DPO run with another init or other weights refuses the file. ``levo-data
+ref-logps`` and ``levo-train recipe=dpo dpo.reference=precomputed`` (on toy pairs) write it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from levo_infer.model import LeLM
+    from levo_train.data.pairs import Pair
+
+
+def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
+    """Shard folders of a pair set: ``DIR/train`` (+ ``DIR/val``) when present, else ``DIR``."""
+    root = Path(pairs)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--pairs {root}: no such folder")
+    subs = [root / s for s in ("train", "val") if (root / s).is_dir()]
+    return subs or [root]
+
+
+def iter_pairs(folder: str | os.PathLike, *, code_size: int) -> Iterator[Pair]:
+    """Validated pair records of every shard of ``folder`` in file order."""
+    from levo_train.data.pairs import decode_pair
+    from levo_train.data.shards import iter_raw, resolve_shards
+
+    for sh in resolve_shards(os.fspath(folder)):
+        for raw in iter_raw(sh):
+            yield decode_pair(raw, code_size=code_size, shard=sh)
+
+
+def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    buf: list[Any] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int = 16,
+                      stream_weights: Sequence[float] | None = None) -> dict[str, tuple[float, float]]:
+    """``{key: (chosen, rejected)}`` summed reference log-probs of every pair in ``folder``,
+    computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in eval mode
+    without gradients."""
+    import torch
+
+    from levo_train.data.pairs import collate_pairs
+    from levo_train.train.dpo import pair_logps
+
+    model.eval()
+    out: dict[str, tuple[float, float]] = {}
+    code_size = model.cfg.lm.code_size
+    for batch_pairs in _batches(iter_pairs(folder, code_size=code_size), batch_size):
+        batch = collate_pairs(batch_pairs, code_size)
+        with torch.no_grad():
+            logps, _ = pair_logps(model, batch, stream_weights=stream_weights)
+        B = len(batch_pairs)
+        vals = logps.double().cpu().tolist()
+        for i, p in enumerate(batch_pairs):
+            if p.key in out:
+                raise ValueError(f"{folder}: pair key {p.key!r} occurs twice; keys must be unique per folder")
+            out[p.key] = (vals[i], vals[B + i])
+    return out
+
+
+def _auto_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_size: int = 16,
+              stream_weights: Sequence[float] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Write ``ref_logps.json`` beside every shard folder of ``pairs`` (see :func:`pair_dirs`)
+    for the export ``model_path`` (fp32, as the DPO module holds the reference)."""
+    import torch
+
+    from levo_infer.checkpoint import load_model
+    from levo_train.data.pairs import model_fingerprint, write_ref_logps
+
+    folders = pair_dirs(pairs)
+    mdir = Path(model_path)
+    mdir = mdir.parent if mdir.is_file() else mdir
+    model = load_model(mdir, device=_auto_device(device), dtype=torch.float32)
+    K = model.code_depth
+    sw = [1.0] * K if stream_weights is None else [float(w) for w in stream_weights]
+    if len(sw) != K:
+        raise ValueError(f"--stream-weights has {len(sw)} entries, the model has {K} streams")
+    fp = model_fingerprint(mdir)
+    res: dict[str, Any] = {"model": str(mdir), "fingerprint": fp, "stream_weights": sw, "folders": {}}
+    t0 = time.time()
+    for f in folders:
+        vals = compute_ref_logps(model, f, batch_size=batch_size, stream_weights=sw)
+        path = write_ref_logps(f, fp, vals, sw)
+        res["folders"][str(f)] = {"pairs": len(vals), "file": str(path)}
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def ensure_ref_logps(folders: Sequence[str | os.PathLike], model_path: str | os.PathLike, *,
+                     stream_weights: Sequence[float] | None = None, batch_size: int = 16,
+                     device: str | None = None) -> list[Path]:
+    """``ref_logps.json`` for every folder in ``folders`` under the export ``model_path``,
+    computed only where missing or made with another model or stream weights. A lock file per
+    folder makes concurrent callers (DDP ranks) compute it once. Returns the folders recomputed."""
+    import fcntl
+
+    import torch
+
+    from levo_infer.checkpoint import load_model
+    from levo_infer.config import load_config
+    from levo_train.data.pairs import model_fingerprint, read_ref_logps, write_ref_logps
+
+    fp = model_fingerprint(model_path)
+    K = load_config(model_path).lm.code_depth
+    sw = [1.0] * K if stream_weights is None else [float(w) for w in stream_weights]
+    model = None
+    done: list[Path] = []
+    for f in map(Path, folders):
+        with open(f / ".ref_logps.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = read_ref_logps(f)
+            if data is not None and data.get("model") == fp and [float(w) for w in data.get("stream_weights") or []] == sw:
+                continue
+            if model is None:
+                model = load_model(model_path, device=_auto_device(device), dtype=torch.float32)
+            write_ref_logps(f, fp, compute_ref_logps(model, f, batch_size=batch_size, stream_weights=sw), sw)
+            done.append(f)
+    return done
