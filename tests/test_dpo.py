@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -444,6 +445,13 @@ def test_pair_writer_rejects_different_conditions(tmp_path):
                 w.write_pair("p0", c, other)
             msg = str(e.value)
             assert f"different {what}" in msg and "must share its conditions" in msg and "'p0'" in msg
+        # codes are checked as the song writer checks them: integers, [3, T], in range
+        for bad, what in ((c.tokens.astype(np.float32), "dtype float32, expected integers"),
+                          (c.tokens[:2], "shape [2, 5], expected [3, T]"),
+                          (c.tokens + 16, "out of range")):
+            with pytest.raises(ShardError, match=r"chosen (has|code)") as e:
+                w.write_pair("p1", dataclasses.replace(c, tokens=bad), random_song(rng, "r", LYRICS[0], "rock", 5))
+            assert what in str(e.value)
         w.write_pair("p0", c, random_song(rng, "r", LYRICS[0], "rock", 7))  # shared conditions are fine
 
 
@@ -627,8 +635,6 @@ def test_dpo_resume_refuses_another_init(tmp_path, cache, sft_export, capsys):
     err = capsys.readouterr().err
     assert "fingerprint" in err and "pass the original init" in err and str(tmp_path / "other") in err
     # an init of another width: names the differing field instead of pages of shape errors
-    import dataclasses
-
     cfg = load_config(sft_export)
     wide = LeLM(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, dim=48)))
     wide.init_weights()

@@ -35,16 +35,15 @@ from levo_train.data.shards import (
     ShardError,
     ShardWriter,
     Song,
-    _check_codes,
     _check_key,
     _check_lyric,
     _check_meta,
-    _check_range,
-    _load_npy,
-    _npy_bytes,
     _write_json_atomic,
+    decode_codes,
+    decode_prompt,
     decode_texts_and_meta,
     read_index,
+    require_members,
 )
 
 log = logging.getLogger(__name__)
@@ -73,17 +72,10 @@ def decode_pair(sample: dict[str, Any], *, code_size: int, shard: str | None = N
     key = sample.get("__key__")
     shard = shard if shard is not None else sample.get("__url__")
     try:
-        missing = [m for m in PAIR_MEMBERS if m not in sample]
-        if missing:
-            have = sorted(k for k in sample if not k.startswith("__"))
-            hint = " (this looks like a song shard, not a pair shard)" if "tokens.npy" in sample else ""
-            raise ValueError(f"missing {', '.join(missing)} (record has: {', '.join(have) or 'nothing'}){hint}")
-        arrs = {m: _check_codes(_load_npy(sample[m], m), m, code_size=code_size, allow_none=False)
-                for m in ("chosen.npy", "rejected.npy")}
-        prompt = None
-        if "prompt.npy" in sample:
-            prompt = _check_codes(_load_npy(sample["prompt.npy"], "prompt.npy"), "prompt.npy",
-                                  code_size=code_size, allow_none=True)
+        require_members(sample, PAIR_MEMBERS,
+                        " (this looks like a song shard, not a pair shard)" if "tokens.npy" in sample else "")
+        arrs = {m: decode_codes(sample, m, code_size=code_size) for m in ("chosen.npy", "rejected.npy")}
+        prompt = decode_prompt(sample, code_size=code_size)
         texts, meta = decode_texts_and_meta(sample)
         if not isinstance(meta, dict):
             raise ValueError(f"json must be an object, found {type(meta).__name__}")
@@ -124,15 +116,9 @@ class PairWriter(ShardWriter):
             _check_lyric(chosen.lyric)
             sample: dict[str, Any] = {"__key__": key}
             for name, song in (("chosen", chosen), ("rejected", rejected)):
-                arr = _check_range(np.asarray(song.tokens).astype(np.int64), name, code_size=self.code_size,
-                                   allow_none=False)
-                if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
-                    raise ValueError(f"{name} has shape {list(arr.shape)}, expected [3, T] with T >= 1")
-                sample[f"{name}.npy"] = _npy_bytes(arr.astype(self.dtype))
+                sample[f"{name}.npy"] = self.encode_codes(song.tokens, name)
             if chosen.prompt is not None:
-                p = _check_range(np.asarray(chosen.prompt).astype(np.int64), "prompt", code_size=self.code_size,
-                                 allow_none=True)
-                sample["prompt.npy"] = _npy_bytes(p.astype(self.dtype))
+                sample["prompt.npy"] = self.encode_codes(chosen.prompt, "prompt", length="P", allow_none=True)
             meta = dict(meta or {})
             _check_meta({k: v for k, v in meta.items() if k != "scores"})
             sample["lyric.txt"] = chosen.lyric.encode("utf-8")

@@ -185,26 +185,32 @@ def decode_texts_and_meta(sample: dict[str, Any]) -> tuple[dict[str, str], Any]:
     return texts, meta
 
 
+def require_members(sample: dict[str, Any], members: Sequence[str], hint: str = "") -> None:
+    """Raise ValueError naming the members a raw record lacks (and what it has)."""
+    missing = [m for m in members if m not in sample]
+    if missing:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"missing {', '.join(missing)} (record has: {', '.join(have) or 'nothing'}){hint}")
+
+
+def decode_codes(sample: dict[str, Any], member: str, *, code_size: int, allow_none: bool = False) -> np.ndarray:
+    """A ``[3, N]`` code member of a raw record, loaded and checked, as int64."""
+    return _check_codes(_load_npy(sample[member], member), member, code_size=code_size, allow_none=allow_none)
+
+
+def decode_prompt(sample: dict[str, Any], *, code_size: int) -> np.ndarray | None:
+    """The optional ``prompt.npy`` member (may hold the none code), or None."""
+    return decode_codes(sample, "prompt.npy", code_size=code_size, allow_none=True) if "prompt.npy" in sample else None
+
+
 def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = None) -> Song:
     """Validate and decode one raw webdataset sample (member bytes keyed by extension)."""
     key = sample.get("__key__")
     shard = shard if shard is not None else sample.get("__url__")
     try:
-        missing = [m for m in REQUIRED_MEMBERS if m not in sample]
-        if missing:
-            have = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"missing {', '.join(missing)} (record has: {', '.join(have) or 'nothing'})")
-        tokens = _check_codes(
-            _load_npy(sample["tokens.npy"], "tokens.npy"), "tokens.npy", code_size=code_size, allow_none=False
-        )
-        prompt = None
-        if "prompt.npy" in sample:
-            prompt = _check_codes(
-                _load_npy(sample["prompt.npy"], "prompt.npy"),
-                "prompt.npy",
-                code_size=code_size,
-                allow_none=True,
-            )
+        require_members(sample, REQUIRED_MEMBERS)
+        tokens = decode_codes(sample, "tokens.npy", code_size=code_size)
+        prompt = decode_prompt(sample, code_size=code_size)
         texts, meta = decode_texts_and_meta(sample)
         meta = _check_meta(meta)
     except ValueError as e:
@@ -318,6 +324,17 @@ class ShardWriter:
         self.shards.append({"name": name, "records": self._count})
         self._tar, self._file, self._count = None, None, 0
 
+    def encode_codes(self, codes: Any, member: str, *, length: str = "T", allow_none: bool = False) -> bytes:
+        """An integer ``[3, length]`` code array, range-checked, as ``.npy`` bytes in the shard dtype
+        (raises ValueError naming ``member``); ``allow_none``: prompts may hold the none code."""
+        arr = np.asarray(codes)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{member} has dtype {arr.dtype}, expected integers")
+        if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
+            raise ValueError(f"{member} has shape {list(arr.shape)}, expected [3, {length}] with {length} >= 1")
+        arr64 = _check_range(arr.astype(np.int64), member, code_size=self.code_size, allow_none=allow_none)
+        return _npy_bytes(arr64.astype(self.dtype))
+
     def write_song(
         self,
         key: str,
@@ -338,27 +355,14 @@ class ShardWriter:
             _check_key(key)
             if key in self._keys:
                 raise ValueError("duplicate key")
-            sample: dict[str, Any] = {"__key__": key}
-            arr = np.asarray(tokens)
-            if not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"tokens has dtype {arr.dtype}, expected integers")
-            if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
-                raise ValueError(f"tokens has shape {list(arr.shape)}, expected [3, T] with T >= 1")
-            arr64 = _check_range(arr.astype(np.int64), "tokens", code_size=self.code_size, allow_none=False)
-            sample["tokens.npy"] = _npy_bytes(arr64.astype(self.dtype))
+            sample: dict[str, Any] = {"__key__": key, "tokens.npy": self.encode_codes(tokens, "tokens")}
             if prompt is not None:
-                p = np.asarray(prompt)
-                if not np.issubdtype(p.dtype, np.integer):
-                    raise ValueError(f"prompt has dtype {p.dtype}, expected integers")
-                if p.ndim != 2 or p.shape[0] != 3 or p.shape[1] < 1:
-                    raise ValueError(f"prompt has shape {list(p.shape)}, expected [3, P] with P >= 1")
-                p64 = _check_range(p.astype(np.int64), "prompt", code_size=self.code_size, allow_none=True)
-                sample["prompt.npy"] = _npy_bytes(p64.astype(self.dtype))
+                sample["prompt.npy"] = self.encode_codes(prompt, "prompt", length="P", allow_none=True)
             if not isinstance(lyric, str) or not isinstance(style, str):
                 raise ValueError("lyric and style must be str")
             _check_lyric(lyric)
             meta = dict(meta or {})
-            meta.setdefault("duration", arr.shape[1] / 25.0)
+            meta.setdefault("duration", np.shape(tokens)[1] / 25.0)
             meta.setdefault("language", "unknown")
             meta.setdefault("source", "unknown")
             _check_meta(meta)
