@@ -30,19 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import make_batch  # noqa: E402
+from bench_train import add_model_args, bench_config, make_batch  # noqa: E402
 
-from levo_infer.config import make_config  # noqa: E402
 from levo_train.train.dpo import DPOModule, pair_logps  # noqa: E402
 from levo_train.train.lm import LMModule  # noqa: E402
-
-
-def build(args: argparse.Namespace):  # -> ModelConfig
-    words = ["<unk>", ".", ",", ";", "la", "pop"]
-    return make_config(dim=args.dim, num_heads=args.dim // 32, num_layers=args.layers, num_layers_sub=args.layers_sub,
-                       intermediate_size=args.dim * 3, code_size=args.code_size, delays=[0, args.delay, args.delay],
-                       lyric_max_len=args.lyric_len, style_max_len=16, prompt_frames=args.prompt_frames,
-                       text_words=words)
 
 
 def to_device(batch: dict, dev: torch.device) -> dict:
@@ -52,7 +43,7 @@ def to_device(batch: dict, dev: torch.device) -> dict:
 def make_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], dict]:
     """The three step functions on one set of weights and songs, plus facts about the batch."""
     dev = torch.device(args.device)
-    cfg = build(args)
+    cfg = bench_config(args)
     songs = make_batch(args.songs, args.frames, args.code_size)
     h = args.songs // 2
     pairs = {"chosen": songs["codes"][:h], "chosen_lengths": songs["lengths"][:h],
@@ -97,15 +88,8 @@ def make_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--layers-sub", type=int, default=1)
-    ap.add_argument("--code-size", type=int, default=16384)
+    add_model_args(ap)
     ap.add_argument("--songs", type=int, default=8, help="SFT batch; DPO gets songs/2 pairs of the same songs")
-    ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--delay", type=int, default=25)
-    ap.add_argument("--lyric-len", type=int, default=100)
-    ap.add_argument("--prompt-frames", type=int, default=25)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--repeats", type=int, default=7, help="rounds (medians are reported)")
     ap.add_argument("--warmup", type=int, default=2)

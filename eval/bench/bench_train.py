@@ -83,12 +83,29 @@ def time_steps(step, n: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_model(args: argparse.Namespace) -> dict:
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape and batch geometry (shared with ``bench_dpo.py``)."""
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers-sub", type=int, default=1)
+    ap.add_argument("--code-size", type=int, default=16384)
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--delay", type=int, default=25)
+    ap.add_argument("--lyric-len", type=int, default=100)
+    ap.add_argument("--prompt-frames", type=int, default=25)
+
+
+def bench_config(args: argparse.Namespace):  # -> ModelConfig
+    """The model config of :func:`add_model_args`' options."""
     words = ["<unk>", ".", ",", ";", "la", "pop"]
-    cfg = make_config(dim=args.dim, num_heads=args.dim // 32, num_layers=args.layers, num_layers_sub=args.layers_sub,
-                      intermediate_size=args.dim * 3, code_size=args.code_size, delays=[0, args.delay, args.delay],
-                      lyric_max_len=args.lyric_len, style_max_len=16, prompt_frames=args.prompt_frames,
-                      text_words=words)
+    return make_config(dim=args.dim, num_heads=args.dim // 32, num_layers=args.layers, num_layers_sub=args.layers_sub,
+                       intermediate_size=args.dim * 3, code_size=args.code_size, delays=[0, args.delay, args.delay],
+                       lyric_max_len=args.lyric_len, style_max_len=16, prompt_frames=args.prompt_frames,
+                       text_words=words)
+
+
+def bench_model(args: argparse.Namespace) -> dict:
+    cfg = bench_config(args)
     torch.manual_seed(0)
     module = LMModule(cfg, condition_dropout=False)
     m = module.model.train()
@@ -169,15 +186,8 @@ def bench_toy_model() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--layers-sub", type=int, default=1)
-    ap.add_argument("--code-size", type=int, default=16384)
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--delay", type=int, default=25)
-    ap.add_argument("--lyric-len", type=int, default=100)
-    ap.add_argument("--prompt-frames", type=int, default=25)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip-loader", action="store_true")
     args = ap.parse_args()
