@@ -83,9 +83,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cmd_toy(args: argparse.Namespace) -> int:
     t0 = time.time()
-    samples = toy_samples(args.ckpt, n=args.n, seed=args.seed, tier=args.tier, world_seed=args.world_seed,
-                          batch_size=args.batch_size, max_frames=args.max_frames, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, cfg_coef=args.cfg_coef, device=args.device)
+    samples = toy_samples(args.ckpt, **_sampling_kwargs(args))
     res = summarize(samples)
     res.update({"ckpt": args.ckpt, "seed": args.seed, "tier": args.tier, "temperature": args.temperature,
                 "top_k": args.top_k, "seconds": round(time.time() - t0, 2)})
@@ -116,9 +114,7 @@ def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str
 
 def cmd_compare(args: argparse.Namespace) -> int:
     t0 = time.time()
-    kw = {"n": args.n, "seed": args.seed, "tier": args.tier, "world_seed": args.world_seed,
-          "batch_size": args.batch_size, "max_frames": args.max_frames, "temperature": args.temperature,
-          "top_k": args.top_k, "top_p": args.top_p, "cfg_coef": args.cfg_coef, "device": args.device}
+    kw = _sampling_kwargs(args)
     base = toy_samples(args.base, **kw)
     out = {"base": {"ckpt": args.base, **summarize(base)}, "n": args.n, "seed": args.seed, "tier": args.tier,
            "temperature": args.temperature, "top_k": args.top_k, "ckpts": []}
@@ -145,6 +141,13 @@ def markdown_table(res: dict[str, Any]) -> str:
     head = (f"tier {res['tier']}, n = {res['n']}, seed {res['seed']}, temperature {res['temperature']}\n\n"
             "| export | quality | Δ quality | toy PER | Δ PER | dimensions | frames |\n|---|---|---|---|---|---|---|")
     return "\n".join([head, row(res["base"], None), *(row(r, r["vs_base"]) for r in res["ckpts"])])
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`toy_samples` keywords from the options of :func:`_sampling_args`."""
+    return {"n": args.n, "seed": args.seed, "tier": args.tier, "world_seed": args.world_seed,
+            "batch_size": args.batch_size, "max_frames": args.max_frames, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "cfg_coef": args.cfg_coef, "device": args.device}
 
 
 def _sampling_args(t: argparse.ArgumentParser) -> None:
