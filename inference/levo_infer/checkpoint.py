@@ -284,7 +284,8 @@ def _model_folder(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               config: ModelConfig | None = None, low_mem: bool = False, build_tokenizers: bool = True) -> LeLM:
+               config: ModelConfig | None = None, low_mem: bool = False, build_tokenizers: bool = True,
+               strict: bool = False) -> LeLM:
     """Load a released model folder (v1 or v2) or one of our exports; returns the model in eval mode
     with its text tokenizers built (``model.tokenizers``).
 
@@ -293,10 +294,12 @@ def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | No
     one, the released relative path is searched and else the tokenizer is rebuilt offline).
     ``dtype``: bf16 / fp16 / fp32 (None: the checkpoint's own floating dtype). ``low_mem``: keep the
     decoder layers in CPU memory and move each to ``device`` only while it runs (no effect on CPU).
-    ``build_tokenizers=False`` leaves the tokenizers to be built on first use.
+    ``build_tokenizers=False`` leaves the tokenizers to be built on first use. ``strict``: config
+    problems that only warn by default (unknown keys, missing keys that change the model) are errors
+    (see :func:`levo_infer.config.load_config`).
     """
     folder, weights = _model_folder(path)
-    cfg = config or load_config(folder)
+    cfg = config or load_config(folder, strict=strict)
     if tokenizer_dir is not None:
         tdir = Path(tokenizer_dir)
         if not tdir.is_dir():

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import ast
 import copy
+import difflib
 import logging
 import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,95 @@ KNOWN_VERSIONS = ("v1", "v2")
 
 class ConfigError(ValueError):
     """A model config is malformed or inconsistent; the message names the file and key."""
+
+
+class ConfigWarning(UserWarning):
+    """A model config has an unknown key, or lacks a key whose default changes the model
+    (an error under ``strict``)."""
+
+
+# ----------------------------------------------------------------------------- known keys
+#: Keys (dotted) that levo_infer reads or checks.
+READ_KEYS: frozenset[str] = frozenset({
+    "max_dur", "audio_tokenizer_frame_rate", "sample_rate",
+    "lm.lm_type", "lm.dim", "lm.intermediate_size", "lm.num_heads", "lm.num_layers", "lm.num_layers_sub",
+    "lm.code_depth", "lm.code_size", "lm.max_position_embeddings", "lm.max_position_embeddings_sub",
+    "lm.rope_theta", "lm.rope_theta_sub", "lm.dropout", "lm.attention_dropout", "lm.use_flash_attn_2",
+    "codebooks_pattern.modeling", "codebooks_pattern.delay.delays", "codebooks_pattern.delay.flatten_first",
+    "codebooks_pattern.delay.empty_initial",
+    "classifier_free_guidance.training_dropout", "classifier_free_guidance.inference_coef",
+    "attribute_dropout.text.description", "attribute_dropout.text.type_info", "attribute_dropout.audio.prompt_audio",
+    "fuser.sum", "fuser.prepend",
+    "conditioners.prompt_audio.model", "conditioners.prompt_audio.qt_embedding.code_size",
+    "conditioners.prompt_audio.qt_embedding.code_depth", "conditioners.prompt_audio.qt_embedding.max_len",
+    "conditioners.description.model", "conditioners.description.QwTokenizer.token_path",
+    "conditioners.description.QwTokenizer.max_len", "conditioners.description.QwTokenizer.add_token_list",
+    "conditioners.type_info.model", "conditioners.type_info.QwTextTokenizer.max_len",
+    "levo.version", "levo.text_words", "levo.tokenizer_path",
+})
+#: Keys of released ``config.yaml`` files that the LM ignores: legacy audiocraft ``lm.*`` options
+#: (the model is fixed: RMSNorm, SwiGLU, RoPE, no biases), codec/VAE paths, training-data options,
+#: and ``prompt_len`` (used only through interpolations). Accepted silently, never read.
+RELEASED_IGNORED_KEYS: frozenset[str] = frozenset({
+    "lyric_processor", "min_dur", "prompt_len", "pad_to_max", "use_text_training",
+    "audio_tokenizer_checkpoint", "audio_tokenizer_code_depth", "audio_tokenizer_checkpoint_sep",
+    "audio_tokenizer_frame_rate_sep", "audio_tokenizer_code_depth_sep", "sample_rate_sep", "vae_config", "vae_model",
+    "lm.activation", "lm.norm_first", "lm.bias_ff", "lm.bias_attn", "lm.causal", "lm.custom", "lm.memory_efficient",
+    "lm.attention_as_float32", "lm.layer_scale", "lm.positional_embedding", "lm.xpos", "lm.checkpointing",
+    "lm.weight_init", "lm.depthwise_init", "lm.zero_bias_init", "lm.norm", "lm.cross_attention", "lm.qk_layer_norm",
+    "lm.qk_layer_norm_cross", "lm.kv_repeat",
+    "attribute_dropout.args.active_on_eval",
+    "conditioners.type_info.QwTextTokenizer.token_path",
+    "offload",  # runtime layer-offloading settings: any content
+})
+#: Optional keys whose default changes what the model computes or how it trains/samples: a file
+#: without one gets a warning naming the default taken (an error under ``strict``).
+MATH_DEFAULTS: dict[str, Any] = {
+    "lm.code_depth": 3, "lm.code_size": 16384,
+    "lm.max_position_embeddings": 10000, "lm.max_position_embeddings_sub": 10000,
+    "lm.rope_theta": 500000.0, "lm.rope_theta_sub": 500000.0,
+    "codebooks_pattern.delay.delays": [0, 250, 250],
+    "classifier_free_guidance.training_dropout": 0.15, "classifier_free_guidance.inference_coef": 1.5,
+    "attribute_dropout.text.description": 0.0, "attribute_dropout.text.type_info": 0.2,
+    "attribute_dropout.audio.prompt_audio": 0.5,
+    "conditioners.description.QwTokenizer.add_token_list": list(LYRIC_TAGS_DEFAULT),
+}
+PREPEND_ORDER = ["description", "prompt_audio", "type_info"]
+CONDITIONER_MODELS = {"prompt_audio": "qt_embedding", "description": "QwTokenizer", "type_info": "QwTextTokenizer"}
+
+
+def _key_tree(keys: frozenset[str]) -> dict[str, Any]:
+    """Nested dict of dotted keys (leaves are None)."""
+    tree: dict[str, Any] = {}
+    for key in keys:
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, None)
+    return tree
+
+
+_KNOWN_TREE = _key_tree(READ_KEYS | RELEASED_IGNORED_KEYS)
+
+
+def unknown_keys(data: Any, tree: dict[str, Any] | None = None, prefix: str = "") -> list[str]:
+    """One finding per key or section of ``data`` (a parsed config) that no reader knows, with a
+    "did you mean" suggestion when a known sibling is close."""
+    tree = _KNOWN_TREE if tree is None else tree
+    out: list[str] = []
+    if not isinstance(data, dict):
+        return out
+    for k, v in data.items():
+        name = str(k)
+        if name not in tree:
+            kind = "section" if isinstance(v, dict) else "key"
+            close = difflib.get_close_matches(name, list(tree), n=1, cutoff=0.8)
+            hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+            out.append(f"unknown {kind} `{prefix}{name}`{hint}: levo_infer does not read it")
+        elif isinstance(tree[name], dict):
+            out += unknown_keys(v, tree[name], f"{prefix}{name}.")
+    return out
 
 
 # ----------------------------------------------------------------------------- resolvers
@@ -176,6 +267,20 @@ class ModelConfig:
     def max_delay(self) -> int:
         return max(self.delays)
 
+    @property
+    def max_positions(self) -> tuple[str, int]:
+        """The tighter of the two stacks' position limits, as (config key, value)."""
+        lm = self.lm
+        if lm.max_position_embeddings_sub < lm.max_position_embeddings:
+            return "lm.max_position_embeddings_sub", lm.max_position_embeddings_sub
+        return "lm.max_position_embeddings", lm.max_position_embeddings
+
+    @property
+    def max_frames(self) -> int:
+        """Most frames a forward or a generation can hold: positions count from the start of the
+        prefix, and T frames take ``prefix_len + T + max_delay`` of them."""
+        return self.max_positions[1] - self.prefix_len - self.max_delay
+
     def validate(self, where: str = "config") -> None:
         lm = self.lm
         if self.version not in KNOWN_VERSIONS:
@@ -187,6 +292,14 @@ class ModelConfig:
         if len(self.delays) != lm.code_depth:
             raise ConfigError(
                 f"{where}: codebooks_pattern.delay.delays has {len(self.delays)} entries, lm.code_depth={lm.code_depth}"
+            )
+        if min(self.delays) < 0:
+            raise ConfigError(f"{where}: codebooks_pattern.delay.delays = {self.delays}; expected delays >= 0")
+        if self.max_frames < 1:
+            key, limit = self.max_positions
+            raise ConfigError(
+                f"{where}: {key}={limit} leaves no frame: the conditioning prefix ({self.prefix_len} positions) and "
+                f"the delay tail ({self.max_delay}) take them all; expected more than {self.prefix_len + self.max_delay}"
             )
         if self.prompt_max_len < 2:
             raise ConfigError(f"{where}: conditioners.prompt_audio max_len must be >= 2, got {self.prompt_max_len}")
@@ -208,34 +321,123 @@ def _version_from_folder(folder: Path) -> str:
     return "v2"
 
 
-def _get(cfg: DictConfig, dotted: str, where: str, default: Any = ...) -> Any:
+_MISSING = object()
+
+
+def _get(cfg: Any, dotted: str, where: str, default: Any = _MISSING) -> Any:
+    """The value at ``dotted`` (a missing key: ``default``, or an error naming it when none is given)."""
     node: Any = cfg
     for part in dotted.split("."):
         if isinstance(node, DictConfig) and part in node:
             node = node[part]
         else:
-            if default is ...:
+            if default is _MISSING:
                 raise ConfigError(f"{where}: missing key `{dotted}`")
             return default
     return node
 
 
-def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Path | None = None) -> ModelConfig:
-    """Build a :class:`ModelConfig` from a parsed released-layout config."""
+def _has(cfg: Any, dotted: str) -> bool:
+    """Whether the key is present (a present ``null`` counts)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not (isinstance(node, DictConfig) and part in node):
+            return False
+        node = node[part]
+    return True
+
+
+def _read(cfg: Any, dotted: str, where: str, conv: type, default: Any = _MISSING) -> Any:
+    """The value at ``dotted`` converted by ``conv`` (int or float); a missing key gives ``default``
+    (or an error without one), a value of the wrong type an error naming the key."""
+    if default is not _MISSING and not _has(cfg, dotted):
+        return default
+    value = _get(cfg, dotted, where)
+    try:
+        if value is None or isinstance(value, (bool, DictConfig, ListConfig)):
+            raise TypeError(type(value).__name__)
+        return conv(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: `{dotted}` = {_plain(value)!r}; expected {'an' if conv is int else 'a'} "
+                          f"{conv.__name__}") from e
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _check_contradictions(cfg: DictConfig, lm: LMConfig, where: str) -> None:
+    """Settings we cannot honour (they ask for a different model) are errors whatever ``strict`` says."""
+
+    def expect(key: str, ok: Any, expected: str) -> None:
+        if not _has(cfg, key):
+            return
+        value = _plain(_get(cfg, key, where))
+        if not ok(value):
+            raise ConfigError(f"{where}: `{key}` = {value!r}; expected {expected}")
+
+    def zero(v: Any) -> bool:
+        return v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and v == 0)
+
+    expect("lm.lm_type", lambda v: v == "Llama", "'Llama' (the only LM the released code and levo_infer build)")
+    for key in ("lm.dropout", "lm.attention_dropout"):
+        expect(key, zero, "0 (the released LeLM and levo_infer apply no dropout)")
+    expect("codebooks_pattern.modeling", lambda v: v == "delay", "'delay' (the only codebook pattern supported)")
+    for key in ("codebooks_pattern.delay.flatten_first", "codebooks_pattern.delay.empty_initial"):
+        expect(key, zero, "0 (as released; other values change the delay pattern, which is not supported)")
+    expect("fuser.prepend", lambda v: v == PREPEND_ORDER,
+           f"{PREPEND_ORDER} (the released prefix order [lyrics | audio prompt | style])")
+    expect("fuser.sum", lambda v: v in (None, []), "[] (all conditions are prepended)")
+    for name, model in CONDITIONER_MODELS.items():
+        expect(f"conditioners.{name}.model", lambda v, m=model: v == m, repr(model))
+    q = "conditioners.prompt_audio.qt_embedding"
+    expect(f"{q}.code_size", lambda v: v == lm.code_size, f"lm.code_size = {lm.code_size} (the prompt tables have "
+           "code_size + 2 rows, as the LM's input tables)")
+    expect(f"{q}.code_depth", lambda v: v == lm.code_depth, f"lm.code_depth = {lm.code_depth}")
+    expect("conditioners.description.QwTokenizer.add_token_list", lambda v: v == list(LYRIC_TAGS_DEFAULT),
+           f"the 13 released structure tags in their released order {list(LYRIC_TAGS_DEFAULT)}")
+
+
+def _report(findings: list[str], where: str, strict: bool) -> None:
+    """Unknown and defaulted keys: warnings, or one error listing them all under ``strict``."""
+    if not findings:
+        return
+    if strict:
+        raise ConfigError(f"{where}: strict config check failed: " + "; ".join(findings)
+                          + " (fix the file, or load without strict to accept it with warnings)")
+    for f in findings:
+        warnings.warn(f"{where}: {f}", ConfigWarning, stacklevel=4)  # the load_config caller
+
+
+def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Path | None = None,
+                          strict: bool = False) -> ModelConfig:
+    """Build a :class:`ModelConfig` from a parsed (resolved) released-layout config.
+
+    Unknown keys and missing keys that change the model (:data:`MATH_DEFAULTS`) are reported
+    (:class:`ConfigWarning`; :class:`ConfigError` under ``strict``); contradictions always fail.
+    """
+    findings = unknown_keys(OmegaConf.to_container(cfg, resolve=False))
+    findings += [f"`{key}` is missing: the default {default} is used (another value gives a different model with "
+                 "the same shapes: write it into the file)" for key, default in MATH_DEFAULTS.items()
+                 if not _has(cfg, key)]
+    _report(findings, where, strict)
+    d = MATH_DEFAULTS
     lm = LMConfig(
-        dim=int(_get(cfg, "lm.dim", where)),
-        intermediate_size=int(_get(cfg, "lm.intermediate_size", where)),
-        num_heads=int(_get(cfg, "lm.num_heads", where)),
-        num_layers=int(_get(cfg, "lm.num_layers", where)),
-        num_layers_sub=int(_get(cfg, "lm.num_layers_sub", where)),
-        code_depth=int(_get(cfg, "lm.code_depth", where, 3)),
-        code_size=int(_get(cfg, "lm.code_size", where, 16384)),
-        max_position_embeddings=int(_get(cfg, "lm.max_position_embeddings", where, 10000)),
-        max_position_embeddings_sub=int(_get(cfg, "lm.max_position_embeddings_sub", where, 10000)),
-        rope_theta=float(_get(cfg, "lm.rope_theta", where, 500000.0)),
-        rope_theta_sub=float(_get(cfg, "lm.rope_theta_sub", where, 500000.0)),
+        dim=_read(cfg, "lm.dim", where, int),
+        intermediate_size=_read(cfg, "lm.intermediate_size", where, int),
+        num_heads=_read(cfg, "lm.num_heads", where, int),
+        num_layers=_read(cfg, "lm.num_layers", where, int),
+        num_layers_sub=_read(cfg, "lm.num_layers_sub", where, int),
+        code_depth=_read(cfg, "lm.code_depth", where, int, d["lm.code_depth"]),
+        code_size=_read(cfg, "lm.code_size", where, int, d["lm.code_size"]),
+        max_position_embeddings=_read(cfg, "lm.max_position_embeddings", where, int, d["lm.max_position_embeddings"]),
+        max_position_embeddings_sub=_read(cfg, "lm.max_position_embeddings_sub", where, int,
+                                          d["lm.max_position_embeddings_sub"]),
+        rope_theta=_read(cfg, "lm.rope_theta", where, float, d["lm.rope_theta"]),
+        rope_theta_sub=_read(cfg, "lm.rope_theta_sub", where, float, d["lm.rope_theta_sub"]),
         use_flash_attn_2=bool(_get(cfg, "lm.use_flash_attn_2", where, False)),
     )
+    _check_contradictions(cfg, lm, where)
     levo = _get(cfg, "levo", where, None)
     version = None
     if levo is not None and levo.get("version") is not None:
@@ -247,24 +449,25 @@ def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Pat
     tok_path = levo.get("tokenizer_path") if levo is not None else None
     if tok_path is None and words is None:
         tok_path = _get(cfg, "conditioners.description.QwTokenizer.token_path", where, None)
-    attr = _get(cfg, "attribute_dropout", where, None)
-    attr_d = {
-        "description": float(_get(attr, "text.description", where, 0.0)) if attr is not None else 0.0,
-        "type_info": float(_get(attr, "text.type_info", where, 0.2)) if attr is not None else 0.2,
-        "prompt_audio": float(_get(attr, "audio.prompt_audio", where, 0.5)) if attr is not None else 0.5,
-    }
+    attr_d = {name: _read(cfg, f"attribute_dropout.{group}.{name}", where, float, d[f"attribute_dropout.{group}.{name}"])
+              for group, name in (("text", "description"), ("text", "type_info"), ("audio", "prompt_audio"))}
+    delays = _plain(_get(cfg, "codebooks_pattern.delay.delays", where, d["codebooks_pattern.delay.delays"]))
+    if not isinstance(delays, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in delays):
+        raise ConfigError(f"{where}: `codebooks_pattern.delay.delays` = {delays!r}; expected a list of integers")
     mc = ModelConfig(
         lm=lm,
-        delays=[int(d) for d in _get(cfg, "codebooks_pattern.delay.delays", where, [0, 250, 250])],
+        delays=list(delays),
         version=version,
-        lyric_max_len=int(_get(cfg, "conditioners.description.QwTokenizer.max_len", where)),
-        style_max_len=int(_get(cfg, "conditioners.type_info.QwTextTokenizer.max_len", where)),
-        prompt_max_len=int(_get(cfg, "conditioners.prompt_audio.qt_embedding.max_len", where)),
-        frame_rate=int(_get(cfg, "audio_tokenizer_frame_rate", where, 25)),
-        sample_rate=int(_get(cfg, "sample_rate", where, 48000)),
-        max_dur=int(_get(cfg, "max_dur", where, 270)),
-        cfg_dropout=float(_get(cfg, "classifier_free_guidance.training_dropout", where, 0.15)),
-        cfg_coef=float(_get(cfg, "classifier_free_guidance.inference_coef", where, 1.5)),
+        lyric_max_len=_read(cfg, "conditioners.description.QwTokenizer.max_len", where, int),
+        style_max_len=_read(cfg, "conditioners.type_info.QwTextTokenizer.max_len", where, int),
+        prompt_max_len=_read(cfg, "conditioners.prompt_audio.qt_embedding.max_len", where, int),
+        frame_rate=_read(cfg, "audio_tokenizer_frame_rate", where, int, 25),
+        sample_rate=_read(cfg, "sample_rate", where, int, 48000),
+        max_dur=_read(cfg, "max_dur", where, int, 270),
+        cfg_dropout=_read(cfg, "classifier_free_guidance.training_dropout", where, float,
+                          d["classifier_free_guidance.training_dropout"]),
+        cfg_coef=_read(cfg, "classifier_free_guidance.inference_coef", where, float,
+                       d["classifier_free_guidance.inference_coef"]),
         attribute_dropout=attr_d,
         lyric_tags=[str(t) for t in tags] if tags is not None else list(LYRIC_TAGS_DEFAULT),
         text_words=[str(w) for w in words] if words is not None else None,
@@ -275,8 +478,14 @@ def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Pat
     return mc
 
 
-def load_config(path: str | os.PathLike) -> ModelConfig:
-    """Read a released (or our) ``config.yaml``; ``path`` may be the file or its folder."""
+def load_config(path: str | os.PathLike, *, strict: bool = False) -> ModelConfig:
+    """Read a released (or our) ``config.yaml``; ``path`` may be the file or its folder.
+
+    Unknown keys or sections (other than the released ones we know to ignore) and missing keys
+    whose default changes the model warn (:class:`ConfigWarning`, naming the file and the dotted
+    key); ``strict=True`` turns them into a :class:`ConfigError`. Contradictions (a setting the
+    model cannot honour) are always a :class:`ConfigError`.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / "config.yaml"
@@ -291,7 +500,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         raise
     except Exception as e:  # omegaconf errors: add the file name
         raise ConfigError(f"{p}: cannot parse config: {e}") from e
-    mc = config_from_omegaconf(resolved, where=str(p), folder=p.parent)
+    if not isinstance(resolved, DictConfig):
+        raise ConfigError(f"{p}: expected a mapping of sections (lm:, conditioners:, ...), got a list")
+    mc = config_from_omegaconf(resolved, where=str(p), folder=p.parent, strict=strict)
     mc.raw = OmegaConf.to_container(cfg, resolve=False)  # keep interpolations for write-back
     mc.base_dir = str(p.parent.resolve())
     return mc

@@ -225,6 +225,7 @@ def generate_codes(model: LeLM, cond: Conditions, *, max_frames: int, null_cond:
     raw output past the cut are then the special id). ``use_cache=False`` recomputes every step from
     the full sequence (reference path for tests and benchmarks).
     """
+    model.check_frames(max_frames)
     with attention_backends(model.device):
         return _generate_codes(model, cond, max_frames=max_frames, null_cond=null_cond, cfg_coef=cfg_coef,
                                sampling=sampling, generator=generator, compat=compat,
@@ -357,6 +358,7 @@ def generate(model: LeLM, lyrics: Sequence[str | None], styles: Sequence[str | N
     (``seed + i``, or a list); None draws from torch's global RNG.
     """
     B = len(lyrics)
+    model.check_frames(max_frames)
     cfg_coef = model.cfg.cfg_coef if cfg_coef is None else cfg_coef
     if compat:
         if repetition_penalty not in (None, RELEASED_PENALTY) or penalty_window not in (None, RELEASED_WINDOW):

@@ -33,6 +33,10 @@ except Exception:  # pragma: no cover - not installable on CPU machines
     _flash_attn_func = None
 
 
+class SequenceTooLongError(ValueError):
+    """A forward or a generation needs more positions than the config's ``max_position_embeddings``."""
+
+
 def text_table_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
     """Rows of the lyric table, the style table, and the pad id of both."""
     base = len(cfg.text_words) if cfg.text_words is not None else QWEN2_BASE_VOCAB
@@ -330,6 +334,29 @@ class LeLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.emb[0].weight.dtype
 
+    @property
+    def max_frames(self) -> int:
+        """Most frames one forward or generation can hold (see :meth:`check_frames`)."""
+        return self.cfg.max_frames
+
+    def check_frames(self, frames: int) -> None:
+        """Fail before any compute when ``frames`` frames do not fit the position limit.
+
+        Positions count from the start of the prefix: T frames take ``prefix_len + T + max_delay``.
+        """
+        if frames > self.cfg.max_frames:
+            self._too_long(self.cfg.prefix_len + frames + self.cfg.max_delay)
+
+    def _too_long(self, positions: int) -> None:
+        c = self.cfg
+        key, limit = c.max_positions
+        frames = positions - c.prefix_len - c.max_delay
+        raise SequenceTooLongError(
+            f"a sequence of {positions} positions (conditioning prefix {c.prefix_len} + {frames} frames + delay "
+            f"tail {c.max_delay}) exceeds {key}={limit}: at most {c.max_frames} frames "
+            f"({c.max_frames / c.frame_rate:g} s at {c.frame_rate} Hz) fit; shorten the song (levo-infer --duration, "
+            "generate(max_frames=...), or the training crop); the prefix length is fixed by the config")
+
     def set_flash_attention(self, enabled: bool) -> None:
         """Use flash-attn 2 when installed and running on GPU in half precision."""
         self.transformer.use_flash = self.transformer2.use_flash = bool(enabled)
@@ -427,11 +454,13 @@ class LeLM(nn.Module):
                     caches: tuple[KVCache, KVCache] | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Run both stacks over pattern ``steps`` [B, K, L] (optionally after the prefix).
         Returns the post-norm hidden states (h1, h2) of the step positions only, [B, L, D] each."""
+        n_prefix = prefix[0].shape[1] if prefix is not None else 0
+        end = start + n_prefix + steps.shape[2]
+        if end > self.cfg.max_positions[1]:  # before any compute; an int compare per call
+            self._too_long(end)
         x1, x2 = self._embed_main(steps), self._embed_sub(steps)
-        n_prefix = 0
         if prefix is not None:
             x1, x2 = torch.cat([prefix[0], x1], dim=1), torch.cat([prefix[1], x2], dim=1)
-            n_prefix = prefix[0].shape[1]
         c1, c2 = caches if caches is not None else (None, None)
         h1 = self.transformer(x1, start, c1)
         h2 = self.transformer2(self.mlp(torch.cat([x2, h1], dim=-1)), start, c2)
@@ -441,6 +470,7 @@ class LeLM(nn.Module):
         """Hidden states aligned with ``codes`` [B, K, T]: the state that predicts frame t of
         stream k, [B, K, T, D] (stream 0 from the main stack, the others from the sub-stack)."""
         B, K, T = codes.shape
+        self.check_frames(T)
         seq = build_delayed(codes, self.cfg.delays, self.pad_id)  # [B, K, T + maxd + 1]
         h1, h2 = self.step_hidden(seq[:, :, :-1], self.condition_prefix(cond), start=0)
         return revert_steps(h1, h2, self.cfg.delays, T)
