@@ -282,7 +282,7 @@ def test_bad_lines_are_reported_and_the_others_generated(export, tmp_path, capsy
     ])
     out = tmp_path / "out"
     rc, err = run_cli(capsys, export, src, out, "--duration", "0.3", "--seed", "0", "--tokens-only",
-                      "--auto-prompt-file", tmp_path / "lib.pt")
+                      "--auto-prompt-file", tmp_path / "lib.pt", "--strict")  # --strict: lyric findings fail
     assert rc == 1
     ok, bad = records(out)
     assert [r["idx"] for r in ok] == ["good1", "good2"]
@@ -416,3 +416,113 @@ def test_inference_package_imports_stay_slim():
             "'transformers', 'pytorch_lightning') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- output names, write errors, empty input
+def test_idx_limit_counts_bytes_not_characters(export, tmp_path, capsys):
+    fits = "漢" * 76  # 228 bytes: the longest whole-CJK name whose temp file still fits in 255 bytes
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"idx": "ok", "gt_lyric": "[verse] la da"},
+        {"idx": "漢" * 90, "gt_lyric": "[verse] la"},  # 90 characters, 270 bytes
+        {"idx": fits, "gt_lyric": "[chorus] love"},
+    ])
+    out = tmp_path / "out"
+    rc, err = run_cli(capsys, export, src, out, "--mode", "separate", "--duration", "0.2", "--seed", "0",
+                      "--batch-size", "3", "--tokens-only")
+    assert rc == 1
+    ok, bad = records(out)
+    assert [r["idx"] for r in ok] == ["ok", fits]
+    assert [e["line"] for e in bad] == [2]
+    assert "270 bytes" in bad[0]["error"] and "229" in bad[0]["error"]
+    assert "in.jsonl:2:" in err
+    for sfx in ("", "_vocal", "_bgm"):
+        assert (out / "tokens" / f"{fits}{sfx}.pt").is_file()
+
+
+def test_write_error_fails_only_that_song(export, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"idx": i, "gt_lyric": "[verse] la da"} for i in ("a", "b", "c")])
+    out = tmp_path / "out"
+    (out / "tokens" / "b.pt").mkdir(parents=True)  # a folder where b's token file must go: its write fails
+    rc, err = run_cli(capsys, export, src, out, "--duration", "0.2", "--seed", "0", "--batch-size", "3",
+                      "--tokens-only")
+    assert rc == 1
+    ok, bad = records(out)
+    assert [r["idx"] for r in ok] == ["a", "c"] and all(r["status"] == "ok" for r in ok)
+    assert [(e["line"], e["idx"]) for e in bad] == [(2, "b")]
+    assert "cannot write" in bad[0]["error"] and str(out / "tokens" / "b.pt") in bad[0]["error"]
+    assert (out / "tokens" / "a.pt").is_file() and (out / "tokens" / "c.pt").is_file()
+    assert "in.jsonl:2:" in err and "1 failed" in err
+    assert not [p for p in (out / "tokens").iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\t\n"])
+def test_empty_input_file_is_reported(export, tmp_path, capsys, text):
+    src = tmp_path / "empty.jsonl"
+    src.write_text(text)
+    rc, err = run_cli(capsys, export, src, tmp_path / "out", "--duration", "0.2")
+    assert rc == 1
+    assert f"{src}: no song found" in err
+    assert not (tmp_path / "out" / "tokens").exists()
+
+
+# ----------------------------------------------------------------------------- released lyrics the checker flags
+QUIRKY = ("[intro-short] ; [verse] la da.love  night ; [chorus] la.da.love;pop.rock.sad; [inst-medium] ;"
+          "[bridge] happy ; [outro-short]")
+
+
+def test_released_lyric_quirks_generate_with_a_warning(export, tmp_path, capsys, monkeypatch):
+    seen: list = []
+    original = LeLM.prepare_conditions
+
+    def spy(self, lyrics, styles, prompt=None):
+        cond = original(self, lyrics, styles, prompt)
+        seen.append((list(lyrics), cond))
+        return cond
+
+    monkeypatch.setattr(LeLM, "prepare_conditions", spy)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"idx": "q", "gt_lyric": QUIRKY}, {"idx": "plain", "gt_lyric": EN}])
+    out = tmp_path / "out"
+    rc, err = run_cli(capsys, export, src, out, "--duration", "0.2", "--seed", "0", "--tokens-only")
+    assert rc == 0, err
+    released_text = QUIRKY.replace("  ", " ")  # all the released generate.py does to gt_lyric
+    ok, bad = records(out)
+    assert bad == [] and [r["idx"] for r in ok] == ["q", "plain"]
+    assert ok[0]["lyric"] == released_text and ok[1]["lyric"] == EN
+    assert "rule 'missing_tag'" in ok[0]["warnings"][0] and "warnings" not in ok[1]
+    assert "warning" in err and "in.jsonl:1:" in err and "rule 'missing_tag'" in err and "--strict" in err
+    lyrics, cond = seen[0]  # the first call is the conditioned half of the batch
+    assert lyrics == [released_text, EN]
+    m = load_model(export)
+    tok = m.tokenizers[0]
+    want = tok.encode(released_text)[: m.cfg.lyric_max_len]
+    assert cond.lyric_ids[0, : len(want)].tolist() == want
+
+    rc, err = run_cli(capsys, export, src, tmp_path / "strict", "--duration", "0.2", "--seed", "0", "--tokens-only",
+                      "--strict")
+    assert rc == 1
+    ok, bad = records(tmp_path / "strict")
+    assert [r["idx"] for r in ok] == ["plain"] and bad[0]["line"] == 1 and "rule 'missing_tag'" in bad[0]["error"]
+
+
+def test_lyric_policies_and_strict_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--strict" in out and "--lyrics" in out
+    assert cli.parse_args(["c", "i", "o"]).strict is False and cli.parse_args(["c", "i", "o", "--strict"]).strict
+
+
+def test_duration_beyond_max_positions_is_a_usage_error(tmp_path, capsys):
+    folder = tmp_path / "short"
+    cfg = make_model().cfg
+    cfg.lm.max_position_embeddings = cfg.prefix_len + max(cfg.delays) + 10  # 10 frames fit
+    m = LeLM(cfg)
+    m.init_weights(std=0.2)
+    m.save(str(folder))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"idx": "a", "gt_lyric": "[verse] la"}])
+    rc, err = run_cli(capsys, folder, src, tmp_path / "o1", "--duration", "0.4", "--tokens-only")  # 10 frames
+    assert rc == 0, err
+    rc, err = run_cli(capsys, folder, src, tmp_path / "o2", "--duration", "0.44", "--tokens-only")  # 11 frames
+    assert rc == 2
+    assert "--duration" in err and "max_position_embeddings" in err and "0.4" in err
+    assert not (tmp_path / "o2" / "tokens").exists()

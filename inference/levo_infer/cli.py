@@ -3,6 +3,7 @@
     levo-infer CKPT_DIR INPUT.jsonl OUT_DIR [--mode mixed|vocal|bgm|separate] [--low-mem]
                [--not-use-flash-attn] [--batch-size N] [--duration S] [--cfg-coef X] [--top-k K]
                [--temperature T] [--seed N] [--tokens-only] [--auto-prompt-file PATH] [--device ...]
+               [--lyrics check|normalize|raw] [--strict]
 
 The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``, ``--separate``,
 ``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
@@ -12,7 +13,14 @@ Input: one JSON object per line with ``idx`` (output name), ``gt_lyric``, option
 and optional ``prompt_audio_path`` (a prompt *token* file until the audio encoder lands, see
 :mod:`levo_infer.prompts`) or ``auto_prompt_audio_type`` (needs ``--auto-prompt-file``). A bad
 line is reported with its line number and the broken rule; the other songs are still generated
-and the exit status is 1.
+and the exit status is 1 (also when the file holds no song at all). ``idx`` must fit a file name:
+at most :data:`IDX_MAX_BYTES` bytes in UTF-8.
+
+Lyrics: the model is fed what the released ``generate.py`` feeds it, ``gt_lyric`` with double
+spaces collapsed, whatever the lyric checker (:mod:`levo_infer.lyrics`) finds; a finding is a
+warning naming the line and the rule (recorded in the song's ``warnings``). ``--strict`` makes
+lyric findings fail their line and config problems (unknown keys, missing keys whose default
+changes the model, see :func:`levo_infer.config.load_config`) fail the run.
 
 Output (``OUT_DIR``):
 
@@ -24,7 +32,9 @@ Output (``OUT_DIR``):
 * ``audios/<idx>[_vocal|_bgm].flac`` when an audio codec is available (``levo_infer.codec``, a
   later issue); until then only tokens are written (``--tokens-only`` is the default and says so once).
 * ``jsonl/<input name>.jsonl``: one record per generated song (input fields, the text the model
-  saw, prompt, settings, seed, frames, seconds); ``jsonl/<input name>.errors.jsonl``: the bad lines.
+  saw, prompt, settings, seed, frames, seconds, lyric ``warnings`` if any);
+  ``jsonl/<input name>.errors.jsonl``: the bad lines and the songs whose output could not be written
+  (each song is written on its own: one failed write fails that song alone).
 
 Caller formatting as released: the description is lower-cased; v2 prefixes
 ``[Musicality-very-high], `` (``.`` alone without a description) and, in bgm mode, ``[Pure-Music], ``
@@ -44,14 +54,20 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 MODES = ("mixed", "vocal", "bgm", "separate")
-LYRIC_POLICIES = ("normalize", "check", "raw")
+LYRIC_POLICIES = ("check", "normalize", "raw")
 _SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
+#: Bytes per file name on common filesystems (ext4, xfs, btrfs, zfs).
+MAX_NAME_BYTES = 255
+#: Longest ``idx`` in UTF-8 bytes: room for the longest suffix and extension levo-infer appends
+#: (``_vocal.flac``) and the atomic writer's temp name ``.{name}.tmp{pid}`` (pid up to 10 digits).
+IDX_MAX_BYTES = MAX_NAME_BYTES - len("." + "_vocal" + ".flac" + ".tmp") - 10
 
 
 class UsageError(Exception):
@@ -87,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate songs (tokens, and audio once a codec is available) from a released SongGeneration "
                     "model folder or a levo-train export, for a JSONL file with one song per line.",
         epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/jsonl/<input>.jsonl (+ .errors.jsonl). Exit status: 0 all "
-               "songs generated, 1 some lines failed, 2 usage or model-loading error.")
+               "songs generated, 1 some lines failed or the input holds no song, 2 usage or model-loading error "
+               "(with --strict also a config problem).")
     ap.add_argument("ckpt_dir", nargs="?", help="model folder: config.yaml + model.pt (or model.safetensors)")
     ap.add_argument("input_jsonl", nargs="?", help="one JSON object per line: idx, gt_lyric, [descriptions], "
                     "[prompt_audio_path | auto_prompt_audio_type]")
@@ -132,9 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "rebuilt offline)")
     r.add_argument("--auto-prompt-file", default=None, help="released prompt library for auto_prompt_audio_type "
                    "(tools/new_auto_prompt.pt for v2, ckpt/prompt.pt for v1)")
-    r.add_argument("--lyrics", choices=LYRIC_POLICIES, default="normalize",
-                   help="normalize: check the released lyric rules and feed the canonical form (default); check: "
-                        "check, feed the text as written; raw: no check")
+    r.add_argument("--lyrics", choices=LYRIC_POLICIES, default="check",
+                   help="check (default): check the released lyric rules and feed the text the released code feeds "
+                        "(gt_lyric with double spaces collapsed); a finding is a warning naming the line and rule "
+                        "(an error with --strict). normalize: feed the canonical form of lyrics that pass the check. "
+                        "raw: no check")
+    r.add_argument("--strict", action="store_true",
+                   help="make warnings errors: lyric-rule findings fail their line, and config problems (unknown or "
+                        "misspelled keys, missing keys whose default changes the model) fail the run. Default: "
+                        "warnings, since the released code runs such inputs")
     r.add_argument("--skip-existing", action="store_true", help="skip songs whose token files already exist")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -172,10 +195,15 @@ class Song:
     prompt: Any = None  # LongTensor [K, T] or None
     prompt_info: dict[str, Any] | None = None
     outputs: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class LineError(Exception):
     """A bad input line (reported with its line number; the run goes on)."""
+
+
+class SongOutputError(Exception):
+    """One song's output could not be written (that song fails; the run goes on)."""
 
 
 def read_lines(path: Path) -> list[tuple[int, str]]:
@@ -202,8 +230,13 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
     if "idx" not in item or item["idx"] in (None, ""):
         raise LineError("missing 'idx' (the output name)")
     idx = str(item["idx"])
-    if not _SAFE_IDX.match(idx) or idx in (".", "..") or len(idx) > 200:
-        raise LineError(f"idx {idx!r} cannot be a file name (no '/', '\\', at most 200 characters)")
+    if not _SAFE_IDX.match(idx) or idx in (".", ".."):
+        raise LineError(f"idx {idx!r} cannot be a file name (no '/', '\\' or NUL; not '.' or '..')")
+    n_bytes = len(idx.encode("utf-8", "surrogatepass"))
+    if n_bytes > IDX_MAX_BYTES:
+        raise LineError(f"idx {idx!r} is {n_bytes} bytes in UTF-8; at most {IDX_MAX_BYTES} bytes fit a file name "
+                        f"({MAX_NAME_BYTES} bytes per name, less the suffix, extension and temp-file part levo-infer "
+                        "adds): shorten it")
     if idx in seen:
         raise LineError(f"idx {idx!r} was already used on line {seen[idx]}; outputs would overwrite each other")
     where = f"idx {idx!r}"
@@ -212,6 +245,7 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
     if desc is not None and not isinstance(desc, str):
         raise LineError(f"{where}: 'descriptions' must be a string, got {type(desc).__name__}")
     lyric_in = item.get("gt_lyric")
+    lyric_warnings: list[str] = []
     if mode == "bgm":  # released: instrumental generation ignores the lyric
         lyric = "."
     else:
@@ -219,20 +253,24 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
             raise LineError(f"{where}: missing 'gt_lyric'")
         if not isinstance(lyric_in, str):
             raise LineError(f"{where}: 'gt_lyric' must be a string, got {type(lyric_in).__name__}")
-        lyric = lyric_in.replace("  ", " ")
+        lyric = lyric_in.replace("  ", " ")  # all the released generate.py does before the tokenizer
         if args.lyrics != "raw":
             try:
                 canonical = normalize_lyrics(lyric_in, compact=True)
             except LyricError as e:
-                raise LineError(f"{where}: {e}") from e
-            if args.lyrics == "normalize":
-                lyric = canonical
+                if args.strict:
+                    raise LineError(f"{where}: {e}") from e
+                lyric_warnings.append(f"{where}: {e}; fed to the model as written, as the released code does "
+                                      "(--strict makes this an error)")
+            else:
+                if args.lyrics == "normalize":
+                    lyric = canonical
     has_path, has_auto = item.get("prompt_audio_path") is not None, item.get("auto_prompt_audio_type") is not None
     if has_path and has_auto:
         raise LineError(f"{where}: both 'prompt_audio_path' and 'auto_prompt_audio_type' are given; use one "
                         "(the released generator refuses this too)")
     seed = base_seed + n - 1
-    song = Song(n, idx, item, lyric, released_style(desc, version, mode), seed)
+    song = Song(n, idx, item, lyric, released_style(desc, version, mode), seed, warnings=lyric_warnings)
     K, code_size = model.code_depth, model.cfg.lm.code_size
     try:
         if has_path:
@@ -301,12 +339,10 @@ class Runner:
         import torch
 
         from .checkpoint import CheckpointError, load_model, resolve_dtype
-        from .config import ConfigError
+        from .config import ConfigError, ConfigWarning
         from .prompts import AutoPromptLibrary, PromptError
 
         a = self.args
-        if not self.input.is_file():
-            raise UsageError(f"{self.input}: input JSONL not found")
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
         try:
             self.device = torch.device(dev)
@@ -321,10 +357,17 @@ class Runner:
         if dtype is None and self.device.type == "cpu":
             dtype = torch.float32
         try:
-            self.model = load_model(a.ckpt_dir, tokenizer_dir=a.tokenizer_dir, device=self.device, dtype=dtype,
-                                    low_mem=a.low_mem)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConfigWarning)
+                self.model = load_model(a.ckpt_dir, tokenizer_dir=a.tokenizer_dir, device=self.device, dtype=dtype,
+                                        low_mem=a.low_mem, strict=a.strict)
         except (CheckpointError, ConfigError, ValueError, OSError) as e:
             raise UsageError(str(e)) from e
+        for w in caught:
+            if issubclass(w.category, ConfigWarning):
+                print(f"levo-infer: warning: {w.message} (--strict makes this an error)", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         self.model.set_flash_attention(not a.not_use_flash_attn)
         self.library = None
         if a.auto_prompt_file:
@@ -336,6 +379,14 @@ class Runner:
         cfg = self.model.cfg
         self.duration = float(a.duration if a.duration is not None else cfg.max_dur)
         self.max_frames = max(1, int(round(self.duration * cfg.frame_rate)))
+        if self.max_frames > self.model.max_frames:
+            key, limit = cfg.max_positions
+            most = self.model.max_frames / cfg.frame_rate
+            given = f"--duration {self.duration:g}" + (" (the config's max_dur)" if a.duration is None else "")
+            raise UsageError(
+                f"{given} needs {self.max_frames} frames, but {key}={limit} of {a.ckpt_dir} leaves room for at most "
+                f"{self.model.max_frames} frames ({most:g} s) after the {cfg.prefix_len} conditioning positions and "
+                f"the delay tail of {cfg.max_delay}: pass --duration {most:g} or less")
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
         self.codec = None if a.tokens_only else load_codec(a.ckpt_dir, str(self.device))
         if self.codec is None and not a.tokens_only:
@@ -349,7 +400,8 @@ class Runner:
             "penalty_window": 50 if a.compat or a.penalty_window is None else a.penalty_window,
             "duration": self.duration, "max_frames": self.max_frames, "batch_size": a.batch_size,
             "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
-            "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "base_seed": self.base_seed,
+            "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "strict": a.strict,
+            "base_seed": self.base_seed,
         }
 
     # -- helpers ----------------------------------------------------------------------
@@ -365,10 +417,10 @@ class Runner:
         suffixes = mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode)
         return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in suffixes}
 
-    def read_songs(self) -> list[Song]:
+    def read_songs(self, lines: list[tuple[int, str]]) -> list[Song]:
         songs: list[Song] = []
         seen: dict[str, int] = {}
-        for n, line in read_lines(self.input):
+        for n, line in lines:
             idx = None
             try:
                 obj = json.loads(line)
@@ -381,6 +433,8 @@ class Runner:
             except LineError as e:
                 self.fail(n, idx, str(e))
                 continue
+            for w in song.warnings:
+                print(f"levo-infer: warning: {self.input}:{n}: {w}", file=sys.stderr)
             seen[song.idx] = n
             if self.args.skip_existing and all(p.is_file() for p in self.token_paths(song.idx).values()):
                 continue
@@ -401,8 +455,7 @@ class Runner:
     def generate_batch(self, batch: list[Song], bar: Any) -> None:
         import torch
 
-        from .checkpoint import atomic_torch_save
-        from .generate import generate, mode_tokens
+        from .generate import generate
 
         a, m = self.args, self.model
         P, pad = m.cfg.prompt_frames, m.pad_id
@@ -429,25 +482,52 @@ class Runner:
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)
         seconds = time.perf_counter() - t0
-        (self.out / "tokens").mkdir(parents=True, exist_ok=True)
         codes, lengths = out.codes.cpu(), out.lengths.cpu()
         for i, s in enumerate(batch):
             n = int(lengths[i])
-            toks = codes[i, :, :n].clone()
-            files, audios = [], []
-            for sfx, t in mode_tokens(toks, a.mode).items():
-                path = self.out / "tokens" / f"{s.idx}{sfx}.pt"
-                atomic_torch_save(t.contiguous(), path)
-                files.append(str(path))
-                if self.codec is not None:
-                    audios.append(self.write_audio(t, self.out / "audios" / f"{s.idx}{sfx}.flac"))
-            self.records.append({
+            try:  # each song on its own: a failed write fails this song alone
+                files, audios = self.write_song(s, codes[i, :, :n].clone())
+            except SongOutputError as e:
+                self.fail(s.line, s.idx, f"idx {s.idx!r}: {e}")
+                continue
+            record = {
                 "idx": s.idx, "line": s.line, "status": "ok", "input": s.item, "lyric": s.lyric, "style": s.style,
                 "prompt": s.prompt_info, "seed": s.seed, "frames": n,
                 "audio_seconds": n / m.cfg.frame_rate, "ended_with_eos": n < self.max_frames,
                 "seconds": seconds / len(batch), "batch_seconds": seconds, "batch_songs": len(batch),
                 "tokens": files, "audios": audios, "settings": self.settings,
-            })
+            }
+            if s.warnings:
+                record["warnings"] = s.warnings
+            self.records.append(record)
+
+    def write_song(self, s: Song, toks: Any) -> tuple[list[str], list[str]]:
+        """Write one song's token files (and audio files with a codec); on failure remove what this
+        song wrote and raise :class:`SongOutputError` naming the file."""
+        from .checkpoint import atomic_torch_save
+        from .generate import mode_tokens
+
+        written: list[Path] = []
+        files, audios = [], []
+        target = self.out / "tokens"
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for sfx, t in mode_tokens(toks, self.args.mode).items():
+                target = self.out / "tokens" / f"{s.idx}{sfx}.pt"
+                atomic_torch_save(t.contiguous(), target)
+                written.append(target)
+                files.append(str(target))
+                if self.codec is not None:
+                    target = self.out / "audios" / f"{s.idx}{sfx}.flac"
+                    audios.append(self.write_audio(t, target))
+                    written.append(target)
+        except Exception as e:  # noqa: BLE001 - reported for this song, the others go on
+            for p in written:
+                p.unlink(missing_ok=True)
+            what = f"cannot write {target}" if isinstance(e, OSError) else f"cannot make {target}"
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise SongOutputError(f"{what}: {detail}") from e
+        return files, audios
 
     def write_audio(self, tokens: Any, path: Path) -> str:
         import soundfile as sf
@@ -459,8 +539,15 @@ class Runner:
         return str(path)
 
     def run(self) -> int:
+        if not self.input.is_file():
+            raise UsageError(f"{self.input}: input JSONL not found")
+        lines = read_lines(self.input)
+        if not lines:
+            print(f"levo-infer: error: {self.input}: no song found (the file is empty or holds only blank lines); "
+                  "nothing to generate", file=sys.stderr)
+            return 1
         self.setup()
-        songs = self.read_songs()
+        songs = self.read_songs(lines)
         bs = self.args.batch_size
         bar = progress_bar(len(songs), disable=self.args.no_progress)
         try:
@@ -470,7 +557,10 @@ class Runner:
                     self.generate_batch(batch, bar)
                 except Exception as e:  # noqa: BLE001 - report, go on with the next batch
                     hint = " (try a smaller --batch-size or --low-mem)" if "out of memory" in str(e).lower() else ""
+                    done = {r["line"] for r in self.records} | {r["line"] for r in self.errors}
                     for s in batch:
+                        if s.line in done:  # already written (or already failed) on its own
+                            continue
                         self.fail(s.line, s.idx, f"idx {s.idx!r}: generation failed: {type(e).__name__}: {e}{hint}")
                     if self.model.device.type == "cuda":
                         import torch
@@ -484,8 +574,8 @@ class Runner:
         n_ok, n_bad = len(self.records), len(self.errors)
         msg = f"levo-infer: {n_ok} song(s) generated -> {self.out / 'tokens'}; records in {ok}"
         if n_bad:
-            lines = ", ".join(str(e["line"]) for e in sorted(self.errors, key=lambda r: r["line"]))
-            msg += f"; {n_bad} failed (line {lines}), see {bad}"
+            failed = ", ".join(str(e["line"]) for e in sorted(self.errors, key=lambda r: r["line"]))
+            msg += f"; {n_bad} failed (line {failed}), see {bad}"
         print(msg, file=sys.stderr)
         return 1 if n_bad else 0
 
