@@ -122,6 +122,7 @@ def test_writer_validates_input(tmp_path):
             (("k3", np.zeros((3, 0), np.int64), LYRIC, ""), "expected [3, T]"),
             (("k4", np.full((3, 4), CS), LYRIC, ""), f"code {CS} at [stream 0, frame 0]"),
             (("k5", _tokens(), "[verse]", ""), "missing_lyrics"),
+            (("k5b", _tokens(), "[chorus] a.b.c;d.e.f; [inst-medium]", ""), "missing_tag"),
             (("k6", _tokens(), LYRIC, "", {"scores": {"a": "x"}}), "scores"),
         ]
         for args, needle in cases:
@@ -162,6 +163,8 @@ def test_writer_validates_input(tmp_path):
             ["malformed lyric.txt", "section 2", "lyrics_in_instrumental"],
         ),
         ({"lyric.txt": b"hello"}, ["malformed lyric.txt", "missing_tag"]),
+        # released inputs levo-infer runs with a warning stay errors in training data
+        ({"lyric.txt": b"[chorus] a.b.c;d.e.f; [inst-medium]"}, ["malformed lyric.txt", "section 2", "missing_tag"]),
         ({"lyric.txt": b"\xff\xfe"}, ["lyric.txt is not valid utf-8"]),
         ({"json": b"[1, 2]"}, ["json must be an object"]),
         ({"json": b"{"}, ["json is not valid JSON"]),
