@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -159,17 +160,101 @@ def check_init_overrides(cfg: DictConfig, argv: list[str]) -> None:
                              "override or start from an init of that size")
 
 
-def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+@dataclass
+class ResumePoint:
+    """A checkpoint to continue from, read (``weights_only``) and checked before anything is built."""
+
+    path: str
+    step: int
+    levo: dict[str, Any]
+
+
+#: what every levo-train checkpoint's ``levo`` section holds
+LEVO_KEYS = ("samples_seen", "dropout_gen", "rng", "model_config")
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> ResumePoint:
+    """Read a Lightning checkpoint without running code (``weights_only=True``, memory-mapped)
+    and check it is one of ours; raises ``ValueError`` saying what is wrong."""
+    import pickle
+
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError("it holds objects other than tensors and plain data, and a checkpoint is never allowed "
+                         f"to run code (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, I/O error: all "cannot be loaded"
+        raise ValueError(f"not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
+    if not isinstance(ck, dict):
+        raise ValueError(f"not a levo-train checkpoint (a {type(ck).__name__}, expected a Lightning checkpoint dict)")
+    st = ck.get("levo")
+    if st is None:
+        raise ValueError("no `levo` section: not a levo-train checkpoint, cannot resume exactly")
+    if not isinstance(st, dict):
+        raise ValueError(f"its `levo` section is a {type(st).__name__}, expected a dict with {', '.join(LEVO_KEYS)}")
+    missing = [k for k in LEVO_KEYS if k not in st]
+    if missing or not isinstance(ck.get("global_step"), int) or "state_dict" not in ck:
+        what = f"`levo` lacks {missing}" if missing else "no global_step / state_dict"
+        raise ValueError(f"incomplete levo-train checkpoint ({what})")
+    return ResumePoint(str(path), int(ck["global_step"]), st)
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """Every checkpoint file of a run folder: ``checkpoints/{last,step*}.ckpt`` and the
+    requeue checkpoints ``hpc_ckpt_N.ckpt`` in the run root (temp files excluded)."""
+    from levo_train.slurm import hpc_checkpoints
+
+    ck = run_dir / "checkpoints"
+    last = [ck / "last.ckpt"] if (ck / "last.ckpt").is_file() else []
+    return last + sorted(ck.glob("step*.ckpt")) + hpc_checkpoints(run_dir)
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
+    """Where this run continues from.
+
+    ``resume=true``: the newest (highest step) checkpoint of ``run_dir`` that loads; one that does
+    not load is skipped with a warning naming it; when checkpoints exist but none loads, an error
+    (never a silent restart at step 0). Without any checkpoint, ``ckpt_path`` if given, else a
+    fresh start. ``ckpt_path`` alone: exactly that file. Neither, into a run folder that already
+    holds checkpoints: an error (a fresh run would mix its checkpoints with the old ones).
+    """
+    found = run_checkpoints(run_dir)
+    if cfg.resume and found:
+        best: ResumePoint | None = None
+        for p in found:
+            try:
+                rp = read_checkpoint_state(p)
+            except ValueError as e:
+                log.warning("resume: %s cannot be loaded (%s); skipping it", p, e)
+                print(f"levo-train: warning: {p} cannot be loaded ({e}); skipping it", file=sys.stderr)
+                continue
+            # the highest step wins; at equal steps the first listed (last.ckpt, a step file, hpc)
+            if best is None or rp.step > best.step:
+                best = rp
+        if best is None:
+            raise UsageError(f"resume=true: {run_dir} holds {len(found)} checkpoint file(s) but no checkpoint loads "
+                             f"({', '.join(p.name for p in found[:4])}); refusing to restart from step 0. Move them "
+                             "away to start over, or pass ckpt_path=PATH")
+        if cfg.ckpt_path:
+            print(f"levo-train: resume=true and {run_dir} has checkpoints: continuing the run "
+                  f"(ckpt_path={cfg.ckpt_path} only starts a run)", file=sys.stderr)
+        return best
     if cfg.ckpt_path:
         p = Path(str(cfg.ckpt_path))
         if not p.is_file():
             raise UsageError(f"ckpt_path={p}: no such checkpoint file")
-        return str(p)
+        try:
+            return read_checkpoint_state(p)
+        except ValueError as e:
+            raise UsageError(f"ckpt_path={p}: {e}") from None
+    if found:
+        raise UsageError(f"{run_dir} already holds checkpoints ({', '.join(p.name for p in found[:3])}): pass "
+                         "resume=true to continue that run, or choose a new run_dir")
     if cfg.resume:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        log.warning("resume=true but %s does not exist: starting a fresh run", last)
+        log.info("resume=true but %s has no checkpoint yet: starting a fresh run", run_dir)
     return None
 
 
@@ -179,50 +264,106 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def check_resume_checkpoint(ckpt: str, model_config: Any, cfg: DictConfig) -> None:
+def check_resume_checkpoint(rp: ResumePoint, model_config: Any, cfg: DictConfig, init_fp: str | None) -> None:
     """Refuse, before Lightning's loader fails with pages of shape errors, a checkpoint of another
     model config, and a DPO resume whose ``model.init`` (the frozen reference) differs from the run's."""
-    import torch
-
-    if not Path(ckpt).is_file():  # sharded (DeepSpeed) checkpoint folders are left to their loader
-        return
-    st = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("levo")
-    if st is None:
-        raise UsageError(f"{ckpt}: no `levo` section; not a levo-train checkpoint, cannot resume exactly")
-    have, want = _flat(st.get("model_config", {})), _flat(model_config.to_dict())
+    st = rp.levo
+    mc = st.get("model_config")
+    if not isinstance(mc, dict):
+        raise UsageError(f"{rp.path}: its `levo.model_config` is a {type(mc).__name__}, expected a dict")
+    have, want = _flat(mc), _flat(model_config.to_dict())
     diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
     if diff:
         k = diff[0]
-        raise UsageError(f"{ckpt} holds a model with {k}={have.get(k)!r}, this run builds {k}={want.get(k)!r} "
+        raise UsageError(f"{rp.path} holds a model with {k}={have.get(k)!r}, this run builds {k}={want.get(k)!r} "
                          f"({len(diff)} config field(s) differ): resume with the model.init / model config the run "
                          "was started with, or use a new run_dir")
     fp_then = st.get("init_fingerprint")
-    if cfg.method == "dpo" and str(cfg.dpo.reference) == "model" and fp_then and cfg.model.get("init"):
-        from levo_train.data.pairs import model_fingerprint
-
-        fp_now = model_fingerprint(check_init_path(str(cfg.model.init)))
-        if fp_now != fp_then:
-            raise UsageError(f"{ckpt}: the run started from a model.init with fingerprint {fp_then}, this one is "
-                             f"{fp_now} ({cfg.model.init}); the frozen DPO reference is rebuilt from model.init on "
+    if cfg.method == "dpo" and str(cfg.dpo.reference) == "model" and fp_then and init_fp:
+        if len(str(fp_then)) != len(init_fp):
+            log.warning("%s records its init's fingerprint in an older format: the DPO reference cannot be checked "
+                        "against model.init", rp.path)
+        elif fp_then != init_fp:
+            raise UsageError(f"{rp.path}: the run started from a model.init with fingerprint {fp_then}, this one is "
+                             f"{init_fp} ({cfg.model.init}); the frozen DPO reference is rebuilt from model.init on "
                              "resume, so pass the original init (or use a new run_dir)")
 
 
-def _common_module_kwargs(cfg: DictConfig, total_steps: int) -> dict[str, Any]:
+@dataclass
+class Schedule:
+    """The LR schedule of a run (AdamW peak ``lr``, linear warmup, cosine to ``min_lr_ratio`` at
+    ``total_steps``); stored in every checkpoint so that a resume continues the same one."""
+
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    def multiplier(self, step: int) -> float:
+        from levo_train.train.lm import warmup_cosine
+
+        return warmup_cosine(step, warmup=self.warmup_steps, total=self.total_steps, min_ratio=self.min_lr_ratio)
+
+
+def resolve_schedule(cfg: DictConfig, rp: ResumePoint | None) -> Schedule:
+    """This run's schedule: from ``optim.*`` for a new run (length ``optim.total_steps``, default
+    ``trainer.max_steps``); on resume the checkpoint's own, so that stopping and resuming changes
+    nothing. Going past its end is explicit (``optim.total_steps``); other ``optim`` values that
+    contradict the checkpoint are refused (a resume would silently keep the old ones)."""
+    o, max_steps = cfg.optim, int(cfg.trainer.max_steps)
+    asked = int(o.total_steps) if o.get("total_steps") else None
+    new = Schedule(float(o.lr), int(o.warmup_steps), asked or max_steps, float(o.min_lr_ratio))
+    stored = rp.levo.get("schedule") if rp is not None else None
+    if rp is None:
+        return new
+    if not isinstance(stored, dict):
+        log.warning("%s stores no LR schedule (an older levo-train): using this run's optim settings", rp.path)
+        return new
+    for k in ("lr", "warmup_steps", "min_lr_ratio"):
+        if float(stored[k]) != float(getattr(new, k)):
+            raise UsageError(f"{rp.path} was trained with optim.{k}={stored[k]}, this run asks for optim.{k}="
+                             f"{getattr(new, k)}: a resume continues the run's own schedule. Drop the override, or "
+                             "start a new run from the checkpoint's weights (model.init=RUN/export)")
+    then = Schedule(float(stored["lr"]), int(stored["warmup_steps"]), int(stored["total_steps"]),
+                    float(stored["min_lr_ratio"]))
+    if asked is None:
+        if max_steps > then.total_steps:
+            stretched = Schedule(then.lr, then.warmup_steps, max_steps, then.min_lr_ratio)
+            raise UsageError(
+                f"{rp.path}: the run's LR schedule ends at step {then.total_steps} (optim.total_steps), but "
+                f"trainer.max_steps={max_steps} goes past it. Extending a run is explicit: "
+                f"optim.total_steps={then.total_steps} goes on at the final LR ({then.lr * then.multiplier(rp.step):.3g}); "
+                f"optim.total_steps={max_steps} stretches the cosine (the LR at step {rp.step} jumps from "
+                f"{then.lr * then.multiplier(rp.step):.3g} to {then.lr * stretched.multiplier(rp.step):.3g})")
+        return then
+    if asked != then.total_steps:
+        now = Schedule(then.lr, then.warmup_steps, asked, then.min_lr_ratio)
+        msg = (f"optim.total_steps={asked} changes the run's LR schedule (it ended at step {then.total_steps}): at step "
+               f"{rp.step} the LR goes from {then.lr * then.multiplier(rp.step):.3g} to "
+               f"{now.lr * now.multiplier(rp.step):.3g}")
+        log.warning(msg)
+        print(f"levo-train: warning: {msg}", file=sys.stderr)
+        return now
+    return then
+
+
+def _common_module_kwargs(cfg: DictConfig, schedule: Schedule) -> dict[str, Any]:
     t = cfg.train
     return dict(
-        lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay), betas=tuple(cfg.optim.betas),
-        warmup_steps=int(cfg.optim.warmup_steps), total_steps=total_steps, min_lr_ratio=float(cfg.optim.min_lr_ratio),
+        lr=schedule.lr, weight_decay=float(cfg.optim.weight_decay), betas=tuple(cfg.optim.betas),
+        warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps, min_lr_ratio=schedule.min_lr_ratio,
         stream_weights=list(t.stream_weights) if t.stream_weights is not None else None,
         freeze=list(t.freeze), activation_checkpointing=bool(t.activation_checkpointing), seed=int(cfg.seed),
         init_weights=not cfg.model.get("init"),
     )
 
 
-def build_module(cfg: DictConfig, model_config: Any, total_steps: int):
-    """The Lightning module of the recipe's method, with ``model.init`` weights loaded."""
+def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp: str | None = None):
+    """The Lightning module of the recipe's method, with ``model.init`` weights loaded
+    (``init_fp``: the init's fingerprint, recorded in checkpoints)."""
     from levo_infer.checkpoint import find_weights, load_weights
 
-    kw = _common_module_kwargs(cfg, total_steps)
+    kw = _common_module_kwargs(cfg, schedule)
     if cfg.method == "dpo":
         from levo_train.train.dpo import DPOModule
 
@@ -239,11 +380,8 @@ def build_module(cfg: DictConfig, model_config: Any, total_steps: int):
 
         module = LMModule(model_config, condition_dropout=bool(cfg.train.condition_dropout), **kw)
     if cfg.model.get("init"):
-        from levo_train.data.pairs import model_fingerprint
-
-        init = check_init_path(str(cfg.model.init))
-        load_weights(module.model, find_weights(init))
-        module.init_fingerprint = model_fingerprint(init)
+        load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
+        module.init_fingerprint = init_fp
     if cfg.method == "dpo":
         module.freeze_reference()
     return module
@@ -283,16 +421,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, plugins=plugins, **kwargs)
 
 
-def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int):
+def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None):
     d = cfg.data
     kw = dict(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
               num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
               shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
     if cfg.method == "dpo":
-        from levo_train.data.pairs import PairDataModule, model_fingerprint
+        from levo_train.data.pairs import PairDataModule
 
         precomputed = str(cfg.dpo.reference) == "precomputed"
-        fp = model_fingerprint(check_init_path(str(cfg.model.init))) if precomputed else None
+        fp = init_fp if precomputed else None
         sw = list(cfg.train.stream_weights) if cfg.train.stream_weights is not None else None
         return PairDataModule(**kw, use_ref_logps=precomputed, ref_fingerprint=fp, ref_stream_weights=sw)
     from levo_train.data.datamodule import SongDataModule
@@ -300,7 +438,7 @@ def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int):
     return SongDataModule(**kw, max_frames=d.max_frames)
 
 
-def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
+def resolve_pairs(cfg: DictConfig, init_fp: str | None = None) -> tuple[Any, Any, bool]:
     """(train, val, is_toy) pair shard folders; toy-world pairs when ``data.pairs`` is unset."""
     if cfg.data.get("pairs"):
         root = Path(str(cfg.data.pairs))
@@ -318,7 +456,8 @@ def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
         raise UsageError(f"data.toy_pairs: {e}") from None
     init = check_init_path(str(cfg.model.init)) if spec.source == "model" else None
     try:
-        root = ensure_toy_pairs(toy_cache_root(cfg), spec, world_seed=int(cfg.data.toy.seed), model=init)
+        root = ensure_toy_pairs(toy_cache_root(cfg), spec, world_seed=int(cfg.data.toy.seed), model=init,
+                                fingerprint=init_fp)
     except ValueError as e:
         raise UsageError(f"data.toy_pairs.source=model: {e}") from None
     done = json.loads((root / "done.json").read_text())
@@ -337,7 +476,7 @@ def resolve_pairs(cfg: DictConfig) -> tuple[Any, Any, bool]:
 
         sw = list(cfg.train.stream_weights) if cfg.train.stream_weights is not None else None
         init_dir = check_init_path(str(cfg.model.init))
-        for f in ensure_ref_logps(folders, init_dir, stream_weights=sw):
+        for f in ensure_ref_logps(folders, init_dir, stream_weights=sw, fingerprint=init_fp):
             print(f"levo-train: computed reference log-probs of {f} under {init_dir}", file=sys.stderr)
     return str(folders[0]), str(folders[1]) if n_val > 0 else None, True
 
@@ -356,29 +495,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError("recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen reference), "
                          "e.g. `levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo model.init=A/export`")
     model_config = build_model_config(cfg)
-    ckpt = find_resume_checkpoint(cfg, run_dir)
-    if ckpt is not None:  # before any data or pairs are built
-        check_resume_checkpoint(ckpt, model_config, cfg)
+    # the init's content hash, once per run: it keys the toy pairs and reference log-probs and
+    # ties a DPO resume to its reference
+    init_fp = None
+    if cfg.model.get("init"):
+        from levo_train.fingerprint import model_fingerprint
+
+        init_fp = model_fingerprint(check_init_path(str(cfg.model.init)))
+    resume = find_resume_checkpoint(cfg, run_dir)
+    if resume is not None:  # before any data or pairs are built
+        check_resume_checkpoint(resume, model_config, cfg, init_fp)
+        print(f"levo-train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
+    schedule = resolve_schedule(cfg, resume)
     uses_toy = not cfg.data.get("pairs") if cfg.method == "dpo" else cfg.data.train is None
     if uses_toy and model_config.lm.code_size != 64:  # checked before any toy data or pairs are built
         what = "data.pairs=..." if cfg.method == "dpo" else "data.train=..."
         raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
                          f"pass {what} for real data or a toy-sized model.init")
-    train, val, _ = resolve_pairs(cfg) if cfg.method == "dpo" else resolve_data(cfg)
-    total = cfg.optim.get("total_steps") or cfg.trainer.max_steps
-    module = build_module(cfg, model_config, total_steps=int(total))
-    dm = build_datamodule(cfg, train, val, model_config.lm.code_size)
+    train, val, _ = resolve_pairs(cfg, init_fp) if cfg.method == "dpo" else resolve_data(cfg)
+    module = build_module(cfg, model_config, schedule, init_fp)
+    dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp)
     trainer = build_trainer(cfg, run_dir)
-    clean_stale_temp_files(run_dir / "checkpoints")
+    for folder in (run_dir, run_dir / "checkpoints"):  # writes killed mid-way (checkpoints, requeue checkpoints)
+        clean_stale_temp_files(folder)
     OmegaConf.save(cfg, run_dir / "train_config.yaml", resolve=True)
     val_start = None
-    if ckpt is None and val is not None:
+    if resume is None and val is not None:
         val_start = trainer.validate(module, datamodule=dm, verbose=False)[0].get("val/loss")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None, weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
                                "data": {"train": str(train), "val": None if val is None else str(val)},
+                               "resumed_from": {"path": resume.path, "step": resume.step} if resume else None,
                                "val_loss_start": val_start,
                                "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
                                "val_metrics": {k: _to_float(v) for k, v in trainer.callback_metrics.items()
@@ -429,9 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         from levo_infer.checkpoint import CheckpointError
         from levo_infer.config import ConfigError
+        from levo_train.data.cache import CacheError
         from levo_train.data.shards import ShardError
 
-        if isinstance(e, (CheckpointError, ConfigError, ShardError, FileNotFoundError)):
+        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError, FileNotFoundError)):
             print(f"levo-train: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -16,27 +16,16 @@
 #    rank) and --requeue. levo-train answers USR1 (under srun it detects Slurm) by writing
 #    RUN_DIR/hpc_ckpt_N.ckpt at the next optimizer step on all ranks and `scontrol requeue`
 #    (Lightning's SLURMEnvironment auto-requeue does the same, but from inside the signal handler).
-#    The requeued job keeps its id, so it finds the same run_dir and resumes from the newest of
-#    RUN_DIR/hpc_ckpt_*.ckpt and RUN_DIR/checkpoints/last.ckpt (passed as ckpt_path=... after
-#    the user's overrides, so a requeue never goes back to the checkpoint the run started from).
-#    A manual preemption test: scancel --signal=USR1 JOBID.
+#    The requeued job keeps its id, so it finds the same run_dir, and levo-train's resume=true
+#    continues from the run folder's newest checkpoint that loads (highest step among
+#    RUN_DIR/hpc_ckpt_N.ckpt and RUN_DIR/checkpoints/{last,step*}.ckpt); once the run folder has
+#    checkpoints, a ckpt_path=... the run was started from is no longer used, so a requeue never
+#    goes back to it. A manual preemption test: scancel --signal=USR1 JOBID.
 #
 # Environment knobs: LEVO_TRAIN (the command, default `levo-train`, else `python -m
 # levo_train.cli`), LEVO_RUNS (runs root), LEVO_SRUN_ARGS (extra srun options).
 
 levo_log() { echo "[levo-slurm $(date '+%F %T')] $*"; }
-
-# newest checkpoint of a run folder to resume from (Lightning's hpc_ckpt_N.ckpt written on
-# USR1, or the periodic last.ckpt), or nothing
-levo_resume_checkpoint() {
-    local run_dir=$1 f newest=""
-    for f in "$run_dir"/hpc_ckpt_*.ckpt "$run_dir"/checkpoints/last.ckpt; do
-        [[ -f $f ]] || continue
-        if [[ -z $newest || $f -nt $newest ]]; then newest=$f; fi
-    done
-    [[ -n $newest ]] && echo "$newest"
-    return 0
-}
 
 levo_slurm_run() {
     local recipe=$1
@@ -70,12 +59,6 @@ levo_slurm_run() {
         cmd=(python -m levo_train.cli)
     fi
 
-    # resume: after a requeue (or a resubmission into the same run_dir) continue from the newest
-    # checkpoint of the run folder; it goes last so it also beats a ckpt_path=... the run began from
-    local resume_last=() ckpt
-    ckpt=$(levo_resume_checkpoint "$run_dir")
-    if [[ -n $ckpt ]]; then resume_last=("ckpt_path=$ckpt"); fi
-
     local srun_args=(--kill-on-bad-exit=1 --label)
     # since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
@@ -89,10 +72,9 @@ levo_slurm_run() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
     local full=("${cmd[@]}" "recipe=$recipe" "run_dir=$run_dir" "trainer.num_nodes=$nodes"
-        "trainer.devices=$per_node" resume=true "$@" "${resume_last[@]}")
+        "trainer.devices=$per_node" resume=true "$@")
     levo_log "job $SLURM_JOB_ID start #$((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST:-?}:" \
         "$nodes node(s) x $per_node task(s), ${SLURM_CPUS_PER_TASK:-1} CPU(s)/task, GPUs/node ${SLURM_GPUS_PER_NODE:-0}"
-    [[ -n $ckpt ]] && levo_log "resuming from $ckpt"
     levo_log "srun ${srun_args[*]} ${full[*]}"
     local rc=0
     srun "${srun_args[@]}" "${full[@]}" || rc=$?

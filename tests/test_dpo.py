@@ -29,10 +29,10 @@ from levo_train.data.pairs import (
     PairWriter,
     collate_pairs,
     decode_pair,
-    model_fingerprint,
     read_ref_logps,
 )
 from levo_train.data.shards import ShardError, ShardWriter, Song, iter_raw
+from levo_train.fingerprint import model_fingerprint
 from levo_train.train.dpo import DPOModule, pair_logps
 
 TOY_PAIRS = ["data.toy_pairs.n_train=200", "data.toy_pairs.n_val=64", "data.toy_pairs.max_frames=48"]
@@ -237,8 +237,8 @@ def test_ref_logps_stream_weights_and_fingerprint_checks(tmp_path):
     assert data["stream_weights"] == [1.0, 0.5, 0.0]
     model = load_model(init)
     want = compute_ref_logps(model, tmp_path / "pairs", batch_size=1, stream_weights=[1.0, 0.5, 0.0])
-    for k, (c, r) in want.items():
-        assert data["logps"][k] == pytest.approx((c, r), abs=1e-4)
+    for k, (c, r, digest) in want.items():
+        assert data["logps"][k][:2] == pytest.approx((c, r), abs=1e-4) and data["logps"][k][2] == digest
 
     def first_batch(**kw):
         dm = PairDataModule(str(tmp_path / "pairs"), batch_size=2, code_size=16, rank=0, world_size=1,
@@ -259,6 +259,38 @@ def test_ref_logps_stream_weights_and_fingerprint_checks(tmp_path):
     songs = [random_song(rng, f"s{i}", LYRICS[0], "rock", 5, meta={"quality": float(i)}) for i in range(3)]
     build_pairs(songs, tmp_path / "pairs", code_size=16)
     assert read_ref_logps(tmp_path / "pairs") is None
+
+
+def test_stale_reference_logps_of_rewritten_pairs_are_refused(tmp_path):
+    """Pair keys repeat whenever pairs are regenerated: reference log-probs computed for the old
+    pairs must never be served for new pairs under the same keys (the shards copied over in place,
+    as a sync tool would), and a writer that opens the folder removes the old file."""
+    import shutil
+
+    init = tiny_export(tmp_path / "init")
+    write_tiny_pairs(tmp_path / "pairs", 6, seed=1)
+    assert levo_data(["ref-logps", "--pairs", str(tmp_path / "pairs"), "--model", str(init), "--device", "cpu"]) == 0
+    write_tiny_pairs(tmp_path / "new", 6, seed=2)  # same keys p000.., other songs
+    for tar in (tmp_path / "new").glob("*.tar"):
+        shutil.copy(tar, tmp_path / "pairs" / tar.name)
+    dm = PairDataModule(str(tmp_path / "pairs"), batch_size=2, code_size=16, rank=0, world_size=1,
+                        use_ref_logps=True, ref_fingerprint=model_fingerprint(init))
+    dm.setup("fit")
+    with pytest.raises(ShardError, match="computed for another pair") as e:
+        next(iter(dm.train_dataloader()))
+    assert "p00" in str(e.value) and "recompute" in str(e.value)
+    # a file without digests (an older levo-train) cannot be tied to its pairs either
+    data = json.loads((tmp_path / "pairs" / "ref_logps.json").read_text())
+    data["logps"] = {k: v[:2] for k, v in data["logps"].items()}
+    (tmp_path / "pairs" / "ref_logps.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="without pair digests"):
+        next(iter(dm.train_dataloader()))
+    # any pair writer opening the folder drops the file
+    write_tiny_pairs(tmp_path / "pairs2", 2, seed=3)
+    assert levo_data(["ref-logps", "--pairs", str(tmp_path / "pairs2"), "--model", str(init), "--device", "cpu"]) == 0
+    with PairWriter(tmp_path / "pairs2", code_size=16, prefix="more"):
+        pass
+    assert read_ref_logps(tmp_path / "pairs2") is None
 
 
 # ----------------------------------------------------------------------------- levo-data pairs

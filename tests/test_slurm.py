@@ -171,7 +171,8 @@ def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) 
 def test_sbatch_requeue_on_usr1_resumes(tmp_path, toy_cache) -> None:
     """``scancel --signal=USR1`` (what ``--signal=USR1@120`` sends before the time limit): the ranks
     write hpc_ckpt_N.ckpt at a step boundary and the job requeues itself; it restarts with the
-    same id and run folder and resumes from that checkpoint (the newest), finishing at max_steps."""
+    same id and run folder, resumes from that checkpoint (the newest), finishes at max_steps, and
+    its final weights equal those of the same job run without preemption, bit for bit."""
     env = job_env(tmp_path / "runs")
     max_steps = 80
     overrides = [*CPU_OVERRIDES, f"data.toy.cache_dir={toy_cache}", *TINY, f"trainer.max_steps={max_steps}",
@@ -190,14 +191,24 @@ def test_sbatch_requeue_on_usr1_resumes(tmp_path, toy_cache) -> None:
     log = assert_completed(info, run_dir, job, tmp_path)
     assert info.get("Restarts") == "1", info
     hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
-    assert hpc, "Lightning wrote no hpc checkpoint on USR1"
+    assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], "no (or more than one) requeue checkpoint on USR1"
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name], "temp files left in the run folder"
     import torch
 
-    hpc_step = torch.load(hpc[-1], map_location="cpu", weights_only=False)["global_step"]
+    hpc_step = torch.load(hpc[0], map_location="cpu", weights_only=True)["global_step"]
     assert 0 < hpc_step < max_steps, hpc_step  # preempted mid-run, not at the start or the end
-    m = re.search(r"resuming from (\S+)", log)
-    assert m and (m.group(1).endswith("last.ckpt") or m.group(1) in map(str, hpc)), log[-4000:]
+    m = re.search(r"resuming from (\S+) \(step (\d+)\)", log)
+    assert m, log[-4000:]
+    assert int(m.group(2)) >= hpc_step  # the newest checkpoint of the run folder (hpc, or a later last.ckpt)
     assert "Restored all states from the checkpoint" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == max_steps
     assert (run_dir / "export" / "model.pt").is_file()
+    # exact: the same job never preempted ends with the same weights, bit for bit
+    ref_job = submit("sft.sh", SBATCH_CPU, overrides, tmp_path, env)
+    ref_dir = tmp_path / "runs" / f"levo-sft-{ref_job}"
+    assert_completed(wait_job(ref_job), ref_dir, ref_job, tmp_path)
+    wa = torch.load(ref_dir / "export" / "model.pt", weights_only=True)
+    wb = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"requeued run differs from the uninterrupted one in {len(diff)} tensors: {diff[:4]}"

@@ -61,7 +61,6 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
         PairWriter,
         condition_key,
         pair_meta,
-        remove_stale_ref_logps,
         select_pair,
         song_score,
         song_scores,
@@ -107,7 +106,6 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
         margins.append(margin)
 
     # pass 2: tokens of the selected songs; write a pair when both halves are in
-    remove_stale_ref_logps(out)
     pending: dict[int, dict[str, Song]] = {}
     written = 0
     with PairWriter(out, code_size=code_size, max_records=records_per_shard, overwrite=True) as w:

@@ -12,7 +12,10 @@ One record (webdataset sample) holds one pair sharing its conditions:
 ================  ===========================================================================
 
 Reference log-probs (``levo-data ref-logps``) live beside the shards in ``ref_logps.json``:
-``{"model": fingerprint, "stream_weights": [...], "logps": {key: [chosen, rejected]}}``.
+``{"format": 2, "model": fingerprint, "stream_weights": [...], "logps": {key: [chosen, rejected,
+digest]}}``. ``digest`` (:func:`pair_digest`) hashes the pair's tokens and conditions: keys such as
+``pair-00000000`` repeat whenever pairs are regenerated, so every batch checks that each value was
+computed for the pair it is attached to, and opening a pair folder for writing removes the file.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class PairWriter(ShardWriter):
 
     def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "pairs", **kw: Any) -> None:
         super().__init__(out_dir, prefix=prefix, **kw)
+        remove_stale_ref_logps(self.out_dir)  # computed for the pairs this folder held before
 
     def write_song(self, *a: Any, **k: Any) -> None:  # pragma: no cover - guard
         raise TypeError("PairWriter writes pairs: use write_pair()")
@@ -206,7 +210,6 @@ def build_pairs(songs: Iterable[Song], out_dir: str | os.PathLike, *, dimensions
     for s in songs:
         groups.setdefault(condition_key(s), []).append(s)
     n = 0
-    remove_stale_ref_logps(out_dir)
     with PairWriter(out_dir, code_size=code_size, max_records=records_per_shard, overwrite=True) as w:
         for gk in sorted(groups):
             sel = select_pair(groups[gk], dimensions, min_margin, require_all)
@@ -220,22 +223,67 @@ def build_pairs(songs: Iterable[Song], out_dir: str | os.PathLike, *, dimensions
 
 
 # ----------------------------------------------------------------------------- reference log-probs
+REF_LOGPS_FORMAT = 2
+#: one reference entry: (chosen log-prob, rejected log-prob, pair digest or None in old files)
+RefEntry = tuple[float, float, "str | None"]
+
+
+def pair_digest(pair: Pair) -> str:
+    """What a reference log-prob was computed for: both songs' codes and the shared lyric, style
+    and prompt (not the key, not the json), as 32 hex digits of sha256."""
+    h = hashlib.sha256()
+    for name, arr in (("chosen", pair.chosen), ("rejected", pair.rejected), ("prompt", pair.prompt)):
+        if arr is None:
+            h.update(f"{name}:none;".encode())
+            continue
+        a = np.ascontiguousarray(arr, dtype=np.int64)
+        h.update(f"{name}:{a.shape};".encode())
+        h.update(a.tobytes())
+    for name, text in (("lyric", pair.lyric), ("style", pair.style)):
+        b = text.encode("utf-8")
+        h.update(f"{name}:{len(b)};".encode())
+        h.update(b)
+    return h.hexdigest()[:32]
+
+
 def read_ref_logps(pairs_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``ref_logps.json`` of a pair folder (None when there is none), entries as :data:`RefEntry`."""
     p = Path(pairs_dir) / REF_LOGPS_NAME
     if not p.is_file():
         return None
     try:
         data = json.loads(p.read_text())
-        data["logps"] = {str(k): (float(v[0]), float(v[1])) for k, v in data["logps"].items()}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ShardError(f"malformed {REF_LOGPS_NAME} ({e}); expected {{'model', 'logps': {{key: [c, r]}}}}",
+        data["logps"] = {str(k): (float(v[0]), float(v[1]), str(v[2]) if len(v) > 2 else None)
+                         for k, v in data["logps"].items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ShardError(f"malformed {REF_LOGPS_NAME} ({e}); expected {{'model', 'logps': {{key: [c, r, digest]}}}}",
                          shard=str(p)) from None
     return data
 
 
-def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+def _ref_values(pairs: Sequence[Pair], ref: dict[str, RefEntry]) -> list[RefEntry]:
+    """The reference entries of ``pairs``, each checked against the pair's digest."""
+    vals = []
+    for p in pairs:
+        v = ref.get(p.key)
+        if v is None:
+            raise ShardError(f"no reference log-probs for this record in {REF_LOGPS_NAME}: recompute them with "
+                             "`levo-data ref-logps`", shard=p.shard or None, key=p.key)
+        if v[2] is None:
+            raise ShardError(f"{REF_LOGPS_NAME} was written without pair digests (an older levo-train), so its "
+                             "values cannot be tied to these pairs: recompute it with `levo-data ref-logps`",
+                             shard=p.shard or None, key=p.key)
+        if v[2] != pair_digest(p):
+            raise ShardError(f"the reference log-probs in {REF_LOGPS_NAME} were computed for another pair under this "
+                             "key (the pair shards were rewritten after `levo-data ref-logps`): recompute them",
+                             shard=p.shard or None, key=p.key)
+        vals.append(v)
+    return vals
+
+
+def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, RefEntry] | None = None) -> dict[str, Any]:
     """Pairs -> batch: ``chosen``/``rejected`` [B,3,T] (pad = code_size+1) with lengths, shared
-    conditions, and reference log-probs when ``ref`` is given."""
+    conditions, and reference log-probs when ``ref`` is given (each checked by its digest)."""
     def songs(attr: str) -> list[Song]:
         return [Song(p.key, getattr(p, attr), p.lyric, p.style, p.prompt, p.meta, p.shard) for p in pairs]
 
@@ -244,11 +292,7 @@ def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, tuple[fl
              "rejected_lengths": r["lengths"], "lyrics": c["lyrics"], "styles": c["styles"],
              "prompts": c["prompts"], "keys": c["keys"], "meta": c["meta"]}
     if ref is not None:
-        try:
-            vals = [ref[p.key] for p in pairs]
-        except KeyError as e:
-            raise ShardError(f"no reference log-probs for record {e.args[0]!r} in {REF_LOGPS_NAME}: "
-                             "recompute them with `levo-data ref-logps`") from None
+        vals = _ref_values(pairs, ref)
         batch["ref_chosen_logps"] = torch.tensor([v[0] for v in vals], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([v[1] for v in vals], dtype=torch.float32)
     return batch
@@ -257,7 +301,7 @@ def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, tuple[fl
 class _PairStream(_SongStream):
     """The song stream's exact-resume machinery, decoding pair records."""
 
-    def __init__(self, *, ref: dict[str, tuple[float, float]] | None = None, **kw: Any) -> None:
+    def __init__(self, *, ref: dict[str, RefEntry] | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.ref = ref
 
@@ -297,11 +341,11 @@ class PairDataModule(SongDataModule):
         self.ref_fingerprint = ref_fingerprint
         self.ref_stream_weights = list(ref_stream_weights) if ref_stream_weights is not None else None
 
-    def _ref_for(self, spec: Any) -> dict[str, tuple[float, float]] | None:
+    def _ref_for(self, spec: Any) -> dict[str, RefEntry] | None:
         if not self.use_ref_logps or spec is None:
             return None
         dirs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-        out: dict[str, tuple[float, float]] = {}
+        out: dict[str, RefEntry] = {}
         for d in dirs:
             path = Path(d) / REF_LOGPS_NAME
             data = read_ref_logps(d)
@@ -325,31 +369,16 @@ class PairDataModule(SongDataModule):
         return {"ref": self._ref_for(self.train_spec if train else self.val_spec)}
 
 
-def model_fingerprint(folder: str | os.PathLike) -> str:
-    """Identifies an export (config + weights file) for reference log-prob bookkeeping."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for name in ("config.yaml", "model.pt", "model.safetensors"):
-        p = folder / name
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{name}:{st.st_size}".encode())
-            with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-                if st.st_size > 1 << 21:
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[str, tuple[float, float]],
+def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[str, RefEntry],
                     stream_weights: Sequence[float]) -> Path:
+    """Write ``ref_logps.json`` (atomically): ``{key: (chosen, rejected, pair digest)}`` under the
+    model ``fingerprint`` and the stream weights they were summed with."""
     p = Path(pairs_dir) / REF_LOGPS_NAME
-    _write_json_atomic(p, {"model": fingerprint, "stream_weights": list(stream_weights),
-                           "logps": {k: [float(a), float(b)] for k, a, b in ((k, *v) for k, v in sorted(logps.items()))}})
+    _write_json_atomic(p, {"format": REF_LOGPS_FORMAT, "model": fingerprint, "stream_weights": list(stream_weights),
+                           "logps": {k: [float(c), float(r), str(d)] for k, (c, r, d) in sorted(logps.items())}})
     return p
 
 
-__all__ = ["PAIR_FORMAT", "REF_LOGPS_NAME", "Pair", "PairWriter", "PairDataModule", "build_pairs", "collate_pairs",
-           "condition_key", "decode_pair", "model_fingerprint", "pair_meta", "read_ref_logps", "read_index",
+__all__ = ["PAIR_FORMAT", "REF_LOGPS_FORMAT", "REF_LOGPS_NAME", "Pair", "PairWriter", "PairDataModule", "RefEntry",
+           "build_pairs", "collate_pairs", "condition_key", "decode_pair", "pair_digest", "pair_meta", "read_ref_logps", "read_index",
            "remove_stale_ref_logps", "select_pair", "song_scores", "write_ref_logps"]

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from levo_train.data.pairs import build_pairs, model_fingerprint
+from levo_train.data.pairs import build_pairs
 from levo_train.data.shards import Song
+from levo_train.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -207,23 +208,34 @@ def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
     return model.eval()
 
 
-def toy_pairs_name(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> str:
-    """Cache folder name: readable head plus a hash of every setting (and the model's fingerprint)."""
+def toy_pairs_key(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> dict[str, Any]:
+    """Everything a toy pair set is derived from: the spec, the world (seed and rules version) and,
+    for ``source="model"``, the content fingerprint of the model it was sampled from."""
     from levo_train.data.toy import TOY_WORLD_VERSION
 
-    key = {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
-           "model": fingerprint, "format": 3}
+    return {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
+            "model": fingerprint, "format": 4}
+
+
+def toy_pairs_name(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> str:
+    """Cache folder name: readable head plus a hash of :func:`toy_pairs_key`."""
+    key = toy_pairs_key(spec, world_seed, fingerprint)
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"pairs-{spec.source}-s{world_seed}-{spec.dimension}-n{spec.n_train}-{h}"
 
 
 def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(), *, world_seed: int = 0,
-                     model: str | os.PathLike | None = None, device: str | None = None) -> Path:
+                     model: str | os.PathLike | None = None, device: str | None = None,
+                     fingerprint: str | None = None) -> Path:
     """Toy pair shards (``train/``, ``val/``) built once under ``root``; ``done.json`` holds the spec,
-    the model's fingerprint and the build stats. Concurrent callers (DDP ranks) wait for one build."""
+    the model's fingerprint and the build stats, ``derived_from.json`` the inputs and file digests,
+    checked on every reuse (:func:`levo_train.data.cache.build_once`). Concurrent callers (DDP
+    ranks) wait for one build. ``fingerprint``: ``model``'s, when the caller has it already."""
     from levo_train.data.cache import build_once
 
-    fp = model_fingerprint(model) if spec.source == "model" and model is not None else None
+    fp = None
+    if spec.source == "model" and model is not None:
+        fp = fingerprint or model_fingerprint(model)
     name = toy_pairs_name(spec, world_seed, fp)
 
     def build(tmp: Path) -> None:
@@ -233,8 +245,8 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
                 **stats}
         (tmp / "done.json").write_text(json.dumps(info, indent=1))
 
-    return build_once(root, name, "done.json", build)
+    return build_once(root, name, "done.json", build, derived_from=toy_pairs_key(spec, world_seed, fp))
 
 
 __all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "tier_of_prompt",
-           "toy_candidates", "toy_pairs_name", "write_toy_pairs"]
+           "toy_candidates", "toy_pairs_key", "toy_pairs_name", "write_toy_pairs"]

@@ -186,6 +186,9 @@ class LeLMTrainModule(L.LightningModule):
             "rng": rng_state(),
             "model_config": self.model_config.to_dict(),
             "init_fingerprint": getattr(self, "init_fingerprint", None),
+            # the LR schedule this run follows: a resume continues it (levo_train.cli.resolve_schedule)
+            "schedule": {"lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                         "min_lr_ratio": self.min_lr_ratio},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

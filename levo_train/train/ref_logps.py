@@ -1,10 +1,12 @@
 """Reference log-probs of preference pairs, precomputed once so a DPO step runs one model.
 
-``ref_logps.json`` beside each pair shard folder holds ``{key: [chosen, rejected]}`` summed
-log-probs under the DPO init, computed exactly as the DPO module computes them
+``ref_logps.json`` beside each pair shard folder holds ``{key: [chosen, rejected, digest]}``:
+summed log-probs under the DPO init, computed exactly as the DPO module computes them
 (:func:`levo_train.train.dpo.pair_logps`: one forward over ``[chosen; rejected]``, shared
-conditions, no condition dropout, eval mode, no grad, fp32), plus the init's fingerprint and the
-stream weights; a DPO run with another init or other weights refuses the file. ``levo-data
+conditions, no condition dropout, eval mode, no grad, fp32), and the digest of the pair they were
+computed for (:func:`levo_train.data.pairs.pair_digest`); plus the init's fingerprint and the
+stream weights. A DPO run with another init or other weights refuses the file, and every batch
+refuses an entry whose digest is not its pair's (pairs rewritten after the file was made). ``levo-data
 ref-logps`` and ``levo-train recipe=dpo dpo.reference=precomputed`` (on toy pairs) write it.
 """
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from levo_infer.model import LeLM
-    from levo_train.data.pairs import Pair
+    from levo_train.data.pairs import Pair, RefEntry
 
 
 def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
@@ -52,17 +54,17 @@ def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
 
 
 def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int = 16,
-                      stream_weights: Sequence[float] | None = None) -> dict[str, tuple[float, float]]:
-    """``{key: (chosen, rejected)}`` summed reference log-probs of every pair in ``folder``,
-    computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in eval mode
-    without gradients."""
+                      stream_weights: Sequence[float] | None = None) -> dict[str, RefEntry]:
+    """``{key: (chosen, rejected, pair digest)}``: summed reference log-probs of every pair in
+    ``folder``, computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in
+    eval mode without gradients."""
     import torch
 
-    from levo_train.data.pairs import collate_pairs
+    from levo_train.data.pairs import collate_pairs, pair_digest
     from levo_train.train.dpo import pair_logps
 
     model.eval()
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, RefEntry] = {}
     code_size = model.cfg.lm.code_size
     for batch_pairs in _batches(iter_pairs(folder, code_size=code_size), batch_size):
         batch = collate_pairs(batch_pairs, code_size)
@@ -73,7 +75,7 @@ def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int
         for i, p in enumerate(batch_pairs):
             if p.key in out:
                 raise ValueError(f"{folder}: pair key {p.key!r} occurs twice; keys must be unique per folder")
-            out[p.key] = (vals[i], vals[B + i])
+            out[p.key] = (vals[i], vals[B + i], pair_digest(p))
     return out
 
 
@@ -92,7 +94,8 @@ def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_
     import torch
 
     from levo_infer.checkpoint import load_model
-    from levo_train.data.pairs import model_fingerprint, write_ref_logps
+    from levo_train.data.pairs import write_ref_logps
+    from levo_train.fingerprint import model_fingerprint
 
     folders = pair_dirs(pairs)
     mdir = Path(model_path)
@@ -115,19 +118,23 @@ def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_
 
 def ensure_ref_logps(folders: Sequence[str | os.PathLike], model_path: str | os.PathLike, *,
                      stream_weights: Sequence[float] | None = None, batch_size: int = 16,
-                     device: str | None = None) -> list[Path]:
-    """``ref_logps.json`` for every folder in ``folders`` under the export ``model_path``,
-    computed only where missing or made with another model or stream weights. A lock file per
-    folder makes concurrent callers (DDP ranks) compute it once. Returns the folders recomputed."""
+                     device: str | None = None, fingerprint: str | None = None) -> list[Path]:
+    """``ref_logps.json`` for every folder in ``folders`` under the export ``model_path``
+    (``fingerprint``: its :func:`~levo_train.fingerprint.model_fingerprint`, when the caller has
+    it), computed only where missing, of an older format or made with another model or stream
+    weights. A lock file per folder makes concurrent callers (DDP ranks) compute it once. Returns
+    the folders recomputed."""
     import fcntl
 
     import torch
 
     from levo_infer.checkpoint import load_model
     from levo_infer.config import load_config
-    from levo_train.data.pairs import model_fingerprint, read_ref_logps, write_ref_logps
+    from levo_train.data.pairs import REF_LOGPS_FORMAT, read_ref_logps, write_ref_logps
+    from levo_train.data.shards import ShardError
+    from levo_train.fingerprint import model_fingerprint
 
-    fp = model_fingerprint(model_path)
+    fp = fingerprint or model_fingerprint(model_path)
     K = load_config(model_path).lm.code_depth
     sw = [1.0] * K if stream_weights is None else [float(w) for w in stream_weights]
     model = None
@@ -135,8 +142,12 @@ def ensure_ref_logps(folders: Sequence[str | os.PathLike], model_path: str | os.
     for f in map(Path, folders):
         with open(f / ".ref_logps.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            data = read_ref_logps(f)
-            if data is not None and data.get("model") == fp and [float(w) for w in data.get("stream_weights") or []] == sw:
+            try:
+                data = read_ref_logps(f)
+            except ShardError:  # malformed: ours to rewrite
+                data = None
+            if (data is not None and data.get("format") == REF_LOGPS_FORMAT and data.get("model") == fp
+                    and [float(w) for w in data.get("stream_weights") or []] == sw):
                 continue
             if model is None:
                 model = load_model(model_path, device=_auto_device(device), dtype=torch.float32)
