@@ -14,16 +14,27 @@ from levo_infer.checkpoint import atomic_torch_save
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoints are intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that never leaves a half-written file: it writes a temp file in the
-    target folder, fsyncs it and renames it over the target (``os.replace`` is atomic)."""
+    target folder, fsyncs it and renames it over the target (``os.replace`` is atomic). A failed
+    write (a full disk) removes the temp file and raises :class:`CheckpointWriteError` naming the
+    file and the cause; the checkpoint it would have replaced is untouched."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(checkpoint, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(checkpoint, path)
+        except OSError as e:
+            kept = "the previous checkpoint under that name is intact" if path.exists() else "no file was left"
+            raise CheckpointWriteError(e.errno, f"writing checkpoint {path} failed ({e.strerror or e}); {kept}. "
+                                       "Free space (or fix the folder) and continue with resume=true") from e
 
 
 def clean_stale_temp_files(folder: str | os.PathLike) -> int:

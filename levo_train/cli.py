@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ main overrides:
   recipe=NAME                 which recipe to run (required)
   run_dir=PATH                output folder (default runs/<recipe>-<time>, or $LEVO_RUNS/...)
   model.init=PATH             start from a released model folder or a levo-train export
+  model.strict=true           unknown or missing keys in its config.yaml are errors (default: warnings)
   data.train=DIR data.val=DIR shard folders (default: the built-in toy song world)
   data.batch_size=N           per-device batch size
   optim.lr=X                  peak learning rate (warmup + cosine)
@@ -133,10 +135,11 @@ def check_init_path(init: str) -> Path:
 def build_model_config(cfg: DictConfig):  # -> ModelConfig
     from levo_infer.config import load_config, make_config
 
+    strict = bool(cfg.model.get("strict", False))
     if cfg.model.get("init"):
-        return load_config(check_init_path(str(cfg.model.init)))
+        return load_config(check_init_path(str(cfg.model.init)), strict=strict)
     if cfg.model.get("config_file"):
-        return load_config(str(cfg.model.config_file))
+        return load_config(str(cfg.model.config_file), strict=strict)
     return make_config(**OmegaConf.to_container(cfg.model.config, resolve=True))
 
 
@@ -153,7 +156,10 @@ def check_init_overrides(cfg: DictConfig, argv: list[str]) -> None:
     asked = {name for name, _, _ in config_differences(make_config(**OmegaConf.to_container(base.model.config,
                                                                                              resolve=True)), want)}
     init = check_init_path(str(cfg.model.init))
-    for name, have, wanted in config_differences(load_config(init), want):
+    with warnings.catch_warnings():  # build_model_config reports the init's config problems once
+        warnings.simplefilter("ignore")
+        init_config = load_config(init)
+    for name, have, wanted in config_differences(init_config, want):
         if name in asked:
             raise UsageError(f"model.init={init} is a model with {name}={have!r}, but {' '.join(ovr)} asks for "
                              f"{wanted!r}: the init's config.yaml decides the model; drop the model.config "
@@ -398,7 +404,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=int(cfg.checkpoint.every_n_steps), save_top_k=int(cfg.checkpoint.keep_last),
-                        monitor="step", mode="max", save_last=True),
+                        monitor="step", mode="max", save_last=True,
+                        # step-named files never collide; last.ckpt is always replaced (never last-v1.ckpt)
+                        enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
     ]
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
@@ -575,13 +583,23 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"levo-train: error: {e.msg}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except OSError as e:
+        from levo_train.checkpointing import CheckpointWriteError
+
+        if isinstance(e, CheckpointWriteError):
+            print(f"levo-train: error: {e.strerror}", file=sys.stderr)
+            return 1
+        if not isinstance(e, FileNotFoundError):
+            raise
+        print(f"levo-train: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         from levo_infer.checkpoint import CheckpointError
         from levo_infer.config import ConfigError
         from levo_train.data.cache import CacheError
         from levo_train.data.shards import ShardError
 
-        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError, FileNotFoundError)):
+        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError)):
             print(f"levo-train: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -42,7 +42,7 @@ def test_sft_toy_export_reloads(tmp_path, cache):
     exp = rd / "export"
     assert (exp / "model.pt").is_file() and (exp / "config.yaml").is_file()
     model = load_model(exp)  # every key checked
-    ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     from levo_infer.model import LeLM
 
     ref = LeLM(model.cfg)
@@ -92,7 +92,7 @@ def test_sigkill_then_resume(tmp_path, cache):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    ck = torch.load(last, weights_only=False, map_location="cpu")  # complete, loadable
+    ck = torch.load(last, weights_only=True, map_location="cpu")  # complete, loadable
     step = ck["global_step"]
     assert step >= 5 and step % 5 == 0
     assert run_cli(base(cache, rd, f"trainer.max_steps={step + 5}", "resume=true", "checkpoint.every_n_steps=5",
@@ -146,3 +146,21 @@ def test_help_lists_recipes(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "recipe=NAME" in out and "sft" in out and "trainer.max_steps" in out
+
+
+def test_init_config_unknown_keys_warn_and_fail_under_strict(tmp_path, cache, capsys):
+    """A misspelled key in model.init's config.yaml: a warning naming it (the run goes on), an
+    error under model.strict=true."""
+    rd0 = tmp_path / "init"
+    assert run_cli(base(cache, rd0, "trainer.max_steps=1", "trainer.val_check_interval=1000")) == 0
+    cfg = rd0 / "export" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("lm:\n", "lm:\n  rope_thetta: 5000.0\n", 1))
+    capsys.readouterr()
+    args = base(cache, tmp_path / "a", f"model.init={rd0 / 'export'}", "trainer.max_steps=1",
+                "trainer.val_check_interval=1000")
+    with pytest.warns(UserWarning, match="rope_thetta"):
+        assert run_cli(args) == 0
+    assert run_cli([*base(cache, tmp_path / "b", f"model.init={rd0 / 'export'}", "trainer.max_steps=1"),
+                    "model.strict=true"]) == 2
+    err = capsys.readouterr().err
+    assert "rope_thetta" in err and "config.yaml" in err

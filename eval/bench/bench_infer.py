@@ -8,7 +8,7 @@
 (b) checkpoint loading memory: writes a ~1 GB released-format folder (``config.yaml`` + flat
     ``audiolm.*`` ``model.pt``, bf16, released key names and table sizes) to a temp folder and
     measures the peak resident memory of a fresh process that loads it with ``load_model``
-    (mmap + meta device) against the file size (peak = VmHWM of the child), next to a released-style load (``torch.load``
+    (mmap + meta device) against the file size (peak = VmHWM of the child), next to our re-creation of the released load (not the released code: ``torch.load``
     into memory + ``load_state_dict`` into an initialised fp32 model).
 
     python eval/bench/bench_infer.py [--skip-gen] [--skip-load] [--threads 1] [--json out.json]
@@ -115,7 +115,7 @@ CHILD = textwrap.dedent("""
         LeLM(cfg)
     base = rss()
     out = {}
-    if mode == 'released-style':   # torch.load into memory + load_state_dict into an initialised fp32 model
+    if mode == 'recreated-released-load':   # torch.load into memory + load_state_dict into an initialised fp32 model
         sd = torch.load(folder + '/model.pt', map_location='cpu', weights_only=True)
         m = LeLM(cfg)
         m.load_state_dict({k[8:]: v for k, v in sd.items()}, strict=False)
@@ -149,7 +149,7 @@ def bench_loading(args: argparse.Namespace) -> list[dict]:
                                             args.load_layers_sub)
         print(f"(b) loading: wrote {size / 2**30:.2f} GiB released-format model.pt (dim {args.load_dim}, layers "
               f"{args.load_layers}+{args.load_layers_sub}, bf16) in {time.perf_counter() - t0:.1f} s", flush=True)
-        for mode in ("bf16-mmap", "fp32-convert", "released-style"):
+        for mode in ("bf16-mmap", "fp32-convert", "recreated-released-load"):
             r = measure_child(mode, folder)
             row = {"mode": mode, "file_gib": round(size / 2**30, 3),
                    **{k: round(v / 2**30, 3) for k, v in r.items()},

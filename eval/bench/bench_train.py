@@ -2,7 +2,7 @@
 
 Compares, on the same LeLM weights and batch, one optimiser step of
   * ours: SDPA attention, logits only at target positions and only for the three used heads;
-  * naive: a released-style step — eager attention, logits for every prefix+step position from
+  * naive: our re-creation of the released step (not the released code) — eager attention, logits for every prefix+step position from
     all heads (including the unused ``transformer2.lm_head``), a full fp32 copy of the
     [B, K, S, V] logits, pattern reverted on the logits, masked CE.
 Also measures data-loader throughput on toy-world shards against the model's consumption.

@@ -89,7 +89,8 @@ for name, extra in (("cli_plain", []), ("cli_lowmem", ["--low-mem"])):
                        capture_output=True, text=True)
     res[name + "_rc"] = p.returncode
     res[name + "_stderr"] = p.stderr[-800:]
-same = all(torch.equal(torch.load(f"/tmp/cli_plain/tokens/s{i}.pt"), torch.load(f"/tmp/cli_lowmem/tokens/s{i}.pt"))
+same = all(torch.equal(torch.load(f"/tmp/cli_plain/tokens/s{i}.pt", weights_only=True),
+                     torch.load(f"/tmp/cli_lowmem/tokens/s{i}.pt", weights_only=True))
            for i in range(3)) if res["cli_plain_rc"] == 0 and res["cli_lowmem_rc"] == 0 else False
 res["cli_lowmem_same_tokens"] = same
 print(json.dumps(res, indent=1))
