@@ -68,10 +68,12 @@ def toy_cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def toy_sft_export(toy_cache_dir, tmp_path_factory) -> Path:
-    """A briefly SFT-trained tiny toy model's export (DPO init, levo-eval subject)."""
+    """A briefly SFT-trained tiny toy model's export (DPO init, levo-eval subject). 600 steps: its
+    samples must be songs (quality spread >= 0.05 between a prompt's samples) for toy pairs, since
+    the length-aware world scores the fragments of a barely trained model ~0."""
     from levo_train.cli import main
 
     rd = tmp_path_factory.mktemp("sft")
-    assert main(["recipe=sft", f"run_dir={rd}", f"data.toy.cache_dir={toy_cache_dir}", *TINY, "trainer.max_steps=24",
+    assert main(["recipe=sft", f"run_dir={rd}", f"data.toy.cache_dir={toy_cache_dir}", *TINY, "trainer.max_steps=600",
                  "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "optim.lr=3e-3"]) == 0
     return rd / "export"

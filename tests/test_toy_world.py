@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from levo_infer.lyrics import STRUCTURE_TAGS, normalize_lyrics, split_sections
+from levo_train.data.cache import CacheError
 from levo_train.data.shards import iter_songs
 from levo_train.data.toy import (
     DIMENSIONS,
     GENRES,
+    LENGTH_BAND,
     LYRIC_WORDS,
     MOODS,
     TIERS,
@@ -89,16 +91,23 @@ def test_conditions_determine_tokens(world, conds):
 @pytest.mark.parametrize("dim", DIMENSIONS)
 def test_each_corruption_lowers_its_own_dimension(world, conds, dim):
     rng = np.random.default_rng(1)
-    drops = []
+    lo, hi = LENGTH_BAND
+    drops, in_band = [], 0
     for c in conds[:40]:
         tokens = world.render(c, {dim: 0.3}, rng)
         s = world.score(tokens, c.lyric, c.style_base)
         assert s[dim] < 1.0, (dim, c.lyric)
-        assert all(s[o] == 1.0 for o in DIMENSIONS if o != dim), (dim, s)
+        # the other dimensions stay exact; a word or section edit that takes the song out of its
+        # lyric's length band scales every dimension by the same length factor
+        ratio = tokens.shape[1] / world.expected_length(c.lyric)
+        factor = min(1.0, ratio / lo, hi / ratio)
+        in_band += factor == 1.0
+        assert all(s[o] == pytest.approx(factor, abs=1e-12) for o in DIMENSIONS if o != dim), (dim, s, ratio)
         drops.append(1.0 - s[dim])
         if dim == "lyrics":
             assert world.per(tokens, c.lyric) > 0
     assert np.mean(drops) > 0.1
+    assert in_band >= 32
     # higher rates hurt more
     worse = [world.score(world.render(c, {dim: 0.9}, rng), c.lyric, c.style_base)[dim] for c in conds[:40]]
     assert np.mean(worse) < 1.0 - np.mean(drops)
@@ -240,7 +249,7 @@ def test_write_and_ensure_toy_dataset(tmp_path, world):
         assert (again / "train" / name).read_bytes() == (path / "train" / name).read_bytes()
     # a directory under the final name without toy_world.json is never used
     (root / toy_dataset_name(1, 100, 10)).mkdir()
-    with pytest.raises(RuntimeError, match="not a complete build; remove it"):
+    with pytest.raises(CacheError, match="not a complete build; remove it"):
         ensure_toy_dataset(root, seed=1, n_train=100, n_val=10)
 
 
@@ -317,3 +326,92 @@ def test_build_once_builds_once_for_racing_processes(tmp_path):
         build_once(tmp_path / "c", "other", "done", broken)
     assert not (tmp_path / "c" / "other").exists()
     assert not [p for p in (tmp_path / "c").iterdir() if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------------- length-aware scores (issue 9, item 10)
+@pytest.fixture(scope="module")
+def held(world):
+    """Eight held-out conditions plus the first held-out one with a [silence] section."""
+    pool = world.heldout_conditions(400, seed=11)
+    with_silence = next(c for c in pool if "[silence]" in c.lyric)
+    return [*pool[:8], with_silence]
+
+
+def _degenerate_songs(world: ToyWorld, clean: np.ndarray) -> dict[str, np.ndarray]:
+    """Songs that are not songs: what a collapsed model emits."""
+    n = clean.shape[1]
+    silence = np.stack([world.mix_code(np.zeros(n, np.int64), np.full(n, 48)), np.zeros(n, np.int64),
+                        np.full(n, 48)])
+    cases = {"one_frame": clean[:, :1], "silence": silence, "eos_only": np.zeros((3, 0), np.int64)}
+    for code in (0, 1, 2, 5, 7, 8, 20, 33, 47, 48, 63):  # every stream the same code, at the clean length
+        cases[f"code_{code}"] = np.full((3, n), code, dtype=np.int64)
+    return cases
+
+
+def test_degenerate_songs_score_low_on_every_dimension(world, held):
+    """A 1-frame song, silence, one repeated code or EOS only scores <= 0.3 on EVERY dimension
+    (per-frame shares used to give harmony and mix 1.0 to a 1-frame song: quality 0.515)."""
+    for c in held:
+        clean = world.render(c)
+        style = c.style()
+        assert world.score(clean, c.lyric, style) == {**dict.fromkeys(DIMENSIONS, 1.0), "quality": 1.0}
+        for name, toks in _degenerate_songs(world, clean).items():
+            s = world.score(toks, c.lyric, style)
+            assert all(s[d] <= 0.3 for d in DIMENSIONS), (name, c.lyric, s)
+            assert s["quality"] <= 0.2, (name, c.lyric, s)
+
+
+def test_truncated_and_overlong_songs_score_in_proportion(world, held):
+    """A song cut to its first quarter keeps at most about a quarter of any dimension; a clean song
+    followed by a long tail of junk, silence, a held frame, a repeated code or itself scores low on
+    every dimension (a longer song than its lyric asks for is penalised too)."""
+    lo, _hi = LENGTH_BAND
+    rng = np.random.default_rng(3)
+    for c in held:
+        clean = world.render(c)
+        style, n = c.style(), clean.shape[1]
+        assert world.expected_length(c.lyric) == n
+        cut = world.score(clean[:, : n // 4], c.lyric, style)
+        assert all(cut[d] <= 0.25 / lo + 1e-9 for d in DIMENSIONS), (c.lyric, cut)
+        # more of the song never scores less on the per-frame dimensions
+        parts = [world.score(clean[:, : n * k // 4], c.lyric, style) for k in (1, 2, 3, 4)]
+        for d in ("harmony", "mix", "quality"):
+            assert all(a[d] <= b[d] for a, b in zip(parts, parts[1:])), (d, parts)
+        tails = {
+            "junk": rng.integers(0, TOY_CODE_SIZE, size=(3, 4 * n)),
+            "silence": np.repeat(_degenerate_songs(world, clean)["silence"][:, :1], 4 * n, axis=1),
+            "held_last_frame": np.repeat(clean[:, -1:], 4 * n, axis=1),
+            "itself": np.tile(clean, (1, 4)),
+            **{f"code_{k}": np.full((3, 4 * n), k) for k in (0, 2, 9, 40)},
+        }
+        for name, tail in tails.items():
+            s = world.score(np.concatenate([clean, tail], axis=1), c.lyric, style)
+            assert all(s[d] <= 0.3 for d in DIMENSIONS), (name, c.lyric, s)
+
+
+def test_silence_counts_only_where_the_lyric_has_it(world, held):
+    """bgm silence is harmonious only in [silence] sections (a longer [silence], as structure errors
+    make it, is still harmonious); silence elsewhere counts for neither harmony nor mix."""
+    c = held[-1]
+    assert "[silence]" in c.lyric
+    clean = world.render(c)
+    style = c.style()
+    sil = np.flatnonzero(clean[2] == 48)
+    assert len(sil) == 2
+    frame = clean[:, sil[:1]]
+    longer = np.concatenate([clean[:, : sil[-1] + 1], np.repeat(frame, 6, axis=1), clean[:, sil[-1] + 1 :]], axis=1)
+    s = world.score(longer, c.lyric, style)
+    assert s["harmony"] == 1.0 and s["mix"] == 1.0 and s["structure"] < 1.0
+    # the same silence without a [silence] section in the lyric: 2 bad frames for harmony and mix
+    other = next(o for o in held if "[silence]" not in o.lyric)
+    oc = world.render(other)
+    k = oc.shape[1] // 2
+    gap = np.concatenate([oc[:, :k], np.repeat(frame, 2, axis=1), oc[:, k:]], axis=1)
+    s = world.score(gap, other.lyric, other.style())
+    assert s["harmony"] < 1.0 and s["mix"] < 1.0
+
+
+def test_dataset_songs_lie_within_the_length_band(world, songs):
+    lo, hi = LENGTH_BAND
+    for _key, tokens, lyric, _style, _meta in songs:
+        assert lo <= tokens.shape[1] / world.expected_length(lyric) <= hi

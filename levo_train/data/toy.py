@@ -19,22 +19,35 @@ Code allocation (each stream has its own 64-code table, as in LeLM):
   word is sung, else the bgm loop symbol (silent vocal) or a boundary code. Stream 0 has no delay
   in LeLM, so it carries the exact lyric position; the delayed vocal/bgm streams follow from it.
 
-Hidden quality, per dimension in [0, 1], for ANY ``[3, T']`` (alignment based, never crashes):
+Hidden quality, per dimension in [0, 1], for ANY ``[3, T]`` (alignment based, never crashes). Every
+dimension is judged against the lyric's expected length ``E`` (the frame count of its clean
+rendering): a song of ``T`` frames inside :data:`LENGTH_BAND` ``[0.8 E, 1.25 E]`` is judged on its
+content alone; outside it every dimension is multiplied by the length factor
+``min(T / (0.8 E), 1.25 E / T)`` (a quarter of the song keeps at most 0.3125 of any dimension, five
+times the song at most 0.25; T = 0 scores 0). Two kinds of frame carry no sound: a *held* frame
+(all three streams repeat the previous frame outside bgm silence: no loop holds a code) and bgm
+silence outside an *allowed* run (bgm silence is allowed only in runs that open a section, right
+after a section-start frame, for at most :data:`MAX_INST_FRAMES` frames per ``[silence]`` of the
+lyric). So a 1-frame song, silence, one repeated code or EOS only scores near 0 everywhere.
 
 * ``lyrics``: ``1 - min(1, PER)``; PER = word edit distance between the words decoded from the
   vocal stream (a word counts only when its full pattern is present) and the lyric's words.
 * ``structure``: ``1 - edit_distance / len(expected)`` between the vocal "skeleton" (per frame:
-  silence / sentence boundary / section start / junk, with each run of well-formed words collapsed
-  to one symbol) and the skeleton of the clean rendering of the lyric.
-* ``harmony``: share of frames whose bgm code belongs to the style's genre/mood group and follows
-  the loop from the previous frame (re-entry after bgm silence allowed; silence only where the
-  lyric has ``[silence]``).
-* ``mix``: share of frames with ``mixed == f(vocal, bgm)``.
+  instrumental / quiet (vocal and bgm silent) / sentence boundary / section start / junk (incl.
+  held frames), with each run of well-formed words collapsed to one symbol) and the skeleton of
+  the clean rendering of the lyric.
+* ``harmony``: frames whose bgm code belongs to the style's genre/mood group and follows the loop
+  from the previous frame (re-entry after allowed silence), plus allowed bgm-silence frames, over
+  ``T``.
+* ``mix``: frames with ``mixed == f(vocal, bgm)`` that are neither held nor bgm silence outside an
+  allowed run, over ``T``.
 * ``quality`` = the unweighted mean of the four dimensions.
 
 Data set: each song is clean or corrupted per dimension independently (see :data:`CORRUPTION`):
 lyric words substituted / dropped / repeated, sections resized / duplicated / removed and
-boundaries dropped / inserted / gaps inserted, bgm codes replaced off-pattern, mixed codes broken.
+boundaries dropped / inserted / gaps inserted, bgm codes replaced off-pattern (never by the previous
+frame's code), mixed codes broken. Songs stay inside their length band, so corrupting one dimension
+leaves the others at exactly 1.0.
 The musicality tier is derived, with Gaussian noise, from ``(harmony + mix) / 2`` only -- lyric
 adherence and structure are revealed by no tag -- and about half the songs carry lyric errors, so a
 model trained on everything and sampled with the top tier stays below clean quality.
@@ -60,6 +73,7 @@ __all__ = [
     "TOY_FRAME_RATE",
     "TOY_WORLD_VERSION",
     "DIMENSIONS",
+    "LENGTH_BAND",
     "TIERS",
     "LYRIC_WORDS",
     "GENRES",
@@ -75,7 +89,7 @@ __all__ = [
 TOY_CODE_SIZE = 64
 TOY_FRAME_RATE = 25
 #: Bump when the world's rules change: cached data sets are keyed by it.
-TOY_WORLD_VERSION = 2
+TOY_WORLD_VERSION = 3
 DIMENSIONS: tuple[str, ...] = ("lyrics", "structure", "harmony", "mix")
 #: Musicality tiers, best first; the tag is ``[Musicality-<tier>]``.
 TIERS: tuple[str, ...] = ("very-high", "high", "medium", "low", "very-low")
@@ -108,9 +122,16 @@ V_WORD0 = 8  # first word code; 3..7 are unused vocal codes
 B_SILENCE = 48
 INST_FRAMES = {"short": 2, "medium": 4, "long": 6}
 SILENCE_FRAMES = 2
+#: The longest instrumental or [silence] section the world renders (structure errors resize to it).
+MAX_INST_FRAMES = 8
 MIN_FRAMES, MAX_CLEAN_FRAMES, MAX_FRAMES = 20, 64, 75
-# skeleton symbols
-_SK_I, _SK_S, _SK_B, _SK_W, _SK_X = 0, 1, 2, 3, 4
+#: Length band around a lyric's expected length E (its clean rendering's frame count): a song of
+#: T frames in [lo*E, hi*E] is judged on its content alone; outside it every dimension is scaled by
+#: ``min(T / (lo*E), hi*E / T)``. Data-set songs are kept inside the band.
+LENGTH_BAND: tuple[float, float] = (0.8, 1.25)
+# skeleton symbols: instrumental (vocal silent, bgm playing), sentence, section, word run, junk,
+# quiet (vocal and bgm silent)
+_SK_I, _SK_S, _SK_B, _SK_W, _SK_X, _SK_Q = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -141,6 +162,16 @@ def style_text(base: str, tier: str | None) -> str:
         raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}, 'top' or 'none'")
     tag = f"[Musicality-{tier}]"
     return f"{tag}, {base}" if base else tag
+
+
+@dataclass(frozen=True)
+class _LyricInfo:
+    """What scoring needs from a lyric: word ids, clean skeleton, [silence] count, clean length."""
+
+    ref: np.ndarray
+    skeleton: np.ndarray
+    n_silence: int
+    length: int
 
 
 def _tier_of(musical: float) -> str:
@@ -210,7 +241,7 @@ class ToyWorld:
                 for k, s in enumerate(loop):
                     self._bgm_group[base + s] = 3 * g + m
                     self._bgm_next[base + s] = base + loop[(k + 1) % len(loop)]
-        self._lyric_cache: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        self._lyric_cache: dict[str, _LyricInfo] = {}
 
     # ------------------------------------------------------------------ text side
     def vocabulary(self) -> list[str]:
@@ -226,6 +257,13 @@ class ToyWorld:
             "frame_rate": TOY_FRAME_RATE,
             "dimensions": list(DIMENSIONS),
             "quality": "mean of dimensions",
+            "length": {
+                "expected": "frames of the lyric's clean rendering (E)",
+                "band": list(LENGTH_BAND),
+                "factor": "min(1, T/(band[0]*E), band[1]*E/T), multiplies every dimension",
+                "silence": f"bgm silence in runs right after a section start, <= {MAX_INST_FRAMES} frames per [silence]",
+                "held": "a frame repeating the previous one in all streams (outside bgm silence) counts as junk",
+            },
             "vocal_codes": {"silence": V_SILENCE, "sentence": V_SENTENCE, "section": V_SECTION},
             "words": {
                 w: {
@@ -358,7 +396,7 @@ class ToyWorld:
                     if not skel or skel[-1] != _SK_W:
                         skel.append(_SK_W)
                 elif kind == "I":
-                    skel.extend([_SK_I] * it[1])
+                    skel.extend([_SK_Q if it[2] else _SK_I] * it[1])
                 else:
                     skel.append(_SK_B if kind == "B" else _SK_S)
         return skel
@@ -415,6 +453,11 @@ class ToyWorld:
                 [c for c in range(TOY_CODE_SIZE) if self._bgm_group[c] != group and c != B_SILENCE]
             )
             bgm[hit] = rng.choice(off, size=int(hit.sum()))
+            # a replaced code is a wrong note, never a held one (no loop holds a code, and a frame
+            # that repeats the previous one in every stream counts as dead air for mix and structure)
+            for t in np.flatnonzero(hit[1:] & hit[:-1]) + 1:
+                if bgm[t] == bgm[t - 1]:
+                    bgm[t] = off[(int(np.searchsorted(off, bgm[t])) + 1) % len(off)]
         mixed = self.mix_code(vocal, bgm)
         rate = float(corruption.get("mix", 0))
         if rate > 0 and n:
@@ -460,7 +503,7 @@ class ToyWorld:
                 if sec[1][0] == "I":  # instrumental / silence section
                     op = int(rng.integers(3))
                     if op == 0:
-                        sizes = [n for n in (*INST_FRAMES.values(), 8) if n != sec[1][1]]
+                        sizes = [n for n in (*INST_FRAMES.values(), MAX_INST_FRAMES) if n != sec[1][1]]
                         sec[1] = ("I", sizes[int(rng.integers(len(sizes)))], sec[1][2])
                         out.append(sec)
                     elif op == 1:
@@ -487,7 +530,7 @@ class ToyWorld:
         return [items[0][1:], *items[1:]]
 
     # ------------------------------------------------------------------ scoring
-    def _lyric_info(self, lyric: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _lyric_info(self, lyric: str) -> _LyricInfo:
         info = self._lyric_cache.get(lyric)
         if info is None:
             sections = split_sections(lyric)
@@ -497,15 +540,29 @@ class ToyWorld:
             )
             known = [(t, [[w for w in s if w in self.word_index] for s in sents]) for t, sents in sections]
             skeleton = self._skeleton_of_items([self._section_items(t, s) for t, s in known])
-            has_silence = any(t == "[silence]" for t, _ in sections)
-            info = (ref, np.asarray(skeleton, dtype=np.int64), has_silence)
+            n_silence = sum(t == "[silence]" for t, _ in sections)
+            info = _LyricInfo(ref, np.asarray(skeleton, dtype=np.int64), n_silence, self._clean_length(known))
             if len(self._lyric_cache) > 100_000:
                 self._lyric_cache.clear()
             self._lyric_cache[lyric] = info
         return info
 
-    def _decode(self, vocal: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Vocal codes -> (word ids, skeleton). A word needs its complete pattern."""
+    def expected_length(self, lyric: str) -> int:
+        """Frames of the lyric's clean rendering: the length every dimension is judged against."""
+        return self._lyric_info(lyric).length
+
+    @staticmethod
+    def length_factor(n_frames: int, expected: int) -> float:
+        """1 inside :data:`LENGTH_BAND` around ``expected``, else ``min(T/(lo*E), hi*E/T)``."""
+        if expected <= 0:
+            return 1.0
+        lo, hi = LENGTH_BAND
+        return float(min(1.0, n_frames / (lo * expected), hi * expected / max(n_frames, 1)))
+
+    def _decode(self, vocal: Sequence[int], held: Sequence[bool] = (),
+                quiet: Sequence[bool] = ()) -> tuple[list[int], list[int]]:
+        """Vocal codes -> (word ids, skeleton). A word needs its complete pattern; a frame that holds
+        the previous one in every stream is junk, a silent-vocal frame over bgm silence is quiet."""
         words: list[int] = []
         skel: list[int] = []
         t, n = 0, len(vocal)
@@ -513,7 +570,9 @@ class ToyWorld:
         while t < n:
             c = vocal[t]
             wi = onset_word.get(c)
-            if wi is not None:
+            if held and held[t]:
+                skel.append(_SK_X)
+            elif wi is not None:
                 L = int(wlen[wi])
                 b = int(body[wi])
                 if t + L <= n and all(vocal[t + k] == b for k in range(1, L)):
@@ -524,7 +583,7 @@ class ToyWorld:
                     continue
                 skel.append(_SK_X)
             elif c == V_SILENCE:
-                skel.append(_SK_I)
+                skel.append(_SK_Q if quiet and quiet[t] else _SK_I)
             elif c == V_SENTENCE:
                 skel.append(_SK_S)
             elif c == V_SECTION:
@@ -541,33 +600,58 @@ class ToyWorld:
         mood = next((w for w in words if w in MOODS), None)
         return genre, mood
 
-    def _harmony(self, bgm: np.ndarray, style: str, has_silence: bool) -> float:
-        n = len(bgm)
+    @staticmethod
+    def _frame_masks(tokens: np.ndarray, n_silence: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per frame: (held: all three streams repeat the previous frame, outside bgm silence;
+        bgm silence; allowed silence: bgm silence in runs that open a section, right after a
+        section-start frame, at most :data:`MAX_INST_FRAMES` frames per [silence] of the lyric)."""
+        m, v, b = tokens
+        n = tokens.shape[1]
+        is_sil = b == B_SILENCE
+        held = np.zeros(n, dtype=bool)
+        if n > 1:
+            held[1:] = (tokens[:, 1:] == tokens[:, :-1]).all(axis=0) & ~is_sil[1:]
+        allowed = np.zeros(n, dtype=bool)
+        if n_silence and is_sil.any():
+            prev_sil = np.concatenate([[False], is_sil[:-1]])
+            prev_v = np.concatenate([[-1], v[:-1]])
+            start = is_sil & ~prev_sil
+            run = np.cumsum(start)
+            opens = np.zeros(int(run[-1]) + 1, dtype=bool)
+            opens[run[start]] = prev_v[start] == V_SECTION
+            allowed = is_sil & opens[run]
+            allowed &= np.cumsum(allowed) <= MAX_INST_FRAMES * n_silence
+        return held, is_sil, allowed
+
+    def _harmony_frames(self, b: np.ndarray, style: str, allowed_sil: np.ndarray) -> int:
+        """Frames whose bgm code is in the style's group and follows the loop from the previous
+        frame (any group code may re-enter after allowed silence), plus allowed silence frames."""
+        n = len(b)
         if n == 0:
-            return 0.0
+            return 0
         genre, mood = self._parse_style(style)
         gs = [GENRES.index(genre)] if genre else range(len(GENRES))
         ms = [MOODS.index(mood)] if mood else range(len(MOODS))
-        allowed = np.zeros(TOY_CODE_SIZE + 1, dtype=bool)  # last slot: out-of-range codes
+        group = np.zeros(TOY_CODE_SIZE + 1, dtype=bool)  # last slot: out-of-range codes
         for g in gs:
             for m in ms:
-                allowed[:TOY_CODE_SIZE] |= self._bgm_group == 3 * g + m
-        b = np.where((bgm >= 0) & (bgm < TOY_CODE_SIZE), bgm, TOY_CODE_SIZE)
-        is_sil = b == B_SILENCE
-        ok = allowed[b] | (is_sil & has_silence)
+                group[:TOY_CODE_SIZE] |= self._bgm_group == 3 * g + m
+        b = np.where((b >= 0) & (b < TOY_CODE_SIZE), b, TOY_CODE_SIZE)
         nxt = np.append(self._bgm_next, -1)
         follows = np.ones(n, dtype=bool)
-        if n > 1:
-            prev = b[:-1]
-            follows[1:] = (nxt[prev] == b[1:]) | (prev == B_SILENCE) | is_sil[1:]
-        return float(np.mean(ok & follows))
+        follows[1:] = (nxt[b[:-1]] == b[1:]) | allowed_sil[:-1]
+        return int(np.count_nonzero((group[b] & follows) | allowed_sil))
 
-    def _mix(self, tokens: np.ndarray) -> float:
+    def _mix_frames(self, tokens: np.ndarray, held: np.ndarray, is_sil: np.ndarray,
+                    allowed_sil: np.ndarray) -> int:
+        """Frames with ``mixed == f(vocal, bgm)`` that carry sound: not held, bgm silence only
+        where allowed."""
         if tokens.shape[1] == 0:
-            return 0.0
+            return 0
         m, v, b = tokens
         in_range = ((tokens >= 0) & (tokens < TOY_CODE_SIZE)).all(axis=0)
-        return float(np.mean(in_range & (m == self.mix_code(v, b))))
+        live = np.where(is_sil, allowed_sil, ~held)
+        return int(np.count_nonzero(in_range & (m == self.mix_code(v, b)) & live))
 
     @staticmethod
     def _as_tokens(tokens: Any) -> np.ndarray:
@@ -587,18 +671,20 @@ class ToyWorld:
     def _score_batch(
         self, items: Sequence[tuple[Any, str, str]]
     ) -> tuple[list[dict[str, float]], np.ndarray]:
-        toks, decoded, skels, refs, exps, harm, mix = [], [], [], [], [], [], []
+        decoded, skels, refs, exps, harm, mix, lengths, factors = [], [], [], [], [], [], [], []
         for tokens, lyric, style in items:
             arr = self._as_tokens(tokens)
-            ref, exp_skel, has_silence = self._lyric_info(lyric)
-            words, skel = self._decode(arr[1].tolist())
-            toks.append(arr)
+            info = self._lyric_info(lyric)
+            held, is_sil, allowed = self._frame_masks(arr, info.n_silence)
+            words, skel = self._decode(arr[1].tolist(), held.tolist(), (is_sil & (arr[1] == V_SILENCE)).tolist())
             decoded.append(words)
             skels.append(skel)
-            refs.append(ref)
-            exps.append(exp_skel)
-            harm.append(self._harmony(arr[2], style or "", has_silence))
-            mix.append(self._mix(arr))
+            refs.append(info.ref)
+            exps.append(info.skeleton)
+            harm.append(self._harmony_frames(arr[2], style or "", allowed))
+            mix.append(self._mix_frames(arr, held, is_sil, allowed))
+            lengths.append(arr.shape[1])
+            factors.append(self.length_factor(arr.shape[1], info.length))
         word_ed = _edit_distances(decoded, refs)
         skel_ed = _edit_distances(skels, exps)
         results, pers = [], np.zeros(len(items))
@@ -607,11 +693,12 @@ class ToyWorld:
             per = word_ed[k] / n_ref if n_ref else float(len(decoded[k]) > 0)
             pers[k] = per
             n_exp = max(1, len(exps[k]))
+            n, lam = lengths[k], factors[k]
             d = {
-                "lyrics": float(max(0.0, 1.0 - per)),
-                "structure": float(max(0.0, 1.0 - skel_ed[k] / n_exp)),
-                "harmony": harm[k],
-                "mix": mix[k],
+                "lyrics": float(max(0.0, 1.0 - per) * lam),
+                "structure": float(max(0.0, 1.0 - skel_ed[k] / n_exp) * lam),
+                "harmony": float(harm[k] / n * lam) if n else 0.0,
+                "mix": float(mix[k] / n * lam) if n else 0.0,
             }
             d["quality"] = float(np.mean([d[k2] for k2 in DIMENSIONS]))
             results.append(d)
@@ -647,11 +734,12 @@ class ToyWorld:
         """
         conds, corrs, toks = [], [], []
         for _ in range(n):
-            while True:  # keep every song within [MIN_FRAMES, MAX_FRAMES]
+            while True:  # keep every song within [MIN_FRAMES, MAX_FRAMES] and its length band
                 cond = self.sample_condition(rng, heldout=heldout)
                 corr = self.sample_corruption(rng)
                 tokens = self.render(cond, corr, rng)
-                if MIN_FRAMES <= tokens.shape[1] <= MAX_FRAMES:
+                t = tokens.shape[1]
+                if MIN_FRAMES <= t <= MAX_FRAMES and self.length_factor(t, self._clean_length(cond.sections)) == 1.0:
                     break
             toks.append(tokens)
             conds.append(cond)
