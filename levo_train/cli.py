@@ -234,7 +234,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
             try:
                 rp = read_checkpoint_state(p)
             except ValueError as e:
-                log.warning("resume: %s cannot be loaded (%s); skipping it", p, e)
                 print(f"levo-train: warning: {p} cannot be loaded ({e}); skipping it", file=sys.stderr)
                 continue
             # the highest step wins; at equal steps the first listed (last.ckpt, a step file, hpc)
@@ -243,7 +242,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
         if best is None:
             raise UsageError(f"resume=true: {run_dir} holds {len(found)} checkpoint file(s) but no checkpoint loads "
                              f"({', '.join(p.name for p in found[:4])}); refusing to restart from step 0. Move them "
-                             "away to start over, or pass ckpt_path=PATH")
+                             "away (or use a new run_dir) to start over")
         if cfg.ckpt_path:
             print(f"levo-train: resume=true and {run_dir} has checkpoints: continuing the run "
                   f"(ckpt_path={cfg.ckpt_path} only starts a run)", file=sys.stderr)
@@ -347,7 +346,6 @@ def resolve_schedule(cfg: DictConfig, rp: ResumePoint | None) -> Schedule:
         msg = (f"optim.total_steps={asked} changes the run's LR schedule (it ended at step {then.total_steps}): at step "
                f"{rp.step} the LR goes from {then.lr * then.multiplier(rp.step):.3g} to "
                f"{now.lr * now.multiplier(rp.step):.3g}")
-        log.warning(msg)
         print(f"levo-train: warning: {msg}", file=sys.stderr)
         return now
     return then

@@ -247,6 +247,21 @@ def test_write_and_ensure_toy_dataset(tmp_path, world):
     again = ensure_toy_dataset(tmp_path / "cache2", seed=0, n_train=100, n_val=10)
     for name in ("songs-000000.tar", "index.json"):
         assert (again / "train" / name).read_bytes() == (path / "train" / name).read_bytes()
+    # the folder records what it was built from and every file's digest: a changed shard, or a
+    # data set copied under another one's name, is refused (never trained on silently)
+    prov = json.loads((path / "derived_from.json").read_text())
+    assert prov["derived_from"]["n_train"] == 100 and "train/songs-000000.tar" in prov["files"]
+    shard = path / "train" / "songs-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 1  # inside the first record's data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="songs-000000.tar changed after the build"):
+        ensure_toy_dataset(root, seed=0, n_train=100, n_val=10)
+    import shutil
+
+    shutil.copytree(again, root / toy_dataset_name(0, 100, 11))
+    with pytest.raises(CacheError, match="n_val=10"):
+        ensure_toy_dataset(root, seed=0, n_train=100, n_val=11)
     # a directory under the final name without toy_world.json is never used
     (root / toy_dataset_name(1, 100, 10)).mkdir()
     with pytest.raises(CacheError, match="not a complete build; remove it"):

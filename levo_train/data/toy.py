@@ -875,9 +875,12 @@ def ensure_toy_dataset(
     root: str | os.PathLike, seed: int = 0, n_train: int = 20000, n_val: int = 512
 ) -> Path:
     """Build the toy data set once under ``root/<name>`` and return its path; an existing complete
-    build is reused, concurrent callers wait for one build, a crashed build leaves nothing under
-    the final name (:func:`levo_train.data.cache.build_once`)."""
+    build is reused only when its recorded inputs (world rules version, seed, sizes) and file
+    digests still match, concurrent callers wait for one build, a crashed build leaves nothing
+    under the final name (:func:`levo_train.data.cache.build_once`)."""
     from levo_train.data.cache import build_once
 
+    inputs = {"world": "levo-toy", "version": TOY_WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val}
     return build_once(root, toy_dataset_name(seed, n_train, n_val), "toy_world.json",
-                      lambda tmp: write_toy_dataset(tmp, seed=seed, n_train=n_train, n_val=n_val, overwrite=True))
+                      lambda tmp: write_toy_dataset(tmp, seed=seed, n_train=n_train, n_val=n_val, overwrite=True),
+                      derived_from=inputs)
