@@ -530,7 +530,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         val_start = trainer.validate(module, datamodule=dm, verbose=False)[0].get("val/loss")
     trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None, weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the full state (not "weights only"): an exact resume needs it
     summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
                                "data": {"train": str(train), "val": None if val is None else str(val)},
                                "resumed_from": {"path": resume.path, "step": resume.step} if resume else None,

@@ -88,7 +88,7 @@ class SlurmRequeue(Callback):
             return
         path = trainer.strategy.broadcast(str(next_hpc_path(trainer.default_root_dir)))
         log.info("signal %s: saving %s at step %d and requeueing", self.signum, path, trainer.global_step)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state for an exact resume
         if trainer.is_global_zero:
             prune_hpc_checkpoints(trainer.default_root_dir, keep=Path(path))
         job = os.environ.get("SLURM_JOB_ID")

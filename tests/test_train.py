@@ -75,7 +75,7 @@ def test_exact_resume_bit_identical(tmp_path, cache):
 def test_sigkill_then_resume(tmp_path, cache):
     rd = tmp_path / "killed"
     args = base(cache, rd, "trainer.max_steps=400", "checkpoint.every_n_steps=5", "trainer.val_check_interval=1000")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 2 threads crawl on a shared 2-core box
     proc = subprocess.Popen([sys.executable, "-m", "levo_train.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = rd / "checkpoints" / "last.ckpt"
