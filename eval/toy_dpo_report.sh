@@ -6,7 +6,8 @@
 #   bash eval/toy_dpo_report.sh OUT [SFT_EXPORT [dpo overrides...]]   (SFT_EXPORT "" or none: runs recipe=sft first)
 #   N=512 SEED=1 VARIANTS=1 DIMS=0 SWEEP=0 bash eval/toy_dpo_report.sh ...
 #   DIMS=1: also per-preference DPO on each hidden dimension (data.toy_pairs.dimension=lyrics, structure,
-#           harmony, mix) and `levo-data merge` of the lyrics and structure runs at 0.5 / 0.5, top tier
+#           harmony, mix) and `levo-data merge` of the lyrics and structure runs at 0.5 / 0.5: top tier,
+#           untagged, and top tier without CFG (--cfg-coef 1.0, the base sampled the same way)
 #   SWEEP=1: also the runs behind the defaults: beta 0.1 / 0.25 / 0.5 at 200 and 400 steps (top tier),
 #           top-tier-only pairs at beta 0.25 and 0.5 (judged untagged), lr 3e-5 at beta 0.1 for 200 steps
 # Wall time of every run it trains is appended to OUT/timings.tsv.
@@ -64,13 +65,16 @@ if [ "$SWEEP" = 1 ]; then
     SWEEP_NONE+=("$OUT/sweep_toponly_b$beta/export")
   done
 fi
-table() {  # table TIER FILE CKPT...: levo-eval compare against the SFT export, as JSON and a markdown table;
-  # FILE is reused only for the same exports and settings and when no export is newer than it
+table() {  # table TIER FILE CKPT...: levo-eval compare against the SFT export, as JSON and a markdown table
+  # (CFG=X: sample with --cfg-coef X); FILE is reused only for the same exports and settings and when
+  # no export is newer than it
   local tier=$1 file=$2; shift 2
-  local key="$SFT $* n=$N seed=$SEED tier=$tier"
+  local cfg=()
+  [ -z "${CFG:-}" ] || cfg=(--cfg-coef "$CFG")
+  local key="$SFT $* n=$N seed=$SEED tier=$tier${CFG:+ cfg=$CFG}"
   if [ ! -s "$file" ] || [ "$(cat "$file.key" 2>/dev/null)" != "$key" ] ||
      [ -n "$(find "$SFT" "$@" -name model.pt -newer "$file")" ]; then
-    "$BIN/levo-eval" compare --base "$SFT" --ckpt "$@" --n "$N" --seed "$SEED" --tier "$tier" > "$file"
+    "$BIN/levo-eval" compare --base "$SFT" --ckpt "$@" --n "$N" --seed "$SEED" --tier "$tier" "${cfg[@]}" > "$file"
     echo "$key" > "$file.key"
   fi
   "$BIN/python" - "$file" <<'PY'
@@ -87,6 +91,10 @@ PY
     echo "per-preference DPO (one hidden dimension each) and the lyrics + structure merge:"
     echo
     table top "$OUT/compare_dims_top.json" "${DIM_CKPTS[@]}"
+    table none "$OUT/compare_dims_none.json" "${DIM_CKPTS[@]}"
+    echo "the same at the top tier without classifier-free guidance (cfg coef 1.0, base too):"
+    echo
+    CFG=1.0 table top "$OUT/compare_dims_top_cfg1.json" "${DIM_CKPTS[@]}"
   fi
   if [ ${#SWEEP_TOP[@]} -gt 0 ]; then
     echo "beta x steps, and lr 3e-5 (beta 0.1, 200 steps):"
