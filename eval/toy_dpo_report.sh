@@ -21,11 +21,11 @@ DIMS=${DIMS:-0}
 SWEEP=${SWEEP:-0}
 BIN=${BIN:-$(dirname "$(command -v levo-train)")}
 mkdir -p "$OUT"
-train() {  # train RUN_NAME overrides...: skipped when OUT/RUN_NAME already holds its export
-  local run=$1; shift
+train() {  # train RUN_NAME overrides...: skipped when OUT/RUN_NAME already holds its export; a run
+  local run=$1; shift  # interrupted mid-way continues from its checkpoints (resume=true)
   [ -f "$OUT/$run/export/model.pt" ] && return 0
   local t0=$SECONDS
-  "$BIN/levo-train" run_dir="$OUT/$run" "$@"
+  "$BIN/levo-train" run_dir="$OUT/$run" resume=true "$@"
   printf '%s\t%s s\t%s\n' "$run" "$((SECONDS - t0))" "$*" >> "$OUT/timings.tsv"
 }
 if [ -z "$SFT" ]; then
