@@ -32,7 +32,10 @@ main overrides:
   optim.lr=X                  peak learning rate (warmup + cosine)
   trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
   checkpoint.every_n_steps=N  checkpoint interval (atomic writes; last.ckpt is kept up to date)
-  resume=true                 continue run_dir from its last checkpoint (or ckpt_path=PATH)
+  resume=true                 continue run_dir exactly from its newest checkpoint that loads (its LR schedule too)
+  ckpt_path=PATH              start from this checkpoint (with resume=true: only while run_dir has none)
+  optim.total_steps=N         LR schedule length (default max_steps; on resume the checkpoint's: going past
+                              its end needs optim.total_steps explicitly)
   logger=none                 disable wandb (offline by default; WANDB_MODE=online to sync)
 """
 
