@@ -6,6 +6,7 @@ Configs live in ``configs/`` (groups model/ data/ optim/ trainer/ logger/) and r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -266,12 +267,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
     return None
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: d}
-
-
 def check_resume_checkpoint(rp: ResumePoint, model_config: Any, cfg: DictConfig, init_fp: str | None) -> None:
     """Refuse, before Lightning's loader fails with pages of shape errors, a checkpoint of another
     model config, and a DPO resume whose ``model.init`` (the frozen reference) differs from the run's."""
@@ -279,11 +274,12 @@ def check_resume_checkpoint(rp: ResumePoint, model_config: Any, cfg: DictConfig,
     mc = st.get("model_config")
     if not isinstance(mc, dict):
         raise UsageError(f"{rp.path}: its `levo.model_config` is a {type(mc).__name__}, expected a dict")
-    have, want = _flat(mc), _flat(model_config.to_dict())
-    diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+    from levo_train.data.cache import dict_differences
+
+    diff = dict_differences(mc, model_config.to_dict())
     if diff:
-        k = diff[0]
-        raise UsageError(f"{rp.path} holds a model with {k}={have.get(k)!r}, this run builds {k}={want.get(k)!r} "
+        k, have, want = diff[0]
+        raise UsageError(f"{rp.path} holds a model with {k}={have!r}, this run builds {k}={want!r} "
                          f"({len(diff)} config field(s) differ): resume with the model.init / model config the run "
                          "was started with, or use a new run_dir")
     fp_then = st.get("init_fingerprint")
@@ -307,10 +303,11 @@ class Schedule:
     total_steps: int
     min_lr_ratio: float
 
-    def multiplier(self, step: int) -> float:
+    def lr_at(self, step: int) -> float:
         from levo_train.train.lm import warmup_cosine
 
-        return warmup_cosine(step, warmup=self.warmup_steps, total=self.total_steps, min_ratio=self.min_lr_ratio)
+        return self.lr * warmup_cosine(step, warmup=self.warmup_steps, total=self.total_steps,
+                                       min_ratio=self.min_lr_ratio)
 
 
 def resolve_schedule(cfg: DictConfig, rp: ResumePoint | None) -> Schedule:
@@ -321,9 +318,9 @@ def resolve_schedule(cfg: DictConfig, rp: ResumePoint | None) -> Schedule:
     o, max_steps = cfg.optim, int(cfg.trainer.max_steps)
     asked = int(o.total_steps) if o.get("total_steps") else None
     new = Schedule(float(o.lr), int(o.warmup_steps), asked or max_steps, float(o.min_lr_ratio))
-    stored = rp.levo.get("schedule") if rp is not None else None
     if rp is None:
         return new
+    stored = rp.levo.get("schedule")
     if not isinstance(stored, dict):
         log.warning("%s stores no LR schedule (an older levo-train): using this run's optim settings", rp.path)
         return new
@@ -336,19 +333,18 @@ def resolve_schedule(cfg: DictConfig, rp: ResumePoint | None) -> Schedule:
                     float(stored["min_lr_ratio"]))
     if asked is None:
         if max_steps > then.total_steps:
-            stretched = Schedule(then.lr, then.warmup_steps, max_steps, then.min_lr_ratio)
+            stretched = dataclasses.replace(then, total_steps=max_steps)
             raise UsageError(
                 f"{rp.path}: the run's LR schedule ends at step {then.total_steps} (optim.total_steps), but "
                 f"trainer.max_steps={max_steps} goes past it. Extending a run is explicit: "
-                f"optim.total_steps={then.total_steps} goes on at the final LR ({then.lr * then.multiplier(rp.step):.3g}); "
+                f"optim.total_steps={then.total_steps} goes on at the final LR ({then.lr_at(rp.step):.3g}); "
                 f"optim.total_steps={max_steps} stretches the cosine (the LR at step {rp.step} jumps from "
-                f"{then.lr * then.multiplier(rp.step):.3g} to {then.lr * stretched.multiplier(rp.step):.3g})")
+                f"{then.lr_at(rp.step):.3g} to {stretched.lr_at(rp.step):.3g})")
         return then
     if asked != then.total_steps:
-        now = Schedule(then.lr, then.warmup_steps, asked, then.min_lr_ratio)
+        now = dataclasses.replace(then, total_steps=asked)
         msg = (f"optim.total_steps={asked} changes the run's LR schedule (it ended at step {then.total_steps}): at step "
-               f"{rp.step} the LR goes from {then.lr * then.multiplier(rp.step):.3g} to "
-               f"{now.lr * now.multiplier(rp.step):.3g}")
+               f"{rp.step} the LR goes from {then.lr_at(rp.step):.3g} to {now.lr_at(rp.step):.3g}")
         print(f"levo-train: warning: {msg}", file=sys.stderr)
         return now
     return then

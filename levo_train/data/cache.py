@@ -38,6 +38,19 @@ def _files(folder: Path) -> list[str]:
                   and p.name != PROVENANCE)
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def dict_differences(have: Any, want: Any) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, have's value, want's value)`` for every leaf where two nested dicts differ,
+    sorted by key (a key missing on one side reads as None)."""
+    a, b = _flat(have), _flat(want)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def _normal(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), for comparison."""
     return json.loads(json.dumps(obj, sort_keys=True))
@@ -63,13 +76,12 @@ def check_provenance(folder: Path, derived_from: dict[str, Any]) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CacheError(f"{folder}: no readable {PROVENANCE} ({e}); it was not built by this levo-train or is "
                          "damaged: remove the folder and it is rebuilt") from None
-    want = _normal(derived_from)
-    diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+    diff = dict_differences(have, _normal(derived_from))
     if diff:
-        k = diff[0]
-        raise CacheError(f"{folder} was built from {k}={have.get(k)!r}, but {want.get(k)!r} is asked for under "
-                         f"the same name ({len(diff)} input(s) differ): the folder was renamed or copied over; "
-                         "remove it and it is rebuilt")
+        k, then, now = diff[0]
+        raise CacheError(f"{folder} was built from {k}={then!r}, but {now!r} is asked for under the same name "
+                         f"({len(diff)} input(s) differ): the folder was renamed or copied over; remove it and it "
+                         "is rebuilt")
     for rel, digest in sorted(files.items()):
         f = folder / rel
         if not f.is_file():
