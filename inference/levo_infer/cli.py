@@ -60,7 +60,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-MODES = ("mixed", "vocal", "bgm", "separate")
 LYRIC_POLICIES = ("check", "normalize", "raw")
 _SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
 #: Bytes per file name on common filesystems (ext4, xfs, btrfs, zfs).
@@ -96,7 +95,7 @@ def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Codec | None:
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import RELEASED_TEMPERATURE, RELEASED_TOP_K
+    from .generate import MODES, RELEASED_PENALTY, RELEASED_TEMPERATURE, RELEASED_TOP_K, RELEASED_WINDOW
 
     ap = argparse.ArgumentParser(
         prog="levo-infer",
@@ -115,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("output mode")
     g.add_argument("--mode", "--generate_type", "--generate-type", dest="mode", choices=MODES, default="mixed",
                    help="mixed (default), vocal, bgm (instrumental: adds [Pure-Music], lyric '.') or separate")
-    for m in ("mixed", "vocal", "bgm", "separate"):
+    for m in MODES:
         g.add_argument(f"--{m}", dest="mode", action="store_const", const=m, help=argparse.SUPPRESS)
     g.add_argument("--tokens-only", "--tokens_only", action="store_true",
                    help="write tokens only (the default until an audio codec is available)")
@@ -129,10 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", "--top_p", type=float, default=0.0, help="top-p (default 0 = off)")
     s.add_argument("--compat", action=argparse.BooleanOptionalAction, default=True,
                    help="released sampling rules exactly: top-k/temperature on codebook 0, greedy on vocal/bgm, "
-                        "penalty 1.1 over 50 steps (default). --no-compat: top-k/top-p/temperature on every codebook")
+                        f"penalty {RELEASED_PENALTY} over {RELEASED_WINDOW} steps (default). --no-compat: "
+                        "top-k/top-p/temperature on every codebook")
     s.add_argument("--repetition-penalty", type=float, default=None,
-                   help="--no-compat only: logit divisor for codes seen in the window (default 1.1; 1 = off)")
-    s.add_argument("--penalty-window", type=int, default=None, help="--no-compat only: window in steps (default 50)")
+                   help=f"--no-compat only: logit divisor for codes seen in the window (default {RELEASED_PENALTY}; "
+                        "1 = off)")
+    s.add_argument("--penalty-window", type=int, default=None,
+                   help=f"--no-compat only: window in steps (default {RELEASED_WINDOW})")
     s.add_argument("--seed", type=int, default=None, help="base seed; song seed = base + line index (default: random, "
                    "recorded in the output JSONL)")
     r = ap.add_argument_group("runtime")
@@ -340,6 +342,7 @@ class Runner:
 
         from .checkpoint import CheckpointError, load_model, resolve_dtype
         from .config import ConfigError, ConfigWarning
+        from .generate import RELEASED_PENALTY, RELEASED_WINDOW
         from .prompts import AutoPromptLibrary, PromptError
 
         a = self.args
@@ -396,8 +399,9 @@ class Runner:
             "checkpoint": str(a.ckpt_dir), "version": cfg.version, "mode": a.mode, "compat": a.compat,
             "cfg_coef": a.cfg_coef if a.cfg_coef is not None else cfg.cfg_coef, "top_k": a.top_k,
             "temperature": a.temperature, "top_p": a.top_p,
-            "repetition_penalty": 1.1 if a.compat or a.repetition_penalty is None else a.repetition_penalty,
-            "penalty_window": 50 if a.compat or a.penalty_window is None else a.penalty_window,
+            "repetition_penalty": (RELEASED_PENALTY if a.compat or a.repetition_penalty is None
+                                   else a.repetition_penalty),
+            "penalty_window": RELEASED_WINDOW if a.compat or a.penalty_window is None else a.penalty_window,
             "duration": self.duration, "max_frames": self.max_frames, "batch_size": a.batch_size,
             "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
             "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "strict": a.strict,
@@ -455,7 +459,7 @@ class Runner:
     def generate_batch(self, batch: list[Song], bar: Any) -> None:
         import torch
 
-        from .generate import generate
+        from .generate import RELEASED_PENALTY, generate
 
         a, m = self.args, self.model
         P, pad = m.cfg.prompt_frames, m.pad_id
@@ -473,7 +477,7 @@ class Runner:
 
         kw: dict[str, Any] = {}
         if not a.compat:
-            kw = {"repetition_penalty": 1.1 if a.repetition_penalty is None else a.repetition_penalty,
+            kw = {"repetition_penalty": RELEASED_PENALTY if a.repetition_penalty is None else a.repetition_penalty,
                   "penalty_window": a.penalty_window}
         t0 = time.perf_counter()
         out = generate(m, [s.lyric for s in batch], [s.style for s in batch], prompt, max_frames=self.max_frames,

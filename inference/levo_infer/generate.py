@@ -31,12 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from .model import Conditions, KVCache, LeLM
+from .tokenizer import MUSICALITY_TAGS, STYLE_TAGS_V2
 
-VERY_HIGH = "[Musicality-very-high]"
-NEGATIVE_STYLE_V2 = "[Musicality-very-low], ."
-PURE_MUSIC = "[Pure-Music]"
-STYLE_TAGS_V2 = ("[Musicality-very-high]", "[Musicality-high]", "[Musicality-medium]", "[Musicality-low]",
-                 "[Musicality-very-low]", "[Pure-Music]")
+VERY_HIGH = MUSICALITY_TAGS[0]
+NEGATIVE_STYLE_V2 = f"{MUSICALITY_TAGS[-1]}, ."
+PURE_MUSIC = STYLE_TAGS_V2[-1]
 RELEASED_PENALTY = 1.1
 RELEASED_WINDOW = 50
 RELEASED_TOP_K = 5000
@@ -44,6 +43,7 @@ RELEASED_TEMPERATURE = 0.8
 # silent codes the released decoder substitutes for the other stream in the vocal / bgm modes
 SILENT_BGM_CODE = 9670
 SILENT_VOCAL_CODE = 3142
+#: output modes of levo-infer (which token sets the codec decodes, see :func:`mode_tokens`)
 MODES = ("mixed", "vocal", "bgm", "separate")
 
 ProgressFn = Callable[[int, int, int], None]  # (step, total steps, songs still running)

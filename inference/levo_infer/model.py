@@ -22,10 +22,10 @@ from torch import nn
 
 from .config import ModelConfig
 from .pattern import build_delayed, revert_steps
+from .tokenizer import STYLE_TAGS_V2
 
 STRUCTURE_TABLE_ROWS = 200
 QWEN2_BASE_VOCAB = 151643
-STYLE_TAGS_V2_COUNT = 6
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore[import-not-found]
@@ -41,7 +41,7 @@ def text_table_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
     """Rows of the lyric table, the style table, and the pad id of both."""
     base = len(cfg.text_words) if cfg.text_words is not None else QWEN2_BASE_VOCAB
     lyric_rows = base + 3 + len(cfg.lyric_tags)
-    style_rows = base + 3 + (STYLE_TAGS_V2_COUNT if cfg.version == "v2" else 0)
+    style_rows = base + 3 + (len(STYLE_TAGS_V2) if cfg.version == "v2" else 0)
     return lyric_rows, style_rows, base
 
 
@@ -97,11 +97,6 @@ class KVCache:
         self.k[layer][:, :, start:start + n] = k
         self.v[layer][:, :, start:start + n] = v
         return self.k[layer][:, :, :start + n], self.v[layer][:, :, :start + n]
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only batch rows ``index`` (used when finished songs leave a batch)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
 
 
 class Attention(nn.Module):
@@ -276,18 +271,10 @@ class Conditions:
     def batch_size(self) -> int:
         return self.lyric_ids.shape[0]
 
-    def index(self, idx: torch.Tensor) -> Conditions:
-        return Conditions(self.lyric_ids[idx], self.lyric_structure[idx], self.style_ids[idx], self.prompt[idx])
-
     @staticmethod
     def cat(items: Sequence[Conditions]) -> Conditions:
         return Conditions(*(torch.cat([getattr(c, f) for c in items]) for f in
                             ("lyric_ids", "lyric_structure", "style_ids", "prompt")))
-
-    def repeat(self, n: int) -> Conditions:
-        """Each row repeated ``n`` times consecutively (e.g. [chosen; rejected] sharing conditions)."""
-        return Conditions(*(t.repeat_interleave(n, dim=0) if n > 1 else t for t in
-                            (self.lyric_ids, self.lyric_structure, self.style_ids, self.prompt)))
 
 
 # ----------------------------------------------------------------------------- LeLM

@@ -31,6 +31,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 __all__ = [
     "LYRIC_TAGS",
     "STYLE_TAGS_V2",
+    "MUSICALITY_TAGS",
     "QWEN2_BASE_VOCAB",
     "TextTokenizer",
     "build_text_tokenizer",
@@ -47,6 +48,8 @@ STYLE_TAGS_V2: tuple[str, ...] = (
     "[Musicality-very-high]", "[Musicality-high]", "[Musicality-medium]", "[Musicality-low]",
     "[Musicality-very-low]", "[Pure-Music]",
 )
+#: the five musicality tier tags of v2 styles, best first (the rest of :data:`STYLE_TAGS_V2` is ``[Pure-Music]``)
+MUSICALITY_TAGS: tuple[str, ...] = STYLE_TAGS_V2[:5]
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
