@@ -57,7 +57,7 @@ def known_recipes() -> list[str]:
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("toy_vocab"):
         def toy_vocab(seed: Any = 0) -> list[str]:
-            from levo_train.data.toy import ToyWorld
+            from levo_train.toy.world import ToyWorld
 
             return list(ToyWorld(int(seed)).vocabulary())
 
@@ -110,17 +110,6 @@ def toy_cache_root(cfg: DictConfig) -> Path:
         return Path(str(cfg.data.toy.cache_dir))
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "levo-train" / "toy"
-
-
-def resolve_data(cfg: DictConfig) -> tuple[Any, Any, bool]:
-    """(train, val, is_toy): shard locations, building the toy world when none are given."""
-    if cfg.data.train is not None:
-        return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
-    from levo_train.data.toy import ensure_toy_dataset
-
-    t = cfg.data.toy
-    root = ensure_toy_dataset(toy_cache_root(cfg), seed=int(t.seed), n_train=int(t.n_train), n_val=int(t.n_val))
-    return str(root / "train"), str(root / "val"), True
 
 
 def check_init_path(init: str) -> Path:
@@ -269,7 +258,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
 
 def check_resume_checkpoint(rp: ResumePoint, model_config: Any, cfg: DictConfig, init_fp: str | None) -> None:
     """Refuse, before Lightning's loader fails with pages of shape errors, a checkpoint of another
-    model config, and a DPO resume whose ``model.init`` (the frozen reference) differs from the run's."""
+    model config, then run the method's own resume check (e.g. DPO: the reference's init)."""
     st = rp.levo
     mc = st.get("model_config")
     if not isinstance(mc, dict):
@@ -282,15 +271,11 @@ def check_resume_checkpoint(rp: ResumePoint, model_config: Any, cfg: DictConfig,
         raise UsageError(f"{rp.path} holds a model with {k}={have!r}, this run builds {k}={want!r} "
                          f"({len(diff)} config field(s) differ): resume with the model.init / model config the run "
                          "was started with, or use a new run_dir")
-    fp_then = st.get("init_fingerprint")
-    if cfg.method == "dpo" and str(cfg.dpo.reference) == "model" and fp_then and init_fp:
-        if len(str(fp_then)) != len(init_fp):
-            log.warning("%s records its init's fingerprint in an older format: the DPO reference cannot be checked "
-                        "against model.init", rp.path)
-        elif fp_then != init_fp:
-            raise UsageError(f"{rp.path}: the run started from a model.init with fingerprint {fp_then}, this one is "
-                             f"{init_fp} ({cfg.model.init}); the frozen DPO reference is rebuilt from model.init on "
-                             "resume, so pass the original init (or use a new run_dir)")
+    from levo_train.methods import get_method
+
+    check = get_method(str(cfg.method)).check_resume
+    if check is not None:
+        check(rp, cfg, init_fp)
 
 
 @dataclass
@@ -304,7 +289,7 @@ class Schedule:
     min_lr_ratio: float
 
     def lr_at(self, step: int) -> float:
-        from levo_train.train.lm import warmup_cosine
+        from levo_train.train.base import warmup_cosine
 
         return self.lr * warmup_cosine(step, warmup=self.warmup_steps, total=self.total_steps,
                                        min_ratio=self.min_lr_ratio)
@@ -365,28 +350,15 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     """The Lightning module of the recipe's method, with ``model.init`` weights loaded
     (``init_fp``: the init's fingerprint, recorded in checkpoints)."""
     from levo_infer.checkpoint import find_weights, load_weights
+    from levo_train.methods import get_method
 
-    kw = _common_module_kwargs(cfg, schedule)
-    if cfg.method == "dpo":
-        from levo_train.train.dpo import DPOModule
-
-        d = cfg.dpo
-        lt = d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type)
-        try:
-            module = DPOModule(model_config, beta=float(d.beta), loss_type=lt,
-                               loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
-                               label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
-        except ValueError as e:  # unknown loss_type / reference, bad beta or weights
-            raise UsageError(f"dpo: {e}") from e
-    else:
-        from levo_train.train.lm import LMModule
-
-        module = LMModule(model_config, condition_dropout=bool(cfg.train.condition_dropout), **kw)
+    method = get_method(str(cfg.method))
+    module = method.build_module(cfg, model_config, _common_module_kwargs(cfg, schedule), init_fp)
     if cfg.model.get("init"):
         load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
         module.init_fingerprint = init_fp
-    if cfg.method == "dpo":
-        module.freeze_reference()
+    if method.after_init is not None:
+        method.after_init(module, cfg)
     return module
 
 
@@ -427,63 +399,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 
 
 def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None):
+    """The recipe method's datamodule over ``train`` / ``val``."""
+    from levo_train.methods import get_method
+
     d = cfg.data
-    kw = dict(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
-              num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
-              shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
-    if cfg.method == "dpo":
-        from levo_train.data.pairs import PairDataModule
-
-        precomputed = str(cfg.dpo.reference) == "precomputed"
-        fp = init_fp if precomputed else None
-        sw = list(cfg.train.stream_weights) if cfg.train.stream_weights is not None else None
-        return PairDataModule(**kw, use_ref_logps=precomputed, ref_fingerprint=fp, ref_stream_weights=sw)
-    from levo_train.data.datamodule import SongDataModule
-
-    return SongDataModule(**kw, max_frames=d.max_frames)
-
-
-def resolve_pairs(cfg: DictConfig, init_fp: str | None = None) -> tuple[Any, Any, bool]:
-    """(train, val, is_toy) pair shard folders; toy-world pairs when ``data.pairs`` is unset."""
-    if cfg.data.get("pairs"):
-        root = Path(str(cfg.data.pairs))
-        if not root.exists():
-            raise UsageError(f"data.pairs={root}: no such folder")
-        if (root / "train").is_dir():
-            return str(root / "train"), str(root / "val") if (root / "val").is_dir() else None, False
-        return str(root), str(cfg.data.pairs_val) if cfg.data.get("pairs_val") else None, False
-    from levo_train.data.toy_pairs import ToyPairSpec, ensure_toy_pairs
-
-    tp = OmegaConf.to_container(cfg.data.toy_pairs, resolve=True)
-    try:
-        spec = ToyPairSpec(**tp)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"data.toy_pairs: {e}") from None
-    init = check_init_path(str(cfg.model.init)) if spec.source == "model" else None
-    try:
-        root = ensure_toy_pairs(toy_cache_root(cfg), spec, world_seed=int(cfg.data.toy.seed), model=init,
-                                fingerprint=init_fp)
-    except ValueError as e:
-        raise UsageError(f"data.toy_pairs.source=model: {e}") from None
-    done = json.loads((root / "done.json").read_text())
-    n_train, n_val = done["train"]["pairs"], done.get("val", {}).get("pairs", 0)
-    print(f"levo-train: toy pairs (source={spec.source}): {n_train} train / {n_val} val pairs in {root}",
-          file=sys.stderr)
-    if n_train == 0:
-        raise UsageError(f"toy pairs in {root}: no training prompt's candidates differ by >= data.toy_pairs.min_margin="
-                         f"{spec.min_margin} (mean quality {done['train'].get('mean_quality')}); lower the margin or "
-                         "raise data.toy_pairs.n_candidates / n_train, or start from a better-trained model.init")
-    if n_val == 0 and spec.n_val > 0:
-        log.warning("toy pairs in %s: no held-out pairs passed the margin; validation is skipped", root)
-    folders = [root / "train"] + ([root / "val"] if n_val > 0 else [])
-    if str(cfg.dpo.reference) == "precomputed":  # toy pairs are ours to annotate: compute them once
-        from levo_train.train.ref_logps import ensure_ref_logps
-
-        sw = list(cfg.train.stream_weights) if cfg.train.stream_weights is not None else None
-        init_dir = check_init_path(str(cfg.model.init))
-        for f in ensure_ref_logps(folders, init_dir, stream_weights=sw, fingerprint=init_fp):
-            print(f"levo-train: computed reference log-probs of {f} under {init_dir}", file=sys.stderr)
-    return str(folders[0]), str(folders[1]) if n_val > 0 else None, True
+    common = dict(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
+                  num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
+                  shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
+    return get_method(str(cfg.method)).build_datamodule(cfg, train, val, code_size, init_fp, common)
 
 
 # ----------------------------------------------------------------------------- run
@@ -496,9 +419,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
-    if cfg.method == "dpo" and not cfg.model.get("init"):
-        raise UsageError("recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen reference), "
-                         "e.g. `levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo model.init=A/export`")
+    from levo_train.methods import get_method
+
+    method = get_method(str(cfg.method))
+    if method.needs_init and not cfg.model.get("init"):
+        raise UsageError(method.needs_init)
     model_config = build_model_config(cfg)
     # the init's content hash, once per run: it keys the toy pairs and reference log-probs and
     # ties a DPO resume to its reference
@@ -512,12 +437,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(resume, model_config, cfg, init_fp)
         print(f"levo-train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
     schedule = resolve_schedule(cfg, resume)
-    uses_toy = not cfg.data.get("pairs") if cfg.method == "dpo" else cfg.data.train is None
-    if uses_toy and model_config.lm.code_size != 64:  # checked before any toy data or pairs are built
-        what = "data.pairs=..." if cfg.method == "dpo" else "data.train=..."
+    if method.uses_toy(cfg) and model_config.lm.code_size != 64:  # checked before any toy data is built
         raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
-                         f"pass {what} for real data or a toy-sized model.init")
-    train, val, _ = resolve_pairs(cfg, init_fp) if cfg.method == "dpo" else resolve_data(cfg)
+                         f"pass {method.data_hint} for real data or a toy-sized model.init")
+    train, val, _ = method.resolve_data(cfg, init_fp)
     module = build_module(cfg, model_config, schedule, init_fp)
     dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp)
     trainer = build_trainer(cfg, run_dir)
@@ -541,9 +464,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.export.enabled:
             import torch
 
+            from levo_train.methods import export_policy
+
             dtype = getattr(torch, str(cfg.export.dtype)) if cfg.export.dtype else None
             export = run_dir / "export"
-            module.model.save(str(export), dtype=dtype)
+            (method.export or export_policy)(module, export, dtype)
             summary["export"] = str(export)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nlevo-train {cfg.recipe_name}: done at step {trainer.global_step}")

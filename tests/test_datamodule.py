@@ -13,7 +13,7 @@ from webdataset import TarWriter
 
 from levo_train.data.datamodule import SongDataModule, collate_songs, epoch_order
 from levo_train.data.shards import ShardError, ShardWriter, Song, iter_songs
-from levo_train.data.toy import TOY_CODE_SIZE, write_toy_dataset
+from levo_train.toy.world import TOY_CODE_SIZE, write_toy_dataset
 
 CS = TOY_CODE_SIZE
 N_TRAIN, N_VAL, B = 300, 50, 4

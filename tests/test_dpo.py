@@ -374,7 +374,7 @@ def test_pairs_toy_and_from_model(tmp_path, sft_export, capsys):
     assert "val" not in s
     own = read_pairs(tmp_path / "own" / "train", code_size=64)
     assert len(own) == s["train"]["pairs"] >= 1
-    from levo_train.data.toy import ToyWorld
+    from levo_train.toy.world import ToyWorld
 
     world = ToyWorld(0)
     for p in own:
@@ -390,8 +390,8 @@ def test_pairs_toy_and_from_model(tmp_path, sft_export, capsys):
 
 def test_toy_pairs_from_the_init_are_cached_per_model(tmp_path, sft_export):
     """recipe=dpo's default pairs: sampled from model.init, cached under the model's fingerprint."""
-    from levo_train.data.toy import ToyWorld
-    from levo_train.data.toy_pairs import ToyPairSpec, ensure_toy_pairs
+    from levo_train.toy.pairs import ToyPairSpec, ensure_toy_pairs
+    from levo_train.toy.world import ToyWorld
 
     spec = ToyPairSpec(n_train=12, n_val=4, n_candidates=3, max_frames=40, min_margin=0.0)
     root = tmp_path / "cache"
@@ -436,7 +436,7 @@ def test_toy_pair_cache_refuses_a_changed_or_misnamed_folder(tmp_path, capsys):
     import shutil
 
     from levo_train.data.cache import CacheError
-    from levo_train.data.toy_pairs import ToyPairSpec, ensure_toy_pairs
+    from levo_train.toy.pairs import ToyPairSpec, ensure_toy_pairs
 
     root = tmp_path / "cache"
     spec = ToyPairSpec(source="world", n_train=12, n_val=4)

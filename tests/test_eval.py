@@ -11,7 +11,7 @@ import pytest
 
 from levo_eval.cli import main, toy_samples
 from levo_infer.checkpoint import load_model, save_released
-from levo_train.data.toy import ToyWorld
+from levo_train.toy.world import ToyWorld
 
 
 def run_json(capsys, argv: list[str]) -> dict:

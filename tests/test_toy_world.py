@@ -12,7 +12,7 @@ import torch
 from levo_infer.lyrics import STRUCTURE_TAGS, normalize_lyrics, split_sections
 from levo_train.data.cache import CacheError
 from levo_train.data.shards import iter_songs
-from levo_train.data.toy import (
+from levo_train.toy.world import (
     DIMENSIONS,
     GENRES,
     LENGTH_BAND,

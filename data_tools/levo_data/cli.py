@@ -36,7 +36,7 @@ def _toy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _toy_run(args: argparse.Namespace) -> int:
-    from levo_train.data.toy import write_toy_dataset
+    from levo_train.toy.world import write_toy_dataset
 
     try:
         summary = write_toy_dataset(

@@ -11,7 +11,7 @@
     prompt (top tier tag as released inference asks, and untagged), scored by the hidden scores:
     on-policy pairs, what ``levo-train recipe=dpo`` builds by default (``out/train``, ``out/val``).
   - ``--toy``: the world's own corrupted renderings, scored the same way (off-policy; see
-    :mod:`levo_train.data.toy_pairs` for why plain DPO degrades on them).
+    :mod:`levo_train.toy.pairs` for why plain DPO degrades on them).
 * ``ref-logps`` — reference log-probs of every pair under an export, computed exactly as the DPO
   module does (one forward over ``[chosen; rejected]``, shared conditions, no condition dropout,
   eval mode, no grad, fp32), written to ``ref_logps.json`` beside each shard folder with the
@@ -132,7 +132,7 @@ def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.Pa
     """Toy pairs into ``out/train`` and ``out/val``: world renderings (``model`` None) or the
     model's own samples, scored by the hidden scores. Keywords are :class:`ToyPairSpec` fields
     (None: the default)."""
-    from levo_train.data.toy_pairs import ToyPairSpec, write_toy_pairs
+    from levo_train.toy.pairs import ToyPairSpec, write_toy_pairs
 
     fields = {k: v for k, v in kw.items() if v is not None}
     spec = ToyPairSpec(source="world" if model is None else "model", **fields)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from levo_infer.config import make_config
 from levo_infer.model import LeLM, apply_rope, rope_cos_sin
 from levo_infer.pattern import build_delayed
-from levo_train.train.lm import LMModule, append_eos
+from levo_train.train.lm import LMModule
+from levo_train.train.logps import append_eos
 
 
 def eager_stack(stack, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ def bench_loader(args: argparse.Namespace, model_frames_per_s: float | None) -> 
     from pathlib import Path
 
     from levo_train.data.datamodule import SongDataModule
-    from levo_train.data.toy import TOY_CODE_SIZE, write_toy_dataset
+    from levo_train.toy.world import TOY_CODE_SIZE, write_toy_dataset
 
     with tempfile.TemporaryDirectory() as d:
         write_toy_dataset(Path(d), seed=0, n_train=4000, n_val=64, records_per_shard=1000)

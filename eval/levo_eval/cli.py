@@ -22,11 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TIERS = {
-    "top": "[Musicality-very-high]", "very-high": "[Musicality-very-high]", "high": "[Musicality-high]",
-    "medium": "[Musicality-medium]", "low": "[Musicality-low]", "very-low": "[Musicality-very-low]", "none": None,
-}
-
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean."""
@@ -43,30 +38,23 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 def toy_samples(ckpt: str, *, n: int, seed: int, tier: str = "top", world_seed: int = 0,
                 batch_size: int = 128, max_frames: int = 96, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 0.0, cfg_coef: float | None = None, device: str = "cpu") -> list[dict[str, Any]]:
-    """Generate and score ``n`` songs for held-out conditions; one dict per song."""
+    """Generate and score ``n`` songs for held-out conditions (:func:`levo_train.rollout.sample_and_score`
+    with the toy world's hidden scores); one dict per song."""
     from levo_infer.checkpoint import load_model
-    from levo_infer.generate import generate
-    from levo_train.data.toy import ToyWorld, style_text
+    from levo_train.rollout import Prompt, Sampling, sample_and_score
+    from levo_train.toy.scorer import ToyOracleScorer
+    from levo_train.toy.world import TIER_CHOICES, style_text
 
-    if tier not in TIERS:
-        raise SystemExit(f"levo-eval: unknown --tier {tier!r}; choose from {', '.join(TIERS)}")
-    world = ToyWorld(world_seed)
+    if tier not in TIER_CHOICES:
+        raise SystemExit(f"levo-eval: unknown --tier {tier!r}; choose from {', '.join(TIER_CHOICES)}")
+    scorer = ToyOracleScorer(world_seed)
     model = load_model(ckpt, device=device)
-    conds = world.heldout_conditions(n, seed)
-    out: list[dict[str, Any]] = []
-    for start in range(0, n, batch_size):
-        chunk = conds[start:start + batch_size]
-        lyrics = [c.lyric for c in chunk]
-        styles = [style_text(c.style_base, tier) for c in chunk]
-        g = generate(model, lyrics, styles, max_frames=max_frames, cfg_coef=cfg_coef, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seed * 1_000_003 + start)
-        codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
-        for i, c in enumerate(chunk):
-            toks = codes[i, :, :lengths[i]]
-            sc = world.score(toks, c.lyric, styles[i] or "")
-            out.append({"lyric": c.lyric, "style": styles[i], "frames": int(lengths[i]),
-                        "scores": sc, "per": float(world.per(toks, c.lyric))})
-    return out
+    prompts = [Prompt(c.lyric, style_text(c.style_base, tier)) for c in scorer.world.heldout_conditions(n, seed)]
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
+                        batch_size=batch_size)
+    cands = sample_and_score(model, prompts, scorer, sampling, seed=seed)
+    return [{"lyric": c.song.lyric, "style": c.song.style, "frames": c.frames, "scores": c.scores,
+             "per": float(scorer.world.per(c.song.tokens, c.song.lyric))} for c in cands]
 
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -153,7 +141,10 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _sampling_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--n", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--tier", default="top", help=f"style tier tag: {'|'.join(TIERS)} (default: top, as released inference)")
+    from levo_train.toy.world import TIER_CHOICES
+
+    t.add_argument("--tier", default="top", choices=TIER_CHOICES,
+                   help="style tier tag (default: top, as released inference; none: no tag)")
     t.add_argument("--world-seed", type=int, default=0, help="seed of the toy world the model was trained on")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--max-frames", type=int, default=96)

@@ -32,6 +32,7 @@ import numpy as np
 from levo_train.data.pairs import build_pairs
 from levo_train.data.shards import Song
 from levo_train.fingerprint import model_fingerprint
+from levo_train.rollout import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ToyPairSpec:
     max_frames: int = 96
 
     def __post_init__(self) -> None:
-        from levo_train.data.toy import DIMENSIONS
+        from levo_train.toy.world import DIMENSIONS
 
         if self.source not in SOURCES:
             raise ValueError(f"toy pair source {self.source!r}: expected one of {SOURCES}")
@@ -89,7 +90,7 @@ def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, 
     corrupted at rates from 0 (the first candidate) up to the data set's range — minimal pairs that
     differ only in what the preference is about.
     """
-    from levo_train.data.toy import CORRUPTION, style_text
+    from levo_train.toy.world import CORRUPTION, style_text
 
     rng = np.random.default_rng([seed, 90210])
     out: list[Song] = []
@@ -114,37 +115,33 @@ def _scored_song(world: Any, key: str, tokens: np.ndarray, lyric: str, style: st
     return Song(key, np.asarray(tokens, dtype=np.int64), lyric, style, None, meta)
 
 
+def toy_prompts(world: Any, n_prompts: int, *, seed: int, tier: Any = "top") -> list[Prompt]:
+    """``n_prompts`` toy training conditions as rollout prompts, the style tier cycled over ``tier``."""
+    from levo_train.toy.world import style_text
+
+    rng = np.random.default_rng([seed, 0x5A3])
+    conds = [world.sample_condition(rng) for _ in range(n_prompts)]
+    return [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(tier, i))) for i, c in enumerate(conds)]
+
+
 def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
                       tier: Any = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                       cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
                       key_prefix: str = "s") -> tuple[list[Song], int]:
     """``n_candidates`` songs sampled from ``model`` (a LeLM) for each of ``n_prompts`` toy training
-    conditions, scored by the world's hidden scores. Returns (songs, number of empty samples
-    dropped). Per-song seeds make every song independent of the batch it was generated in."""
-    from levo_infer.generate import generate
-    from levo_train.data.toy import style_text
+    conditions, scored by the world's hidden scores (:func:`levo_train.rollout.sample_and_score`).
+    Returns (songs, number of empty samples dropped)."""
+    from levo_train.rollout import Sampling, sample_and_score
+    from levo_train.toy.scorer import ToyOracleScorer
 
-    rng = np.random.default_rng([seed, 0x5A3])
-    conds = [world.sample_condition(rng) for _ in range(n_prompts)]
-    jobs = [(i, j) for i in range(n_prompts) for j in range(n_candidates)]
-    songs: list[Song] = []
-    empty = 0
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        lyrics = [conds[i].lyric for i, _ in chunk]
-        styles = [style_text(conds[i].style_base, tier_of_prompt(tier, i)) for i, _ in chunk]
-        seeds = [seed * 1_000_003 + i * n_candidates + j for i, j in chunk]
-        g = generate(model, lyrics, styles, max_frames=max_frames, cfg_coef=cfg_coef, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seeds)
-        codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
-        items = [(codes[b, :, :lengths[b]], lyrics[b], styles[b]) for b in range(len(chunk))]
-        scores = world.score_many(items)
-        for b, (i, j) in enumerate(chunk):
-            if lengths[b] < 1:
-                empty += 1
-                continue
-            songs.append(_scored_song(world, f"{key_prefix}{i:07d}-{j}", items[b][0], lyrics[b], styles[b], scores[b]))
-    return songs, empty
+    prompts = toy_prompts(world, n_prompts, seed=seed, tier=tier)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
+                        batch_size=batch_size)
+    cands = sample_and_score(model, prompts, ToyOracleScorer(world=world), sampling, per_prompt=n_candidates,
+                             seed=seed, key_prefix=key_prefix)
+    songs = [_scored_song(world, c.song.key, c.song.tokens, c.song.lyric, c.song.style, c.scores)
+             for c in cands if c.frames >= 1]
+    return songs, len(cands) - len(songs)
 
 
 def _split_seeds(spec: ToyPairSpec, world_seed: int) -> dict[str, int]:
@@ -161,7 +158,7 @@ def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(
     """Write toy pair shards ``out_dir/train`` and ``out_dir/val`` (none when ``n_val`` is 0);
     ``model`` (an export folder of a toy-sized model) is required for ``source="model"``.
     Returns per-split stats (pairs, prompts, and for sampled candidates their mean quality)."""
-    from levo_train.data.toy import TOY_CODE_SIZE, ToyWorld
+    from levo_train.toy.world import TOY_CODE_SIZE, ToyWorld
 
     world = ToyWorld(world_seed)
     lelm = None
@@ -198,7 +195,7 @@ def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
     import torch
 
     from levo_infer.checkpoint import load_model
-    from levo_train.data.toy import TOY_CODE_SIZE
+    from levo_train.toy.world import TOY_CODE_SIZE
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(export, device=dev, dtype=torch.float32)
@@ -211,7 +208,7 @@ def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
 def toy_pairs_key(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> dict[str, Any]:
     """Everything a toy pair set is derived from: the spec, the world (seed and rules version) and,
     for ``source="model"``, the content fingerprint of the model it was sampled from."""
-    from levo_train.data.toy import TOY_WORLD_VERSION
+    from levo_train.toy.world import TOY_WORLD_VERSION
 
     return {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
             "model": fingerprint, "format": 4}
@@ -249,4 +246,4 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
 
 
 __all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "tier_of_prompt",
-           "toy_candidates", "toy_pairs_key", "toy_pairs_name", "write_toy_pairs"]
+           "toy_candidates", "toy_pairs_key", "toy_prompts", "toy_pairs_name", "write_toy_pairs"]

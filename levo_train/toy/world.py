@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from levo_infer.lyrics import INSTRUMENTAL_TAGS, format_sections, split_sections
+from levo_infer.tokenizer import MUSICALITY_TAGS
 
 __all__ = [
     "TOY_CODE_SIZE",
@@ -91,8 +92,10 @@ TOY_FRAME_RATE = 25
 #: Bump when the world's rules change: cached data sets are keyed by it.
 TOY_WORLD_VERSION = 3
 DIMENSIONS: tuple[str, ...] = ("lyrics", "structure", "harmony", "mix")
-#: Musicality tiers, best first; the tag is ``[Musicality-<tier>]``.
-TIERS: tuple[str, ...] = ("very-high", "high", "medium", "low", "very-low")
+#: Musicality tiers, best first (the released v2 tags ``[Musicality-<tier>]``)
+TIERS: tuple[str, ...] = tuple(t[len("[Musicality-"):-1] for t in MUSICALITY_TAGS)
+#: every ``tier`` argument :func:`style_text` takes: ``top`` (= very-high), the tiers, ``none`` (no tag)
+TIER_CHOICES: tuple[str, ...] = ("top", *TIERS, "none")
 #: Lower bounds of the noisy musical score for each tier but the last.
 TIER_THRESHOLDS: tuple[float, ...] = (0.95, 0.85, 0.70, 0.50)
 TIER_NOISE = 0.04

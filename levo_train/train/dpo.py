@@ -19,8 +19,8 @@ from torchmetrics import MeanMetric
 from levo_infer.config import ModelConfig
 from levo_infer.model import Conditions, LeLM
 
+from .base import LeLMTrainModule
 from .dpo_loss import combined_dpo_loss
-from .lm import LeLMTrainModule
 from .logps import sequence_logps
 
 

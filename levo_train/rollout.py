@@ -1,0 +1,203 @@
+"""Generate, then score: the one rollout primitive of levo-train.
+
+Everything that samples songs from a policy and judges them goes through :func:`sample_and_score`:
+the toy DPO pairs (:mod:`levo_train.toy.pairs`), ``levo-eval toy|compare|reward``, ``levo-data
+sample``, the reward model's toy data set and every round of semi-online DPO.
+
+* A :class:`Prompt` is what a song is generated for: lyric, style and optional audio-prompt tokens.
+* :class:`Sampling` holds the sampling rules (see :func:`levo_infer.generate.generate`).
+* A :class:`Scorer` maps songs to named scores: its ``dimensions`` plus one overall score under
+  the key ``scorer.overall`` (``quality`` for the toy world's hidden oracle, ``overall`` for a
+  reward model). Implementations: :class:`levo_train.toy.scorer.ToyOracleScorer`, the reward
+  model, weighted combinations and audio-domain adapters (:mod:`levo_train.scorers`).
+
+Seeds are per song: candidate ``j`` of prompt ``i`` is sampled with ``seed * 1_000_003 + i *
+per_prompt + j``, so a song does not depend on the batch it shares, nor on how prompts are split
+across ranks (``shard=(rank, world_size)`` keeps prompts ``i % world_size == rank``, with all of
+their candidates, so best-vs-worst selection needs no communication).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from levo_train.data.shards import Song
+
+#: the seed stride between prompts' seed blocks (a prime, so blocks of different base seeds rarely meet)
+SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What one song is generated for."""
+
+    lyric: str
+    style: str | None
+    prompt: np.ndarray | None = None  # audio-prompt tokens [K, P]
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling rules of a rollout (``cfg_coef=None``: the model config's inference coefficient)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    cfg_coef: float | None = None
+    max_frames: int = 96
+    compat: bool = False
+    batch_size: int = 128
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {"max_frames": self.max_frames, "cfg_coef": self.cfg_coef, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "compat": self.compat}
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Judges songs: ``score(songs)`` returns one ``{name: value}`` per song holding every name in
+    ``dimensions`` and the overall score under ``overall``. Higher is better."""
+
+    name: str
+    overall: str
+    dimensions: tuple[str, ...]
+
+    def score(self, songs: Sequence[Song]) -> list[dict[str, float]]: ...
+
+
+@dataclass
+class Candidate:
+    """One sampled song with its scores; ``song.meta["scores"]`` holds the same dict."""
+
+    prompt_index: int
+    sample_index: int
+    seed: int
+    song: Song
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return int(self.song.tokens.shape[-1])
+
+
+def song_seed(seed: int, prompt_index: int, sample_index: int, per_prompt: int) -> int:
+    """The sampling seed of candidate ``sample_index`` of prompt ``prompt_index``."""
+    return seed * SEED_STRIDE + prompt_index * per_prompt + sample_index
+
+
+def check_scores(scorer: Scorer, scores: Sequence[dict[str, float]], n: int) -> None:
+    """A scorer's output must have one dict per song holding its overall key; clear error otherwise."""
+    if len(scores) != n:
+        raise ValueError(f"scorer {scorer.name!r} returned {len(scores)} score dicts for {n} songs")
+    for i, s in enumerate(scores):
+        if scorer.overall not in s:
+            raise ValueError(f"scorer {scorer.name!r}: song {i} has no {scorer.overall!r} score "
+                             f"(got {sorted(s)[:8]})")
+
+
+def _prompt_tensor(prompts: Sequence[Prompt]) -> Any:
+    """Audio prompts of a generation batch as one [B, K, P] tensor (None when no song has one)."""
+    import torch
+
+    have = [p.prompt is not None for p in prompts]
+    if not any(have):
+        return None
+    if not all(have) or len({p.prompt.shape for p in prompts}) != 1:  # type: ignore[union-attr]
+        raise ValueError("a generation batch mixes songs with and without audio prompts (or prompts of different "
+                         "lengths); give every prompt the same kind of audio prompt")
+    return torch.as_tensor(np.stack([p.prompt for p in prompts]), dtype=torch.long)  # type: ignore[misc]
+
+
+def sample_and_score(
+    model: Any,
+    prompts: Sequence[Prompt],
+    scorer: Scorer | None,
+    sampling: Sampling = Sampling(),
+    *,
+    per_prompt: int = 1,
+    seed: int = 0,
+    key_prefix: str = "s",
+    shard: tuple[int, int] = (0, 1),
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Candidate]:
+    """``per_prompt`` songs sampled from ``model`` (a LeLM, KV-cached generation under ``no_grad``)
+    for each prompt of this rank's ``shard``, each scored by ``scorer`` (``None``: unscored).
+
+    Candidates come back in (prompt, sample) order with keys ``{key_prefix}{i:07d}-{j}``. Songs of
+    zero frames are kept (scorers judge them; callers may drop them). ``progress(done, total)`` is
+    called after every generation batch.
+    """
+    from levo_infer.generate import generate
+
+    rank, world = shard
+    if per_prompt < 1:
+        raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
+    jobs = [(i, j) for i in range(rank, len(prompts), world) for j in range(per_prompt)]
+    out: list[Candidate] = []
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        for start in range(0, len(jobs), sampling.batch_size):
+            chunk = jobs[start:start + sampling.batch_size]
+            ps = [prompts[i] for i, _ in chunk]
+            seeds = [song_seed(seed, i, j, per_prompt) for i, j in chunk]
+            g = generate(model, [p.lyric for p in ps], [p.style for p in ps], _prompt_tensor(ps), seed=seeds,
+                         **sampling.generate_kwargs())
+            codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
+            songs = [Song(f"{key_prefix}{i:07d}-{j}", np.ascontiguousarray(codes[b, :, :lengths[b]], dtype=np.int64),
+                          p.lyric, p.style or "", p.prompt, {})
+                     for b, ((i, j), p) in enumerate(zip(chunk, ps))]
+            scores = scorer.score(songs) if scorer is not None else [{} for _ in songs]
+            if scorer is not None:
+                check_scores(scorer, scores, len(songs))
+            for (i, j), sd, song, sc in zip(chunk, seeds, songs, scores):
+                song.meta["scores"] = dict(sc)
+                out.append(Candidate(i, j, sd, song, dict(sc)))
+            if progress is not None:
+                progress(min(start + len(chunk), len(jobs)), len(jobs))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def group_by_prompt(cands: Sequence[Candidate]) -> dict[int, list[Candidate]]:
+    """Candidates keyed by prompt index, in sample order."""
+    groups: dict[int, list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault(c.prompt_index, []).append(c)
+    return groups
+
+
+def best_vs_worst(cands: Sequence[Candidate], key: str, min_margin: float) -> tuple[Candidate, Candidate] | None:
+    """The best and worst candidate of one prompt on score ``key`` when they differ by at least
+    ``min_margin`` (and by more than 0); ties broken by sample index (first best, last worst)."""
+    if len(cands) < 2:
+        return None
+    ranked = sorted(cands, key=lambda c: (c.scores[key], -c.sample_index))
+    best, worst = ranked[-1], ranked[0]
+    margin = best.scores[key] - worst.scores[key]
+    if margin < min_margin or margin <= 0:
+        return None
+    return best, worst
+
+
+class Timer:
+    """Wall time of a block: ``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+__all__ = ["SEED_STRIDE", "Candidate", "Prompt", "Sampling", "Scorer", "Timer", "best_vs_worst", "check_scores",
+           "group_by_prompt", "sample_and_score", "song_seed"]

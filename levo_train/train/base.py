@@ -1,0 +1,161 @@
+"""What every LeLM training method shares: the Lightning base module (policy model, AdamW with
+warmup + cosine, freezing by parameter-name prefix, exact-resume state) and the global RNG state
+in a ``weights_only``-loadable form. Methods (``lm``, ``dpo``, ``reward``, ``sdpo``) subclass
+:class:`LeLMTrainModule`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from levo_infer.config import ModelConfig
+from levo_infer.model import LeLM
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states in a form that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(st["python"][:1]) + (tuple(st["python"][1]),) + tuple(st["python"][2:]))
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+class LeLMTrainModule(L.LightningModule):
+    """What every LeLM training method shares: the policy model, AdamW with warmup + cosine,
+    freezing by parameter-name prefix, and the state an exact resume needs (data position,
+    dropout generator, global RNGs)."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: Sequence[float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        total_steps: int = 1000,
+        min_lr_ratio: float = 0.1,
+        stream_weights: Sequence[float] | None = None,
+        freeze: Sequence[str] = (),
+        activation_checkpointing: bool = False,
+        seed: int = 0,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model_config = model_config
+        self.model = LeLM(model_config)
+        if init_weights:
+            self.model.init_weights()
+        self.model.set_activation_checkpointing(activation_checkpointing)
+        K = model_config.lm.code_depth
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        self.stream_weights = list(stream_weights) if stream_weights is not None else [1.0] * K
+        if len(self.stream_weights) != K:
+            raise ValueError(f"stream_weights has {len(self.stream_weights)} entries, the model has {K} streams")
+        self.freeze_prefixes = list(freeze)
+        self._apply_freeze()
+        # parameters kept only for the released layout never get gradients (DDP would complain)
+        from levo_infer.checkpoint import UNUSED_KEYS
+
+        for n, p in self.model.named_parameters():
+            if n in UNUSED_KEYS:
+                p.requires_grad_(False)
+        self.seed = seed
+        self.dropout_gen = torch.Generator().manual_seed(seed + 1)
+        self.samples_seen = 0  # global stream position of the training data (for exact resume)
+
+    # -- setup ------------------------------------------------------------------------
+    def _apply_freeze(self) -> None:
+        """Modular extension: parameters whose name starts with a listed prefix stay fixed
+        (e.g. ``transformer.`` trains the sub-stack with the main stack frozen)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        for pre in self.freeze_prefixes:
+            if not any(n.startswith(pre) for n in names):
+                raise ValueError(f"freeze prefix {pre!r} matches no parameter; top-level modules: "
+                                 f"{sorted({n.split('.')[0] for n in names})}")
+        for n, p in self.model.named_parameters():
+            if any(n.startswith(pre) for pre in self.freeze_prefixes):
+                p.requires_grad_(False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in n or n.endswith(".bias") else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=self.betas,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+            s, warmup=self.warmup_steps, total=self.total_steps, min_ratio=self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- data position ----------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _global_batch(self, batch_size: int) -> int:
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "batch_samples_global"):
+            return int(dm.batch_samples_global)
+        return batch_size * max(1, self.trainer.world_size if self._trainer is not None else 1)
+
+    def advance_data_position(self, batch_size: int) -> None:
+        """Count one consumed training batch (all ranks) towards the resumable data position."""
+        self.samples_seen += self._global_batch(batch_size)
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "set_position"):
+            dm.set_position(self.samples_seen)  # keeps the datamodule's checkpointed state current
+
+    # -- exact resume -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["levo"] = {
+            "samples_seen": self.samples_seen,
+            "dropout_gen": self.dropout_gen.get_state(),
+            "rng": rng_state(),
+            "model_config": self.model_config.to_dict(),
+            "init_fingerprint": getattr(self, "init_fingerprint", None),
+            # the LR schedule this run follows: a resume continues it (levo_train.cli.resolve_schedule)
+            "schedule": {"lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                         "min_lr_ratio": self.min_lr_ratio},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        st = checkpoint.get("levo")
+        if st is None:
+            raise ValueError("checkpoint has no `levo` section: not written by levo-train, cannot resume exactly")
+        self.samples_seen = int(st["samples_seen"])
+        self.dropout_gen.set_state(st["dropout_gen"])
+        set_rng_state(st["rng"])
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "set_position"):
+            dm.set_position(self.samples_seen)
+            log.info("resuming data at global sample %d", self.samples_seen)
