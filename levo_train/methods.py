@@ -207,5 +207,233 @@ register(Method("dpo", build_module=_dpo_module, resolve_data=resolve_pairs, bui
                 after_init=_freeze_reference, check_resume=check_reference_init))
 
 
+# ----------------------------------------------------------------------------- reward (aesthetic RM)
+def reward_dimensions(cfg: DictConfig) -> tuple[str, ...]:
+    """``reward.dimensions``, or (null) those of the data: the toy world's four, or the scores of the
+    first song of ``data.train``; requested names the data lacks are a usage error naming the setting."""
+    from levo_train.data.shards import ShardError
+    from levo_train.reward.data import data_dimensions
+    from levo_train.toy.world import DIMENSIONS
+
+    asked = cfg.reward.get("dimensions")
+    if cfg.data.train is None:
+        have = DIMENSIONS
+    else:
+        try:
+            have = data_dimensions(OmegaConf.to_object(cfg.data.train), int(build_code_size(cfg)))
+        except (ShardError, FileNotFoundError) as e:
+            if asked is None:
+                raise UsageError(f"reward.dimensions=null takes the dimensions from data.train: {e}") from None
+            return tuple(str(d) for d in asked)
+    if asked is None:
+        return tuple(have)
+    dims = tuple(str(d) for d in asked)
+    missing = [d for d in dims if d not in have]
+    if missing:
+        raise UsageError(f"reward.dimensions={list(dims)}: the data's scores have no {missing} (they hold "
+                         f"{list(have)}); set reward.dimensions to a subset of those (or null)")
+    return dims
+
+
+def build_code_size(cfg: DictConfig) -> int:
+    from levo_train.cli import build_model_config
+
+    return int(build_model_config(cfg).lm.code_size)
+
+
+def _reward_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp: str | None) -> Any:
+    from levo_train.train.reward import RewardModule
+
+    r = cfg.reward
+    try:
+        return RewardModule(model_config, dimensions=reward_dimensions(cfg), pooling=str(r.pooling),
+                            layers=None if r.layers is None else int(r.layers),
+                            layers_sub=None if r.layers_sub is None else int(r.layers_sub), loss=str(r.loss),
+                            rank_loss=str(r.rank_loss), rank_weight=float(r.rank_weight),
+                            rank_margin=float(r.rank_margin), **kw)
+    except ValueError as e:
+        raise UsageError(str(e) if str(e).startswith("reward.") else f"reward: {e}") from e
+
+
+def _truncate_trunk(module: Any, cfg: DictConfig) -> None:
+    try:
+        module.truncate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def resolve_reward_data(cfg: DictConfig, init_fp: str | None = None) -> DataSpec:
+    """(train, val, is_toy): scored song shards, or the toy reward data built from ``model.init``."""
+    if cfg.data.train is not None:
+        reward_dimensions(cfg)  # the requested dimensions must be in the data
+        return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
+    from levo_train.reward.data import ToyRewardSpec, ensure_toy_reward_data
+
+    reward_dimensions(cfg)
+    tr = OmegaConf.to_container(cfg.data.toy_reward, resolve=True)
+    try:
+        spec = ToyRewardSpec(**tr)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"data.toy_reward: {e}") from None
+    init = check_init_path(str(cfg.model.init))
+    try:
+        root = ensure_toy_reward_data(toy_cache_root(cfg), spec, model=init, fingerprint=str(init_fp),
+                                      world_seed=int(cfg.data.toy.seed))
+    except ValueError as e:
+        raise UsageError(f"data.toy_reward: {e}") from None
+    done = json.loads((root / "done.json").read_text())
+    print(f"levo-train: toy reward data: {done['train']['songs']} train / {done.get('val', {}).get('songs', 0)} val "
+          f"songs in {root}", file=sys.stderr)
+    return str(root / "train"), str(root / "val") if (root / "val").is_dir() else None, True
+
+
+def reward_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None,
+                      common: dict[str, Any]) -> Any:
+    from levo_train.reward.data import RewardDataModule
+
+    return RewardDataModule(**common, dimensions=reward_dimensions(cfg), max_frames=cfg.data.max_frames, crop="start")
+
+
+def export_reward(module: Any, folder: Path, dtype: Any = None) -> None:
+    """The reward model's export folder (:func:`levo_train.reward.model.save_reward_model`)."""
+    from levo_train.reward.model import save_reward_model
+
+    save_reward_model(module.reward_model(), folder, {"source": getattr(module, "init_fingerprint", None)}, dtype)
+
+
+register(Method("reward", build_module=_reward_module, resolve_data=resolve_reward_data,
+                build_datamodule=reward_datamodule, uses_toy=lambda cfg: cfg.data.train is None,
+                data_hint="data.train=... (songs whose json holds scores)",
+                needs_init="recipe=reward needs model.init=PATH: the SFT (or released) export whose trunk the reward "
+                           "model starts from (and, on the toy world, samples its training songs), e.g. "
+                           "`levo-train recipe=sft run_dir=A` then `levo-train recipe=reward model.init=A/export`",
+                after_init=_truncate_trunk, export=export_reward))
+
+
+# ----------------------------------------------------------------------------- sdpo (semi-online)
+def sdpo_prompts(cfg: DictConfig) -> list[Any]:
+    """The prompt pool: ``sdpo.prompts`` (song/pair shards or a JSONL), else the toy training prompts
+    of ``data.toy_pairs`` (the pool, seed and tiers of ``recipe=dpo``'s toy pairs)."""
+    from levo_train.rollout import read_prompts
+
+    src = cfg.sdpo.get("prompts")
+    if src:
+        try:
+            return read_prompts(str(src))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"sdpo.prompts={src}: {e}") from None
+    from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
+    from levo_train.toy.world import ToyWorld
+
+    tp = OmegaConf.to_container(cfg.data.toy_pairs, resolve=True)
+    spec = ToyPairSpec(**{**tp, "source": "model"})  # type: ignore[arg-type]
+    world_seed = int(cfg.data.toy.seed)
+    return toy_prompts(ToyWorld(world_seed), spec.n_train, seed=split_seeds(spec, world_seed)["train"], tier=spec.tier)
+
+
+def sdpo_scorers(cfg: DictConfig, model_config: Any) -> tuple[Any, Any]:
+    """(scorer, oracle) of a semi-online run, checked against the policy: ``reward.ckpt`` (a reward
+    model export) or ``reward.scorer`` (a spec); the oracle is the toy world's hidden quality on toy
+    runs (``sdpo.oracle=auto``)."""
+    from levo_train.scorers import load_scorer
+
+    r = cfg.reward
+    device = str(r.device) if r.get("device") else "cpu"
+    if r.get("ckpt") and r.get("scorer"):
+        raise UsageError("give reward.ckpt=EXPORT (a reward model) or reward.scorer=SPEC, not both")
+    if r.get("ckpt"):
+        setting, spec = "reward.ckpt", f"rm:{r.ckpt}"
+    elif r.get("scorer"):
+        setting, spec = "reward.scorer", str(r.scorer)
+    else:
+        raise UsageError("recipe=sdpo needs a reward: reward.ckpt=RM_RUN/export (a `levo-train recipe=reward` "
+                         "export) or reward.scorer=toy (the toy world's hidden quality) / another scorer spec")
+    try:
+        scorer = load_scorer(spec, device=device, world_seed=int(cfg.data.toy.seed), setting=setting)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e) if setting in str(e) else f"{setting}: {e}") from None
+    rm_cfg = getattr(scorer, "model_config", None)
+    if rm_cfg is not None:  # a reward model reads the policy's tokens: same codebooks and sizes
+        for name in ("code_size", "code_depth"):
+            have, want = getattr(rm_cfg.lm, name), getattr(model_config.lm, name)
+            if have != want:
+                raise UsageError(f"{setting}={r.ckpt or r.scorer}: the reward model reads {name}={have}, the policy "
+                                 f"(model.init) writes {name}={want}; train a reward model on this policy's tokens")
+        if list(rm_cfg.delays) != list(model_config.delays):
+            raise UsageError(f"{setting}: the reward model's delay pattern {list(rm_cfg.delays)} differs from the "
+                             f"policy's {list(model_config.delays)}")
+    want = r.get("dimensions")
+    if want:
+        missing = [d for d in want if d not in scorer.dimensions]
+        if missing:
+            raise UsageError(f"reward.dimensions={list(want)}: {setting}={r.ckpt or r.scorer} scores "
+                             f"{list(scorer.dimensions)} (no {missing})")
+    if r.get("key"):
+        key = str(r.key)
+        if key != scorer.overall and key not in scorer.dimensions:
+            raise UsageError(f"reward.key={key}: {scorer.name} scores {[scorer.overall, *scorer.dimensions]}")
+        scorer = _KeyedScorer(scorer, key)
+    oracle = None
+    toy = not cfg.sdpo.get("prompts")
+    if str(cfg.sdpo.get("oracle", "auto")) == "auto" and toy:
+        from levo_train.toy.scorer import ToyOracleScorer
+
+        oracle = ToyOracleScorer(int(cfg.data.toy.seed))
+    return scorer, oracle
+
+
+class _KeyedScorer:
+    """A scorer ranked by one of its dimensions (``reward.key``) instead of its overall score."""
+
+    def __init__(self, inner: Any, key: str) -> None:
+        self.inner, self.overall, self.dimensions = inner, key, tuple(inner.dimensions)
+        self.name = f"{inner.name}[{key}]"
+
+    def score(self, songs: Any) -> list[dict[str, float]]:
+        return self.inner.score(songs)
+
+
+def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp: str | None) -> Any:
+    from levo_train.cli import resolve_run_dir
+    from levo_train.rollout import Sampling
+    from levo_train.train.sdpo import SemiOnlineDPOModule
+
+    s, d = cfg.sdpo, cfg.dpo
+    scorer, oracle = sdpo_scorers(cfg, model_config)
+    sampling = Sampling(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+                        cfg_coef=None if s.cfg_coef is None else float(s.cfg_coef), max_frames=int(s.max_frames),
+                        batch_size=int(s.gen_batch_size))
+    lt = d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type)
+    try:
+        return SemiOnlineDPOModule(
+            model_config, prompts=sdpo_prompts(cfg), scorer=scorer, oracle=oracle, sync_every=int(s.sync_every),
+            per_prompt=int(s.per_prompt), prompts_per_round=int(s.prompts_per_round), min_margin=float(s.min_margin),
+            buffer_rounds=int(s.buffer_rounds), ref_sync_every=int(s.ref_sync_every), sampling=sampling,
+            batch_size=int(cfg.data.batch_size), out_dir=str(resolve_run_dir(cfg) / "sdpo"),
+            save_candidates=bool(s.save_candidates), beta=float(d.beta), loss_type=lt,
+            loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
+            label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
+    except ValueError as e:
+        raise UsageError(str(e) if str(e).startswith("sdpo.") else f"sdpo: {e}") from e
+
+
+def _sdpo_data(cfg: DictConfig, init_fp: str | None) -> DataSpec:
+    return (str(cfg.sdpo.prompts) if cfg.sdpo.get("prompts") else "toy prompts"), None, not cfg.sdpo.get("prompts")
+
+
+def _round_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None,
+                      common: dict[str, Any]) -> Any:
+    from levo_train.train.sdpo import RoundDataModule
+
+    return RoundDataModule()
+
+
+register(Method("sdpo", build_module=_sdpo_module, resolve_data=_sdpo_data, build_datamodule=_round_datamodule,
+                uses_toy=lambda cfg: not cfg.sdpo.get("prompts"), data_hint="sdpo.prompts=...",
+                needs_init="recipe=sdpo needs model.init=PATH: the SFT or DPO export to start from (and the "
+                           "reference), e.g. `levo-train recipe=sdpo model.init=A/export reward.ckpt=R/export`",
+                after_init=_freeze_reference, check_resume=check_reference_init))
+
+
 __all__ = ["METHODS", "DataSpec", "Method", "export_policy", "get_method", "pair_datamodule", "register", "resolve_pairs",
            "resolve_songs", "song_datamodule", "stream_weights"]

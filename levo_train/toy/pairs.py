@@ -144,7 +144,8 @@ def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int,
     return songs, len(cands) - len(songs)
 
 
-def _split_seeds(spec: ToyPairSpec, world_seed: int) -> dict[str, int]:
+def split_seeds(spec: ToyPairSpec, world_seed: int) -> dict[str, int]:
+    """Prompt seeds of the train and val splits of a toy pair set."""
     if spec.source == "world":
         base = world_seed * 1000 + 2 * spec.seed
     else:
@@ -167,7 +168,7 @@ def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(
             raise ValueError("toy pairs from source=model need the model to sample from (an export folder)")
         lelm = load_toy_model(model, device)
     t0 = time.time()
-    seeds = _split_seeds(spec, world_seed)
+    seeds = split_seeds(spec, world_seed)
     stats: dict[str, Any] = {"source": spec.source, "world_seed": world_seed}
     for split, n in (("train", spec.n_train), ("val", spec.n_val)):
         if n <= 0:
@@ -245,5 +246,5 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
     return build_once(root, name, "done.json", build, derived_from=toy_pairs_key(spec, world_seed, fp))
 
 
-__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "tier_of_prompt",
+__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "split_seeds", "tier_of_prompt",
            "toy_candidates", "toy_pairs_key", "toy_prompts", "toy_pairs_name", "write_toy_pairs"]

@@ -1,0 +1,361 @@
+"""Semi-online DPO: the policy generates its own pairs every ``sync_every`` optimizer steps.
+
+A *round* starts at every optimizer step ``s`` with ``s % sync_every == 0``:
+
+1. ``prompts_per_round`` prompts are taken from the prompt pool (a seeded permutation, walked in
+   order, one epoch after another); each rank samples ``per_prompt`` candidates for its share of
+   them with the **current** policy (:func:`levo_train.rollout.sample_and_score`: ``no_grad``,
+   KV cache, per-song seeds from ``(seed, round)``), and the scorer (reward model or any
+   :class:`~levo_train.rollout.Scorer`) scores them;
+2. candidates are gathered on every rank; per prompt, best vs worst on the scorer's overall score
+   when they differ by ``min_margin`` become pairs, which replace the oldest round in a buffer of
+   the last ``buffer_rounds`` rounds;
+3. DPO (:class:`~levo_train.train.dpo.DPOModule`'s loss, reference: ``model.init``, or the policy
+   re-synced every ``ref_sync_every`` steps) trains on batches drawn from the buffer: a seeded
+   permutation per round, each rank taking its own slice of every global batch.
+
+Exact resume: the checkpoint holds the round index, the buffer (tokens and conditions of every
+pair), the draw cursor and, when the reference is re-synced, the reference weights; generation
+seeds depend on ``(seed, round)`` only. So N steps + resume to 2N equals 2N straight.
+
+Per round (``run_dir/sdpo/rounds.jsonl``, the loggers, and ``rounds.png`` at the end): generation
+and scoring time, the scorer's mean over the candidates, the pairs' score margins and, when an
+``oracle`` scorer is given (the toy world's hidden quality), the oracle's scores **of the same
+candidate objects** — its mean, the pairs' oracle margin and how often the oracle agrees with the
+scorer's choice (the reward-hacking guard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from levo_infer.config import ModelConfig
+from levo_train.data.datamodule import collate_songs
+from levo_train.data.shards import Song
+from levo_train.rollout import (
+    Candidate,
+    Prompt,
+    Sampling,
+    Scorer,
+    best_vs_worst,
+    group_by_prompt,
+    sample_and_score,
+)
+
+from .dpo import DPOModule
+
+log = logging.getLogger(__name__)
+
+ROUNDS_NAME = "rounds.jsonl"
+PLOT_NAME = "rounds.png"
+
+
+def check_sdpo_settings(*, sync_every: int, per_prompt: int, prompts_per_round: int, buffer_rounds: int,
+                        ref_sync_every: int, min_margin: float, n_prompts: int) -> None:
+    """Raise ``ValueError`` naming the ``sdpo.*`` setting that cannot work."""
+    checks = [("sync_every", sync_every >= 1, "an optimizer-step interval >= 1"),
+              ("per_prompt", per_prompt >= 2, ">= 2 (best vs worst needs two candidates per prompt)"),
+              ("prompts_per_round", prompts_per_round >= 1, ">= 1"),
+              ("buffer_rounds", buffer_rounds >= 1, ">= 1"),
+              ("ref_sync_every", ref_sync_every >= 0, ">= 0 (0: the reference stays model.init)"),
+              ("min_margin", min_margin >= 0, ">= 0")]
+    for name, ok, want in checks:
+        if not ok:
+            value = {"sync_every": sync_every, "per_prompt": per_prompt, "prompts_per_round": prompts_per_round,
+                     "buffer_rounds": buffer_rounds, "ref_sync_every": ref_sync_every,
+                     "min_margin": min_margin}[name]
+            raise ValueError(f"sdpo.{name}={value}: expected {want}")
+    if n_prompts < 1:
+        raise ValueError("the prompt pool is empty: give sdpo.prompts=... (prompt shards or JSONL) or use the toy world")
+
+
+def _pair_record(best: Candidate, worst: Candidate, key: str, oracle: str | None) -> dict[str, Any]:
+    """One buffer entry (plain tensors and strings: a checkpoint loads it with ``weights_only``)."""
+    s = best.song
+    rec: dict[str, Any] = {
+        "chosen": torch.from_numpy(np.ascontiguousarray(s.tokens, dtype=np.int64)),
+        "rejected": torch.from_numpy(np.ascontiguousarray(worst.song.tokens, dtype=np.int64)),
+        "lyric": s.lyric, "style": s.style,
+        "prompt": None if s.prompt is None else torch.from_numpy(np.asarray(s.prompt, dtype=np.int64)),
+        "margin": float(best.scores[key] - worst.scores[key]),
+    }
+    if oracle is not None:
+        rec["oracle_margin"] = float(best.song.meta["oracle"][oracle] - worst.song.meta["oracle"][oracle])
+    return rec
+
+
+def collate_buffer(records: Sequence[dict[str, Any]], code_size: int) -> dict[str, Any]:
+    """Buffer entries -> the pair batch of :class:`~levo_train.data.pairs.PairDataModule`."""
+    def songs(side: str) -> list[Song]:
+        return [Song(f"b{i}", r[side].numpy(), r["lyric"], r["style"],
+                     None if r["prompt"] is None else r["prompt"].numpy(), {}) for i, r in enumerate(records)]
+
+    c, r = collate_songs(songs("chosen"), code_size), collate_songs(songs("rejected"), code_size)
+    return {"chosen": c["codes"], "chosen_lengths": c["lengths"], "rejected": r["codes"],
+            "rejected_lengths": r["lengths"], "lyrics": c["lyrics"], "styles": c["styles"], "prompts": c["prompts"]}
+
+
+class SemiOnlineDPOModule(DPOModule):
+    """DPO on pairs the policy itself generates every ``sync_every`` optimizer steps."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        *,
+        prompts: Sequence[Prompt],
+        scorer: Scorer,
+        oracle: Scorer | None = None,
+        sync_every: int = 30,
+        per_prompt: int = 4,
+        prompts_per_round: int = 300,
+        min_margin: float = 0.05,
+        buffer_rounds: int = 1,
+        ref_sync_every: int = 0,
+        sampling: Sampling | None = None,
+        batch_size: int = 32,
+        out_dir: str | None = None,
+        save_candidates: bool = False,
+        **kw: Any,
+    ) -> None:
+        kw.setdefault("reference", "model")
+        super().__init__(model_config, **kw)
+        if self.reference != "model":
+            raise ValueError("semi-online DPO needs dpo.reference=model (its pairs are new every round, so there are "
+                             "no precomputed reference log-probs)")
+        check_sdpo_settings(sync_every=sync_every, per_prompt=per_prompt, prompts_per_round=prompts_per_round,
+                            buffer_rounds=buffer_rounds, ref_sync_every=ref_sync_every, min_margin=min_margin,
+                            n_prompts=len(prompts))
+        self.prompts = list(prompts)
+        self.scorer, self.oracle = scorer, oracle
+        self.score_key = scorer.overall
+        self.sync_every, self.per_prompt, self.prompts_per_round = sync_every, per_prompt, prompts_per_round
+        self.min_margin, self.buffer_rounds, self.ref_sync_every = min_margin, buffer_rounds, ref_sync_every
+        self.sampling, self.batch_size = sampling or Sampling(), batch_size
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.save_candidates = save_candidates
+        # resumable state
+        self.round = -1                          # last round generated
+        self.buffer: list[list[dict[str, Any]]] = []  # pairs of the last buffer_rounds rounds
+        self.cursor = 0                          # global pair draws in the current round
+        self.ref_synced_at = 0
+        self.history: list[dict[str, Any]] = []  # per-round stats (also in rounds.jsonl)
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kw: Any) -> dict[str, Any]:  # type: ignore[override]
+        """A re-synced reference is state (it is no longer ``model.init``): kept in checkpoints."""
+        if self.ref_sync_every > 0:
+            return torch.nn.Module.state_dict(self, *args, **kw)
+        return super().state_dict(*args, **kw)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["levo"]["sdpo"] = {"round": self.round, "buffer": self.buffer, "cursor": self.cursor,
+                                      "ref_synced_at": self.ref_synced_at, "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        st = checkpoint["levo"].get("sdpo")
+        if not isinstance(st, dict):
+            raise ValueError("checkpoint has no `levo.sdpo` state: not a semi-online DPO checkpoint")
+        self.round, self.buffer, self.cursor = int(st["round"]), list(st["buffer"]), int(st["cursor"])
+        self.ref_synced_at, self.history = int(st["ref_synced_at"]), list(st["history"])
+
+    # -- distributed helpers --------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def _gather(self, obj: Any) -> list[Any]:
+        rank, world = self._rank_world()
+        if world == 1:
+            return [obj]
+        out: list[Any] = [None] * world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    # -- rounds -----------------------------------------------------------------------
+    def round_prompts(self, r: int) -> list[int]:
+        """Indices into the prompt pool of round ``r``: a seeded permutation per pass over the pool."""
+        n, k = len(self.prompts), self.prompts_per_round
+        out: list[int] = []
+        pos = r * k
+        while len(out) < k:
+            epoch, off = divmod(pos, n)
+            perm = np.random.default_rng([self.seed, 0x5D0, epoch]).permutation(n)
+            take = min(k - len(out), n - off)
+            out.extend(int(i) for i in perm[off:off + take])
+            pos += take
+        return out
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        """Generate, score and pair round ``r``; the buffer then holds its pairs (and older rounds')."""
+        rank, world = self._rank_world()
+        idx = self.round_prompts(r)
+        prompts = [self.prompts[i] for i in idx]
+        t0 = time.perf_counter()
+        cands = sample_and_score(self.model, prompts, None, self.sampling, per_prompt=self.per_prompt,
+                                 seed=self.seed * 7919 + r, key_prefix=f"r{r:04d}-", shard=(rank, world))
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        songs = [c.song for c in cands]
+        scores = self.scorer.score(songs) if songs else []
+        for c, sc in zip(cands, scores):
+            c.scores = dict(sc)
+            c.song.meta["scores"] = dict(sc)
+        t_score = time.perf_counter() - t0
+        if self.oracle is not None and songs:  # the same Song objects the scorer just judged
+            for c, oc in zip(cands, self.oracle.score(songs)):
+                c.song.meta["oracle"] = dict(oc)
+        gathered = [c for part in self._gather(cands) for c in part]
+        gathered.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        times = self._gather((t_gen, t_score))
+        okey = self.oracle.overall if self.oracle is not None else None
+        pairs = []
+        for _, group in sorted(group_by_prompt(gathered).items()):
+            sel = best_vs_worst(group, self.score_key, self.min_margin)
+            if sel is not None:
+                pairs.append(_pair_record(sel[0], sel[1], self.score_key, okey))
+        self.buffer = (self.buffer + [pairs])[-self.buffer_rounds:]
+        self.round, self.cursor = r, 0
+        st: dict[str, Any] = {
+            "round": r, "step": int(self.global_step) if self._trainer is not None else 0,
+            "candidates": len(gathered), "pairs": len(pairs), "buffer_pairs": sum(len(b) for b in self.buffer),
+            "gen_seconds": max(t for t, _ in times), "score_seconds": max(t for _, t in times),
+            "score_mean": float(np.mean([c.scores[self.score_key] for c in gathered])) if gathered else float("nan"),
+            "frames_mean": float(np.mean([c.frames for c in gathered])) if gathered else float("nan"),
+            "pair_margin": float(np.mean([p["margin"] for p in pairs])) if pairs else float("nan"),
+        }
+        if okey is not None and gathered:
+            st["hidden_mean"] = float(np.mean([c.song.meta["oracle"][okey] for c in gathered]))
+            st["pair_hidden_margin"] = float(np.mean([p["oracle_margin"] for p in pairs])) if pairs else float("nan")
+            st["pair_agreement"] = float(np.mean([p["oracle_margin"] > 0 for p in pairs])) if pairs else float("nan")
+        self.history.append(st)
+        if rank == 0:
+            self._write_round(st, gathered)
+        return st
+
+    def _write_round(self, st: dict[str, Any], cands: Sequence[Candidate]) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / ROUNDS_NAME, "a") as f:
+            f.write(json.dumps(st) + "\n")
+        if self.save_candidates:
+            d = self.out_dir / "candidates"
+            d.mkdir(exist_ok=True)
+            recs = [{"key": c.song.key, "prompt_index": c.prompt_index, "sample_index": c.sample_index,
+                     "seed": c.seed, "tokens": c.song.tokens.tolist(), "lyric": c.song.lyric, "style": c.song.style,
+                     "scores": c.scores, "oracle": c.song.meta.get("oracle")} for c in cands]
+            tmp = d / f".round{st['round']:04d}.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(x) + "\n" for x in recs))
+            tmp.replace(d / f"round{st['round']:04d}.jsonl")
+
+    def draw_batch(self) -> dict[str, Any]:
+        """This rank's share of the next global batch of buffer pairs (seeded permutation per round)."""
+        rank, world = self._rank_world()
+        pool = [p for rnd in self.buffer for p in rnd]
+        if not pool:
+            raise RuntimeError(f"round {self.round}: no prompt's candidates differ by >= sdpo.min_margin="
+                               f"{self.min_margin} on {self.score_key!r}, so there is nothing to train on; lower "
+                               "the margin or raise sdpo.per_prompt / prompts_per_round")
+        n, B = len(pool), self.batch_size
+        start = self.cursor + rank * B
+        picks = []
+        for pos in range(start, start + B):
+            epoch, off = divmod(pos, n)
+            perm = np.random.default_rng([self.seed, 0xB0F, self.round, epoch]).permutation(n)
+            picks.append(pool[int(perm[off])])
+        self.cursor += B * world
+        return collate_buffer(picks, self.model_config.lm.code_size)
+
+    def maybe_sync_reference(self) -> None:
+        step = int(self.global_step)
+        if self.ref_sync_every > 0 and self.ref is not None and step > 0 and step % self.ref_sync_every == 0 \
+                and self.ref_synced_at != step:
+            self.ref.load_state_dict(self.model.state_dict())
+            self.ref_synced_at = step
+
+    def on_train_start(self) -> None:
+        """``rounds.jsonl`` restarts from the checkpoint's history: rounds a killed run generated after
+        its last checkpoint are generated again and must not be listed twice."""
+        if self.out_dir is not None and self._rank_world()[0] == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / f".{ROUNDS_NAME}.tmp"
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            tmp.replace(self.out_dir / ROUNDS_NAME)
+
+    # -- steps ------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        step = int(self.global_step)
+        r = step // self.sync_every
+        if r != self.round:
+            st = self.run_round(r)
+            for k, v in st.items():
+                if k not in ("round", "step") and isinstance(v, (int, float)) and np.isfinite(v):
+                    self.log(f"round/{k}", float(v), rank_zero_only=True)
+        self.maybe_sync_reference()
+        pairs = self.draw_batch()
+        loss, m = self.dpo_step(pairs)
+        B = pairs["chosen"].shape[0]
+        self.advance_data_position(B)
+        for k, v in m.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "rewards/accuracies"), batch_size=B)
+        return loss
+
+    def on_train_end(self) -> None:
+        if self.out_dir is not None and self._rank_world()[0] == 0 and self.history:
+            plot_rounds(self.history, self.out_dir / PLOT_NAME, scorer=self.scorer.name,
+                        oracle=self.oracle.name if self.oracle is not None else None)
+
+
+def plot_rounds(history: Sequence[dict[str, Any]], path: Path, *, scorer: str, oracle: str | None) -> None:
+    """PNG of the scorer's mean and (when known) the hidden quality of the same samples per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h["round"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(rounds, [h["score_mean"] for h in history], "o-", label=f"scorer mean ({scorer})")
+    if oracle is not None and all("hidden_mean" in h for h in history):
+        ax.plot(rounds, [h["hidden_mean"] for h in history], "s-", label=f"hidden quality, same samples ({oracle})")
+    ax.set_xlabel("round (policy re-synced)")
+    ax.set_ylabel("mean over the round's candidates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+
+
+class _Ticks(torch.utils.data.IterableDataset):
+    """An endless stream of placeholders: a semi-online run draws its batches from its own buffer."""
+
+    def __iter__(self):  # type: ignore[override]
+        while True:
+            yield torch.zeros(1)
+
+
+class RoundDataModule(L.LightningDataModule):
+    """The datamodule of a semi-online run: one placeholder per training step (no validation)."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(_Ticks(), batch_size=None)
+
+__all__ = ["PLOT_NAME", "ROUNDS_NAME", "RoundDataModule", "SemiOnlineDPOModule", "check_sdpo_settings",
+           "collate_buffer", "plot_rounds"]

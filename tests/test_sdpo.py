@@ -1,0 +1,98 @@
+"""Semi-online DPO (recipe=sdpo): rounds, the same-samples guard, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from levo_train.cli import main
+from levo_train.toy.world import ToyWorld
+
+# tiny rounds: 4 optimizer steps per round, 12 prompts x 3 candidates, 20-frame songs
+SDPO = ["sdpo.sync_every=4", "sdpo.prompts_per_round=12", "sdpo.per_prompt=3", "sdpo.max_frames=40",
+        "sdpo.min_margin=0.0", "data.toy_pairs.n_train=40", "trainer.log_every_n_steps=1", "optim.lr=1e-3",
+        "optim.warmup_steps=1"]
+
+
+def sdpo_args(cache: str, run_dir: Path, init: Path, *extra: str) -> list[str]:
+    return ["recipe=sdpo", f"run_dir={run_dir}", f"model.init={init}", f"data.toy.cache_dir={cache}", *TINY, *SDPO,
+            *extra]
+
+
+def test_sdpo_rounds_log_reward_and_hidden_quality_of_the_same_samples(tmp_path, toy_cache_dir, toy_sft_export):
+    """Each round's logged scorer mean and hidden quality are computed on the same candidates:
+    recomputed from the saved candidate tokens, both match; the scorer (ranking by the hidden lyrics
+    dimension alone, so it differs from the hidden quality) ranks the pairs."""
+    rd = tmp_path / "run"
+    assert main(sdpo_args(toy_cache_dir, rd, toy_sft_export, "trainer.max_steps=8", "sdpo.save_candidates=true",
+                          "reward.scorer=toy", "reward.key=lyrics")) == 0
+    rounds = [json.loads(x) for x in (rd / "sdpo" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1] and [r["step"] for r in rounds] == [0, 4]
+    world = ToyWorld(0)
+    for r in rounds:
+        cands = [json.loads(x) for x in (rd / "sdpo" / "candidates" / f"round{r['round']:04d}.jsonl").read_text()
+                 .splitlines()]
+        assert len(cands) == r["candidates"] == 36
+        hidden = [world.score(np.array(c["tokens"], dtype=np.int64).reshape(3, -1), c["lyric"], c["style"])
+                  for c in cands]
+        assert r["hidden_mean"] == pytest.approx(np.mean([h["quality"] for h in hidden]), abs=1e-9)
+        assert [c["oracle"]["quality"] for c in cands] == pytest.approx([h["quality"] for h in hidden])
+        mine = [h["lyrics"] for h in hidden]  # the scorer's key, recomputed independently
+        assert r["score_mean"] == pytest.approx(np.mean(mine), abs=1e-6)
+        assert r["score_mean"] != pytest.approx(r["hidden_mean"])
+        assert r["pairs"] >= 1 and r["gen_seconds"] > 0
+    assert (rd / "sdpo" / "rounds.png").stat().st_size > 1000
+    metrics = (rd / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "round/hidden_mean" in metrics and "round/score_mean" in metrics and "train/rewards/margins" in metrics
+
+
+def test_sdpo_exact_resume_across_rounds(tmp_path, toy_cache_dir, toy_sft_export):
+    """6 steps + resume to 12 equals 12 straight (rounds at 0, 4, 8; the stop falls mid-round), with
+    the reference re-synced every 6 steps (so the reference is state too)."""
+    common = ["checkpoint.every_n_steps=3", "optim.total_steps=12", "reward.scorer=toy", "sdpo.ref_sync_every=6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(sdpo_args(toy_cache_dir, a, toy_sft_export, "trainer.max_steps=12", *common)) == 0
+    assert main(sdpo_args(toy_cache_dir, b, toy_sft_export, "trainer.max_steps=6", *common)) == 0
+    assert main(sdpo_args(toy_cache_dir, b, toy_sft_export, "trainer.max_steps=12", "resume=true", *common)) == 0
+    wa = torch.load(a / "export" / "model.pt", weights_only=True)
+    wb = torch.load(b / "export" / "model.pt", weights_only=True)
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"weights differ after resume: {diff[:5]}"
+    ra = (a / "sdpo" / "rounds.jsonl").read_text().splitlines()
+    rb = (b / "sdpo" / "rounds.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(x).items() if "seconds" not in k} for x in rows]  # noqa: E731
+    assert strip(ra) == strip(rb) and len(ra) == 3
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["reward.scorer=toy", "sdpo.sync_every=0"], "sdpo.sync_every=0: expected an optimizer-step interval >= 1"),
+    (["reward.scorer=toy", "sdpo.per_prompt=1"], "sdpo.per_prompt=1"),
+    ([], "recipe=sdpo needs a reward"),
+    (["reward.scorer=callable:no_such_module_xyz:make"], "no_such_module_xyz"),
+    (["reward.scorer=toy", "reward.dimensions=[coherence]"], "reward.dimensions=['coherence']"),
+    (["reward.scorer=toy", "reward.key=musicality"], "reward.key=musicality"),
+])
+def test_sdpo_bad_settings_are_named(tmp_path, toy_cache_dir, toy_sft_export, capsys, extra, needle):
+    assert main(sdpo_args(toy_cache_dir, tmp_path / "r", toy_sft_export, "trainer.max_steps=1", *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_sdpo_prompts_without_lyrics_are_refused(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"lyric": "[verse] love night", "style": "rock"}\n{"style": "pop"}\n')
+    assert main(sdpo_args(toy_cache_dir, tmp_path / "r", toy_sft_export, "trainer.max_steps=1", "reward.scorer=toy",
+                          f"sdpo.prompts={p}")) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:2" in err and "no lyric" in err
+
+
+def test_sdpo_needs_init(tmp_path, toy_cache_dir, capsys):
+    assert main(["recipe=sdpo", f"run_dir={tmp_path / 'r'}", "reward.scorer=toy", *TINY]) == 2
+    assert "recipe=sdpo needs model.init" in capsys.readouterr().err
