@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from levo_data.offline import OFFLINE_COMMANDS
 from levo_data.prefs import PREF_COMMANDS
 
 
@@ -114,6 +115,8 @@ COMMANDS: dict[str, Command] = {
 }
 # preference data: pairs, ref-logps, merge (levo_data.prefs)
 COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in PREF_COMMANDS.items()})
+# offline candidates at scale: sample, score (levo_data.offline)
+COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in OFFLINE_COMMANDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,572 @@
+"""LeVo 2's offline preference-data path at scale: ``levo-data sample`` and ``levo-data score``.
+
+    levo-data sample --model EXPORT --prompts P.jsonl|SHARDS --per-prompt N --out CANDS
+    levo-data score --scorer SPEC CANDS [--out SCORED]
+    levo-data pairs --candidates SCORED --out PAIRS [--dimension OVERALL_KEY]
+
+``sample`` — N songs per prompt from a model export, generated through
+:func:`levo_train.rollout.sample_and_score` (batched, KV-cached, one seed per song), written as
+song shards ``OUT/rank{r:03d}-{n:05d}.tar``; keys ``{prompt key}-{j}``, meta ``prompt_key``,
+``prompt_index``, ``sample_index``, ``seed``, ``sampling`` and ``model`` (fingerprint).
+
+* Prompts: the released JSONL input (``idx``, ``gt_lyric``, ``descriptions``, optional
+  ``prompt_audio_path`` / ``auto_prompt_audio_type``), validated and formatted exactly as
+  ``levo-infer`` does (its own line parser; lyric findings are errors here, since a shard only
+  holds lyrics that follow the released rules), or song/pair shards (each distinct lyric, style
+  and prompt once, keyed by its first record's key).
+* Ranks: ``RANK``/``WORLD_SIZE`` (torchrun) or ``SLURM_PROCID``/``SLURM_NTASKS`` (srun); rank r
+  takes prompts ``i % world == r``, so the songs do not depend on the number of ranks.
+* Resume: each rank works in chunks of prompts; a chunk's shard is written to a temp folder and
+  renamed into place, then recorded in ``OUT/progress/rank{r:03d}.json``. A rerun skips recorded
+  chunks whose shard exists (in any rank's progress: the world size may change) and redoes the
+  rest. ``OUT/sample.json`` holds the settings that decide the songs (model fingerprint, prompt
+  digest, per-prompt, seed, sampling rules, dtype); a rerun with other settings is refused,
+  naming them. The rank that completes the set writes ``OUT/index.json`` and ``OUT/done.json``.
+
+``score`` — every record of candidate song shards scored by a scorer spec
+(:func:`levo_train.scorers.load_scorer`); written as new shards in ``--out`` (same names) or in
+place (each shard rewritten atomically), with ``meta["scores"]`` = every dimension and the overall
+score, ``meta["score_overall_key"]`` and ``meta["scorer"]``. ``score.json`` in the output folder
+records which shards are done (resume per shard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("levo_data.offline")
+
+SAMPLE_FORMAT = "levo-sample-1"
+SETTINGS_NAME = "sample.json"
+DONE_NAME = "done.json"
+SCORE_NAME = "score.json"
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+# ----------------------------------------------------------------------------- small helpers
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write json via a per-process temp file and rename (safe with several ranks writing)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's (rank, world size): torchrun's RANK/WORLD_SIZE, else srun's
+    SLURM_PROCID/SLURM_NTASKS, else (0, 1)."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(r) is not None and os.environ.get(w) is not None:
+            try:
+                rank, world = int(os.environ[r]), int(os.environ[w])
+            except ValueError:
+                raise ValueError(f"{r}={os.environ[r]!r} / {w}={os.environ[w]!r} are not integers") from None
+            if world < 1 or not 0 <= rank < world:
+                raise ValueError(f"{r}={rank} is not in [0, {w}={world})")
+            return rank, world
+    return 0, 1
+
+
+def _local_rank() -> int:
+    for v in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(v, "").isdigit():
+            return int(os.environ[v])
+    return 0
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto``/None: this rank's GPU (local rank modulo the GPUs) when CUDA is available, else cpu."""
+    import torch
+
+    if device not in (None, "auto"):
+        return str(device)
+    if torch.cuda.is_available():
+        return f"cuda:{_local_rank() % torch.cuda.device_count()}"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------- prompts
+def _prompt_key(idx: str) -> str:
+    return _KEY_BAD.sub("_", idx) or "_"
+
+
+def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None = None) -> list[Any]:
+    """Prompts of a released-format JSONL file, parsed by levo-infer's own line parser (lyric
+    findings are errors); audio prompts cut/padded to the model's prompt length."""
+    import numpy as np
+
+    from levo_infer.cli import LineError, parse_song, read_lines
+    from levo_infer.prompts import AutoPromptLibrary, PromptError
+    from levo_train.rollout import Prompt
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: not found")
+    library = None
+    if auto_prompt_file:
+        try:
+            library = AutoPromptLibrary.load(auto_prompt_file, code_depth=model.code_depth,
+                                             code_size=model.cfg.lm.code_size)
+        except PromptError as e:
+            raise ValueError(f"--auto-prompt-file: {e}") from e
+    args = argparse.Namespace(mode="mixed", lyrics="check", strict=True, input_jsonl=str(path))
+    P, pad = model.cfg.prompt_frames, model.pad_id
+    out: list[Prompt] = []
+    seen: dict[str, int] = {}
+    keys: dict[str, int] = {}
+    for n, line in read_lines(path):
+        try:
+            s = parse_song(n, line, args=args, model=model, library=library, base_seed=0, seen=seen)
+        except LineError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        seen[s.idx] = n
+        key = _prompt_key(s.idx)
+        if key in keys:
+            raise ValueError(f"{path}:{n}: idx {s.idx!r} maps to record key {key!r}, as line {keys[key]} does "
+                             "(characters other than letters, digits, '_' and '-' become '_'): rename one")
+        keys[key] = n
+        prompt = None
+        if s.prompt is not None:
+            t = s.prompt.numpy().astype(np.int64)[:, :P]
+            prompt = np.full((t.shape[0], max(P, 1)), pad, dtype=np.int64)
+            prompt[:, :t.shape[1]] = t
+        out.append(Prompt(s.lyric, s.style, prompt, key))
+    if not out:
+        raise ValueError(f"--prompts {path}: no prompt found (the file is empty)")
+    return out
+
+
+def prompts_from_shards(paths: Sequence[str], code_size: int) -> list[Any]:
+    """Each distinct (lyric, style, prompt) of song or pair shards once, keyed by its first record."""
+    from levo_train.data.pairs import condition_key, decode_pair
+    from levo_train.data.shards import decode_song, iter_raw, resolve_shards
+    from levo_train.rollout import Prompt
+
+    out: list[Prompt] = []
+    seen: set[str] = set()
+    keys: dict[str, str] = {}
+    for sh in resolve_shards(list(paths)):
+        for raw in iter_raw(sh):
+            rec = (decode_pair if "chosen.npy" in raw else decode_song)(raw, code_size=code_size, shard=sh)
+            ck = condition_key(rec)  # type: ignore[arg-type]
+            if ck in seen:
+                continue
+            seen.add(ck)
+            if rec.key in keys:
+                raise ValueError(f"--prompts: record key {rec.key!r} of {sh} is also in {keys[rec.key]} with other "
+                                 "conditions; prompt keys must be unique")
+            keys[rec.key] = sh
+            out.append(Prompt(rec.lyric, rec.style or None, rec.prompt, rec.key))
+    if not out:
+        raise ValueError(f"--prompts {' '.join(paths)}: the shards hold no record")
+    return out
+
+
+def read_prompts(paths: Sequence[str], model: Any, *, auto_prompt_file: str | None = None) -> list[Any]:
+    """Prompts from one JSONL file or from song/pair shards (dirs, tars, patterns)."""
+    if len(paths) == 1 and Path(paths[0]).is_file() and not paths[0].endswith(".tar"):
+        return prompts_from_jsonl(Path(paths[0]), model, auto_prompt_file=auto_prompt_file)
+    return prompts_from_shards(paths, model.cfg.lm.code_size)
+
+
+def prompts_digest(prompts: Sequence[Any]) -> str:
+    """sha256 over every prompt's key, lyric, style and audio-prompt tokens, in order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p.key, p.lyric, p.style]).encode())
+        if p.prompt is not None:
+            h.update(np.ascontiguousarray(p.prompt, dtype=np.int64).tobytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- sample
+def _read_progress(out: Path) -> dict[int, dict[str, Any]]:
+    progress = {}
+    for p in sorted((out / "progress").glob("rank*.json")):
+        try:
+            progress[int(p.stem[4:])] = json.loads(p.read_text())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{p}: unreadable progress file ({e}); remove it to redo that rank's chunks") from e
+    return progress
+
+
+def _done_chunks(out: Path) -> dict[str, dict[str, Any]]:
+    """Recorded chunks whose shard exists (or that wrote no song), by name, across all ranks."""
+    done = {}
+    for prog in _read_progress(out).values():
+        for name, c in prog.get("chunks", {}).items():
+            if c["records"] == 0 or (out / name).is_file():
+                done[name] = c
+    return done
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Create ``OUT/sample.json`` (exclusively) or check a rerun's settings against it."""
+    from levo_train.data.cache import dict_differences
+
+    path = out / SETTINGS_NAME
+    if not path.is_file():
+        tmp = out / f".{SETTINGS_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: the first rank wins
+            return
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        have = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable ({e})") from e
+    diffs = dict_differences(have, json.loads(json.dumps(settings)))
+    if diffs:
+        what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in diffs[:6])
+        raise ValueError(f"--out {out} holds samples made with other settings ({what}); rerun with the same "
+                         "model, prompts and sampling settings to resume, or write to a new --out")
+
+
+def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], code_size: int) -> dict[str, Any] | None:
+    """Write ``index.json`` and ``done.json`` when every prompt is in a finished chunk."""
+    from levo_train.data.shards import INDEX_NAME, SCHEMA_VERSION, SONG_FORMAT
+
+    done = _done_chunks(out)
+    covered = {i for c in done.values() for i in c["prompts"]}
+    if len(covered) < n_prompts:
+        return None
+    shards = sorted(({"name": n, "records": c["records"]} for n, c in done.items() if c["records"] > 0),
+                    key=lambda s: s["name"])
+    records = sum(s["records"] for s in shards)
+    write_json_atomic(out / INDEX_NAME, {"format": SONG_FORMAT, "version": SCHEMA_VERSION, "code_size": code_size,
+                                         "records": records, "shards": shards})
+    gen_s = sum(c["seconds"] for c in done.values())
+    songs = sum(c["records"] + c["empty"] for c in done.values())
+    summary = {"out": str(out), "prompts": n_prompts, "songs": records, "empty_dropped": sum(c["empty"] for c in
+               done.values()), "shards": len(shards), "generation_seconds": round(gen_s, 2),
+               "songs_per_second_per_rank": round(songs / gen_s, 3) if gen_s > 0 else None, "settings": settings}
+    write_json_atomic(out / DONE_NAME, summary)
+    return summary
+
+
+def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | os.PathLike, *, per_prompt: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, cfg_coef: float | None = None,
+                      max_frames: int | None = None, compat: bool = False, batch_size: int = 64, seed: int = 0,
+                      device: str | None = None, dtype: str | None = None, records_per_shard: int = 1000,
+                      auto_prompt_file: str | None = None, rank: int | None = None,
+                      world: int | None = None) -> dict[str, Any]:
+    """Sample ``per_prompt`` songs per prompt into candidate shards under ``out`` (this rank's part,
+    resumable; see the module docstring). Returns this rank's summary (and the set's when it
+    completed it)."""
+    import torch
+
+    from levo_infer.checkpoint import load_model, resolve_dtype
+    from levo_train.data.shards import INDEX_NAME, ShardWriter
+    from levo_train.fingerprint import model_fingerprint
+    from levo_train.rollout import Sampling, sample_and_score
+
+    if per_prompt < 1:
+        raise ValueError(f"--per-prompt must be >= 1, got {per_prompt}")
+    if rank is None or world is None:
+        rank, world = rank_world()
+    out = Path(out)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype) if dtype not in (None, "auto") else (torch.float32 if dev == "cpu" else None)
+    model = load_model(model_path, device=dev, dtype=dt).eval()
+    cfg = model.cfg
+    code_size = cfg.lm.code_size
+    frames_cap = min(model.max_frames, max(1, int(round(cfg.max_dur * cfg.frame_rate))))
+    max_frames = frames_cap if max_frames is None else max_frames
+    if not 1 <= max_frames <= model.max_frames:
+        raise ValueError(f"--max-frames {max_frames}: the model has room for 1 to {model.max_frames} frames")
+    prompts = read_prompts(prompt_paths, model, auto_prompt_file=auto_prompt_file)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
+                        compat=compat, batch_size=batch_size)
+    rules = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "cfg_coef": cfg.cfg_coef if cfg_coef is None else cfg_coef, "max_frames": max_frames, "compat": compat}
+    settings = {"format": SAMPLE_FORMAT, "model_fingerprint": model_fingerprint(model_path),
+                "prompts": {"count": len(prompts), "digest": prompts_digest(prompts)}, "per_prompt": per_prompt,
+                "seed": seed, "sampling": rules, "dtype": str(model.dtype).removeprefix("torch."),
+                "code_size": code_size}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "progress").mkdir(exist_ok=True)
+    check_settings(out, settings)
+    prog_path = out / "progress" / f"rank{rank:03d}.json"
+    mine = _read_progress(out).get(rank, {})
+    chunks: dict[str, dict[str, Any]] = dict(mine.get("chunks", {}))
+    done = _done_chunks(out)
+    lost = sorted(n for n in chunks if n not in done)
+    for n in lost:  # recorded, but the shard is gone: redo its prompts
+        log.warning("%s: recorded chunk %s is missing; sampling its prompts again", out, n)
+        del chunks[n]
+    covered = {i for c in done.values() for i in c["prompts"]}
+    pending = [i for i in range(rank, len(prompts), world) if i not in covered]
+    if pending:  # the set is not complete (any more): no index/done marker may claim it is
+        for stale in (DONE_NAME, INDEX_NAME):
+            (out / stale).unlink(missing_ok=True)
+    chunk_prompts = max(1, records_per_shard // per_prompt)
+    number = 1 + max((int(n.split("-")[1].split(".")[0]) for n in chunks), default=-1)
+    fingerprint = settings["model_fingerprint"]
+    t_start = time.perf_counter()
+    new_songs = 0
+    for start in range(0, len(pending), chunk_prompts):
+        idx = pending[start:start + chunk_prompts]
+        name = f"rank{rank:03d}-{number:05d}.tar"
+        t0 = time.perf_counter()
+        cands = []
+        # one call per kind of audio prompt (a generation batch cannot mix them); seeds stay global
+        groups: dict[Any, list[int]] = {}
+        for i in idx:
+            p = prompts[i].prompt
+            groups.setdefault(None if p is None else tuple(p.shape), []).append(i)
+        for group in groups.values():
+            cands += sample_and_score(model, prompts, None, sampling, per_prompt=per_prompt, seed=seed,
+                                      prompt_indices=group)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        cands.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        tmp_dir = out / f".tmp-{name[:-4]}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        kept = [c for c in cands if c.frames >= 1]
+        if kept:
+            with ShardWriter(tmp_dir, prefix="songs", max_records=len(kept) + 1, code_size=code_size) as w:
+                for c in kept:
+                    p = prompts[c.prompt_index]
+                    meta = {"prompt_key": p.key, "prompt_index": c.prompt_index, "sample_index": c.sample_index,
+                            "seed": c.seed, "sampling": rules, "model": fingerprint, "source": "sample"}
+                    w.write_song(f"{p.key}-{c.sample_index}", c.song.tokens, c.song.lyric, c.song.style, meta,
+                                 c.song.prompt)
+            os.replace(tmp_dir / "songs-000000.tar", out / name)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        chunks[name] = {"prompts": idx, "records": len(kept), "empty": len(cands) - len(kept),
+                        "seconds": round(seconds, 3)}
+        write_json_atomic(prog_path, {"rank": rank, "world": world, "chunks": chunks, "done": False})
+        new_songs += len(cands)
+        number += 1
+        log.info("rank %d: %s: %d prompts, %d songs in %.1f s", rank, name, len(idx), len(cands), seconds)
+    wall = time.perf_counter() - t_start
+    write_json_atomic(prog_path, {"rank": rank, "world": world, "chunks": chunks, "done": True})
+    res: dict[str, Any] = {"out": str(out), "rank": rank, "world": world, "device": dev,
+                           "prompts_this_rank": len(range(rank, len(prompts), world)), "sampled_now": new_songs,
+                           "skipped_prompts": len(range(rank, len(prompts), world)) - len(pending),
+                           "seconds": round(wall, 2),
+                           "songs_per_second": round(new_songs / wall, 3) if new_songs and wall > 0 else None}
+    summary = _finish_if_complete(out, len(prompts), settings, code_size)
+    res["complete"] = summary is not None
+    if summary is not None:
+        res["songs_total"] = summary["songs"]
+        res["empty_dropped"] = summary["empty_dropped"]
+    return res
+
+
+# ----------------------------------------------------------------------------- score
+def _code_size_of(shards: Sequence[str], given: int | None) -> int:
+    if given is not None:
+        return given
+    from levo_train.data.shards import read_index
+
+    for d in dict.fromkeys(os.path.dirname(os.path.abspath(s)) for s in shards):
+        idx = read_index(d)
+        if idx and "code_size" in idx:
+            return int(idx["code_size"])
+    return 16384
+
+
+def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | os.PathLike | None = None,
+                     batch_size: int = 64, device: str | None = None, code_size: int | None = None,
+                     world_seed: int = 0, codec: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Score every record of candidate song shards (see the module docstring); resumable per shard."""
+    from levo_train.data.shards import (
+        INDEX_NAME,
+        SCHEMA_VERSION,
+        SONG_FORMAT,
+        ShardWriter,
+        iter_songs,
+        resolve_shards,
+    )
+    from levo_train.rollout import check_scores
+    from levo_train.scorers import load_scorer
+
+    shards = resolve_shards(list(candidates))
+    cs = _code_size_of(shards, code_size)
+    dev = resolve_device(device)
+    scorer = load_scorer(scorer_spec, device=dev, world_seed=world_seed, setting="--scorer", codec=codec,
+                         batch_size=batch_size)
+    ident = {"spec": scorer_spec, "name": scorer.name, "overall": scorer.overall}
+    names = [os.path.basename(s) for s in shards]
+    if out is not None:
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"two candidate shards are named {dup}; --out keeps shard names, so score each folder "
+                             "into its own --out")
+        targets = {s: Path(out) / n for s, n in zip(shards, names)}
+        Path(out).mkdir(parents=True, exist_ok=True)
+    else:
+        targets = {s: Path(s) for s in shards}
+    # one progress file per output folder
+    folders = sorted({t.parent for t in targets.values()})
+    progress = {}
+    for f in folders:
+        p = f / SCORE_NAME
+        progress[f] = json.loads(p.read_text()) if p.is_file() else {"scorer": ident, "shards": {}}
+        prev = progress[f]["scorer"]
+        if prev != ident:
+            if not overwrite:
+                raise ValueError(f"{f} was scored with {prev['spec']!r} ({prev['name']}), not {scorer_spec!r}: pass "
+                                 "--overwrite to rescore its shards, or write to a new --out")
+            progress[f] = {"scorer": ident, "shards": {}}
+    t0 = time.perf_counter()
+    n_scored = n_skipped = 0
+    sums: dict[str, float] = {}
+    for src, dst in targets.items():
+        prog = progress[dst.parent]
+        if dst.name in prog["shards"] and dst.is_file():
+            n_skipped += 1
+            continue
+        tmp_dir = dst.parent / f".tmp-score-{dst.stem}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        n = 0
+        with ShardWriter(tmp_dir, prefix="songs", max_records=10**9, code_size=cs) as w:
+            batch = []
+            reader = iter_songs(src, code_size=cs)
+
+            def flush(batch: list[Any]) -> None:
+                scores = scorer.score(batch)
+                check_scores(scorer, scores, len(batch))
+                for song, sc in zip(batch, scores):
+                    meta = dict(song.meta)
+                    meta.pop("quality", None)  # a top-level quality would shadow the new scores
+                    meta["scores"] = {str(k): float(v) for k, v in sc.items()}
+                    meta["score_overall_key"] = scorer.overall
+                    meta["scorer"] = scorer.name
+                    for k, v in meta["scores"].items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    w.write_song(song.key, song.tokens, song.lyric, song.style, meta, song.prompt)
+
+            for song in reader:
+                batch.append(song)
+                if len(batch) >= batch_size:
+                    flush(batch)
+                    n += len(batch)
+                    batch = []
+            if batch:
+                flush(batch)
+                n += len(batch)
+        if n:
+            os.replace(tmp_dir / "songs-000000.tar", dst)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        prog["shards"][dst.name] = {"source": os.path.abspath(src), "records": n}
+        write_json_atomic(dst.parent / SCORE_NAME, prog)
+        n_scored += n
+    if out is not None:
+        shard_list = [{"name": t.name, "records": progress[t.parent]["shards"][t.name]["records"]}
+                      for t in targets.values() if progress[t.parent]["shards"][t.name]["records"] > 0]
+        write_json_atomic(Path(out) / INDEX_NAME, {"format": SONG_FORMAT, "version": SCHEMA_VERSION, "code_size": cs,
+                                                   "records": sum(s["records"] for s in shard_list),
+                                                   "shards": shard_list})
+    secs = time.perf_counter() - t0
+    return {"out": str(out) if out is not None else "in place", "scorer": scorer.name, "overall": scorer.overall,
+            "dimensions": list(scorer.dimensions), "shards": len(shards), "shards_skipped": n_skipped,
+            "songs_scored": n_scored, "seconds": round(secs, 2),
+            "songs_per_second": round(n_scored / secs, 2) if n_scored and secs > 0 else None,
+            "mean_scores": {k: round(v / n_scored, 6) for k, v in sums.items()} if n_scored else {},
+            "pairs_hint": f"levo-data pairs --candidates ... --dimension {scorer.overall}"}
+
+
+# ----------------------------------------------------------------------------- CLI
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="EXPORT", help="model folder (config.yaml + model.pt)")
+    p.add_argument("--prompts", required=True, nargs="+", metavar="JSONL|SHARDS",
+                   help="released-format JSONL (idx, gt_lyric, descriptions, ...) or song/pair shards")
+    p.add_argument("--per-prompt", type=int, required=True, help="songs per prompt")
+    p.add_argument("--out", required=True, help="candidate folder (rank shards, progress/, index.json)")
+    s = p.add_argument_group("sampling (decide the songs; a resumed run must keep them)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="0 = off")
+    s.add_argument("--top-p", type=float, default=0.0, help="0 = off")
+    s.add_argument("--cfg-coef", type=float, default=None, help="default: the model config's")
+    s.add_argument("--max-frames", type=int, default=None,
+                   help="frames per song at most (25 per second; default: the config's max_dur)")
+    s.add_argument("--compat", action="store_true", help="the released sampling rules (top-k/temperature on "
+                   "codebook 0 only, greedy vocal/bgm, repetition penalty)")
+    s.add_argument("--seed", type=int, default=0, help="base seed; each song has its own seed from it")
+    s.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: fp32 on CPU, the checkpoint's "
+                   "on GPU)")
+    r = p.add_argument_group("runtime (free to change on resume)")
+    r.add_argument("--batch-size", type=int, default=64, help="songs per generation batch")
+    r.add_argument("--device", default="auto", help="default: this rank's GPU (LOCAL_RANK/SLURM_LOCALID), else cpu")
+    r.add_argument("--records-per-shard", type=int, default=1000,
+                   help="songs per chunk shard (the resume unit), rounded to whole prompts")
+    r.add_argument("--auto-prompt-file", default=None, help="released prompt library for auto_prompt_audio_type")
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    res = sample_candidates(args.model, args.prompts, args.out, per_prompt=args.per_prompt,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            cfg_coef=args.cfg_coef, max_frames=args.max_frames, compat=args.compat,
+                            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+                            records_per_shard=args.records_per_shard, auto_prompt_file=args.auto_prompt_file)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("candidates", nargs="+", help="candidate song shards (dirs, tars, patterns)")
+    p.add_argument("--scorer", required=True, metavar="SPEC",
+                   help="toy | toy:SEED | rm:EXPORT_DIR | audio:MODULE:FUNCTION (with --codec) | "
+                        "callable:MODULE:FACTORY | weighted:SPEC=W,SPEC=W,... | weighted:FILE.json")
+    p.add_argument("--out", default=None, help="write scored shards here (default: rewrite the inputs in place)")
+    p.add_argument("--batch-size", type=int, default=64, help="songs per scorer call")
+    p.add_argument("--device", default="auto", help="default: cuda when available, else cpu")
+    p.add_argument("--code-size", type=int, default=None, help="default: the candidates' index.json, else 16384")
+    p.add_argument("--world-seed", type=int, default=0, help="toy world of the 'toy' scorer")
+    p.add_argument("--codec", default=None, metavar="MODULE:FACTORY", help="audio: scorers: the codec factory")
+    p.add_argument("--overwrite", action="store_true", help="rescore shards scored with another scorer")
+
+
+def _score_run(args: argparse.Namespace) -> int:
+    res = score_candidates(args.candidates, args.scorer, out=args.out, batch_size=args.batch_size,
+                           device=args.device, code_size=args.code_size, world_seed=args.world_seed,
+                           codec=args.codec, overwrite=args.overwrite)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _guarded(name: str, fn: Any) -> Any:
+    """Data/model/spec errors become one ``levo-data NAME: error:`` line and exit status 1."""
+    def run(args: argparse.Namespace) -> int:
+        from levo_infer.checkpoint import CheckpointError
+        from levo_infer.config import ConfigError
+        from levo_train.data.shards import ShardError
+
+        try:
+            return fn(args)
+        except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+            print(f"levo-data {name}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+#: name -> (help, add_arguments, run)
+OFFLINE_COMMANDS: dict[str, tuple[str, Any, Any]] = {
+    "sample": ("sample N candidate songs per prompt from a model export into song shards (ranks from "
+               "torchrun/srun, resumable)", _sample_args, _guarded("sample", _sample_run)),
+    "score": ("score candidate song shards with a scorer spec (toy, rm:EXPORT, audio:..., weighted:...), "
+              "resumable per shard", _score_args, _guarded("score", _score_run)),
+}
+
+__all__ = ["OFFLINE_COMMANDS", "check_settings", "prompts_digest", "rank_world", "read_prompts", "sample_candidates",
+           "score_candidates"]

@@ -1,0 +1,280 @@
+"""LeVo 2's offline path: scorers (weighted, audio adapter, spec strings), ``levo-data sample``
+(ranks, resume, settings check), ``levo-data score`` and the pairs/DPO they feed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from levo_data.cli import main as levo_data
+from levo_train.data.shards import Song, iter_songs
+from levo_train.scorers import AudioScorer, WeightedScorer, load_callable, load_scorer
+from levo_train.toy.scorer import ToyOracleScorer
+from levo_train.toy.world import TOY_CODE_SIZE, ToyWorld
+
+RANK_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK", "SLURM_LOCALID")
+
+
+def _toy_songs(n: int = 4) -> list[Song]:
+    from levo_train.toy.pairs import toy_candidates
+
+    return toy_candidates(ToyWorld(0), 2, n // 2, seed=1)
+
+
+# ----------------------------------------------------------------------------- scorers
+def test_weighted_scorer_parts_and_dimensions():
+    songs = _toy_songs()
+    a, b = ToyOracleScorer(0), ToyOracleScorer(1)
+    sa, sb = a.score(songs), b.score(songs)
+    w = WeightedScorer([("w0", a, 0.75), ("w1", b, 0.25)])
+    # every name is shared by both parts, so all are prefixed by the part's label
+    assert set(w.dimensions) == {f"{lb}.{d}" for lb in ("w0", "w1") for d in (*a.dimensions, "quality")}
+    out = w.score(songs)
+    for o, x, y in zip(out, sa, sb):
+        assert o["weighted"] == pytest.approx(0.75 * x["quality"] + 0.25 * y["quality"])
+        assert o["w0.lyrics"] == x["lyrics"] and o["w1.mix"] == y["mix"]
+    per_dim = WeightedScorer({"lyrics": 2.0, "mix": -1.0}, scorer=a, overall="mine")
+    assert per_dim.dimensions == (*a.dimensions, "quality") and per_dim.overall == "mine"
+    for o, x in zip(per_dim.score(songs), sa):
+        assert o["mine"] == pytest.approx(2 * x["lyrics"] - x["mix"]) and o["harmony"] == x["harmony"]
+    with pytest.raises(ValueError, match="does not output"):
+        WeightedScorer({"loudness": 1.0}, scorer=a)
+
+
+def _write_module(tmp_path: Path, monkeypatch, name: str, text: str) -> None:
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(name, None)
+
+
+class SineCodec:
+    """Stand-in codec: every frame of the mixed stream becomes 64 samples of a sine whose pitch is
+    the code (stereo, the right channel at half level)."""
+
+    rate = 1600
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def decode(self, tokens, mode="mixed"):
+        import torch
+
+        self.calls.append(tuple(tokens.shape))
+        b, _, t = tokens.shape
+        f = (100.0 + 10.0 * tokens[:, 0, :].double()).repeat_interleave(64, dim=1)  # [B, N]
+        phase = torch.cumsum(2 * torch.pi * f / self.rate, dim=1)
+        left = torch.sin(phase).float()
+        return torch.stack([left, 0.5 * left], dim=1), self.rate
+
+
+AUDIO_SCORER = '''
+import numpy as np
+
+def loudness(wav, sr, song):
+    assert wav.dtype == np.float32 and wav.ndim == 2 and wav.shape[0] == 2
+    return {"rms": float(np.sqrt((wav ** 2).mean())), "seconds": wav.shape[1] / sr, "frames": song.frames}
+
+def broken(wav, sr, song):
+    return {"rms": float("nan")}
+
+not_callable = 3
+'''
+
+
+def test_audio_scorer_with_stand_in_codec(tmp_path, monkeypatch):
+    _write_module(tmp_path, monkeypatch, "lab_audio", AUDIO_SCORER)
+    songs = _toy_songs(4)
+    songs.append(Song("short", songs[0].tokens[:, :5].copy(), songs[0].lyric, songs[0].style, None))
+    codec = SineCodec()
+    s = AudioScorer(codec, "lab_audio:loudness", sample_rate=None, dimensions=["rms", "seconds"], batch_size=2)
+    out = s.score(songs)
+    assert s.dimensions == ("rms", "seconds") and s.overall == "overall"
+    for o, song in zip(out, songs):
+        assert o["seconds"] == pytest.approx(song.frames * 64 / SineCodec.rate)
+        assert o["rms"] == pytest.approx(np.sqrt((1 + 0.25) / 4), rel=0.05)  # sine at levels 1 and 0.5
+        assert o["overall"] == pytest.approx((o["rms"] + o["seconds"]) / 2)
+    assert all(c[0] <= 2 and c[1] == 3 for c in codec.calls)  # batches of equal length, at most batch_size
+    # dimensions from the first result; overall = one of them
+    s2 = AudioScorer(SineCodec(), "lab_audio:loudness", sample_rate=None, overall="rms")
+    o2 = s2.score(songs[:1])[0]
+    assert s2.dimensions == ("seconds", "frames") and o2["rms"] == pytest.approx(out[0]["rms"])
+    with pytest.raises(ValueError, match="lab_audio:broken.*'short'|score 'rms' is nan"):
+        AudioScorer(SineCodec(), "lab_audio:broken", sample_rate=None).score(songs[-1:])
+    try:
+        import torchaudio  # noqa: F401
+    except ImportError:  # a codec rate other than the one asked for needs torchaudio
+        with pytest.raises(ValueError, match="codec decodes at 1600 Hz but the audio scorer wants 48000 Hz"):
+            AudioScorer(SineCodec(), "lab_audio:loudness").score(songs[:1])
+    # through a spec: audio:MODULE:FUNCTION with a codec factory
+    _write_module(tmp_path, monkeypatch, "lab_codec", "from test_pipeline import SineCodec\n"
+                  "def make(device='cpu'):\n    return SineCodec()\n")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec = load_scorer("audio:lab_audio:loudness", codec="lab_codec:make")
+    assert spec.score(songs[:1])[0]["rms"] == pytest.approx(out[0]["rms"])
+    with pytest.raises(ValueError, match="no native LeVo codec.*--codec MODULE:FACTORY"):
+        load_scorer("audio:lab_audio:loudness")
+
+
+def test_load_callable_and_scorer_specs(tmp_path, monkeypatch):
+    _write_module(tmp_path, monkeypatch, "lab_audio", AUDIO_SCORER)
+    _write_module(tmp_path, monkeypatch, "lab_scorers", "from levo_train.toy.scorer import ToyOracleScorer\n"
+                  "def make(world_seed=0):\n    return ToyOracleScorer(world_seed + 5)\n"
+                  "def bad():\n    return 3\n")
+    with pytest.raises(ValueError, match="--fn 'nocolon': expected MODULE:FUNCTION"):
+        load_callable("nocolon", setting="--fn")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_mod_xyz' \\(ModuleNotFoundError"):
+        load_callable("no_such_mod_xyz:f", setting="--fn")
+    with pytest.raises(ValueError, match="lab_audio has no attribute 'nope'"):
+        load_callable("lab_audio:nope", setting="--fn")
+    with pytest.raises(ValueError, match="not callable"):
+        load_callable("lab_audio:not_callable", setting="--fn")
+    assert load_scorer("toy").world.seed == 0 and load_scorer("toy:3").world.seed == 3
+    assert load_scorer("toy", world_seed=2).world.seed == 2
+    assert load_scorer("callable:lab_scorers:make", world_seed=1).world.seed == 6
+    with pytest.raises(ValueError, match="--scorer 'callable:lab_scorers:bad'.*without the Scorer surface"):
+        load_scorer("callable:lab_scorers:bad")
+    w = load_scorer("weighted:toy=0.5,toy:1=0.5")
+    assert isinstance(w, WeightedScorer) and "toy.quality" in w.dimensions and "toy1.quality" in w.dimensions
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"scorer": "toy", "weights": {"lyrics": 1.0, "structure": 1.0}, "overall": "ls"}))
+    wj = load_scorer(f"weighted:{cfg}")
+    songs = _toy_songs(2)
+    o = wj.score(songs)[0]
+    assert o["ls"] == pytest.approx(o["lyrics"] + o["structure"])
+    for bad, msg in (("nope:x", "unknown scorer; expected one of: toy"), ("toy:x", "integer world seed"),
+                     ("rm:/no/such/export", "reward-model export /no/such/export not found"),
+                     ("weighted:toy", "is not SPEC=WEIGHT"), ("weighted:toy=abc", "weight 'abc'")):
+        with pytest.raises(ValueError, match=msg) as e:
+            load_scorer(bad)
+        assert str(e.value).startswith("--scorer")
+
+
+# ----------------------------------------------------------------------------- sample -> score -> pairs
+def _prompts_jsonl(path: Path, n: int) -> Path:
+    from levo_train.toy.pairs import toy_prompts
+
+    ps = toy_prompts(ToyWorld(0), n, seed=11, tier=("top", "none"))
+    path.write_text("".join(json.dumps({"idx": f"toy {i}", "gt_lyric": p.lyric, "descriptions": p.style}) + "\n"
+                            for i, p in enumerate(ps)))
+    return path
+
+
+def _run(args: list[str], capsys) -> tuple[int, dict, str]:
+    rc = levo_data(args)
+    cap = capsys.readouterr()
+    return rc, (json.loads(cap.out) if rc == 0 else {}), cap.err
+
+
+def _songs(folder: Path) -> dict[str, Song]:
+    return {s.key: s for s in iter_songs(folder, code_size=TOY_CODE_SIZE)}
+
+
+def test_sample_ranks_resume_score_pairs_dpo(tmp_path, toy_sft_export, toy_cache_dir, capsys, monkeypatch):
+    for v in RANK_VARS:
+        monkeypatch.delenv(v, raising=False)
+    prompts = _prompts_jsonl(tmp_path / "prompts.jsonl", 10)
+    common = ["--model", str(toy_sft_export), "--prompts", str(prompts), "--per-prompt", "4", "--max-frames", "96",
+              "--records-per-shard", "8", "--device", "cpu", "--seed", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    rc, res, err = _run(["sample", *common, "--out", str(one), "--batch-size", "64"], capsys)
+    assert rc == 0, err
+    assert res["complete"] and res["world"] == 1 and res["sampled_now"] == 40
+    with capsys.disabled():
+        print(f"\nsampling throughput (1 rank, cpu, tiny toy model): {res['songs_per_second']} songs/s")
+    songs1 = _songs(one)
+    assert len(songs1) + res["empty_dropped"] == 40
+    s = songs1["toy_0-2"]
+    assert s.meta["prompt_key"] == "toy_0" and s.meta["sample_index"] == 2 and s.meta["sampling"]["max_frames"] == 96
+    assert s.style.startswith("[Musicality-very-high]")  # formatted as levo-infer formats descriptions
+    assert len(list(one.glob("rank000-*.tar"))) == 5 and (one / "done.json").is_file()
+
+    # 2 ranks via srun's variables (rank 1 first: the last finisher writes the index), other batch size
+    for r in (1, 0):
+        monkeypatch.setenv("SLURM_PROCID", str(r))
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        rc, res, err = _run(["sample", *common, "--out", str(two), "--batch-size", "7"], capsys)
+        assert rc == 0, err
+        assert res["rank"] == r and res["complete"] == (r == 0)
+    songs2 = _songs(two)
+    assert sorted(songs2) == sorted(songs1)
+    for k, a in songs1.items():
+        assert np.array_equal(a.tokens, songs2[k].tokens) and a.meta["seed"] == songs2[k].meta["seed"]
+
+    # resume: rank 1's last chunk lost -> only its prompts are sampled again, to the same songs
+    last = sorted(two.glob("rank001-*.tar"))[-1]
+    lost = {k for k, s in songs2.items() if s.shard == str(last)}
+    last.unlink()
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    rc, res, err = _run(["sample", *common, "--out", str(two)], capsys)
+    assert rc == 0, err
+    assert res["sampled_now"] == 4 * len({songs2[k].meta["prompt_index"] for k in lost}) and res["complete"]
+    assert res["skipped_prompts"] == 5 - len({songs2[k].meta["prompt_index"] for k in lost})
+    again = _songs(two)
+    assert sorted(again) == sorted(songs1) and all(np.array_equal(again[k].tokens, songs1[k].tokens) for k in lost)
+    # a complete set: nothing to do
+    rc, res, _ = _run(["sample", *common, "--out", str(two)], capsys)
+    assert rc == 0 and res["sampled_now"] == 0 and res["complete"]
+    # changed settings are refused, naming them
+    rc, _, err = _run(["sample", *common[:-2], "--seed", "4", "--temperature", "0.9", "--out", str(two)], capsys)
+    assert rc == 1 and "sampling.temperature: 1.0 then, 0.9 now" in err and "seed: 3 then, 4 now" in err
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.delenv("SLURM_NTASKS")
+
+    # score -> pairs -> DPO
+    scored = tmp_path / "scored"
+    rc, _, err = _run(["score", str(two), "--scorer", "bogus", "--out", str(scored)], capsys)
+    assert rc == 1 and "levo-data score: error: --scorer 'bogus': unknown scorer" in err
+    rc, res, err = _run(["score", str(two), "--scorer", "toy", "--out", str(scored), "--batch-size", "16"], capsys)
+    assert rc == 0, err
+    assert res["overall"] == "quality" and res["songs_scored"] == len(songs1)
+    world = ToyWorld(0)
+    for k, sc in _songs(scored).items():
+        assert sc.meta["score_overall_key"] == "quality" and sc.meta["prompt_key"] == songs1[k].meta["prompt_key"]
+        assert sc.meta["scores"] == pytest.approx(world.score(sc.tokens, sc.lyric, sc.style))
+    rc, res, _ = _run(["score", str(two), "--scorer", "toy", "--out", str(scored)], capsys)
+    assert rc == 0 and res["shards_skipped"] == res["shards"] and res["songs_scored"] == 0
+    rc, _, err = _run(["score", str(two), "--scorer", "toy:1", "--out", str(scored)], capsys)
+    assert rc == 1 and "was scored with 'toy'" in err and "--overwrite" in err
+
+    pairs = tmp_path / "pairs"
+    rc, res, err = _run(["pairs", "--candidates", str(scored), "--out", str(pairs), "--min-margin", "0.01"], capsys)
+    assert rc == 0, err
+    assert res["pairs"] >= 3, res
+    from levo_train.cli import main as levo_train
+
+    run = tmp_path / "dpo"
+    assert levo_train(["recipe=dpo", f"run_dir={run}", f"model.init={toy_sft_export}",
+                       f"data.toy.cache_dir={toy_cache_dir}", *TINY, f"data.pairs={pairs}", f"data.pairs_val={pairs}",
+                       "data.batch_size=2", "trainer.max_steps=2", "trainer.val_check_interval=1000",
+                       "trainer.limit_val_batches=1"]) == 0
+    assert (run / "export" / "model.pt").is_file()
+
+
+def test_score_in_place_and_weighted(tmp_path, tiny_model, capsys):
+    """In place: shards rewritten atomically with every dimension; a rerun skips them."""
+    from levo_train.data.shards import ShardWriter
+
+    songs = _toy_songs(6)
+    d = tmp_path / "cands"
+    with ShardWriter(d, code_size=TOY_CODE_SIZE, max_records=4) as w:
+        for s in songs:
+            w.write_song(s.key, s.tokens, s.lyric, s.style, {"quality": 0.123})
+    before = sorted(p.name for p in d.glob("*.tar"))
+    rc, res, err = _run(["score", str(d), "--scorer", "weighted:toy=1,toy:1=-1"], capsys)
+    assert rc == 0, err
+    assert res["songs_scored"] == 6 and res["overall"] == "weighted"
+    assert sorted(p.name for p in d.glob("*.tar")) == before and not list(d.glob(".tmp*"))
+    a, b = ToyOracleScorer(0), ToyOracleScorer(1)
+    for s in iter_songs(d, code_size=TOY_CODE_SIZE):
+        assert "quality" not in s.meta and s.meta["score_overall_key"] == "weighted"
+        want = a.score([s])[0]["quality"] - b.score([s])[0]["quality"]
+        assert s.meta["scores"]["weighted"] == pytest.approx(want)
+    rc, res, _ = _run(["score", str(d), "--scorer", "weighted:toy=1,toy:1=-1"], capsys)
+    assert rc == 0 and res["shards_skipped"] == 2
+    shutil.rmtree(d)
