@@ -68,3 +68,51 @@ def test_cli_does_not_branch_on_method_names():
     with pytest.raises(UsageError) as e:
         get_method("nope")
     assert "known: " in e.value.msg and "lm" in e.value.msg
+
+
+ANTI_SCORER = '''
+from levo_train.toy.scorer import ToyOracleScorer
+
+
+class Anti:
+    """Prefers what the hidden oracle dislikes: a deliberately wrong scorer."""
+
+    name, overall, dimensions = "anti", "overall", ("lyrics",)
+
+    def __init__(self, world_seed=0):
+        self.oracle = ToyOracleScorer(world_seed)
+
+    def score(self, songs):
+        return [{"overall": -s["quality"], "lyrics": -s["lyrics"]} for s in self.oracle.score(songs)]
+
+
+def make(world_seed=0):
+    return Anti(world_seed)
+'''
+
+
+def test_toy_pairs_ranked_by_another_scorer(tmp_path, monkeypatch, toy_sft_export):
+    """data.toy_pairs.scorer: the same sampled candidates, ranked by the given scorer (here one that
+    inverts the oracle), with the hidden scores kept beside; the cache key follows the scorer."""
+    from levo_train.data.pairs import PairDataModule
+    from levo_train.toy.pairs import ToyPairSpec, toy_pairs_name, write_toy_pairs
+
+    (tmp_path / "anti_scorer_mod.py").write_text(ANTI_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = ToyPairSpec(n_train=16, n_val=0, n_candidates=3, max_frames=40, min_margin=0.0,
+                       scorer="callable:anti_scorer_mod:make")
+    stats = write_toy_pairs(tmp_path / "p", spec, model=toy_sft_export, device="cpu")
+    assert stats["train"]["pairs"] >= 8 and stats["train"]["scorer"] == "anti"
+    assert stats["train"]["mean_score"] == pytest.approx(-stats["train"]["mean_quality"], abs=1e-6)
+    dm = PairDataModule(train=str(tmp_path / "p" / "train"), val=None, batch_size=64, val_batch_size=64,
+                        num_workers=0, seed=0, code_size=64, shuffle_buffer=1, skip_bad=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    for m in batch["meta"]:  # ranked by the scorer, the oracle's view kept beside: it disagrees
+        assert m["scores"]["chosen"]["overall"] >= m["scores"]["rejected"]["overall"]
+        assert m["hidden"]["chosen"]["quality"] <= m["hidden"]["rejected"]["quality"]
+        assert m["scores"]["chosen"]["overall"] == pytest.approx(-m["hidden"]["chosen"]["quality"])
+    default = ToyPairSpec(n_train=16, n_val=0, n_candidates=3, max_frames=40, min_margin=0.0)
+    assert toy_pairs_name(spec, 0, "fp") != toy_pairs_name(default, 0, "fp")
+    with pytest.raises(ValueError, match="needs source=model"):
+        ToyPairSpec(source="world", scorer="rm:x")

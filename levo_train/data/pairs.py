@@ -189,9 +189,12 @@ def song_scores(song: Song) -> dict[str, float]:
 def pair_meta(best: Song, worst: Song, margin: float, *, dimensions: Sequence[str], require_all: bool,
               origin: str) -> dict[str, Any]:
     """The ``json`` member of a pair built from two scored candidates."""
-    return {"dimension": "+".join(dimensions) if require_all else dimensions[0], "margin": margin,
+    meta = {"dimension": "+".join(dimensions) if require_all else dimensions[0], "margin": margin,
             "origin": origin, "scores": {"chosen": song_scores(best), "rejected": song_scores(worst)},
             "chosen_key": best.key, "rejected_key": worst.key}
+    if "hidden" in best.meta and "hidden" in worst.meta:  # toy pairs ranked by another scorer: the oracle's view
+        meta["hidden"] = {"chosen": best.meta["hidden"], "rejected": worst.meta["hidden"]}
+    return meta
 
 
 def remove_stale_ref_logps(out_dir: str | os.PathLike) -> None:

@@ -58,6 +58,8 @@ class ToyPairSpec:
     top_p: float = 0.0
     cfg_coef: float | None = None  # None: the model config's inference coef
     max_frames: int = 96
+    scorer: str = "toy"            # who ranks the candidates (source=model): toy = the hidden oracle, or a
+                                   # levo_train.scorers spec such as rm:EXPORT (a reward model)
 
     def __post_init__(self) -> None:
         from levo_train.toy.world import DIMENSIONS
@@ -70,6 +72,11 @@ class ToyPairSpec:
             if not self.tier:
                 raise ValueError("toy pair tier list is empty")
             object.__setattr__(self, "tier", tuple(self.tier))
+        if self.scorer != "toy" and self.source != "model":
+            raise ValueError(f"toy pair scorer {self.scorer!r} needs source=model (world renderings are ranked by "
+                             "the hidden oracle)")
+        if self.scorer != "toy" and self.dimension != "quality":
+            raise ValueError(f"toy pair scorer {self.scorer!r} ranks by its overall score: dimension must be quality")
         if self.n_train < 1 or self.n_val < 0 or self.n_candidates < 2:
             raise ValueError(f"toy pairs need n_train >= 1, n_val >= 0, n_candidates >= 2; got {self}")
 
@@ -109,9 +116,15 @@ def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, 
 
 
 def _scored_song(world: Any, key: str, tokens: np.ndarray, lyric: str, style: str,
-                 scores: dict[str, float] | None = None) -> Song:
+                 scores: dict[str, float] | None = None, ranked: dict[str, float] | None = None) -> Song:
+    """A candidate with its hidden scores: ``meta["quality"]`` and ``meta["scores"]`` (the oracle's)
+    or, when another scorer ranked it (``ranked``), ``meta["scores"]`` = that scorer's and the
+    oracle's under ``meta["hidden"]`` (so pairs are chosen by the scorer, judged by the oracle)."""
     sc = scores if scores is not None else world.score(tokens, lyric, style)
-    meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
+    if ranked is not None:
+        meta: dict[str, Any] = {"scores": dict(ranked), "hidden": dict(sc)}
+    else:
+        meta = {"scores": {k: v for k, v in sc.items() if k != "quality"}, "quality": sc["quality"]}
     return Song(key, np.asarray(tokens, dtype=np.int64), lyric, style, None, meta)
 
 
@@ -127,20 +140,24 @@ def toy_prompts(world: Any, n_prompts: int, *, seed: int, tier: Any = "top") -> 
 def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
                       tier: Any = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                       cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
-                      key_prefix: str = "s") -> tuple[list[Song], int]:
+                      key_prefix: str = "s", scorer: Any = None) -> tuple[list[Song], int]:
     """``n_candidates`` songs sampled from ``model`` (a LeLM) for each of ``n_prompts`` toy training
-    conditions, scored by the world's hidden scores (:func:`levo_train.rollout.sample_and_score`).
-    Returns (songs, number of empty samples dropped)."""
+    conditions, scored by the world's hidden scores (:func:`levo_train.rollout.sample_and_score`)
+    and, when ``scorer`` is given, ranked by it (see :func:`_scored_song`). Returns (songs, number
+    of empty samples dropped)."""
     from levo_train.rollout import Sampling, sample_and_score
     from levo_train.toy.scorer import ToyOracleScorer
 
     prompts = toy_prompts(world, n_prompts, seed=seed, tier=tier)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
                         batch_size=batch_size)
-    cands = sample_and_score(model, prompts, ToyOracleScorer(world=world), sampling, per_prompt=n_candidates,
+    oracle = ToyOracleScorer(world=world)
+    cands = sample_and_score(model, prompts, oracle if scorer is None else scorer, sampling, per_prompt=n_candidates,
                              seed=seed, key_prefix=key_prefix)
-    songs = [_scored_song(world, c.song.key, c.song.tokens, c.song.lyric, c.song.style, c.scores)
-             for c in cands if c.frames >= 1]
+    hidden = [c.scores for c in cands] if scorer is None else oracle.score([c.song for c in cands])
+    songs = [_scored_song(world, c.song.key, c.song.tokens, c.song.lyric, c.song.style, h,
+                          None if scorer is None else c.scores)
+             for c, h in zip(cands, hidden) if c.frames >= 1]
     return songs, len(cands) - len(songs)
 
 
@@ -167,6 +184,13 @@ def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(
         if model is None:
             raise ValueError("toy pairs from source=model need the model to sample from (an export folder)")
         lelm = load_toy_model(model, device)
+    scorer, dimension = None, spec.dimension
+    if spec.scorer != "toy":
+        from levo_train.scorers import load_scorer
+
+        scorer = load_scorer(spec.scorer, device=str(lelm.device) if lelm is not None else "cpu",
+                             world_seed=world_seed, setting="data.toy_pairs.scorer")
+        dimension = scorer.overall
     t0 = time.time()
     seeds = split_seeds(spec, world_seed)
     stats: dict[str, Any] = {"source": spec.source, "world_seed": world_seed}
@@ -181,12 +205,15 @@ def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(
             cands, empty = sample_candidates(lelm, world, n, spec.n_candidates, seed=seeds[split], tier=spec.tier,
                                              temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                                              cfg_coef=spec.cfg_coef, max_frames=spec.max_frames,
-                                             batch_size=batch_size, key_prefix=split)
-        st = build_pairs(cands, Path(out_dir) / split, dimensions=[spec.dimension], min_margin=spec.min_margin,
+                                             batch_size=batch_size, key_prefix=split, scorer=scorer)
+        st = build_pairs(cands, Path(out_dir) / split, dimensions=[dimension], min_margin=spec.min_margin,
                          code_size=TOY_CODE_SIZE, origin="model-samples" if lelm is not None else "toy-world")
-        qs = [float(c.meta["quality"]) for c in cands]
+        qs = [float(c.meta["hidden"]["quality"] if scorer is not None else c.meta["quality"]) for c in cands]
         stats[split] = {"pairs": st["pairs"], "prompts": n, "candidates": len(cands), "empty_samples": empty,
                         "mean_quality": round(float(np.mean(qs)), 6) if qs else None}
+        if scorer is not None:
+            stats[split]["scorer"] = scorer.name
+            stats[split]["mean_score"] = round(float(np.mean([c.meta["scores"][dimension] for c in cands])), 6)
     stats["seconds"] = round(time.time() - t0, 2)
     return stats
 
@@ -211,8 +238,31 @@ def toy_pairs_key(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -
     for ``source="model"``, the content fingerprint of the model it was sampled from."""
     from levo_train.toy.world import TOY_WORLD_VERSION
 
-    return {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
+    sd = dataclasses.asdict(spec)
+    if spec.scorer == "toy":
+        del sd["scorer"]  # the hidden oracle: keys as before the option existed
+    else:
+        sd["scorer"] = scorer_identity(spec.scorer)
+    return {"spec": sd, "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
             "model": fingerprint, "format": 4}
+
+
+def scorer_identity(spec: str) -> str:
+    """A scorer spec with a reward-model export replaced by its content hash (``rm:sha256:...``), so
+    a cache keyed by it follows the weights, not the path."""
+    if spec.startswith("rm:"):
+        import hashlib as _h
+
+        from levo_train.fingerprint import file_digest
+
+        folder = Path(spec[3:])
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
+            if folder.is_dir() else []
+        h = _h.sha256()
+        for p in files:
+            h.update(f"{p.name}:{file_digest(p)};".encode())
+        return f"rm:sha256:{h.hexdigest()}"
+    return spec
 
 
 def toy_pairs_name(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> str:
