@@ -210,6 +210,11 @@ def test_sample_ranks_resume_score_pairs_dpo(tmp_path, toy_sft_export, toy_cache
     last = sorted(two.glob("rank001-*.tar"))[-1]
     lost = {k for k, s in songs2.items() if s.shard == str(last)}
     last.unlink()
+    rc, _, err = _run(["score", str(two), "--scorer", "toy", "--out", str(tmp_path / "early")], capsys)
+    assert rc == 1 and f"{last} is listed (index.json?) but missing" in err  # no scoring of a partial set
+    (two / "done.json").rename(tmp_path / "done.json")
+    rc, _, err = _run(["score", str(two), "--scorer", "toy", "--out", str(tmp_path / "early")], capsys)
+    assert rc == 1 and "has not finished there (no done.json)" in err
     monkeypatch.setenv("SLURM_PROCID", "1")
     rc, res, err = _run(["sample", *common, "--out", str(two)], capsys)
     assert rc == 0, err
@@ -277,4 +282,8 @@ def test_score_in_place_and_weighted(tmp_path, tiny_model, capsys):
         assert s.meta["scores"]["weighted"] == pytest.approx(want)
     rc, res, _ = _run(["score", str(d), "--scorer", "weighted:toy=1,toy:1=-1"], capsys)
     assert rc == 0 and res["shards_skipped"] == 2
+    # pairs default to the scorer's overall key
+    rc, res, err = _run(["pairs", "--candidates", str(d), "--out", str(tmp_path / "p"), "--min-margin", "0"], capsys)
+    assert rc == 0, err
+    assert res["dimensions"] == ["weighted"]
     shutil.rmtree(d)

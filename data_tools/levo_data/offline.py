@@ -399,6 +399,10 @@ def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | 
     from levo_train.rollout import check_scores
     from levo_train.scorers import load_scorer
 
+    for c in candidates:  # a levo-data sample folder must be complete (else *.tar is only a part of it)
+        if (Path(c) / SETTINGS_NAME).is_file() and not (Path(c) / DONE_NAME).is_file():
+            raise ValueError(f"{c}: levo-data sample has not finished there (no {DONE_NAME}); rerun the sample "
+                             "command (it resumes) before scoring")
     shards = resolve_shards(list(candidates))
     cs = _code_size_of(shards, code_size)
     dev = resolve_device(device)
@@ -485,6 +489,19 @@ def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | 
             "pairs_hint": f"levo-data pairs --candidates ... --dimension {scorer.overall}"}
 
 
+def candidates_overall_key(candidates: Sequence[str]) -> str | None:
+    """``score_overall_key`` of the first candidate record (what ``levo-data score`` wrote), or None."""
+    from levo_train.data.shards import iter_raw, resolve_shards
+
+    try:
+        first = resolve_shards(list(candidates))[0]
+        raw = next(iter(iter_raw(first)), None)
+        key = json.loads(raw["json"]).get("score_overall_key") if raw and "json" in raw else None
+    except (OSError, ValueError, KeyError, IndexError, AttributeError):
+        return None  # the pairs command reports unreadable candidates itself
+    return str(key) if key else None
+
+
 # ----------------------------------------------------------------------------- CLI
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="EXPORT", help="model folder (config.yaml + model.pt)")
@@ -568,5 +585,5 @@ OFFLINE_COMMANDS: dict[str, tuple[str, Any, Any]] = {
               "resumable per shard", _score_args, _guarded("score", _score_run)),
 }
 
-__all__ = ["OFFLINE_COMMANDS", "check_settings", "prompts_digest", "rank_world", "read_prompts", "sample_candidates",
+__all__ = ["OFFLINE_COMMANDS", "candidates_overall_key", "check_settings", "prompts_digest", "rank_world", "read_prompts", "sample_candidates",
            "score_candidates"]

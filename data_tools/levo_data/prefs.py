@@ -228,7 +228,8 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--toy", action="store_true", help="toy-world candidates scored by its hidden scores")
     src.add_argument("--from-model", metavar="EXPORT", help="toy world: sample candidates from this export")
     p.add_argument("--out", required=True, help="output folder (--toy/--from-model: gets train/ and val/)")
-    p.add_argument("--dimension", action="append", help="preference dimension (repeatable; default quality)")
+    p.add_argument("--dimension", action="append", help="preference dimension (repeatable; default: the "
+                   "candidates' score_overall_key from levo-data score, else quality)")
     p.add_argument("--require-all", action="store_true",
                    help="chosen must beat rejected by the margin on every listed dimension")
     p.add_argument("--min-margin", type=float, default=None, help="minimum score margin (default 0.05)")
@@ -255,6 +256,10 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
 
 def _pairs_run(args: argparse.Namespace) -> int:
     dims = args.dimension or ["quality"]
+    if args.candidates and not args.dimension:  # scored by levo-data score: its overall score
+        from levo_data.offline import candidates_overall_key
+
+        dims = [candidates_overall_key(args.candidates) or "quality"]
     tier = None if args.tier is None else tuple(t.strip() for t in args.tier.split(","))
     if args.candidates:
         res = pairs_from_candidates(args.candidates, args.out, dimensions=dims, require_all=args.require_all,
