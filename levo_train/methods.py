@@ -311,22 +311,24 @@ register(Method("reward", build_module=_reward_module, resolve_data=resolve_rewa
 
 
 # ----------------------------------------------------------------------------- sdpo (semi-online)
-def sdpo_prompts(cfg: DictConfig) -> list[Any]:
-    """The prompt pool: ``sdpo.prompts`` (song/pair shards or a JSONL), else the toy training prompts
-    of ``data.toy_pairs`` (the pool, seed and tiers of ``recipe=dpo``'s toy pairs)."""
-    from levo_train.rollout import read_prompts
-
+def sdpo_prompts(cfg: DictConfig, model: Any = None) -> list[Any]:
+    """The prompt pool: ``sdpo.prompts`` (song/pair shards or a released-format JSONL, formatted for
+    ``model`` as levo-infer does), else the toy training prompts of ``data.toy_pairs`` (the pool, seed
+    and tiers of ``recipe=dpo``'s toy pairs)."""
     src = cfg.sdpo.get("prompts")
     if src:
+        from levo_train.prompts import read_prompts
+
+        paths = [str(x) for x in src] if isinstance(src, (list, tuple)) or OmegaConf.is_list(src) else [str(src)]
         try:
-            return read_prompts(str(src))
+            return read_prompts(paths, model, setting="sdpo.prompts")
         except (OSError, ValueError) as e:
-            raise UsageError(f"sdpo.prompts={src}: {e}") from None
+            raise UsageError(str(e) if "sdpo.prompts" in str(e) else f"sdpo.prompts={src}: {e}") from None
     from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
     from levo_train.toy.world import ToyWorld
 
     tp = OmegaConf.to_container(cfg.data.toy_pairs, resolve=True)
-    spec = ToyPairSpec(**{**tp, "source": "model"})  # type: ignore[arg-type]
+    spec = ToyPairSpec(**{**tp, "source": "model", "scorer": "toy"})  # type: ignore[arg-type]
     world_seed = int(cfg.data.toy.seed)
     return toy_prompts(ToyWorld(world_seed), spec.n_train, seed=split_seeds(spec, world_seed)["train"], tier=spec.tier)
 
@@ -406,7 +408,7 @@ def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp
     lt = d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type)
     try:
         return SemiOnlineDPOModule(
-            model_config, prompts=sdpo_prompts(cfg), scorer=scorer, oracle=oracle, sync_every=int(s.sync_every),
+            model_config, prompts=None, scorer=scorer, oracle=oracle, sync_every=int(s.sync_every),
             per_prompt=int(s.per_prompt), prompts_per_round=int(s.prompts_per_round), min_margin=float(s.min_margin),
             buffer_rounds=int(s.buffer_rounds), ref_sync_every=int(s.ref_sync_every), sampling=sampling,
             batch_size=int(cfg.data.batch_size), out_dir=str(resolve_run_dir(cfg) / "sdpo"),
@@ -415,6 +417,15 @@ def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp
             label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
     except ValueError as e:
         raise UsageError(str(e) if str(e).startswith("sdpo.") else f"sdpo: {e}") from e
+
+
+def _sdpo_after_init(module: Any, cfg: DictConfig) -> None:
+    """Freeze the reference, then read the prompt pool (released JSONL prompts are formatted for the model)."""
+    module.freeze_reference()
+    try:
+        module.set_prompts(sdpo_prompts(cfg, module.model))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _sdpo_data(cfg: DictConfig, init_fp: str | None) -> DataSpec:
@@ -432,7 +443,7 @@ register(Method("sdpo", build_module=_sdpo_module, resolve_data=_sdpo_data, buil
                 uses_toy=lambda cfg: not cfg.sdpo.get("prompts"), data_hint="sdpo.prompts=...",
                 needs_init="recipe=sdpo needs model.init=PATH: the SFT or DPO export to start from (and the "
                            "reference), e.g. `levo-train recipe=sdpo model.init=A/export reward.ckpt=R/export`",
-                after_init=_freeze_reference, check_resume=check_reference_init))
+                after_init=_sdpo_after_init, check_resume=check_reference_init))
 
 
 __all__ = ["METHODS", "DataSpec", "Method", "export_policy", "get_method", "pair_datamodule", "register", "resolve_pairs",

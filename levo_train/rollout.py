@@ -191,52 +191,6 @@ def best_vs_worst(cands: Sequence[Candidate], key: str, min_margin: float) -> tu
     return best, worst
 
 
-def read_prompts(source: str) -> list[Prompt]:
-    """Prompts from song or pair shards (their lyric, style and audio prompt) or a JSONL file with
-    ``lyric``/``style`` (or the released ``gt_lyric``/``descriptions``) per line. A prompt without
-    a lyric is an error naming the file and line / shard and key."""
-    import json
-    from pathlib import Path
-
-    p = Path(source)
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
-        out = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not a JSON object ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
-            lyric = rec.get("lyric", rec.get("gt_lyric"))
-            if not isinstance(lyric, str) or not lyric.strip():
-                raise ValueError(f"{p}:{n}: the prompt has no lyric (expected a non-empty `lyric` or `gt_lyric`)")
-            style = rec.get("style", rec.get("descriptions"))
-            out.append(Prompt(lyric, style if isinstance(style, str) else None, key=str(rec.get("idx", n))))
-        return out
-    from levo_train.data.shards import iter_raw, resolve_shards
-
-    out = []
-    for shard in resolve_shards(source):
-        for raw in iter_raw(shard):
-            key = raw.get("__key__", "?")
-            lyric = raw.get("lyric.txt")
-            lyric = lyric.decode("utf-8") if isinstance(lyric, bytes) else lyric
-            if not lyric or not str(lyric).strip():
-                raise ValueError(f"{shard}: record {key} has no lyric (lyric.txt missing or empty)")
-            style = raw.get("style.txt")
-            style = style.decode("utf-8") if isinstance(style, bytes) else style
-            prompt = None
-            if raw.get("prompt.npy") is not None:
-                import io
-
-                prompt = np.load(io.BytesIO(raw["prompt.npy"]), allow_pickle=False).astype(np.int64)
-            out.append(Prompt(str(lyric), style, prompt, key=str(key)))
-    return out
-
-
 class Timer:
     """Wall time of a block: ``with Timer() as t: ...; t.seconds``."""
 
@@ -250,4 +204,4 @@ class Timer:
 
 
 __all__ = ["SEED_STRIDE", "Candidate", "Prompt", "Sampling", "Scorer", "Timer", "best_vs_worst", "check_scores",
-           "group_by_prompt", "read_prompts", "sample_and_score", "song_seed"]
+           "group_by_prompt", "sample_and_score", "song_seed"]

@@ -86,11 +86,12 @@ def test_sdpo_bad_settings_are_named(tmp_path, toy_cache_dir, toy_sft_export, ca
 
 def test_sdpo_prompts_without_lyrics_are_refused(tmp_path, toy_cache_dir, toy_sft_export, capsys):
     p = tmp_path / "prompts.jsonl"
-    p.write_text('{"lyric": "[verse] love night", "style": "rock"}\n{"style": "pop"}\n')
+    p.write_text('{"idx": "a", "gt_lyric": "[verse] love night", "descriptions": "rock"}\n'
+                 '{"idx": "b", "descriptions": "pop"}\n')
     assert main(sdpo_args(toy_cache_dir, tmp_path / "r", toy_sft_export, "trainer.max_steps=1", "reward.scorer=toy",
                           f"sdpo.prompts={p}")) == 2
     err = capsys.readouterr().err
-    assert f"{p}:2" in err and "no lyric" in err
+    assert f"{p}:2" in err and "gt_lyric" in err, err
 
 
 def test_sdpo_needs_init(tmp_path, toy_cache_dir, capsys):

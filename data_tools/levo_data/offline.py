@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -45,13 +44,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from levo_train.prompts import read_prompts
+
 log = logging.getLogger("levo_data.offline")
 
 SAMPLE_FORMAT = "levo-sample-1"
 SETTINGS_NAME = "sample.json"
 DONE_NAME = "done.json"
 SCORE_NAME = "score.json"
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -96,88 +96,6 @@ def resolve_device(device: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------- prompts
-def _prompt_key(idx: str) -> str:
-    return _KEY_BAD.sub("_", idx) or "_"
-
-
-def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None = None) -> list[Any]:
-    """Prompts of a released-format JSONL file, parsed by levo-infer's own line parser (lyric
-    findings are errors); audio prompts cut/padded to the model's prompt length."""
-    import numpy as np
-
-    from levo_infer.cli import LineError, parse_song, read_lines
-    from levo_infer.prompts import AutoPromptLibrary, PromptError
-    from levo_train.rollout import Prompt
-
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: not found")
-    library = None
-    if auto_prompt_file:
-        try:
-            library = AutoPromptLibrary.load(auto_prompt_file, code_depth=model.code_depth,
-                                             code_size=model.cfg.lm.code_size)
-        except PromptError as e:
-            raise ValueError(f"--auto-prompt-file: {e}") from e
-    args = argparse.Namespace(mode="mixed", lyrics="check", strict=True, input_jsonl=str(path))
-    P, pad = model.cfg.prompt_frames, model.pad_id
-    out: list[Prompt] = []
-    seen: dict[str, int] = {}
-    keys: dict[str, int] = {}
-    for n, line in read_lines(path):
-        try:
-            s = parse_song(n, line, args=args, model=model, library=library, base_seed=0, seen=seen)
-        except LineError as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
-        seen[s.idx] = n
-        key = _prompt_key(s.idx)
-        if key in keys:
-            raise ValueError(f"{path}:{n}: idx {s.idx!r} maps to record key {key!r}, as line {keys[key]} does "
-                             "(characters other than letters, digits, '_' and '-' become '_'): rename one")
-        keys[key] = n
-        prompt = None
-        if s.prompt is not None:
-            t = s.prompt.numpy().astype(np.int64)[:, :P]
-            prompt = np.full((t.shape[0], max(P, 1)), pad, dtype=np.int64)
-            prompt[:, :t.shape[1]] = t
-        out.append(Prompt(s.lyric, s.style, prompt, key))
-    if not out:
-        raise ValueError(f"--prompts {path}: no prompt found (the file is empty)")
-    return out
-
-
-def prompts_from_shards(paths: Sequence[str], code_size: int) -> list[Any]:
-    """Each distinct (lyric, style, prompt) of song or pair shards once, keyed by its first record."""
-    from levo_train.data.pairs import condition_key, decode_pair
-    from levo_train.data.shards import decode_song, iter_raw, resolve_shards
-    from levo_train.rollout import Prompt
-
-    out: list[Prompt] = []
-    seen: set[str] = set()
-    keys: dict[str, str] = {}
-    for sh in resolve_shards(list(paths)):
-        for raw in iter_raw(sh):
-            rec = (decode_pair if "chosen.npy" in raw else decode_song)(raw, code_size=code_size, shard=sh)
-            ck = condition_key(rec)  # type: ignore[arg-type]
-            if ck in seen:
-                continue
-            seen.add(ck)
-            if rec.key in keys:
-                raise ValueError(f"--prompts: record key {rec.key!r} of {sh} is also in {keys[rec.key]} with other "
-                                 "conditions; prompt keys must be unique")
-            keys[rec.key] = sh
-            out.append(Prompt(rec.lyric, rec.style or None, rec.prompt, rec.key))
-    if not out:
-        raise ValueError(f"--prompts {' '.join(paths)}: the shards hold no record")
-    return out
-
-
-def read_prompts(paths: Sequence[str], model: Any, *, auto_prompt_file: str | None = None) -> list[Any]:
-    """Prompts from one JSONL file or from song/pair shards (dirs, tars, patterns)."""
-    if len(paths) == 1 and Path(paths[0]).is_file() and not paths[0].endswith(".tar"):
-        return prompts_from_jsonl(Path(paths[0]), model, auto_prompt_file=auto_prompt_file)
-    return prompts_from_shards(paths, model.cfg.lm.code_size)
-
-
 def prompts_digest(prompts: Sequence[Any]) -> str:
     """sha256 over every prompt's key, lyric, style and audio-prompt tokens, in order."""
     import numpy as np
@@ -290,7 +208,7 @@ def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | o
     max_frames = frames_cap if max_frames is None else max_frames
     if not 1 <= max_frames <= model.max_frames:
         raise ValueError(f"--max-frames {max_frames}: the model has room for 1 to {model.max_frames} frames")
-    prompts = read_prompts(prompt_paths, model, auto_prompt_file=auto_prompt_file)
+    prompts = read_prompts(prompt_paths, model, auto_prompt_file=auto_prompt_file, setting="--prompts")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
                         compat=compat, batch_size=batch_size)
     rules = {"temperature": temperature, "top_k": top_k, "top_p": top_p,

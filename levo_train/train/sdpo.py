@@ -60,7 +60,7 @@ PLOT_NAME = "rounds.png"
 
 
 def check_sdpo_settings(*, sync_every: int, per_prompt: int, prompts_per_round: int, buffer_rounds: int,
-                        ref_sync_every: int, min_margin: float, n_prompts: int) -> None:
+                        ref_sync_every: int, min_margin: float) -> None:
     """Raise ``ValueError`` naming the ``sdpo.*`` setting that cannot work."""
     checks = [("sync_every", sync_every >= 1, "an optimizer-step interval >= 1"),
               ("per_prompt", per_prompt >= 2, ">= 2 (best vs worst needs two candidates per prompt)"),
@@ -74,8 +74,6 @@ def check_sdpo_settings(*, sync_every: int, per_prompt: int, prompts_per_round: 
                      "buffer_rounds": buffer_rounds, "ref_sync_every": ref_sync_every,
                      "min_margin": min_margin}[name]
             raise ValueError(f"sdpo.{name}={value}: expected {want}")
-    if n_prompts < 1:
-        raise ValueError("the prompt pool is empty: give sdpo.prompts=... (prompt shards or JSONL) or use the toy world")
 
 
 def _pair_record(best: Candidate, worst: Candidate, key: str, oracle: str | None) -> dict[str, Any]:
@@ -111,7 +109,7 @@ class SemiOnlineDPOModule(DPOModule):
         self,
         model_config: ModelConfig,
         *,
-        prompts: Sequence[Prompt],
+        prompts: Sequence[Prompt] | None,
         scorer: Scorer,
         oracle: Scorer | None = None,
         sync_every: int = 30,
@@ -132,9 +130,10 @@ class SemiOnlineDPOModule(DPOModule):
             raise ValueError("semi-online DPO needs dpo.reference=model (its pairs are new every round, so there are "
                              "no precomputed reference log-probs)")
         check_sdpo_settings(sync_every=sync_every, per_prompt=per_prompt, prompts_per_round=prompts_per_round,
-                            buffer_rounds=buffer_rounds, ref_sync_every=ref_sync_every, min_margin=min_margin,
-                            n_prompts=len(prompts))
-        self.prompts = list(prompts)
+                            buffer_rounds=buffer_rounds, ref_sync_every=ref_sync_every, min_margin=min_margin)
+        self.prompts: list[Prompt] = []
+        if prompts is not None:
+            self.set_prompts(prompts)
         self.scorer, self.oracle = scorer, oracle
         self.score_key = scorer.overall
         self.sync_every, self.per_prompt, self.prompts_per_round = sync_every, per_prompt, prompts_per_round
@@ -148,6 +147,12 @@ class SemiOnlineDPOModule(DPOModule):
         self.cursor = 0                          # global pair draws in the current round
         self.ref_synced_at = 0
         self.history: list[dict[str, Any]] = []  # per-round stats (also in rounds.jsonl)
+
+    def set_prompts(self, prompts: Sequence[Prompt]) -> None:
+        """The pool rounds draw their prompts from (read after the init is loaded: formatting may need it)."""
+        if not prompts:
+            raise ValueError("sdpo.prompts: the prompt pool is empty (give prompt shards or a JSONL, or use the toy world)")
+        self.prompts = list(prompts)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self, *args: Any, **kw: Any) -> dict[str, Any]:  # type: ignore[override]

@@ -1,0 +1,106 @@
+"""Prompt records for rollouts: what ``levo-data sample`` and semi-online DPO generate songs for.
+
+* the released JSONL input (``idx``, ``gt_lyric``, ``descriptions``, optional ``prompt_audio_path``
+  / ``auto_prompt_audio_type``), validated and formatted exactly as ``levo-infer`` does (its own
+  line parser; lyric findings are errors here: shards only hold lyrics that follow the released
+  rules), or
+* song/pair shards: each distinct lyric, style and prompt once, keyed by its first record's key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from levo_train.rollout import Prompt
+
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def _prompt_key(idx: str) -> str:
+    return _KEY_BAD.sub("_", idx) or "_"
+
+
+def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None = None,
+                       setting: str = "--prompts") -> list[Prompt]:
+    """Prompts of a released-format JSONL file, parsed by levo-infer's own line parser (lyric
+    findings are errors); audio prompts cut/padded to the model's prompt length."""
+    import numpy as np
+
+    from levo_infer.cli import LineError, parse_song, read_lines
+    from levo_infer.prompts import AutoPromptLibrary, PromptError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting} {path}: not found")
+    library = None
+    if auto_prompt_file:
+        try:
+            library = AutoPromptLibrary.load(auto_prompt_file, code_depth=model.code_depth,
+                                             code_size=model.cfg.lm.code_size)
+        except PromptError as e:
+            raise ValueError(f"auto prompt file {auto_prompt_file}: {e}") from e
+    args = argparse.Namespace(mode="mixed", lyrics="check", strict=True, input_jsonl=str(path))
+    P, pad = model.cfg.prompt_frames, model.pad_id
+    out: list[Prompt] = []
+    seen: dict[str, int] = {}
+    keys: dict[str, int] = {}
+    for n, line in read_lines(path):
+        try:
+            s = parse_song(n, line, args=args, model=model, library=library, base_seed=0, seen=seen)
+        except LineError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        seen[s.idx] = n
+        key = _prompt_key(s.idx)
+        if key in keys:
+            raise ValueError(f"{path}:{n}: idx {s.idx!r} maps to record key {key!r}, as line {keys[key]} does "
+                             "(characters other than letters, digits, '_' and '-' become '_'): rename one")
+        keys[key] = n
+        prompt = None
+        if s.prompt is not None:
+            t = s.prompt.numpy().astype(np.int64)[:, :P]
+            prompt = np.full((t.shape[0], max(P, 1)), pad, dtype=np.int64)
+            prompt[:, :t.shape[1]] = t
+        out.append(Prompt(s.lyric, s.style, prompt, key))
+    if not out:
+        raise ValueError(f"{setting} {path}: no prompt found (the file is empty)")
+    return out
+
+
+def prompts_from_shards(paths: Sequence[str], code_size: int, *, setting: str = "--prompts") -> list[Prompt]:
+    """Each distinct (lyric, style, prompt) of song or pair shards once, keyed by its first record."""
+    from levo_train.data.pairs import condition_key, decode_pair
+    from levo_train.data.shards import decode_song, iter_raw, resolve_shards
+
+    out: list[Prompt] = []
+    seen: set[str] = set()
+    keys: dict[str, str] = {}
+    for sh in resolve_shards(list(paths)):
+        for raw in iter_raw(sh):
+            rec = (decode_pair if "chosen.npy" in raw else decode_song)(raw, code_size=code_size, shard=sh)
+            ck = condition_key(rec)  # type: ignore[arg-type]
+            if ck in seen:
+                continue
+            seen.add(ck)
+            if rec.key in keys:
+                raise ValueError(f"{setting}: record key {rec.key!r} of {sh} is also in {keys[rec.key]} with other "
+                                 "conditions; prompt keys must be unique")
+            keys[rec.key] = sh
+            out.append(Prompt(rec.lyric, rec.style or None, rec.prompt, rec.key))
+    if not out:
+        raise ValueError(f"{setting} {' '.join(paths)}: the shards hold no record")
+    return out
+
+
+def read_prompts(paths: Sequence[str], model: Any, *, auto_prompt_file: str | None = None,
+                 setting: str = "--prompts") -> list[Prompt]:
+    """Prompts from one JSONL file or from song/pair shards (dirs, tars, patterns); ``model`` (a
+    LeLM) decides style formatting and the audio-prompt length. Errors name ``setting``."""
+    if len(paths) == 1 and Path(paths[0]).is_file() and not paths[0].endswith(".tar"):
+        return prompts_from_jsonl(Path(paths[0]), model, auto_prompt_file=auto_prompt_file, setting=setting)
+    return prompts_from_shards(paths, model.cfg.lm.code_size, setting=setting)
+
+
+__all__ = ["prompts_from_jsonl", "prompts_from_shards", "read_prompts"]
