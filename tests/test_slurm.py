@@ -135,19 +135,22 @@ def test_sbatch_sft_ddp_two_tasks(sft_job) -> None:
     print(f"sbatch slurm/sft.sh: job {job} completed in {sft_job['seconds']:.0f}s")
 
 
-@pytest.mark.parametrize("recipe", ["pretrain", "dpo"])
+@pytest.mark.parametrize("recipe", ["pretrain", "dpo", "sdpo"])
 def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) -> None:
-    """slurm/pretrain.sh from scratch, slurm/dpo.sh from the SFT job's export."""
+    """slurm/pretrain.sh from scratch, slurm/dpo.sh and slurm/sdpo.sh from the SFT job's export."""
     if not (REPO / "recipes" / f"{recipe}.yaml").is_file():
         pytest.skip(f"recipes/{recipe}.yaml does not exist yet (levo-train recipe={recipe} is not implemented)")
     extra: list[str] = []
-    if recipe == "dpo":
+    if recipe in ("dpo", "sdpo"):
         init = sft_job["run_dir"] / "export"
         if not (init / "model.pt").is_file():
             pytest.skip("the SFT job left no export to start DPO from (see test_sbatch_sft_ddp_two_tasks)")
         # toy pairs sampled from the init: both ranks ask for them, one builds, the other waits
         extra = [f"model.init={init}", "data.toy_pairs.n_train=48", "data.toy_pairs.n_val=32",
                  "data.toy_pairs.max_frames=40", "data.toy_pairs.min_margin=0.0"]
+    if recipe == "sdpo":  # rounds at steps 0 and 3, each rank sampling half of the 10 prompts
+        extra = [f"model.init={init}", "reward.scorer=toy", "sdpo.sync_every=3", "sdpo.prompts_per_round=10",
+                 "sdpo.per_prompt=3", "sdpo.max_frames=30", "sdpo.min_margin=0.0", "data.toy_pairs.n_train=40"]
     env = job_env(tmp_path / "runs")
     overrides = [*CPU_OVERRIDES, *extra, f"data.toy.cache_dir={toy_cache}", *TINY,
                  "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3"]
@@ -161,6 +164,9 @@ def test_sbatch_recipe_ddp_two_tasks(recipe: str, sft_job, toy_cache, tmp_path) 
         done = json.loads((Path(summary["data"]["train"]).parent / "done.json").read_text())
         assert done["source"] == "model" and done["model"] == str(init)
         assert not [p for p in Path(toy_cache).iterdir() if ".tmp-" in p.name]
+    if recipe == "sdpo":  # both ranks' candidates were gathered into every round
+        rounds = [json.loads(x) for x in (run_dir / "sdpo" / "rounds.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rounds] == [0, 3] and all(r["candidates"] == 30 for r in rounds), rounds
 
 
 @pytest.mark.skipif(importlib.util.find_spec("levo_train.slurm") is None
