@@ -1,0 +1,250 @@
+"""The aesthetic reward model: a (possibly truncated) LeLM trunk with one score head.
+
+A song ``codes [B, K, T]`` (with its lyric, style and optional audio prompt) runs through the
+trunk's two stacks with EOS appended, so the last position has read every frame. The pooled
+hidden state goes through a small MLP to ``D + 1`` scores: one per dimension, then ``overall``.
+
+Pooling (``pooling``):
+
+* ``mean``: the masked mean over the song's frames (real frames + EOS) of the main-stack hidden
+  state (stream 0) concatenated with the mean of the sub-stack states (streams 1..K-1): the main
+  stack reads the mixed stream, the sub-stack the vocal/bgm streams, and each dimension lives in
+  different streams, so both are kept.
+* ``attn``: the same features, plus a learned attention pooling over frames (one query per
+  output), for rewards that hinge on a few frames.
+
+Export folder (``levo-train recipe=reward`` writes it to ``RUN/export``):
+
+* ``config.yaml``: the trunk's LeLM config (truncated layer counts), in the released layout;
+* ``reward.pt``: the :class:`RewardModel` state dict (tensors only: loads with ``weights_only``);
+* ``reward.json``: ``{"format": 1, "dimensions", "overall", "pooling", "policy_code_size",
+  "targets", "source", ...}``.
+
+Targets are the raw scores (the toy world's are in [0, 1]); nothing is standardised, so an
+exported RM's numbers are on the data's own scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from levo_infer.config import ModelConfig
+from levo_infer.model import Conditions, LeLM
+from levo_train.data.shards import Song
+from levo_train.train.logps import append_eos
+
+EXPORT_FORMAT = 1
+OVERALL = "overall"
+POOLINGS = ("mean", "attn")
+WEIGHTS_FILE, INFO_FILE, CONFIG_FILE = "reward.pt", "reward.json", "config.yaml"
+
+
+class RewardModelError(ValueError):
+    """A reward-model export cannot be loaded; the message names the file and what is wrong."""
+
+
+class RewardHead(nn.Module):
+    """Pooled trunk features -> ``n_out`` scores (see the module docstring for ``pooling``)."""
+
+    def __init__(self, dim: int, n_out: int, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"reward.pooling={pooling!r}: expected one of {POOLINGS}")
+        self.pooling, self.n_out = pooling, n_out
+        feat = 2 * dim
+        if pooling == "attn":
+            self.attn = nn.Linear(feat, n_out)
+            feat = feat + 2 * dim
+        self.mlp = nn.Sequential(nn.LayerNorm(feat), nn.Linear(feat, dim), nn.GELU(), nn.Linear(dim, n_out))
+
+    def forward(self, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``H`` [B, K, T, D] frame hidden states, ``mask`` [B, T] frames to pool -> [B, n_out]."""
+        x = torch.cat([H[:, 0], H[:, 1:].mean(dim=1)], dim=-1).float()  # [B, T, 2D]
+        m = mask.to(x.dtype).unsqueeze(-1)
+        mean = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if self.pooling == "attn":
+            a = self.attn(x).masked_fill(~mask.unsqueeze(-1), float("-inf")).softmax(dim=1)  # [B, T, n_out]
+            # one attention read per output, averaged: keeps the feature size independent of n_out
+            mean = torch.cat([mean, torch.einsum("bto,btf->bf", a, x) / self.n_out], dim=-1)
+        return self.mlp(mean)
+
+
+def reward_forward(lm: LeLM, head: RewardHead, codes: torch.Tensor, lengths: torch.Tensor,
+                   cond: Conditions) -> torch.Tensor:
+    """Scores [B, n_out] of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B] real frames)."""
+    dev = lm.device
+    lengths = lengths.to(dev)
+    seq = append_eos(codes.to(dev), lengths, lm.eos_id, lm.pad_id)
+    H = lm.frame_hidden(seq, cond)
+    mask = torch.arange(seq.shape[2], device=dev)[None, :] <= lengths[:, None]  # real frames + EOS
+    return head(H, mask)
+
+
+def truncate_trunk(lm: LeLM, layers: int | None, layers_sub: int | None) -> ModelConfig:
+    """Keep the first ``layers`` main-stack and ``layers_sub`` sub-stack layers of ``lm`` (None:
+    all), in place; ``lm.cfg`` becomes the truncated config, which is returned."""
+    c = lm.cfg.lm
+    main = c.num_layers if layers is None else int(layers)
+    sub = c.num_layers_sub if layers_sub is None else int(layers_sub)
+    if not 1 <= main <= c.num_layers:
+        raise ValueError(f"reward.layers={layers}: the init has {c.num_layers} main-stack layers; keep 1..{c.num_layers}")
+    if not 0 <= sub <= c.num_layers_sub:
+        raise ValueError(f"reward.layers_sub={layers_sub}: the init has {c.num_layers_sub} sub-stack layers; "
+                         f"keep 0..{c.num_layers_sub}")
+    lm.transformer.model.layers = nn.ModuleList(list(lm.transformer.model.layers)[:main])
+    lm.transformer2.model.layers = nn.ModuleList(list(lm.transformer2.model.layers)[:sub])
+    lm.cfg = dataclasses.replace(lm.cfg, lm=dataclasses.replace(c, num_layers=main, num_layers_sub=sub))
+    return lm.cfg
+
+
+class RewardModel(nn.Module):
+    """LeLM trunk + :class:`RewardHead`: ``forward(codes, lengths, cond) -> [B, D + 1]`` (the
+    dimensions in order, then ``overall``). ``lm``/``head``: existing modules to wrap (export)."""
+
+    def __init__(self, config: ModelConfig, dimensions: Sequence[str], *, pooling: str = "mean",
+                 lm: LeLM | None = None, head: RewardHead | None = None) -> None:
+        super().__init__()
+        self.dimensions = tuple(str(d) for d in dimensions)
+        if OVERALL in self.dimensions or len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"reward.dimensions={list(self.dimensions)}: names must be distinct and not {OVERALL!r}")
+        self.pooling = pooling
+        self.lm = lm if lm is not None else LeLM(config)
+        self.head = head if head is not None else RewardHead(config.lm.dim, len(self.dimensions) + 1, pooling)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (*self.dimensions, OVERALL)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.lm.cfg
+
+    def forward(self, codes: torch.Tensor, lengths: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        return reward_forward(self.lm, self.head, codes, lengths, cond)
+
+    @torch.no_grad()
+    def score_songs(self, songs: Sequence[Song], batch_size: int = 64) -> torch.Tensor:
+        """Scores [N, D + 1] of songs (eval mode, no grad), in the given order."""
+        from levo_train.data.datamodule import collate_songs
+
+        out = []
+        for i in range(0, len(songs), batch_size):
+            b = collate_songs(songs[i:i + batch_size], self.config.lm.code_size)
+            cond = self.lm.prepare_conditions(b["lyrics"], b["styles"], b["prompts"])
+            out.append(self(b["codes"], b["lengths"], cond).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.outputs))
+
+
+def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[str, Any],
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write the export folder (``config.yaml``, ``reward.pt``, ``reward.json``); ``info`` adds
+    fields to ``reward.json`` (e.g. ``source``)."""
+    from levo_infer.checkpoint import atomic_torch_save
+    from levo_infer.config import save_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    atomic_torch_save(sd, folder / WEIGHTS_FILE)
+    save_config(model.config, folder / CONFIG_FILE)
+    meta = {"format": EXPORT_FORMAT, "dimensions": list(model.dimensions), "overall": OVERALL,
+            "pooling": model.pooling, "policy_code_size": model.config.lm.code_size,
+            "layers": model.config.lm.num_layers, "layers_sub": model.config.lm.num_layers_sub,
+            "targets": "raw", **info}
+    tmp = folder / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / INFO_FILE)
+    return folder
+
+
+def read_reward_info(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """``reward.json`` of an export, checked; :class:`RewardModelError` naming the file otherwise."""
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise RewardModelError(f"{folder}: no such reward-model export folder (expected RUN/export of "
+                               "`levo-train recipe=reward`)")
+    missing = [n for n in (INFO_FILE, WEIGHTS_FILE, CONFIG_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise RewardModelError(f"{folder}: not a reward-model export, it lacks {', '.join(missing)}")
+    p = folder / INFO_FILE
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RewardModelError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise RewardModelError(f"{p}: expected a JSON object, got {type(info).__name__}")
+    if info.get("format") != EXPORT_FORMAT:
+        raise RewardModelError(f"{p}: format {info.get('format')!r}, this levo-train reads format {EXPORT_FORMAT}")
+    dims = info.get("dimensions")
+    if not isinstance(dims, list) or not all(isinstance(d, str) for d in dims):
+        raise RewardModelError(f"{p}: `dimensions` must be a list of names, got {dims!r}")
+    if info.get("pooling") not in POOLINGS:
+        raise RewardModelError(f"{p}: `pooling` {info.get('pooling')!r} is not one of {POOLINGS}")
+    return info
+
+
+def load_reward_model(export_dir: str | os.PathLike, device: str | torch.device = "cpu"
+                      ) -> tuple[RewardModel, dict[str, Any]]:
+    """(model in eval mode, fp32, on ``device``; its ``reward.json``) of an export folder."""
+    from levo_infer.config import load_config
+
+    folder = Path(export_dir)
+    info = read_reward_info(folder)
+    config = load_config(folder / CONFIG_FILE)
+    model = RewardModel(config, info["dimensions"], pooling=info["pooling"])
+    wp = folder / WEIGHTS_FILE
+    try:
+        sd = torch.load(wp, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling refused, truncated file: all "cannot be loaded"
+        raise RewardModelError(f"{wp}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise RewardModelError(f"{wp}: expected a state dict, got {type(sd).__name__}")
+    head_out = next((v.shape[0] for k, v in sd.items() if k.startswith("head.mlp.") and v.ndim == 2
+                     and k.endswith(".weight") and k.split(".")[2] == "3"), None)
+    if head_out is not None and head_out != len(info["dimensions"]) + 1:
+        raise RewardModelError(f"{folder}: {INFO_FILE} lists {len(info['dimensions'])} dimensions "
+                               f"({', '.join(info['dimensions'])}) + overall, but {WEIGHTS_FILE}'s head has "
+                               f"{head_out} outputs")
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    except RuntimeError as e:
+        raise RewardModelError(f"{wp} does not fit {folder / CONFIG_FILE} / {INFO_FILE}: "
+                               f"{str(e).splitlines()[0]} {' '.join(str(e).split())[:400]}") from None
+    return model.to(device).eval(), info
+
+
+class RewardScorer:
+    """A reward-model export as a :class:`~levo_train.rollout.Scorer`: each dimension of its
+    ``reward.json`` plus ``overall``. Scores under ``no_grad`` in eval mode."""
+
+    overall = OVERALL
+
+    def __init__(self, export_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 batch_size: int = 64) -> None:
+        self.model, self.info = load_reward_model(export_dir, device)
+        self.dimensions: tuple[str, ...] = self.model.dimensions
+        self.batch_size = int(batch_size)
+        self.name = f"reward-model({Path(export_dir).name})"
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    def score(self, songs: Sequence[Song]) -> list[dict[str, float]]:
+        self.model.eval()
+        s = self.model.score_songs(songs, self.batch_size).tolist()
+        names = self.model.outputs
+        return [dict(zip(names, row)) for row in s]
+
+
+__all__ = ["OVERALL", "POOLINGS", "RewardHead", "RewardModel", "RewardModelError", "RewardScorer",
+           "load_reward_model", "read_reward_info", "reward_forward", "save_reward_model", "truncate_trunk"]

@@ -1,0 +1,183 @@
+"""Lightning module of the aesthetic reward model (``levo-train recipe=reward``).
+
+``self.model`` is the LeLM trunk: built with the init's full config so that ``model.init`` loads
+into it with the usual checks, then cut to ``reward.layers`` / ``reward.layers_sub`` layers by
+:meth:`RewardModule.truncate` (the method's ``after_init``; a resume truncates the same way before
+the checkpoint's weights load). ``self.head`` pools and scores (:class:`RewardHead`).
+
+Loss: regression on every dimension and overall (``mse`` or ``smooth_l1`` with beta 0.1, on the raw
+targets), plus ``rank_weight`` times a ranking term on every output (``rank_loss``): ``bt`` is
+Bradley-Terry over all within-batch pairs whose true scores differ by at least ``rank_margin``
+(score differences scaled by :data:`RANK_SCALE`), ``listmle`` the ListMLE likelihood of the batch's
+true order. Validation logs ``val/<dim>/{lcc,srcc,ktau,pair_acc}`` for each dimension and overall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import CatMetric, MeanMetric
+
+from levo_infer.config import ModelConfig
+from levo_train.reward.metrics import METRICS, ranking_metrics
+from levo_train.reward.model import OVERALL, RewardHead, RewardModel, reward_forward, truncate_trunk
+
+from .base import LeLMTrainModule, warmup_cosine
+
+LOSSES = ("mse", "smooth_l1")
+RANK_LOSSES = ("none", "bt", "listmle")
+#: scores are on the targets' scale ([0, 1] in the toy world): a 0.1 gap is a BT logit of 1
+RANK_SCALE = 10.0
+#: trunk parameters the reward model never uses (LM heads, released-layout extras): kept frozen
+UNUSED_TRUNK = ("transformer.lm_head.", "transformer2.lm_head.", "linears.", "out_norm.",
+                "transformer.model.embed_tokens.", "transformer2.model.embed_tokens.")
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Mean over songs and outputs of the per-output regression loss."""
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=0.1)
+    raise ValueError(f"reward.loss={kind!r}: expected one of {LOSSES}")
+
+
+def bt_loss(pred: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """Bradley-Terry: mean ``-log sigmoid(RANK_SCALE * (p_i - p_j))`` over pairs with ``t_i - t_j >=
+    margin``, per column [B, C] then averaged over the columns that have pairs (0 when none)."""
+    dt = target[:, None, :] - target[None, :, :]          # [B, B, C]
+    dp = pred[:, None, :] - pred[None, :, :]
+    use = (dt >= max(margin, 1e-12)).to(pred.dtype)
+    per = -(F.logsigmoid(RANK_SCALE * dp) * use).sum((0, 1))
+    n = use.sum((0, 1))
+    have = n > 0
+    if not bool(have.any()):
+        return pred.sum() * 0.0
+    return (per[have] / n[have]).mean()
+
+
+def listmle_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ListMLE per column: the negative log-likelihood (Plackett-Luce, scores scaled by
+    :data:`RANK_SCALE`) of the true order, divided by the batch size, averaged over columns."""
+    order = target.argsort(dim=0, descending=True)
+    s = RANK_SCALE * pred.gather(0, order)                 # best first
+    # log sum_{k >= i} exp(s_k): reverse cumulative logsumexp
+    tail = torch.logcumsumexp(s.flip(0), dim=0).flip(0)
+    return (tail - s).mean()
+
+
+def reward_loss(pred: torch.Tensor, target: torch.Tensor, *, loss: str = "mse", rank_loss: str = "none",
+                rank_weight: float = 0.0, rank_margin: float = 0.05) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total, parts): regression plus ``rank_weight`` times the ranking term."""
+    reg = regression_loss(pred.float(), target.float(), loss)
+    parts = {"reg": reg.detach()}
+    total = reg
+    if rank_loss != "none" and rank_weight > 0:
+        if rank_loss == "bt":
+            rk = bt_loss(pred.float(), target.float(), rank_margin)
+        elif rank_loss == "listmle":
+            rk = listmle_loss(pred.float(), target.float())
+        else:
+            raise ValueError(f"reward.rank_loss={rank_loss!r}: expected one of {RANK_LOSSES}")
+        total = total + rank_weight * rk
+        parts["rank"] = rk.detach()
+    return total, parts
+
+
+class RewardModule(LeLMTrainModule):
+    """Reward-model training: LeLM trunk (``self.model``) + :class:`RewardHead` (``self.head``)."""
+
+    def __init__(self, model_config: ModelConfig, *, dimensions: Sequence[str], pooling: str = "mean",
+                 layers: int | None = None, layers_sub: int | None = None, loss: str = "mse",
+                 rank_loss: str = "none", rank_weight: float = 0.0, rank_margin: float = 0.05, **kw: Any) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"reward.loss={loss!r}: expected one of {LOSSES}")
+        if rank_loss not in RANK_LOSSES:
+            raise ValueError(f"reward.rank_loss={rank_loss!r}: expected one of {RANK_LOSSES}")
+        if rank_weight < 0 or rank_margin < 0:
+            raise ValueError(f"reward.rank_weight={rank_weight} and reward.rank_margin={rank_margin} must be >= 0")
+        super().__init__(model_config, **kw)
+        self.dimensions = tuple(dimensions)
+        if not self.dimensions:
+            raise ValueError("reward.dimensions is empty: the reward model needs at least one dimension")
+        self.outputs = (*self.dimensions, OVERALL)
+        self.pooling = pooling
+        self.head = RewardHead(model_config.lm.dim, len(self.outputs), pooling)
+        self.layers, self.layers_sub = layers, layers_sub
+        self.loss_kind, self.rank_loss, self.rank_weight, self.rank_margin = loss, rank_loss, rank_weight, rank_margin
+        for n, p in self.model.named_parameters():
+            if n.startswith(UNUSED_TRUNK):
+                p.requires_grad_(False)
+        self.val_loss = MeanMetric()
+        self.val_pred, self.val_target = CatMetric(), CatMetric()
+        self.truncated = False
+
+    def truncate(self) -> None:
+        """Drop the trunk's layers beyond ``layers`` / ``layers_sub`` (once, after the init loads)."""
+        if not self.truncated:
+            truncate_trunk(self.model, self.layers, self.layers_sub)
+            self.truncated = True
+
+    def reward_model(self) -> RewardModel:
+        """The trained trunk and head as a :class:`RewardModel` (shares their parameters)."""
+        return RewardModel(self.model.cfg, self.dimensions, pooling=self.pooling, lm=self.model, head=self.head)
+
+    # -- optimiser: trunk + head -----------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for n, p in list(self.model.named_parameters()) + [("head." + n, p) for n, p in self.head.named_parameters()]:
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in n or n.endswith(".bias") else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=self.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+            s, warmup=self.warmup_steps, total=self.total_steps, min_ratio=self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- steps ------------------------------------------------------------------------
+    def predict_batch(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scores [B, D + 1] of a batch (no condition dropout: the RM judges songs as prompted)."""
+        cond = self.model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
+        return reward_forward(self.model, self.head, batch["codes"], batch["lengths"], cond)
+
+    def _loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return reward_loss(pred, target, loss=self.loss_kind, rank_loss=self.rank_loss, rank_weight=self.rank_weight,
+                           rank_margin=self.rank_margin)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        pred = self.predict_batch(batch)
+        target = batch["targets"].to(pred.device)
+        loss, parts = self._loss(pred, target)
+        B = pred.shape[0]
+        self.advance_data_position(B)
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=B)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred = self.predict_batch(batch).float()
+        target = batch["targets"].to(pred.device)
+        self.val_loss.update(regression_loss(pred, target, self.loss_kind), weight=pred.shape[0])
+        self.val_pred.update(pred)
+        self.val_target.update(target)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        pred, target = self.val_pred.compute(), self.val_target.compute()
+        if pred.ndim == 2 and pred.shape[0] >= 2:
+            for j, name in enumerate(self.outputs):
+                m = ranking_metrics(pred[:, j].cpu(), target[:, j].cpu())
+                for k in METRICS:
+                    self.log(f"val/{name}/{k}", m[k], prog_bar=(name == OVERALL and k == "srcc"))
+        for m in (self.val_loss, self.val_pred, self.val_target):
+            m.reset()
+
+
+__all__ = ["LOSSES", "RANK_LOSSES", "RANK_SCALE", "RewardModule", "bt_loss", "listmle_loss", "regression_loss",
+           "reward_loss"]
