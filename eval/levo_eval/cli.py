@@ -10,6 +10,11 @@ every export on the same conditions with the same sampling seeds and reports, pe
 and toy PER with their standard errors and the change against the base: ``delta``, ``z`` (delta over
 the combined standard error of two independent means, the conservative figure) and ``paired_se``
 (standard error of the per-condition differences).
+
+``levo-eval reward --rm RM_EXPORT --policy SFT_EXPORT --n N --seed S [--tier both|top|none]`` samples N
+held-out toy songs from the policy, scores them with the reward model and prints, as its last line,
+one JSON object: for ``overall`` (against the hidden quality) and each dimension ``{"lcc", "srcc",
+"ktau", "pair_acc"}`` (pairs whose hidden margin is >= 0.05). The same seed gives the same numbers.
 """
 
 from __future__ import annotations
@@ -113,6 +118,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward(args: argparse.Namespace) -> int:
+    """``levo-eval reward``: the last stdout line is the metrics JSON (see the module docstring)."""
+    from levo_train.reward.evaluate import reward_eval
+
+    t0 = time.time()
+    try:
+        res = reward_eval(args.rm, args.policy, n=args.n, seed=args.seed, tier=args.tier, world_seed=args.world_seed,
+                          batch_size=args.batch_size, max_frames=args.max_frames, temperature=args.temperature,
+                          device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"levo-eval: error: {e}", file=sys.stderr)
+        return 2
+    info = res.pop("_info")
+    print(f"levo-eval reward: {info['n']} songs (tier {info['tier']}, temperature {info['temperature']}), mean hidden "
+          f"quality {info['mean_quality']:.4f}, {time.time() - t0:.1f}s", file=sys.stderr)
+    print(json.dumps(res))
+    return 0
+
+
 def markdown_table(res: dict[str, Any]) -> str:
     """One row per export of a ``compare`` result: quality and PER (mean ± SE), change vs the base."""
     def row(r: dict[str, Any], vs: dict[str, Any] | None) -> str:
@@ -168,10 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
     _sampling_args(c)
     c.set_defaults(func=cmd_compare)
+    r = sub.add_parser("reward", help="how well a reward-model export ranks a policy's held-out toy songs")
+    r.add_argument("--rm", required=True, help="reward-model export folder (RUN/export of recipe=reward)")
+    r.add_argument("--policy", required=True, help="policy export that samples the songs (e.g. the SFT export)")
+    r.add_argument("--n", type=int, default=512)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tier", default="both", choices=("both", "top", "none"),
+                   help="style tier: both (half top tier, half untagged; default), top or none")
+    r.add_argument("--world-seed", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--max-frames", type=int, default=96)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_reward)
     return p
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare, "reward": cmd_reward}
 
 
 def main(argv: list[str] | None = None) -> int:
