@@ -12,6 +12,10 @@ Pooling (``pooling``):
   different streams, so both are kept.
 * ``attn``: the same features, plus a learned attention pooling over frames (one query per
   output), for rewards that hinge on a few frames.
+* ``mean_logp``: the ``mean`` features plus, per stream, statistics of the song's own token
+  log-probabilities under the trunk's LM heads (mean, share below ``LOW_LOGP``, minimum): a wrong
+  word, an off-pattern bgm code or a broken mix code is a token the SFT trunk finds unlikely, which a
+  mean of hidden states cannot show. Needs the trunk's LM heads, so it is meant for untruncated trunks.
 
 Export folder (``levo-train recipe=reward`` writes it to ``RUN/export``):
 
@@ -43,7 +47,10 @@ from levo_train.train.logps import append_eos
 
 EXPORT_FORMAT = 1
 OVERALL = "overall"
-POOLINGS = ("mean", "attn")
+POOLINGS = ("mean", "attn", "mean_logp")
+#: per-stream token log-prob statistics of ``mean_logp``: mean, share below LOW_LOGP, minimum
+LOGP_STATS = 3
+LOW_LOGP = -3.0
 WEIGHTS_FILE, INFO_FILE, CONFIG_FILE = "reward.pt", "reward.json", "config.yaml"
 
 
@@ -54,22 +61,27 @@ class RewardModelError(ValueError):
 class RewardHead(nn.Module):
     """Pooled trunk features -> ``n_out`` scores (see the module docstring for ``pooling``)."""
 
-    def __init__(self, dim: int, n_out: int, pooling: str = "mean") -> None:
+    def __init__(self, dim: int, n_out: int, pooling: str = "mean", code_depth: int = 3) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"reward.pooling={pooling!r}: expected one of {POOLINGS}")
         self.pooling, self.n_out = pooling, n_out
-        feat = 2 * dim
+        feat = 2 * dim + (LOGP_STATS * code_depth if pooling == "mean_logp" else 0)
         if pooling == "attn":
             self.attn = nn.Linear(feat, n_out)
             feat = feat + 2 * dim
         self.mlp = nn.Sequential(nn.LayerNorm(feat), nn.Linear(feat, dim), nn.GELU(), nn.Linear(dim, n_out))
 
-    def forward(self, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``H`` [B, K, T, D] frame hidden states, ``mask`` [B, T] frames to pool -> [B, n_out]."""
+    def forward(self, H: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``H`` [B, K, T, D] frame hidden states, ``mask`` [B, T] frames to pool, ``extra`` [B, F]
+        per-song features (``mean_logp``) -> [B, n_out]."""
         x = torch.cat([H[:, 0], H[:, 1:].mean(dim=1)], dim=-1).float()  # [B, T, 2D]
         m = mask.to(x.dtype).unsqueeze(-1)
         mean = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if self.pooling == "mean_logp":
+            if extra is None:
+                raise ValueError("pooling mean_logp needs the token log-prob features")
+            mean = torch.cat([mean, extra.float()], dim=-1)
         if self.pooling == "attn":
             a = self.attn(x).masked_fill(~mask.unsqueeze(-1), float("-inf")).softmax(dim=1)  # [B, T, n_out]
             # one attention read per output, averaged: keeps the feature size independent of n_out
@@ -85,7 +97,23 @@ def reward_forward(lm: LeLM, head: RewardHead, codes: torch.Tensor, lengths: tor
     seq = append_eos(codes.to(dev), lengths, lm.eos_id, lm.pad_id)
     H = lm.frame_hidden(seq, cond)
     mask = torch.arange(seq.shape[2], device=dev)[None, :] <= lengths[:, None]  # real frames + EOS
-    return head(H, mask)
+    extra = token_logp_features(lm, H, seq, mask) if head.pooling == "mean_logp" else None
+    return head(H, mask, extra)
+
+
+def token_logp_features(lm: LeLM, H: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per stream: mean token log-prob of the song (frames + EOS) under the trunk's LM heads, the
+    share of tokens below ``LOW_LOGP`` and the minimum (log-probs clipped at -20, scaled by 1/5)
+    -> [B, LOGP_STATS * K]."""
+    feats = []
+    n = mask.sum(1).clamp_min(1).float()
+    for k in range(lm.code_depth):
+        logits = lm.head(k, H[:, k]).float()                              # [B, T, V]
+        tgt = seq[:, k].clamp_max(logits.shape[-1] - 1)
+        lp = logits.log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1).clamp_min(-20.0)
+        feats += [(lp * mask).sum(1) / n / 5.0, ((lp < LOW_LOGP) & mask).sum(1) / n,
+                  lp.masked_fill(~mask, 0.0).min(1).values / 5.0]
+    return torch.stack(feats, dim=-1)
 
 
 def truncate_trunk(lm: LeLM, layers: int | None, layers_sub: int | None) -> ModelConfig:
@@ -117,7 +145,8 @@ class RewardModel(nn.Module):
             raise ValueError(f"reward.dimensions={list(self.dimensions)}: names must be distinct and not {OVERALL!r}")
         self.pooling = pooling
         self.lm = lm if lm is not None else LeLM(config)
-        self.head = head if head is not None else RewardHead(config.lm.dim, len(self.dimensions) + 1, pooling)
+        self.head = head if head is not None else RewardHead(config.lm.dim, len(self.dimensions) + 1, pooling,
+                                                             config.lm.code_depth)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -247,4 +276,5 @@ class RewardScorer:
 
 
 __all__ = ["OVERALL", "POOLINGS", "RewardHead", "RewardModel", "RewardModelError", "RewardScorer",
-           "load_reward_model", "read_reward_info", "reward_forward", "save_reward_model", "truncate_trunk"]
+           "load_reward_model", "read_reward_info", "reward_forward", "save_reward_model", "token_logp_features",
+           "truncate_trunk"]

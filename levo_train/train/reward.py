@@ -105,11 +105,12 @@ class RewardModule(LeLMTrainModule):
             raise ValueError("reward.dimensions is empty: the reward model needs at least one dimension")
         self.outputs = (*self.dimensions, OVERALL)
         self.pooling = pooling
-        self.head = RewardHead(model_config.lm.dim, len(self.outputs), pooling)
+        self.head = RewardHead(model_config.lm.dim, len(self.outputs), pooling, model_config.lm.code_depth)
         self.layers, self.layers_sub = layers, layers_sub
         self.loss_kind, self.rank_loss, self.rank_weight, self.rank_margin = loss, rank_loss, rank_weight, rank_margin
+        unused = UNUSED_TRUNK if pooling != "mean_logp" else UNUSED_TRUNK[3:]  # mean_logp reads the LM heads
         for n, p in self.model.named_parameters():
-            if n.startswith(UNUSED_TRUNK):
+            if n.startswith(unused):
                 p.requires_grad_(False)
         self.val_loss = MeanMetric()
         self.val_pred, self.val_target = CatMetric(), CatMetric()
