@@ -97,3 +97,33 @@ def test_sdpo_prompts_without_lyrics_are_refused(tmp_path, toy_cache_dir, toy_sf
 def test_sdpo_needs_init(tmp_path, toy_cache_dir, capsys):
     assert main(["recipe=sdpo", f"run_dir={tmp_path / 'r'}", "reward.scorer=toy", *TINY]) == 2
     assert "recipe=sdpo needs model.init" in capsys.readouterr().err
+
+
+def _rm_export(path: Path, dims: list[str], **cfg_kw) -> Path:
+    """A tiny (untrained) reward-model export; ``cfg_kw`` sets its trunk config."""
+    from conftest import tiny_config
+
+    from levo_train.reward.model import RewardModel, save_reward_model
+
+    torch.manual_seed(0)
+    m = RewardModel(tiny_config(**cfg_kw), dims)
+    m.lm.init_weights()
+    return save_reward_model(m, path, {"source": "test"})
+
+
+def test_sdpo_reward_model_mismatches_are_named(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    """An RM of another vocabulary than the policy, and an RM whose dimensions are not the ones
+    the config expects, are refused before any generation, naming the setting."""
+    other_vocab = _rm_export(tmp_path / "rm16", ["lyrics"], code_size=16)
+    assert main(sdpo_args(toy_cache_dir, tmp_path / "r1", toy_sft_export, "trainer.max_steps=1",
+                          f"reward.ckpt={other_vocab}")) == 2
+    err = capsys.readouterr().err
+    assert "reward.ckpt" in err and "code_size=16" in err and "code_size=64" in err, err
+    rm = _rm_export(tmp_path / "rm64", ["lyrics", "mix"], code_size=64, delays=[0, 4, 4])
+    assert main(sdpo_args(toy_cache_dir, tmp_path / "r2", toy_sft_export, "trainer.max_steps=1",
+                          f"reward.ckpt={rm}", "reward.dimensions=[lyrics,structure]")) == 2
+    err = capsys.readouterr().err
+    assert "reward.dimensions=['lyrics', 'structure']" in err and "no ['structure']" in err, err
+    assert main(sdpo_args(toy_cache_dir, tmp_path / "r3", toy_sft_export, "trainer.max_steps=1",
+                          f"reward.ckpt={rm}", "reward.scorer=toy")) == 2
+    assert "not both" in capsys.readouterr().err
