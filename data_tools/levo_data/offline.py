@@ -38,13 +38,14 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from levo_train.prompts import read_prompts
+
+from .prefs import guarded
 
 log = logging.getLogger("levo_data.offline")
 
@@ -479,28 +480,12 @@ def _score_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(name: str, fn: Any) -> Any:
-    """Data/model/spec errors become one ``levo-data NAME: error:`` line and exit status 1."""
-    def run(args: argparse.Namespace) -> int:
-        from levo_infer.checkpoint import CheckpointError
-        from levo_infer.config import ConfigError
-        from levo_train.data.shards import ShardError
-
-        try:
-            return fn(args)
-        except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-            print(f"levo-data {name}: error: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 #: name -> (help, add_arguments, run)
 OFFLINE_COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "sample": ("sample N candidate songs per prompt from a model export into song shards (ranks from "
-               "torchrun/srun, resumable)", _sample_args, _guarded("sample", _sample_run)),
+               "torchrun/srun, resumable)", _sample_args, guarded(_sample_run)),
     "score": ("score candidate song shards with a scorer spec (toy, rm:EXPORT, audio:..., weighted:...), "
-              "resumable per shard", _score_args, _guarded("score", _score_run)),
+              "resumable per shard", _score_args, guarded(_score_run)),
 }
 
 __all__ = ["OFFLINE_COMMANDS", "candidates_overall_key", "check_settings", "prompts_digest", "rank_world", "read_prompts", "sample_candidates",

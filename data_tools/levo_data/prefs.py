@@ -309,7 +309,7 @@ def _merge_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(fn: Any) -> Any:
+def guarded(fn: Any) -> Any:
     """Run a command; data/model errors become one ``error:`` line and exit status 1."""
     def run(args: argparse.Namespace) -> int:
         from levo_infer.checkpoint import CheckpointError
@@ -328,11 +328,11 @@ def _guarded(fn: Any) -> Any:
 #: name -> (help, add_arguments, run)
 PREF_COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "pairs": ("build preference-pair shards (best vs worst of N per prompt) from scored candidates, "
-              "the toy world, or a toy model's own samples", _pairs_args, _guarded(_pairs_run)),
+              "the toy world, or a toy model's own samples", _pairs_args, guarded(_pairs_run)),
     "ref-logps": ("precompute reference log-probs of pair shards (ref_logps.json beside them)", _ref_args,
-                  _guarded(_ref_run)),
+                  guarded(_ref_run)),
     "merge": ("interpolate the weights of exports of one config into a new export", _merge_args,
-              _guarded(_merge_run)),
+              guarded(_merge_run)),
 }
 
 

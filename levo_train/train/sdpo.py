@@ -309,13 +309,7 @@ class SemiOnlineDPOModule(DPOModule):
                 if k not in ("round", "step") and isinstance(v, (int, float)) and np.isfinite(v):
                     self.log(f"round/{k}", float(v), rank_zero_only=True)
         self.maybe_sync_reference()
-        pairs = self.draw_batch()
-        loss, m = self.dpo_step(pairs)
-        B = pairs["chosen"].shape[0]
-        self.advance_data_position(B)
-        for k, v in m.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "rewards/accuracies"), batch_size=B)
-        return loss
+        return super().training_step(self.draw_batch(), batch_idx)  # DPO on this rank's share of the buffer
 
     def on_train_end(self) -> None:
         if self.out_dir is not None and self._rank_world()[0] == 0 and self.history:
