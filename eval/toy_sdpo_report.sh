@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Toy-world alignment report: reward model, offline DPO and semi-online DPO, each ranked by the reward
+# model and by the hidden oracle, from one SFT export, with default commands. Writes OUT/report.md.
+#
+#   bash eval/toy_sdpo_report.sh OUT [SFT_EXPORT [overrides for all four DPO runs...]]
+#   N=512 SEED=1 bash eval/toy_sdpo_report.sh ...            (SFT_EXPORT "" or none: runs recipe=sft first)
+#
+# Arms (same init, 300 optimizer steps at batch 32, beta 0.5, lr 5e-6; 12000 training candidates each:
+# offline 3000 prompts x 4 once, semi-online 10 rounds x 300 prompts x 4 from the current policy):
+#   dpo_rm       levo-train recipe=dpo  data.toy_pairs.scorer=rm:OUT/rm/export
+#   sdpo_rm      levo-train recipe=sdpo reward.ckpt=OUT/rm/export
+#   dpo_oracle   levo-train recipe=dpo                        (the default: pairs ranked by the hidden quality)
+#   sdpo_oracle  levo-train recipe=sdpo reward.scorer=toy
+# then levo-eval compare (both tiers) and each semi-online run's rounds (scorer vs hidden quality).
+# Wall time of every run is appended to OUT/timings.tsv; an interrupted run continues (resume=true).
+set -euo pipefail
+OUT=${1:?usage: bash eval/toy_sdpo_report.sh OUT [SFT_EXPORT]}
+SFT=${2:-}
+N=${N:-512}
+SEED=${SEED:-1}
+BIN=${BIN:-$(dirname "$(command -v levo-train)")}
+mkdir -p "$OUT"
+train() {  # train RUN_NAME overrides...: skipped when OUT/RUN_NAME already holds its export
+  local run=$1; shift
+  [ -f "$OUT/$run/export/model.pt" ] || [ -f "$OUT/$run/export/reward.pt" ] && return 0
+  local t0=$SECONDS
+  "$BIN/levo-train" run_dir="$OUT/$run" resume=true "$@"
+  printf '%s\t%s s\t%s\n' "$run" "$((SECONDS - t0))" "$*" >> "$OUT/timings.tsv"
+}
+if [ -z "$SFT" ]; then
+  train sft recipe=sft
+  SFT="$OUT/sft/export"
+fi
+train rm recipe=reward model.init="$SFT"
+[ -s "$OUT/rm_eval.json" ] || "$BIN/levo-eval" reward --rm "$OUT/rm/export" --policy "$SFT" --n "$N" --seed "$SEED" \
+  | tail -n 1 > "$OUT/rm_eval.json"
+train dpo_rm recipe=dpo model.init="$SFT" data.toy_pairs.scorer=rm:"$OUT/rm/export" "${@:3}"
+train sdpo_rm recipe=sdpo model.init="$SFT" reward.ckpt="$OUT/rm/export" "${@:3}"
+train dpo_oracle recipe=dpo model.init="$SFT" "${@:3}"
+train sdpo_oracle recipe=sdpo model.init="$SFT" reward.scorer=toy "${@:3}"
+CKPTS=("$OUT/dpo_rm/export" "$OUT/sdpo_rm/export" "$OUT/dpo_oracle/export" "$OUT/sdpo_oracle/export")
+for tier in top none; do
+  f="$OUT/compare_$tier.json"
+  [ -s "$f" ] && [ -z "$(find "$SFT" "${CKPTS[@]}" -name model.pt -newer "$f")" ] ||
+    "$BIN/levo-eval" compare --base "$SFT" --ckpt "${CKPTS[@]}" --n "$N" --seed "$SEED" --tier "$tier" > "$f"
+done
+"$BIN/python" - "$OUT" <<'PY' | tee "$OUT/report.md"
+import json, sys
+from pathlib import Path
+from levo_eval.cli import markdown_table
+out = Path(sys.argv[1])
+rm = json.loads((out / "rm_eval.json").read_text())
+print("reward model vs hidden scores (levo-eval reward):\n\n| output | LCC | SRCC | KTAU | pair acc |\n|---|---|---|---|---|")
+for k, v in rm.items():
+    print(f"| {k} | {v['lcc']:.3f} | {v['srcc']:.3f} | {v['ktau']:.3f} | {v['pair_acc']:.3f} |")
+print()
+for tier in ("top", "none"):
+    print(markdown_table(json.loads((out / f"compare_{tier}.json").read_text())), end="\n\n")
+for run in ("sdpo_rm", "sdpo_oracle"):
+    rows = [json.loads(x) for x in (out / run / "sdpo" / "rounds.jsonl").read_text().splitlines()]
+    print(f"{run}: per round (scorer mean / hidden quality of the same candidates / pairs / oracle agrees "
+          "with the pair / generation s)\n")
+    print("| round | scorer mean | hidden quality | pairs | agreement | gen s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['round']} | {r['score_mean']:.3f} | {r.get('hidden_mean', float('nan')):.3f} | {r['pairs']} | "
+              f"{r.get('pair_agreement', float('nan')):.3f} | {r['gen_seconds']:.1f} |")
+    print()
+PY
