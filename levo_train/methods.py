@@ -216,7 +216,9 @@ def reward_dimensions(cfg: DictConfig) -> tuple[str, ...]:
     from levo_train.toy.world import DIMENSIONS
 
     asked = cfg.reward.get("dimensions")
-    if cfg.data.train is None:
+    if cfg.data.get("pairs"):
+        have = pair_dimensions(cfg)
+    elif cfg.data.train is None:
         have = DIMENSIONS
     else:
         try:
@@ -233,6 +235,30 @@ def reward_dimensions(cfg: DictConfig) -> tuple[str, ...]:
         raise UsageError(f"reward.dimensions={list(dims)}: the data's scores have no {missing} (they hold "
                          f"{list(have)}); set reward.dimensions to a subset of those (or null)")
     return dims
+
+
+def pair_dimensions(cfg: DictConfig) -> tuple[str, ...]:
+    """The per-dimension scores the first pair of ``data.pairs`` carries for both songs (json
+    ``scores.chosen`` / ``scores.rejected``), without the score it was ranked by (json ``dimension``)
+    and ``overall``; empty for pairs labelled only by which song is preferred."""
+    from levo_train.data.shards import ShardError, iter_raw, resolve_shards
+
+    root = Path(str(cfg.data.pairs))
+    try:
+        shards = resolve_shards(str(root / "train") if (root / "train").is_dir() else str(root))
+    except (ShardError, FileNotFoundError, ValueError) as e:
+        raise UsageError(f"data.pairs={root}: {e}") from None
+    for sh in shards:
+        for raw in iter_raw(sh):
+            try:
+                meta = json.loads(raw.get("json", b"{}"))
+            except ValueError:
+                raise UsageError(f"data.pairs: {sh}: record {raw.get('__key__')} has unreadable json") from None
+            sc = meta.get("scores") or {}
+            ch, rj = sc.get("chosen") or {}, sc.get("rejected") or {}
+            ranked_by = meta.get("dimension")
+            return tuple(k for k in ch if k in rj and k not in ("overall", ranked_by))
+    raise UsageError(f"data.pairs={root}: the shards hold no pair")
 
 
 def build_code_size(cfg: DictConfig) -> int:
@@ -263,7 +289,14 @@ def _truncate_trunk(module: Any, cfg: DictConfig) -> None:
 
 
 def resolve_reward_data(cfg: DictConfig, init_fp: str | None = None) -> DataSpec:
-    """(train, val, is_toy): scored song shards, or the toy reward data built from ``model.init``."""
+    """(train, val, is_toy): scored song shards, preference-pair shards (``data.pairs``: Bradley-Terry),
+    or the toy reward data built from ``model.init``."""
+    if cfg.data.get("pairs"):
+        if cfg.data.train is not None:
+            raise UsageError("recipe=reward trains on scored songs (data.train) or on preference pairs (data.pairs), "
+                             "not both in one run: train on one, then continue from its export with the other")
+        reward_dimensions(cfg)
+        return resolve_pairs(cfg, init_fp)
     if cfg.data.train is not None:
         reward_dimensions(cfg)  # the requested dimensions must be in the data
         return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
@@ -289,6 +322,10 @@ def resolve_reward_data(cfg: DictConfig, init_fp: str | None = None) -> DataSpec
 
 def reward_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None,
                       common: dict[str, Any]) -> Any:
+    if cfg.data.get("pairs"):
+        from levo_train.data.pairs import PairDataModule
+
+        return PairDataModule(**common)
     from levo_train.reward.data import RewardDataModule
 
     return RewardDataModule(**common, dimensions=reward_dimensions(cfg), max_frames=cfg.data.max_frames, crop="start")
@@ -302,8 +339,9 @@ def export_reward(module: Any, folder: Path, dtype: Any = None) -> None:
 
 
 register(Method("reward", build_module=_reward_module, resolve_data=resolve_reward_data,
-                build_datamodule=reward_datamodule, uses_toy=lambda cfg: cfg.data.train is None,
-                data_hint="data.train=... (songs whose json holds scores)",
+                build_datamodule=reward_datamodule,
+                uses_toy=lambda cfg: cfg.data.train is None and not cfg.data.get("pairs"),
+                data_hint="data.train=... (songs whose json holds scores) or data.pairs=...",
                 needs_init="recipe=reward needs model.init=PATH: the SFT (or released) export whose trunk the reward "
                            "model starts from (and, on the toy world, samples its training songs), e.g. "
                            "`levo-train recipe=sft run_dir=A` then `levo-train recipe=reward model.init=A/export`",

@@ -10,6 +10,13 @@ targets), plus ``rank_weight`` times a ranking term on every output (``rank_loss
 Bradley-Terry over all within-batch pairs whose true scores differ by at least ``rank_margin``
 (score differences scaled by :data:`RANK_SCALE`), ``listmle`` the ListMLE likelihood of the batch's
 true order. Validation logs ``val/<dim>/{lcc,srcc,ktau,pair_acc}`` for each dimension and overall.
+
+Preference pairs (``data.pairs``: pair shards instead of scored songs): Bradley-Terry on the
+chosen-minus-rejected score difference (:func:`pair_bt_loss`): on ``overall`` for every pair (the
+chosen song is the preferred one), and on each dimension whose scores the pair's json carries
+(``scores.chosen`` / ``scores.rejected``, as the pairs levo-data and the toy world write) where the
+two songs differ by at least ``rank_margin``, in the direction of that difference. Validation on
+held-out pairs logs ``val/<output>/pair_acc`` (how often the RM orders a pair as its labels do).
 """
 
 from __future__ import annotations
@@ -69,6 +76,31 @@ def listmle_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (tail - s).mean()
 
 
+def pair_labels(metas: Sequence[dict[str, Any]], outputs: Sequence[str], margin: float) -> torch.Tensor:
+    """Per pair and output: +1 / -1 when the chosen song is better / worse on it by at least
+    ``margin``, 0 when unknown or closer. ``overall`` (last output) is +1: the pair's own label."""
+    lab = torch.zeros(len(metas), len(outputs))
+    lab[:, -1] = 1.0
+    for i, m in enumerate(metas):
+        sc = (m or {}).get("scores") or {}
+        ch, rj = sc.get("chosen") or {}, sc.get("rejected") or {}
+        for j, d in enumerate(outputs[:-1]):
+            a, b = ch.get(d), rj.get(d)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) >= max(margin, 1e-12):
+                lab[i, j] = 1.0 if a > b else -1.0
+    return lab
+
+
+def pair_bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry on pairs: mean over labelled (pair, output) cells of ``-log sigmoid(RANK_SCALE *
+    label * (s_chosen - s_rejected))``; [B, C] scores and labels in {-1, 0, +1}."""
+    use = labels != 0
+    if not bool(use.any()):
+        return chosen.sum() * 0.0
+    z = RANK_SCALE * labels * (chosen - rejected)
+    return -(F.logsigmoid(z)[use]).mean()
+
+
 def reward_loss(pred: torch.Tensor, target: torch.Tensor, *, loss: str = "mse", rank_loss: str = "none",
                 rank_weight: float = 0.0, rank_margin: float = 0.05) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total, parts): regression plus ``rank_weight`` times the ranking term."""
@@ -101,8 +133,6 @@ class RewardModule(LeLMTrainModule):
             raise ValueError(f"reward.rank_weight={rank_weight} and reward.rank_margin={rank_margin} must be >= 0")
         super().__init__(model_config, **kw)
         self.dimensions = tuple(dimensions)
-        if not self.dimensions:
-            raise ValueError("reward.dimensions is empty: the reward model needs at least one dimension")
         self.outputs = (*self.dimensions, OVERALL)
         self.pooling = pooling
         self.head = RewardHead(model_config.lm.dim, len(self.outputs), pooling, model_config.lm.code_depth)
@@ -114,6 +144,7 @@ class RewardModule(LeLMTrainModule):
                 p.requires_grad_(False)
         self.val_loss = MeanMetric()
         self.val_pred, self.val_target = CatMetric(), CatMetric()
+        self.val_pair_right, self.val_pair_n = CatMetric(), CatMetric()  # per (pair, output): agreed / labelled
         self.truncated = False
 
     def truncate(self) -> None:
@@ -146,11 +177,27 @@ class RewardModule(LeLMTrainModule):
         cond = self.model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
         return reward_forward(self.model, self.head, batch["codes"], batch["lengths"], cond)
 
+    def predict_pairs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores of a pair batch's chosen and rejected songs [B, D + 1] each, and their labels."""
+        cond = self.model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
+        ch = reward_forward(self.model, self.head, batch["chosen"], batch["chosen_lengths"], cond)
+        rj = reward_forward(self.model, self.head, batch["rejected"], batch["rejected_lengths"], cond)
+        labels = pair_labels(batch.get("meta") or [{}] * ch.shape[0], self.outputs, self.rank_margin).to(ch.device)
+        return ch.float(), rj.float(), labels
+
     def _loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return reward_loss(pred, target, loss=self.loss_kind, rank_loss=self.rank_loss, rank_weight=self.rank_weight,
                            rank_margin=self.rank_margin)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if "chosen" in batch:  # preference pairs
+            ch, rj, labels = self.predict_pairs(batch)
+            loss = pair_bt_loss(ch, rj, labels)
+            B = ch.shape[0]
+            self.advance_data_position(B)
+            self.log("train/loss", loss, prog_bar=True, batch_size=B)
+            self.log("train/pair_acc", ((ch[:, -1] - rj[:, -1]) > 0).float().mean(), batch_size=B)
+            return loss
         pred = self.predict_batch(batch)
         target = batch["targets"].to(pred.device)
         loss, parts = self._loss(pred, target)
@@ -162,6 +209,14 @@ class RewardModule(LeLMTrainModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "chosen" in batch:
+            ch, rj, labels = self.predict_pairs(batch)
+            self.val_loss.update(pair_bt_loss(ch, rj, labels), weight=ch.shape[0])
+            d = ch - rj
+            right = torch.where(d == 0, 0.5, ((d * labels) > 0).float()) * (labels != 0)
+            self.val_pair_right.update(right)
+            self.val_pair_n.update((labels != 0).float())
+            return
         pred = self.predict_batch(batch).float()
         target = batch["targets"].to(pred.device)
         self.val_loss.update(regression_loss(pred, target, self.loss_kind), weight=pred.shape[0])
@@ -170,6 +225,17 @@ class RewardModule(LeLMTrainModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        if self.val_pair_n.update_count:
+            right, n = self.val_pair_right.compute(), self.val_pair_n.compute()
+            for j, name in enumerate(self.outputs):
+                if float(n[:, j].sum()) > 0:
+                    self.log(f"val/{name}/pair_acc", right[:, j].sum() / n[:, j].sum(),
+                             prog_bar=name == OVERALL)
+            self.val_pair_right.reset()
+            self.val_pair_n.reset()
+        if not self.val_pred.update_count:
+            self.val_loss.reset()
+            return
         pred, target = self.val_pred.compute(), self.val_target.compute()
         if pred.ndim == 2 and pred.shape[0] >= 2:
             for j, name in enumerate(self.outputs):
@@ -180,5 +246,5 @@ class RewardModule(LeLMTrainModule):
             m.reset()
 
 
-__all__ = ["LOSSES", "RANK_LOSSES", "RANK_SCALE", "RewardModule", "bt_loss", "listmle_loss", "regression_loss",
-           "reward_loss"]
+__all__ = ["LOSSES", "RANK_LOSSES", "RANK_SCALE", "RewardModule", "bt_loss", "listmle_loss", "pair_bt_loss",
+           "pair_labels", "regression_loss", "reward_loss"]
