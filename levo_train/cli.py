@@ -38,6 +38,13 @@ main overrides:
   optim.total_steps=N         LR schedule length (default max_steps; on resume the checkpoint's: going past
                               its end needs optim.total_steps explicitly)
   logger=none                 disable wandb (offline by default; WANDB_MODE=online to sync)
+
+recipe=dpo:    data.pairs=DIR (default: toy pairs sampled from model.init; data.toy_pairs.scorer=rm:DIR ranks
+               them by a reward model) dpo.beta=0.5 dpo.loss_type=sigmoid dpo.reference=model|precomputed
+recipe=reward: data.train=DIR (scored songs) | data.pairs=DIR (Bradley-Terry) reward.layers=N
+               reward.pooling=mean_logp|mean|attn reward.rank_loss=bt|listmle|none
+recipe=sdpo:   reward.ckpt=RM_EXPORT | reward.scorer=toy|SPEC  sdpo.sync_every=30 sdpo.prompts_per_round=300
+               sdpo.per_prompt=4 sdpo.min_margin=0.05 sdpo.ref_sync_every=0 sdpo.prompts=JSONL|SHARDS
 """
 
 
