@@ -218,3 +218,35 @@ def test_sbatch_requeue_on_usr1_resumes(tmp_path, toy_cache) -> None:
     wb = torch.load(run_dir / "export" / "model.pt", weights_only=True)
     diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not diff, f"requeued run differs from the uninterrupted one in {len(diff)} tensors: {diff[:4]}"
+
+
+def test_sbatch_sample_two_ranks_then_score(sft_job, tmp_path) -> None:
+    """slurm/sample.sh: 2 srun tasks sample their shares of the prompts, then one task scores them;
+    the scored candidates are what `levo-data pairs --candidates` reads."""
+    init = sft_job["run_dir"] / "export"
+    if not (init / "model.pt").is_file():
+        pytest.skip("the SFT job left no export to sample from (see test_sbatch_sft_ddp_two_tasks)")
+    prompts = tmp_path / "prompts.jsonl"
+    import numpy as np
+
+    from levo_train.toy.world import ToyWorld, style_text
+
+    rng = np.random.default_rng(0)
+    conds = [ToyWorld(0).sample_condition(rng) for _ in range(6)]
+    prompts.write_text("".join(json.dumps({"idx": f"p{i}", "gt_lyric": c.lyric, "descriptions": style_text(
+        c.style_base, "top")}) + "\n" for i, c in enumerate(conds)))
+    out = tmp_path / "cands"
+    job = submit("sample.sh", SBATCH_CPU, ["--model", str(init), "--prompts", str(prompts), "--per-prompt", "2",
+                                           "--out", str(out), "--max-frames", "20", "--device", "cpu",
+                                           "--scorer", "toy"], tmp_path, job_env(tmp_path / "runs"))
+    info = wait_job(job)
+    log = (out / "logs" / f"slurm-{job}.out").read_text(errors="replace") if (out / "logs").is_dir() else ""
+    assert info.get("JobState") == "COMPLETED", f"job {job}: {info.get('JobState')}\n{log[-4000:]}"
+    assert sorted(p.name[:7] for p in out.glob("rank*.tar")) and {p.name[:7] for p in out.glob("rank*.tar")} == \
+        {"rank000", "rank001"}, sorted(p.name for p in out.iterdir())
+    assert (out / "done.json").is_file()
+    from levo_train.data.shards import iter_songs, resolve_shards
+
+    songs = [s for sh in resolve_shards(str(tmp_path / "cands-scored")) for s in iter_songs(sh, code_size=64)]
+    assert len(songs) == 12 and all("quality" in s.meta["scores"] for s in songs)
+    assert {s.meta["score_overall_key"] for s in songs} == {"quality"}
