@@ -127,3 +127,38 @@ def test_sdpo_reward_model_mismatches_are_named(tmp_path, toy_cache_dir, toy_sft
     assert main(sdpo_args(toy_cache_dir, tmp_path / "r3", toy_sft_export, "trainer.max_steps=1",
                           f"reward.ckpt={rm}", "reward.scorer=toy")) == 2
     assert "not both" in capsys.readouterr().err
+
+
+class _Scripted:
+    """A scorer whose scores spread out (by song key) or are all equal (``flat``)."""
+
+    name, overall, dimensions = "scripted", "overall", ()
+
+    def __init__(self) -> None:
+        self.flat = False
+
+    def score(self, songs):
+        import zlib
+
+        return [{"overall": 0.5 if self.flat else (zlib.crc32(s.key.encode()) % 97) / 97} for s in songs]
+
+
+def test_sdpo_round_without_pairs_keeps_the_last_pairs(tiny_cfg):
+    from levo_train.rollout import Prompt, Sampling
+    from levo_train.train.sdpo import SemiOnlineDPOModule
+
+    scorer = _Scripted()
+    m = SemiOnlineDPOModule(tiny_cfg, prompts=[Prompt("[verse] love night", "rock"), Prompt("[verse] la da", "pop")],
+                            scorer=scorer, sync_every=2, per_prompt=3, prompts_per_round=2, min_margin=0.01,
+                            sampling=Sampling(max_frames=6, batch_size=8), batch_size=2, init_weights=True)
+    m.freeze_reference()
+    scorer.flat = True
+    m.run_round(0)
+    with pytest.raises(RuntimeError, match="sdpo.min_margin"):
+        m.draw_batch()
+    scorer.flat = False
+    assert m.run_round(1)["pairs"] == 2
+    scorer.flat = True
+    assert m.run_round(2)["pairs"] == 0
+    batch = m.draw_batch()  # round 1's pairs
+    assert batch["chosen"].shape[0] == 2 and len(m.buffer) == 1 and len(m.buffer[0]) == 2

@@ -230,7 +230,11 @@ class SemiOnlineDPOModule(DPOModule):
             sel = best_vs_worst(group, self.score_key, self.min_margin)
             if sel is not None:
                 pairs.append(_pair_record(sel[0], sel[1], self.score_key, okey))
-        self.buffer = (self.buffer + [pairs])[-self.buffer_rounds:]
+        if pairs:
+            self.buffer = (self.buffer + [pairs])[-self.buffer_rounds:]
+        elif self.buffer:  # keep training on the last pairs rather than stop the run
+            log.warning("round %d: no prompt's candidates differ by >= sdpo.min_margin=%s on %r; training goes on "
+                        "with the previous round's pairs", r, self.min_margin, self.score_key)
         self.round, self.cursor = r, 0
         st: dict[str, Any] = {
             "round": r, "step": int(self.global_step) if self._trainer is not None else 0,
