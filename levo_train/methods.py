@@ -450,7 +450,8 @@ def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp
             per_prompt=int(s.per_prompt), prompts_per_round=int(s.prompts_per_round), min_margin=float(s.min_margin),
             buffer_rounds=int(s.buffer_rounds), ref_sync_every=int(s.ref_sync_every), sampling=sampling,
             batch_size=int(cfg.data.batch_size), out_dir=str(resolve_run_dir(cfg) / "sdpo"),
-            save_candidates=bool(s.save_candidates), beta=float(d.beta), loss_type=lt,
+            save_candidates=bool(s.save_candidates), scorer_follows_policy=not cfg.reward.get("device"),
+            beta=float(d.beta), loss_type=lt,
             loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
             label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
     except ValueError as e:

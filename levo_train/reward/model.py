@@ -268,6 +268,11 @@ class RewardScorer:
     def model_config(self) -> ModelConfig:
         return self.model.config
 
+    def to(self, device: str | torch.device) -> RewardScorer:
+        """Move the reward model (e.g. onto the policy's GPU once training has placed it)."""
+        self.model.to(device)
+        return self
+
     def score(self, songs: Sequence[Song]) -> list[dict[str, float]]:
         self.model.eval()
         s = self.model.score_songs(songs, self.batch_size).tolist()

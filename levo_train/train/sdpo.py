@@ -122,6 +122,7 @@ class SemiOnlineDPOModule(DPOModule):
         batch_size: int = 32,
         out_dir: str | None = None,
         save_candidates: bool = False,
+        scorer_follows_policy: bool = True,
         **kw: Any,
     ) -> None:
         kw.setdefault("reference", "model")
@@ -141,6 +142,7 @@ class SemiOnlineDPOModule(DPOModule):
         self.sampling, self.batch_size = sampling or Sampling(), batch_size
         self.out_dir = Path(out_dir) if out_dir else None
         self.save_candidates = save_candidates
+        self.scorer_follows_policy = scorer_follows_policy
         # resumable state
         self.round = -1                          # last round generated
         self.buffer: list[list[dict[str, Any]]] = []  # pairs of the last buffer_rounds rounds
@@ -211,6 +213,8 @@ class SemiOnlineDPOModule(DPOModule):
         cands = sample_and_score(self.model, prompts, None, self.sampling, per_prompt=self.per_prompt,
                                  seed=self.seed * 7919 + r, key_prefix=f"r{r:04d}-", shard=(rank, world))
         t_gen = time.perf_counter() - t0
+        if self.scorer_follows_policy and hasattr(self.scorer, "to"):
+            self.scorer.to(self.device)  # a reward model runs where the policy runs (reward.device unset)
         t0 = time.perf_counter()
         songs = [c.song for c in cands]
         scores = self.scorer.score(songs) if songs else []
