@@ -44,6 +44,14 @@ for tier in top none; do
   [ -s "$f" ] && [ -z "$(find "$SFT" "${CKPTS[@]}" -name model.pt -newer "$f")" ] ||
     "$BIN/levo-eval" compare --base "$SFT" --ckpt "${CKPTS[@]}" --n "$N" --seed "$SEED" --tier "$tier" > "$f"
 done
+for arm in rm oracle; do  # semi-online against offline with the same reward, paired over the same conditions
+  for tier in top none; do
+    f="$OUT/sdpo_vs_dpo_${arm}_$tier.json"
+    [ -s "$f" ] && [ -z "$(find "$OUT/dpo_$arm" "$OUT/sdpo_$arm" -name model.pt -newer "$f")" ] ||
+      "$BIN/levo-eval" compare --base "$OUT/dpo_$arm/export" --ckpt "$OUT/sdpo_$arm/export" --n "$N" --seed "$SEED" \
+        --tier "$tier" > "$f"
+  done
+done
 "$BIN/python" - "$OUT" <<'PY' | tee "$OUT/report.md"
 import json, sys
 from pathlib import Path
@@ -56,6 +64,30 @@ for k, v in rm.items():
 print()
 for tier in ("top", "none"):
     print(markdown_table(json.loads((out / f"compare_{tier}.json").read_text())), end="\n\n")
+print("semi-online vs offline DPO, same reward (delta of quality; z as independent means / paired):\n")
+print("| reward | tier | offline | semi-online | delta | z | paired z |\n|---|---|---|---|---|---|---|")
+for arm in ("rm", "oracle"):
+    for tier in ("top", "none"):
+        d = json.loads((out / f"sdpo_vs_dpo_{arm}_{tier}.json").read_text())
+        v = d["ckpts"][0]["vs_base"]["quality"]
+        print(f"| {arm} | {tier} | {d['base']['quality']:.3f} | {d['ckpts'][0]['quality']:.3f} | {v['delta']:+.3f} | "
+              f"{v['z']:.1f} | {v['delta'] / v['paired_se']:.1f} |")
+print()
+from levo_train.data.shards import iter_raw, resolve_shards
+print("offline training pairs: how often the hidden oracle agrees with the ranking, mean hidden margin:\n")
+print("| run | pairs | oracle agrees | hidden margin |\n|---|---|---|---|")
+for run in ("dpo_rm", "dpo_oracle"):
+    train = json.loads((out / run / "summary.json").read_text())["data"]["train"]
+    n = agree = 0
+    margin = 0.0
+    for sh in resolve_shards(train):
+        for raw in iter_raw(sh):
+            m = json.loads(raw["json"])
+            h = m.get("hidden")
+            d = h["chosen"]["quality"] - h["rejected"]["quality"] if h else m["margin"]  # oracle pairs: its own
+            n, agree, margin = n + 1, agree + (d > 0), margin + d
+    print(f"| {run} | {n} | {agree / n:.3f} | {margin / n:.3f} |")
+print()
 for run in ("sdpo_rm", "sdpo_oracle"):
     rows = [json.loads(x) for x in (out / run / "sdpo" / "rounds.jsonl").read_text().splitlines()]
     print(f"{run}: per round (scorer mean / hidden quality of the same candidates / pairs / oracle agrees "
