@@ -278,8 +278,13 @@ def check_resume_checkpoint(rp: ResumePoint, model_config: Any, cfg: DictConfig,
         raise UsageError(f"{rp.path} holds a model with {k}={have!r}, this run builds {k}={want!r} "
                          f"({len(diff)} config field(s) differ): resume with the model.init / model config the run "
                          "was started with, or use a new run_dir")
+    from levo_train.lora import lora_spec
     from levo_train.methods import get_method
 
+    lora_then, lora_now = st.get("lora"), (lora_spec(cfg).identity() if lora_spec(cfg).enabled else None)
+    if lora_then != lora_now:
+        raise UsageError(f"{rp.path} was trained with train.lora={lora_then or 'off'}, this run asks for "
+                         f"{lora_now or 'off'}: resume with the run's own adapter settings (or use a new run_dir)")
     check = get_method(str(cfg.method)).check_resume
     if check is not None:
         check(rp, cfg, init_fp)
@@ -307,9 +312,13 @@ def resolve_schedule(cfg: DictConfig, rp: ResumePoint | None) -> Schedule:
     ``trainer.max_steps``); on resume the checkpoint's own, so that stopping and resuming changes
     nothing. Going past its end is explicit (``optim.total_steps``); other ``optim`` values that
     contradict the checkpoint are refused (a resume would silently keep the old ones)."""
+    from levo_train.lora import lora_spec
+
     o, max_steps = cfg.optim, int(cfg.trainer.max_steps)
     asked = int(o.total_steps) if o.get("total_steps") else None
-    new = Schedule(float(o.lr), int(o.warmup_steps), asked or max_steps, float(o.min_lr_ratio))
+    lora = lora_spec(cfg)
+    lr = lora.learning_rate(float(o.lr)) if lora.enabled else float(o.lr)  # LoRA: the adapters' own LR
+    new = Schedule(lr, int(o.warmup_steps), asked or max_steps, float(o.min_lr_ratio))
     if rp is None:
         return new
     stored = rp.levo.get("schedule")
@@ -357,13 +366,27 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     """The Lightning module of the recipe's method, with ``model.init`` weights loaded
     (``init_fp``: the init's fingerprint, recorded in checkpoints)."""
     from levo_infer.checkpoint import find_weights, load_weights
+    from levo_train.lora import apply_lora, lora_spec
     from levo_train.methods import get_method
 
     method = get_method(str(cfg.method))
+    try:
+        lora = lora_spec(cfg)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e) if str(e).startswith("train.lora") else f"train.lora: {e}") from None
+    if lora.enabled and not method.supports_lora:
+        raise UsageError(f"train.lora.r={lora.r}: recipe method {method.name} does not train with LoRA adapters "
+                         "(they are for pretrain/sft, dpo and sdpo)")
     module = method.build_module(cfg, model_config, _common_module_kwargs(cfg, schedule), init_fp)
     if cfg.model.get("init"):
         load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
         module.init_fingerprint = init_fp
+    if lora.enabled:  # after the init weights: the adapters start at zero on top of them
+        try:
+            apply_lora(module.model, lora)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        module.lora = lora
     if method.after_init is not None:
         method.after_init(module, cfg)
     return module

@@ -45,6 +45,7 @@ class Method:
     * ``check_resume(rp, cfg, init_fp)``: refuse a checkpoint this run cannot continue.
     * ``export(module, folder, dtype)``: write ``run_dir/export`` (default: the policy in the released
       folder layout, :func:`export_policy`).
+    * ``supports_lora``: whether ``train.lora.r > 0`` may wrap its model (:mod:`levo_train.lora`).
     """
 
     name: str
@@ -57,12 +58,20 @@ class Method:
     after_init: Callable[[Any, DictConfig], None] | None = None
     check_resume: Callable[[ResumePoint, DictConfig, str | None], None] | None = None
     export: Callable[[Any, Path, Any], None] | None = None
+    supports_lora: bool = True
 
 
 def export_policy(module: Any, folder: Path, dtype: Any = None) -> None:
-    """The trained LeLM in the released folder layout (``model.pt`` + ``config.yaml``)."""
+    """The trained LeLM in the released folder layout (``model.pt`` + ``config.yaml``); with LoRA
+    adapters, the merged weights there and the adapters alone in ``folder/adapters/``."""
     from levo_infer.checkpoint import save_released
+    from levo_train.lora import ADAPTER_DIR, has_lora, merged_copy, save_adapters
 
+    if has_lora(module.model):
+        save_released(merged_copy(module.model), str(folder), dtype=dtype)
+        save_adapters(module.model, folder / ADAPTER_DIR, module.lora,
+                      base_fingerprint=getattr(module, "init_fingerprint", None))
+        return
     save_released(module.model, str(folder), dtype=dtype)
 
 
@@ -345,7 +354,7 @@ register(Method("reward", build_module=_reward_module, resolve_data=resolve_rewa
                 needs_init="recipe=reward needs model.init=PATH: the SFT (or released) export whose trunk the reward "
                            "model starts from (and, on the toy world, samples its training songs), e.g. "
                            "`levo-train recipe=sft run_dir=A` then `levo-train recipe=reward model.init=A/export`",
-                after_init=_truncate_trunk, export=export_reward))
+                after_init=_truncate_trunk, export=export_reward, supports_lora=False))
 
 
 # ----------------------------------------------------------------------------- sdpo (semi-online)
@@ -460,8 +469,8 @@ def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp
 
 def _sdpo_after_init(module: Any, cfg: DictConfig) -> None:
     """Freeze the reference, then read the prompt pool (released JSONL prompts are formatted for the model)."""
-    module.freeze_reference()
     try:
+        module.freeze_reference()
         module.set_prompts(sdpo_prompts(cfg, module.model))
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -143,6 +143,8 @@ class LeLMTrainModule(L.LightningModule):
             "rng": rng_state(),
             "model_config": self.model_config.to_dict(),
             "init_fingerprint": getattr(self, "init_fingerprint", None),
+            # the LoRA adapters the state dict holds (levo_train.lora), None without
+            "lora": self.lora.identity() if getattr(self, "lora", None) is not None else None,
             # the LR schedule this run follows: a resume continues it (levo_train.cli.resolve_schedule)
             "schedule": {"lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
                          "min_lr_ratio": self.min_lr_ratio},

@@ -88,8 +88,15 @@ class DPOModule(LeLMTrainModule):
         self.val_metrics = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in self.METRICS})
 
     def freeze_reference(self) -> None:
-        """Snapshot the current policy as the frozen reference (call after loading the init)."""
+        """Snapshot the current policy as the frozen reference (call after loading the init). With
+        LoRA adapters on the policy, the reference is the same model with its adapters switched
+        off (exactly the init, no second copy)."""
+        from levo_train.lora import has_lora
+
         if self.reference != "model":
+            return
+        if has_lora(self.model):
+            self.ref = None
             return
         self.ref = copy.deepcopy(self.model).eval()
         for p in self.ref.parameters():
@@ -125,10 +132,7 @@ class DPOModule(LeLMTrainModule):
                                  "run `levo-data ref-logps` on the pairs first, or use reference=model")
             rc, rr = batch["ref_chosen_logps"].to(pc), batch["ref_rejected_logps"].to(pc)
         else:
-            if self.ref is None:
-                raise RuntimeError("no reference model: call freeze_reference() after loading the init weights")
-            with torch.no_grad():
-                rlogps, _ = self.pair_logps(self.ref, batch, cond2)
+            rlogps = self.reference_logps(batch, cond2)
             rc, rr = rlogps[:B], rlogps[B:]
         out = combined_dpo_loss(pc, pr, rc, rr, loss_type=self.loss_type, loss_weights=self.loss_weights,
                                 beta=self.beta, label_smoothing=self.label_smoothing,
@@ -142,6 +146,18 @@ class DPOModule(LeLMTrainModule):
         for t, v in out.terms.items():
             m[f"loss/{t}"] = v
         return out.loss, m
+
+    def reference_logps(self, batch: dict[str, Any], cond2: Conditions) -> torch.Tensor:
+        """Reference log-probs [2B] of a pair batch: the frozen copy, or the policy without its adapters."""
+        from levo_train.lora import adapters_disabled, has_lora
+
+        with torch.no_grad():
+            if self.ref is not None:
+                return self.pair_logps(self.ref, batch, cond2)[0]
+            if has_lora(self.model):
+                with adapters_disabled(self.model):
+                    return self.pair_logps(self.model, batch, cond2)[0]
+        raise RuntimeError("no reference model: call freeze_reference() after loading the init weights")
 
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -291,6 +291,13 @@ class SemiOnlineDPOModule(DPOModule):
         self.cursor += B * world
         return collate_buffer(picks, self.model_config.lm.code_size)
 
+    def freeze_reference(self) -> None:
+        super().freeze_reference()
+        if self.ref is None and self.ref_sync_every > 0:
+            raise ValueError(f"sdpo.ref_sync_every={self.ref_sync_every} re-syncs a frozen reference copy, but with "
+                             "train.lora the reference is the policy without its adapters (model.init); set "
+                             "sdpo.ref_sync_every=0")
+
     def maybe_sync_reference(self) -> None:
         step = int(self.global_step)
         if self.ref_sync_every > 0 and self.ref is not None and step > 0 and step % self.ref_sync_every == 0 \

@@ -1,0 +1,179 @@
+"""LoRA adapters on LeLM, applied from outside the model with ``peft`` (``train.lora.*``).
+
+``train.lora.r > 0`` injects peft LoRA layers into the listed linear layers of both stacks
+(``train.lora.targets``, default every attention and MLP projection) after the init weights are
+loaded, and freezes every other parameter. The model file knows nothing of it:
+
+* **Training**: only the adapters train; their learning rate is ``train.lora.lr`` or, unset,
+  ``optim.lr × train.lora.lr_scale`` (low-rank updates need a larger step than full fine-tuning:
+  the recipe's LR is tuned for full weights).
+* **DPO reference**: the same model with the adapters switched off (:func:`adapters_disabled`),
+  which is exactly ``model.init`` — no second copy of the weights.
+* **Export**: ``export/model.pt`` holds the merged weights ``W + (alpha / r) · B A`` in the released
+  layout (``levo_infer`` never sees LoRA), and ``export/adapters/`` the adapters alone
+  (``adapter_model.safetensors`` + ``adapter_config.json``, peft's names) for sharing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: every projection of the decoder layers of both stacks
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_DIR = "adapters"
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """``train.lora``: rank (0 = off), scaling numerator, dropout, target layer names and LR."""
+
+    r: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float | None = None
+    lr_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+        if self.r < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.lr_scale <= 0:
+            raise ValueError(f"train.lora: need r >= 0, alpha > 0, 0 <= dropout < 1, lr_scale > 0; got {self}")
+        if self.r > 0 and not self.targets:
+            raise ValueError("train.lora.targets is empty: name the linear layers to adapt, e.g. [q_proj,v_proj]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def learning_rate(self, base_lr: float) -> float:
+        """The adapters' peak LR: ``lr`` when given, else ``base_lr × lr_scale``."""
+        return float(self.lr) if self.lr is not None else float(base_lr) * self.lr_scale
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint's adapters were built with (a resume must build the same ones)."""
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return {k: d[k] for k in ("r", "alpha", "dropout", "targets")}
+
+
+def _tuner_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(_tuner_layers(model))
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Inject LoRA adapters into ``model`` in place and freeze everything else; a target list that
+    matches no linear layer is a ``ValueError`` naming ``train.lora.targets`` and the candidates."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ValueError(f"train.lora.r={spec.r} needs the peft package ({e}): pip install 'levo-train[lora]'") from None
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    unknown = [t for t in spec.targets if t not in linear]
+    if unknown:
+        raise ValueError(f"train.lora.targets={list(spec.targets)}: {unknown} name no linear layer of the model "
+                         f"(linear layers: {linear})")
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.targets),
+                     bias="none")
+    inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` computing with its base weights only (the adapters bypassed), restored afterwards."""
+    layers = [m for _, m in _tuner_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter merged into its base weight, under the names of
+    the model without adapters (``...q_proj.weight``); ``model`` itself is not changed."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        out[k.replace(".base_layer.", ".")] = v
+    for name, layer in _tuner_layers(model):
+        key = f"{name}.weight"
+        with torch.no_grad():
+            delta = layer.get_delta_weight(ADAPTER_NAME)
+        out[key] = (out[key].float() + delta.float()).to(out[key].dtype)
+    return out
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A new LeLM (no adapters) holding the merged weights: what the export writes."""
+    from levo_infer.model import LeLM
+
+    plain = LeLM(model.cfg)  # type: ignore[attr-defined]
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    return plain.to(next(model.parameters()).device)
+
+
+def save_adapters(model: nn.Module, folder: str | os.PathLike, spec: LoraSpec, *,
+                  base_fingerprint: str | None = None) -> Path:
+    """The adapters alone: ``adapter_model.safetensors`` (peft's key names) and ``adapter_config.json``."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+    tmp = folder / f".adapter_model.safetensors.tmp{os.getpid()}"
+    save_file(sd, str(tmp))
+    os.replace(tmp, folder / "adapter_model.safetensors")
+    info = {"peft_type": "LORA", **spec.identity(), "target_modules": list(spec.targets), "lora_alpha": spec.alpha,
+            "base_model_fingerprint": base_fingerprint, "base_layout": "levo-train LeLM (released audiolm keys)"}
+    tmp_json = folder / ".adapter_config.json.tmp"
+    tmp_json.write_text(json.dumps(info, indent=1))
+    os.replace(tmp_json, folder / "adapter_config.json")
+    return folder
+
+
+def lora_spec(cfg: Any) -> LoraSpec:
+    """``train.lora`` of a composed config (absent: off)."""
+    from omegaconf import OmegaConf
+
+    lo = cfg.train.get("lora") if cfg.train is not None else None
+    if lo is None:
+        return LoraSpec()
+    d = OmegaConf.to_container(lo, resolve=True)
+    if d.get("targets") is not None:
+        d["targets"] = tuple(d["targets"])
+    else:
+        d.pop("targets", None)
+    return LoraSpec(**d)  # type: ignore[arg-type]
+
+
+def trainable_share(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    n_all = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), n_all
+
+
+__all__ = ["ADAPTER_DIR", "DEFAULT_TARGETS", "LoraSpec", "adapters_disabled", "apply_lora", "has_lora",
+           "lora_spec", "merged_copy", "merged_state_dict", "save_adapters", "trainable_share"]

@@ -1,0 +1,111 @@
+"""LoRA adapters (peft) from outside the model: merged export, adapters-off reference, CLI runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from levo_infer.checkpoint import load_model
+from levo_train.cli import main
+from levo_train.lora import LoraSpec, adapters_disabled, apply_lora, merged_copy
+
+LORA = ["train.lora.r=4", "train.lora.alpha=8"]
+
+
+def _logits(model, codes, lyrics, styles):
+    with torch.no_grad():
+        return model.logits(codes, lyrics, styles).float()
+
+
+def _nudge_adapters(model, seed: int = 0) -> None:
+    """peft starts B at zero (the adapted model equals the base): give it a real update."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_merged_weights_give_the_adapted_logits_and_adapters_off_gives_the_base(tiny_model, tmp_path):
+    codes = torch.randint(0, 16, (2, 3, 9))
+    lyrics, styles = ["[verse] love night", "[chorus] la da"], ["rock", None]
+    base = _logits(tiny_model, codes, lyrics, styles)
+    apply_lora(tiny_model, LoraSpec(r=4, alpha=8))
+    assert all(p.requires_grad == (".lora_" in n) for n, p in tiny_model.named_parameters())
+    assert torch.equal(_logits(tiny_model, codes, lyrics, styles), base)  # B = 0 at the start
+    _nudge_adapters(tiny_model)
+    adapted = _logits(tiny_model, codes, lyrics, styles)
+    assert (adapted - base).abs().max() > 1e-3
+    with adapters_disabled(tiny_model):
+        assert torch.equal(_logits(tiny_model, codes, lyrics, styles), base)
+    assert torch.equal(_logits(tiny_model, codes, lyrics, styles), adapted)  # switched back on
+    merged = merged_copy(tiny_model).eval()
+    assert (_logits(merged, codes, lyrics, styles) - adapted).abs().max() <= 1e-5
+    from levo_infer.checkpoint import save_released
+
+    save_released(merged, tmp_path / "m")
+    reloaded = load_model(tmp_path / "m", device="cpu").eval()
+    assert (_logits(reloaded, codes, lyrics, styles) - adapted).abs().max() <= 1e-5
+
+
+def test_targets_that_match_nothing_are_named(tiny_model):
+    with pytest.raises(ValueError, match=r"train.lora.targets=\['q_proj', 'qkv'\]: \['qkv'\] name no linear layer"):
+        apply_lora(tiny_model, LoraSpec(r=2, targets=("q_proj", "qkv")))
+
+
+def sft_args(cache: str, run_dir: Path, init: Path, *extra: str) -> list[str]:
+    return ["recipe=sft", f"run_dir={run_dir}", f"model.init={init}", f"data.toy.cache_dir={cache}", *TINY,
+            "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", *LORA, *extra]
+
+
+def test_lora_sft_trains_adapters_only_and_exports_merged_and_adapters(tmp_path, toy_cache_dir, toy_sft_export):
+    rd = tmp_path / "run"
+    assert main(sft_args(toy_cache_dir, rd, toy_sft_export, "trainer.max_steps=6", "optim.lr=1e-3")) == 0
+    ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ck["levo"]["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.0,
+                                  "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"]}
+    assert ck["levo"]["schedule"]["lr"] == pytest.approx(1e-2)  # optim.lr x train.lora.lr_scale (10)
+    init = torch.load(toy_sft_export / "model.pt", weights_only=True)
+    exp = torch.load(rd / "export" / "model.pt", weights_only=True)
+    assert exp.keys() == init.keys()
+    changed = {k for k in init if not torch.equal(init[k], exp[k])}
+    assert changed and all(k.endswith(("_proj.weight",)) for k in changed), sorted(changed)[:5]
+    assert (rd / "export" / "adapters" / "adapter_model.safetensors").is_file()
+    cfg = json.loads((rd / "export" / "adapters" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+
+
+def test_lora_dpo_reference_is_the_policy_without_adapters(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    """No second copy: the checkpoint holds no reference; held-out margins start at 0 (policy =
+    reference) and move; resume is exact; another adapter rank is refused on resume."""
+    common = ["recipe=dpo", f"model.init={toy_sft_export}", f"data.toy.cache_dir={toy_cache_dir}", *TINY, *LORA,
+              "data.toy_pairs.n_train=40", "data.toy_pairs.n_val=16", "data.toy_pairs.max_frames=40",
+              "data.toy_pairs.min_margin=0.0", "trainer.val_check_interval=1000", "trainer.limit_val_batches=1",
+              "checkpoint.every_n_steps=4", "optim.total_steps=8", "optim.warmup_steps=1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*common, f"run_dir={a}", "trainer.max_steps=8", "trainer.val_check_interval=8"]) == 0
+    s = json.loads((a / "summary.json").read_text())
+    assert s["val_metrics"]["val/rewards/margins"] != 0
+    ck = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert not [k for k in ck["state_dict"] if k.startswith("ref.")]
+    assert main([*common, f"run_dir={b}", "trainer.max_steps=4"]) == 0
+    assert main([*common, f"run_dir={b}", "trainer.max_steps=8", "resume=true"]) == 0
+    wa, wb = (torch.load(x / "export" / "model.pt", weights_only=True) for x in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    capsys.readouterr()
+    assert main([*common, f"run_dir={b}", "trainer.max_steps=10", "optim.total_steps=10", "resume=true",
+                 "train.lora.r=8"]) == 2
+    assert "train.lora=" in capsys.readouterr().err
+
+
+def test_lora_refused_where_it_does_not_apply(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    assert main(["recipe=reward", f"model.init={toy_sft_export}", f"run_dir={tmp_path / 'r'}", *TINY, *LORA,
+                 f"data.toy.cache_dir={toy_cache_dir}"]) == 2
+    assert "does not train with LoRA" in capsys.readouterr().err
+    assert main(sft_args(toy_cache_dir, tmp_path / "s", toy_sft_export, "train.lora.targets=[qkv]")) == 2
+    assert "name no linear layer" in capsys.readouterr().err
