@@ -162,3 +162,17 @@ def test_sdpo_round_without_pairs_keeps_the_last_pairs(tiny_cfg):
     assert m.run_round(2)["pairs"] == 0
     batch = m.draw_batch()  # round 1's pairs
     assert batch["chosen"].shape[0] == 2 and len(m.buffer) == 1 and len(m.buffer[0]) == 2
+
+
+def test_sdpo_with_lora_adapters(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    """Semi-online DPO of a LoRA-adapted policy: rounds generate with the adapters on, the reference is
+    the policy with them off; re-syncing a reference copy is refused."""
+    rd = tmp_path / "r"
+    assert main(sdpo_args(toy_cache_dir, rd, toy_sft_export, "trainer.max_steps=5", "reward.scorer=toy",
+                          "train.lora.r=4")) == 0
+    assert [json.loads(x)["step"] for x in (rd / "sdpo" / "rounds.jsonl").read_text().splitlines()] == [0, 4]
+    assert (rd / "export" / "adapters" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(sdpo_args(toy_cache_dir, tmp_path / "r2", toy_sft_export, "trainer.max_steps=1", "reward.scorer=toy",
+                          "train.lora.r=4", "sdpo.ref_sync_every=2")) == 2
+    assert "sdpo.ref_sync_every=2" in capsys.readouterr().err
