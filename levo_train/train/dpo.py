@@ -164,8 +164,8 @@ class DPOModule(LeLMTrainModule):
         loss, m = self.dpo_step(batch)
         B = batch["chosen"].shape[0]
         self.advance_data_position(B)
-        for k, v in m.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "rewards/accuracies"), batch_size=B)
+        for k, v in m.items():  # the loss as the mean over ranks (the global batch's curve)
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "rewards/accuracies"), batch_size=B, sync_dist=k == "loss")
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

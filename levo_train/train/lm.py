@@ -32,12 +32,19 @@ def stream_name(k: int) -> str:
 def apply_condition_dropout(
     lyrics: Sequence[str | None], styles: Sequence[str | None], prompt: torch.Tensor | None,
     *, cfg_p: float, attr_p: dict[str, float], generator: torch.Generator, pad: int,
+    global_slice: tuple[int, int] | None = None,
 ) -> tuple[list[str | None], list[str | None], torch.Tensor | None]:
     """Released training-time dropout: all conditions of a sample nulled with ``cfg_p``, then each
-    attribute nulled for the whole batch with its own probability."""
+    attribute nulled for the whole batch with its own probability.
+
+    ``global_slice=(offset, size)``: this batch is samples ``[offset, offset + len)`` of a global batch
+    of ``size`` (data parallel: rank ``r`` of ``W`` with ``B`` songs each passes ``(r*B, W*B)``). Every
+    rank draws the global batch's mask from the same generator and keeps its slice, so a W-rank run
+    drops exactly what a 1-rank run with the whole global batch drops."""
     lyr, sty = list(lyrics), list(styles)
     pr = prompt.clone() if prompt is not None else None
-    drop = torch.rand(len(lyr), generator=generator) < cfg_p
+    off, size = global_slice if global_slice is not None else (0, len(lyr))
+    drop = (torch.rand(max(size, off + len(lyr)), generator=generator) < cfg_p)[off:off + len(lyr)]
     for i in torch.nonzero(drop).flatten().tolist():
         lyr[i], sty[i] = None, None
         if pr is not None:
@@ -73,8 +80,16 @@ class LMModule(LeLMTrainModule):
             c = self.model_config
             lyrics, styles, prompts = apply_condition_dropout(
                 lyrics, styles, prompts, cfg_p=c.cfg_dropout, attr_p=c.attribute_dropout,
-                generator=self.dropout_gen, pad=self.model.pad_id)
+                generator=self.dropout_gen, pad=self.model.pad_id, global_slice=self._global_slice(len(lyrics)))
         return self.model.prepare_conditions(lyrics, styles, prompts)
+
+    def _global_slice(self, n: int) -> tuple[int, int]:
+        """Where this rank's batch of ``n`` songs sits in the global batch (see the datamodule contract)."""
+        dm = self._datamodule()
+        per_rank = int(getattr(dm, "batch_size", n) or n) if dm is not None else n
+        if self._trainer is None:
+            return 0, max(per_rank, n)
+        return self.trainer.global_rank * per_rank, max(per_rank * self.trainer.world_size, n)
 
     def lm_loss(self, batch: dict[str, Any], cond: Conditions) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Weighted mean over streams of the masked CE; also per-stream logits/targets."""
@@ -98,7 +113,8 @@ class LMModule(LeLMTrainModule):
         loss, parts = self.lm_loss(batch, self.conditions(batch, dropout=self.condition_dropout))
         B = batch["codes"].shape[0]
         self.advance_data_position(B)
-        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        # the mean over ranks: with data parallelism the curve is the global batch's, as with one rank
+        self.log("train/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
         for k, p in enumerate(parts):
             acc = (p["logits"].argmax(-1) == p["target"]).float().mean()
             self.log(f"train/ce_{stream_name(k)}", p["ce"], batch_size=B)
