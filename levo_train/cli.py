@@ -425,7 +425,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(SlurmRequeue())
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, plugins=plugins, **kwargs)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, plugins=plugins, **kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as e:
+        given = {k: kwargs.get(k) for k in ("accelerator", "strategy", "devices", "num_nodes") if k in kwargs}
+        raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
 
 
 def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None):
@@ -467,13 +473,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(resume, model_config, cfg, init_fp)
         print(f"levo-train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
     schedule = resolve_schedule(cfg, resume)
+    trainer = build_trainer(cfg, run_dir)  # bad trainer settings fail here, before any data is built
     if method.uses_toy(cfg) and model_config.lm.code_size != 64:  # checked before any toy data is built
         raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
                          f"pass {method.data_hint} for real data or a toy-sized model.init")
     train, val, _ = method.resolve_data(cfg, init_fp)
     module = build_module(cfg, model_config, schedule, init_fp)
     dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp)
-    trainer = build_trainer(cfg, run_dir)
     for folder in (run_dir, run_dir / "checkpoints"):  # writes killed mid-way (checkpoints, requeue checkpoints)
         clean_stale_temp_files(folder)
     OmegaConf.save(cfg, run_dir / "train_config.yaml", resolve=True)

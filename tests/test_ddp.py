@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY
 
@@ -63,3 +64,19 @@ def test_condition_dropout_mask_is_the_global_batch_slice():
                                             global_slice=(4 * r, 8))
         parts += got
     assert parts == whole and None in whole and any(x is not None for x in whole)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["trainer.strategy=fsdp9"], "invalid strategy name"),
+    (["trainer.accelerator=cpu", "trainer.devices=-3"], "should be an int > 0"),
+    pytest.param(["trainer.accelerator=gpu", "trainer.devices=2"], "No supported gpu backend",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_bad_trainer_settings_fail_before_any_data(tmp_path, capsys, extra, needle):
+    from levo_train.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["recipe=sft", f"run_dir={tmp_path / 'r'}", f"data.toy.cache_dir={cache}", *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "the trainer settings" in err and needle in err, err
+    assert not cache.exists()  # refused before the toy world was built
