@@ -84,11 +84,12 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     except ImportError as e:
         raise ValueError(f"train.lora.r={spec.r} needs the peft package ({e}): pip install 'levo-train[lora]'") from None
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    unknown = [t for t in spec.targets if t not in linear]
-    if unknown:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in spec.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:  # a target is a linear layer's name or a dotted suffix of it (peft's rule)
+        linear = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(f"train.lora.targets={list(spec.targets)}: {unknown} name no linear layer of the model "
-                         f"(linear layers: {linear})")
+                         f"(linear layer names: {linear}; a dotted suffix such as linears.0 also works)")
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.targets),
                      bias="none")
     inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
