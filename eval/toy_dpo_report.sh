@@ -19,19 +19,8 @@ SEED=${SEED:-1}
 VARIANTS=${VARIANTS:-1}
 DIMS=${DIMS:-0}
 SWEEP=${SWEEP:-0}
-BIN=${BIN:-$(dirname "$(command -v levo-train)")}
-mkdir -p "$OUT"
-train() {  # train RUN_NAME overrides...: skipped when OUT/RUN_NAME already holds its export; a run
-  local run=$1; shift  # interrupted mid-way continues from its checkpoints (resume=true)
-  [ -f "$OUT/$run/export/model.pt" ] && return 0
-  local t0=$SECONDS
-  "$BIN/levo-train" run_dir="$OUT/$run" resume=true "$@"
-  printf '%s\t%s s\t%s\n' "$run" "$((SECONDS - t0))" "$*" >> "$OUT/timings.tsv"
-}
-if [ -z "$SFT" ]; then
-  train sft recipe=sft
-  SFT="$OUT/sft/export"
-fi
+# shellcheck source=eval/report_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/report_lib.sh"  # BIN, OUT/sft when SFT is empty, train RUN overrides...
 train dpo recipe=dpo model.init="$SFT" "${@:3}"
 CKPTS=("$OUT/dpo/export")
 if [ "$VARIANTS" = 1 ]; then

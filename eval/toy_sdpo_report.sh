@@ -18,19 +18,8 @@ OUT=${1:?usage: bash eval/toy_sdpo_report.sh OUT [SFT_EXPORT]}
 SFT=${2:-}
 N=${N:-512}
 SEED=${SEED:-1}
-BIN=${BIN:-$(dirname "$(command -v levo-train)")}
-mkdir -p "$OUT"
-train() {  # train RUN_NAME overrides...: skipped when OUT/RUN_NAME already holds its export
-  local run=$1; shift
-  [ -f "$OUT/$run/export/model.pt" ] || [ -f "$OUT/$run/export/reward.pt" ] && return 0
-  local t0=$SECONDS
-  "$BIN/levo-train" run_dir="$OUT/$run" resume=true "$@"
-  printf '%s\t%s s\t%s\n' "$run" "$((SECONDS - t0))" "$*" >> "$OUT/timings.tsv"
-}
-if [ -z "$SFT" ]; then
-  train sft recipe=sft
-  SFT="$OUT/sft/export"
-fi
+# shellcheck source=eval/report_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/report_lib.sh"  # BIN, OUT/sft when SFT is empty, train RUN overrides...
 train rm recipe=reward model.init="$SFT"
 [ -s "$OUT/rm_eval.json" ] || "$BIN/levo-eval" reward --rm "$OUT/rm/export" --policy "$SFT" --n "$N" --seed "$SEED" \
   | tail -n 1 > "$OUT/rm_eval.json"
