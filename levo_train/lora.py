@@ -118,8 +118,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         out[k.replace(".base_layer.", ".")] = v
+    from levo_train.parallel import plain_name
+
     for name, layer in _tuner_layers(model):
-        key = f"{name}.weight"
+        key = f"{plain_name(name)}.weight"
         with torch.no_grad():
             delta = layer.get_delta_weight(ADAPTER_NAME)
         out[key] = (out[key].float() + delta.float()).to(out[key].dtype)

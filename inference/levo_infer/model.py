@@ -182,17 +182,13 @@ class CausalLM(nn.Module):
         self.model = LlamaStack(vocab, dim, hidden, heads, layers, eps)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.theta, self.head_dim = theta, dim // heads
-        self.checkpoint_layers = False  # activation checkpointing, set from outside (training)
         self.use_flash = False
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            if self.checkpoint_layers and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, self.use_flash, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, i, self.use_flash)
+            x = layer(x, cos, sin, cache, i, self.use_flash)
         if cache is not None:
             cache.length += x.shape[1]
         return self.model.norm(x)
@@ -347,9 +343,6 @@ class LeLM(nn.Module):
     def set_flash_attention(self, enabled: bool) -> None:
         """Use flash-attn 2 when installed and running on GPU in half precision."""
         self.transformer.use_flash = self.transformer2.use_flash = bool(enabled)
-
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.transformer.checkpoint_layers = self.transformer2.checkpoint_layers = bool(enabled)
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh initialisation for pretraining from scratch (normal, depth-scaled outputs)."""

@@ -72,7 +72,7 @@ class LeLMTrainModule(L.LightningModule):
         self.model = LeLM(model_config)
         if init_weights:
             self.model.init_weights()
-        self.model.set_activation_checkpointing(activation_checkpointing)
+        self.activation_checkpointing = bool(activation_checkpointing)  # applied in configure_model
         K = model_config.lm.code_depth
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
@@ -92,6 +92,13 @@ class LeLMTrainModule(L.LightningModule):
         self.samples_seen = 0  # global stream position of the training data (for exact resume)
 
     # -- setup ------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Execution options applied to the policy from outside the model (:mod:`levo_train.parallel`):
+        activation checkpointing per decoder layer. Idempotent (Lightning calls it for fit and validate)."""
+        from levo_train.parallel import parallelize
+
+        parallelize(self.model, activation_checkpointing=self.activation_checkpointing)
+
     def _apply_freeze(self) -> None:
         """Modular extension: parameters whose name starts with a listed prefix stay fixed
         (e.g. ``transformer.`` trains the sub-stack with the main stack frozen)."""
