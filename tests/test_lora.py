@@ -109,3 +109,38 @@ def test_lora_refused_where_it_does_not_apply(tmp_path, toy_cache_dir, toy_sft_e
     assert "does not train with LoRA" in capsys.readouterr().err
     assert main(sft_args(toy_cache_dir, tmp_path / "s", toy_sft_export, "train.lora.targets=[qkv]")) == 2
     assert "name no linear layer" in capsys.readouterr().err
+
+
+def test_reference_kinds(tiny_model):
+    """make_reference: a frozen copy for full fine-tuning, the adapters-off policy with LoRA (its
+    log-probs equal the frozen copy's of the same init), precomputed from the batch."""
+    from levo_train.train.dpo import DPOModule
+    from levo_train.train.reference import AdaptersOff, FrozenCopy, Precomputed
+
+    full = DPOModule(tiny_model.cfg, reference="model", init_weights=False)
+    full.model.load_state_dict(tiny_model.state_dict())
+    full.freeze_reference()
+    assert isinstance(full.ref_impl, FrozenCopy) and full.ref is not None
+    lora = DPOModule(tiny_model.cfg, reference="model", init_weights=False)
+    lora.model.load_state_dict(tiny_model.state_dict())
+    apply_lora(lora.model, LoraSpec(r=2))
+    lora.freeze_reference()
+    assert isinstance(lora.ref_impl, AdaptersOff) and lora.ref is None
+    _nudge_adapters(lora.model)
+    g = torch.Generator().manual_seed(0)
+    batch = {"chosen": torch.randint(0, 16, (2, 3, 6), generator=g), "rejected": torch.randint(0, 16, (2, 3, 5), generator=g),
+             "chosen_lengths": torch.tensor([6, 4]), "rejected_lengths": torch.tensor([5, 5]),
+             "lyrics": ["la da", "love"], "styles": ["rock", None], "prompts": None}
+    from levo_train.train.dpo import pair_conditions
+
+    ref_full = full.reference_logps(batch, pair_conditions(full.model, batch))
+    ref_lora = lora.reference_logps(batch, pair_conditions(lora.model, batch))
+    assert torch.allclose(ref_full, ref_lora, atol=1e-5)
+    pol = lora.pair_logps(lora.model, batch, pair_conditions(lora.model, batch))[0]
+    assert not torch.allclose(pol, ref_lora, atol=1e-3)  # the adapters are on for the policy
+    pre = DPOModule(tiny_model.cfg, reference="precomputed", init_weights=False)
+    pre.freeze_reference()
+    assert isinstance(pre.ref_impl, Precomputed)
+    got = pre.reference_logps({**batch, "ref_chosen_logps": torch.tensor([1.0, 2.0]),
+                               "ref_rejected_logps": torch.tensor([3.0, 4.0])}, None)
+    assert got.tolist() == [1.0, 2.0, 3.0, 4.0]

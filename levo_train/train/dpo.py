@@ -9,7 +9,6 @@ policy and reference: both must see identical conditions.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from levo_infer.model import Conditions, LeLM
 from .base import LeLMTrainModule
 from .dpo_loss import combined_dpo_loss
 from .logps import sequence_logps
+from .reference import Reference, make_reference
 
 
 def cat_pairs(chosen: torch.Tensor, rejected: torch.Tensor, pad: int) -> torch.Tensor:
@@ -84,23 +84,14 @@ class DPOModule(LeLMTrainModule):
         self.loss_weights = list(loss_weights) if loss_weights is not None else None
         check_loss_config(self.loss_type, self.loss_weights, self.beta, self.label_smoothing)
         self.reference = reference
-        self.ref: LeLM | None = None
+        self.ref: LeLM | None = None  # the frozen copy, when the reference is one
+        self.ref_impl: Reference | None = None
         self.val_metrics = torch.nn.ModuleDict({k.replace("/", "_"): MeanMetric() for k in self.METRICS})
 
     def freeze_reference(self) -> None:
-        """Snapshot the current policy as the frozen reference (call after loading the init). With
-        LoRA adapters on the policy, the reference is the same model with its adapters switched
-        off (exactly the init, no second copy)."""
-        from levo_train.lora import has_lora
-
-        if self.reference != "model":
-            return
-        if has_lora(self.model):
-            self.ref = None
-            return
-        self.ref = copy.deepcopy(self.model).eval()
-        for p in self.ref.parameters():
-            p.requires_grad_(False)
+        """Make the reference (call after loading the init, and after LoRA adapters if any):
+        :func:`levo_train.train.reference.make_reference`."""
+        self.ref_impl = make_reference(self.reference, self)
 
     def state_dict(self, *args: Any, **kw: Any) -> dict[str, Any]:  # type: ignore[override]
         """The reference is kept out of checkpoints (it is rebuilt from the init on resume)."""
@@ -126,14 +117,8 @@ class DPOModule(LeLMTrainModule):
         cond2 = pair_conditions(self.model, batch)
         logps, counts = self.pair_logps(self.model, batch, cond2)
         pc, pr = logps[:B], logps[B:]
-        if self.reference == "precomputed":
-            if "ref_chosen_logps" not in batch:
-                raise ValueError("reference=precomputed but the pair batch has no reference log-probs: "
-                                 "run `levo-data ref-logps` on the pairs first, or use reference=model")
-            rc, rr = batch["ref_chosen_logps"].to(pc), batch["ref_rejected_logps"].to(pc)
-        else:
-            rlogps = self.reference_logps(batch, cond2)
-            rc, rr = rlogps[:B], rlogps[B:]
+        rlogps = self.reference_logps(batch, cond2).to(pc)
+        rc, rr = rlogps[:B], rlogps[B:]
         out = combined_dpo_loss(pc, pr, rc, rr, loss_type=self.loss_type, loss_weights=self.loss_weights,
                                 beta=self.beta, label_smoothing=self.label_smoothing,
                                 chosen_token_counts=counts[:B], rejected_token_counts=counts[B:])
@@ -148,16 +133,12 @@ class DPOModule(LeLMTrainModule):
         return out.loss, m
 
     def reference_logps(self, batch: dict[str, Any], cond2: Conditions) -> torch.Tensor:
-        """Reference log-probs [2B] of a pair batch: the frozen copy, or the policy without its adapters."""
-        from levo_train.lora import adapters_disabled, has_lora
-
-        with torch.no_grad():
-            if self.ref is not None:
-                return self.pair_logps(self.ref, batch, cond2)[0]
-            if has_lora(self.model):
-                with adapters_disabled(self.model):
-                    return self.pair_logps(self.model, batch, cond2)[0]
-        raise RuntimeError("no reference model: call freeze_reference() after loading the init weights")
+        """Reference log-probs [2B] of a pair batch (chosen first), from this run's :class:`Reference`."""
+        if self.ref_impl is None:
+            if self.reference != "precomputed":
+                raise RuntimeError("no reference model: call freeze_reference() after loading the init weights")
+            self.ref_impl = make_reference("precomputed", self)
+        return self.ref_impl.logps(self, batch, cond2)
 
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -302,7 +302,7 @@ class SemiOnlineDPOModule(DPOModule):
         step = int(self.global_step)
         if self.ref_sync_every > 0 and self.ref is not None and step > 0 and step % self.ref_sync_every == 0 \
                 and self.ref_synced_at != step:
-            self.ref.load_state_dict(self.model.state_dict())
+            self.ref_impl.sync(self)  # type: ignore[union-attr]
             self.ref_synced_at = step
 
     def on_train_start(self) -> None:
