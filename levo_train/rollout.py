@@ -19,7 +19,6 @@ their candidates, so best-vs-worst selection needs no communication).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -114,6 +113,16 @@ def _prompt_tensor(prompts: Sequence[Prompt]) -> Any:
     return torch.as_tensor(np.stack([p.prompt for p in prompts]), dtype=torch.long)  # type: ignore[misc]
 
 
+def score_candidates(cands: Sequence[Candidate], scorer: Scorer) -> None:
+    """Score candidates in place: ``cand.scores`` and ``cand.song.meta["scores"]`` get ``scorer``'s
+    dict for the song (checked: one per song, each with the overall key)."""
+    scores = scorer.score([c.song for c in cands]) if cands else []
+    check_scores(scorer, scores, len(cands))
+    for c, sc in zip(cands, scores):
+        c.scores = dict(sc)
+        c.song.meta["scores"] = dict(sc)
+
+
 def sample_and_score(
     model: Any,
     prompts: Sequence[Prompt],
@@ -134,7 +143,8 @@ def sample_and_score(
     zero frames are kept (scorers judge them; callers may drop them). ``progress(done, total)`` is
     called after every generation batch. ``prompt_indices``: sample only these prompts (instead of
     ``shard``'s), e.g. one resumable chunk of a large run; seeds and keys still use each prompt's
-    index in ``prompts``, so a song does not depend on the chunking.
+    index in ``prompts``, so a song does not depend on the chunking. Prompts with audio prompts of
+    different lengths (or none) are generated in separate batches (a batch holds one kind).
     """
     from levo_infer.generate import generate
 
@@ -142,13 +152,19 @@ def sample_and_score(
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     mine = range(rank, len(prompts), world) if prompt_indices is None else prompt_indices
-    jobs = [(int(i), j) for i in mine for j in range(per_prompt)]
+    kinds: dict[Any, list[int]] = {}  # one generation batch holds one kind of audio prompt
+    for i in mine:
+        p = prompts[int(i)].prompt
+        kinds.setdefault(None if p is None else tuple(p.shape), []).append(int(i))
+    batches = [jobs[k:k + sampling.batch_size]
+               for jobs in ([(i, j) for i in idx for j in range(per_prompt)] for idx in kinds.values())
+               for k in range(0, len(jobs), sampling.batch_size)]
+    total, done = sum(len(b) for b in batches), 0
     out: list[Candidate] = []
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
-        for start in range(0, len(jobs), sampling.batch_size):
-            chunk = jobs[start:start + sampling.batch_size]
+        for chunk in batches:
             ps = [prompts[i] for i, _ in chunk]
             seeds = [song_seed(seed, i, j, per_prompt) for i, j in chunk]
             g = generate(model, [p.lyric for p in ps], [p.style for p in ps], _prompt_tensor(ps), seed=seeds,
@@ -157,16 +173,16 @@ def sample_and_score(
             songs = [Song(f"{key_prefix}{i:07d}-{j}", np.ascontiguousarray(codes[b, :, :lengths[b]], dtype=np.int64),
                           p.lyric, p.style or "", p.prompt, {})
                      for b, ((i, j), p) in enumerate(zip(chunk, ps))]
-            scores = scorer.score(songs) if scorer is not None else [{} for _ in songs]
+            cands = [Candidate(i, j, sd, song) for (i, j), sd, song in zip(chunk, seeds, songs)]
             if scorer is not None:
-                check_scores(scorer, scores, len(songs))
-            for (i, j), sd, song, sc in zip(chunk, seeds, songs, scores):
-                song.meta["scores"] = dict(sc)
-                out.append(Candidate(i, j, sd, song, dict(sc)))
+                score_candidates(cands, scorer)
+            out += cands
+            done += len(chunk)
             if progress is not None:
-                progress(min(start + len(chunk), len(jobs)), len(jobs))
+                progress(done, total)
     finally:
         model.train(was_training)
+    out.sort(key=lambda c: (c.prompt_index, c.sample_index))
     return out
 
 
@@ -191,17 +207,5 @@ def best_vs_worst(cands: Sequence[Candidate], key: str, min_margin: float) -> tu
     return best, worst
 
 
-class Timer:
-    """Wall time of a block: ``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self) -> Timer:
-        self.t0 = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds = time.perf_counter() - self.t0
-
-
-__all__ = ["SEED_STRIDE", "Candidate", "Prompt", "Sampling", "Scorer", "Timer", "best_vs_worst", "check_scores",
-           "group_by_prompt", "sample_and_score", "song_seed"]
+__all__ = ["SEED_STRIDE", "Candidate", "Prompt", "Sampling", "Scorer", "best_vs_worst", "check_scores",
+           "group_by_prompt", "sample_and_score", "score_candidates", "song_seed"]

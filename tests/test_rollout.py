@@ -116,3 +116,20 @@ def test_toy_pairs_ranked_by_another_scorer(tmp_path, monkeypatch, toy_sft_expor
     assert toy_pairs_name(spec, 0, "fp") != toy_pairs_name(default, 0, "fp")
     with pytest.raises(ValueError, match="needs source=model"):
         ToyPairSpec(source="world", scorer="rm:x")
+
+
+def test_sample_and_score_batches_each_kind_of_audio_prompt_apart(tiny_model):
+    """Prompts with and without an audio prompt in one call: generated in separate batches (one kind
+    each), returned in prompt order, each song as if its kind had been sampled alone."""
+    rng = np.random.default_rng(0)
+    base = _prompts(4)
+    mixed = [Prompt(p.lyric, p.style, rng.integers(0, 16, (3, 2)) if i % 2 else None) for i, p in enumerate(base)]
+    scorer, sampling = ToyOracleScorer(0), Sampling(max_frames=8, batch_size=128)
+    got = sample_and_score(tiny_model, mixed, scorer, sampling, per_prompt=2, seed=5)
+    assert [(c.prompt_index, c.sample_index) for c in got] == [(i, j) for i in range(4) for j in range(2)]
+    for kind in (0, 1):
+        alone = sample_and_score(tiny_model, mixed, scorer, sampling, per_prompt=2, seed=5,
+                                 prompt_indices=[i for i in range(4) if i % 2 == kind])
+        for c in alone:
+            twin = got[2 * c.prompt_index + c.sample_index]
+            assert np.array_equal(twin.song.tokens, c.song.tokens) and twin.scores == c.scores

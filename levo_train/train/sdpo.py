@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from levo_infer.config import ModelConfig
-from levo_train.data.datamodule import collate_songs
-from levo_train.data.shards import Song
+from levo_train.data.pairs import Pair, collate_pairs
 from levo_train.rollout import (
     Candidate,
     Prompt,
@@ -49,6 +48,7 @@ from levo_train.rollout import (
     best_vs_worst,
     group_by_prompt,
     sample_and_score,
+    score_candidates,
 )
 
 from .dpo import DPOModule
@@ -62,17 +62,14 @@ PLOT_NAME = "rounds.png"
 def check_sdpo_settings(*, sync_every: int, per_prompt: int, prompts_per_round: int, buffer_rounds: int,
                         ref_sync_every: int, min_margin: float) -> None:
     """Raise ``ValueError`` naming the ``sdpo.*`` setting that cannot work."""
-    checks = [("sync_every", sync_every >= 1, "an optimizer-step interval >= 1"),
-              ("per_prompt", per_prompt >= 2, ">= 2 (best vs worst needs two candidates per prompt)"),
-              ("prompts_per_round", prompts_per_round >= 1, ">= 1"),
-              ("buffer_rounds", buffer_rounds >= 1, ">= 1"),
-              ("ref_sync_every", ref_sync_every >= 0, ">= 0 (0: the reference stays model.init)"),
-              ("min_margin", min_margin >= 0, ">= 0")]
-    for name, ok, want in checks:
+    checks = [("sync_every", sync_every, sync_every >= 1, "an optimizer-step interval >= 1"),
+              ("per_prompt", per_prompt, per_prompt >= 2, ">= 2 (best vs worst needs two candidates per prompt)"),
+              ("prompts_per_round", prompts_per_round, prompts_per_round >= 1, ">= 1"),
+              ("buffer_rounds", buffer_rounds, buffer_rounds >= 1, ">= 1"),
+              ("ref_sync_every", ref_sync_every, ref_sync_every >= 0, ">= 0 (0: the reference stays model.init)"),
+              ("min_margin", min_margin, min_margin >= 0, ">= 0")]
+    for name, value, ok, want in checks:
         if not ok:
-            value = {"sync_every": sync_every, "per_prompt": per_prompt, "prompts_per_round": prompts_per_round,
-                     "buffer_rounds": buffer_rounds, "ref_sync_every": ref_sync_every,
-                     "min_margin": min_margin}[name]
             raise ValueError(f"sdpo.{name}={value}: expected {want}")
 
 
@@ -92,14 +89,10 @@ def _pair_record(best: Candidate, worst: Candidate, key: str, oracle: str | None
 
 
 def collate_buffer(records: Sequence[dict[str, Any]], code_size: int) -> dict[str, Any]:
-    """Buffer entries -> the pair batch of :class:`~levo_train.data.pairs.PairDataModule`."""
-    def songs(side: str) -> list[Song]:
-        return [Song(f"b{i}", r[side].numpy(), r["lyric"], r["style"],
-                     None if r["prompt"] is None else r["prompt"].numpy(), {}) for i, r in enumerate(records)]
-
-    c, r = collate_songs(songs("chosen"), code_size), collate_songs(songs("rejected"), code_size)
-    return {"chosen": c["codes"], "chosen_lengths": c["lengths"], "rejected": r["codes"],
-            "rejected_lengths": r["lengths"], "lyrics": c["lyrics"], "styles": c["styles"], "prompts": c["prompts"]}
+    """Buffer entries -> the pair batch of :class:`~levo_train.data.pairs.PairDataModule` (its collate)."""
+    return collate_pairs([Pair(f"b{i}", r["chosen"].numpy(), r["rejected"].numpy(), r["lyric"], r["style"],
+                               None if r["prompt"] is None else r["prompt"].numpy()) for i, r in enumerate(records)],
+                         code_size)
 
 
 class SemiOnlineDPOModule(DPOModule):
@@ -216,18 +209,13 @@ class SemiOnlineDPOModule(DPOModule):
         if self.scorer_follows_policy and hasattr(self.scorer, "to"):
             self.scorer.to(self.device)  # a reward model runs where the policy runs (reward.device unset)
         t0 = time.perf_counter()
-        songs = [c.song for c in cands]
-        scores = self.scorer.score(songs) if songs else []
-        for c, sc in zip(cands, scores):
-            c.scores = dict(sc)
-            c.song.meta["scores"] = dict(sc)
+        score_candidates(cands, self.scorer)
         t_score = time.perf_counter() - t0
-        if self.oracle is not None and songs:  # the same Song objects the scorer just judged
-            for c, oc in zip(cands, self.oracle.score(songs)):
+        if self.oracle is not None and cands:  # the same Song objects the scorer just judged
+            for c, oc in zip(cands, self.oracle.score([c.song for c in cands])):
                 c.song.meta["oracle"] = dict(oc)
-        gathered = [c for part in self._gather(cands) for c in part]
-        gathered.sort(key=lambda c: (c.prompt_index, c.sample_index))
-        times = self._gather((t_gen, t_score))
+        parts = self._gather((cands, t_gen, t_score))  # one collective: every rank's candidates and times
+        gathered = sorted((c for part, _, _ in parts for c in part), key=lambda c: (c.prompt_index, c.sample_index))
         okey = self.oracle.overall if self.oracle is not None else None
         pairs = []
         for _, group in sorted(group_by_prompt(gathered).items()):
@@ -243,7 +231,7 @@ class SemiOnlineDPOModule(DPOModule):
         st: dict[str, Any] = {
             "round": r, "step": int(self.global_step) if self._trainer is not None else 0,
             "candidates": len(gathered), "pairs": len(pairs), "buffer_pairs": sum(len(b) for b in self.buffer),
-            "gen_seconds": max(t for t, _ in times), "score_seconds": max(t for _, t in times),
+            "gen_seconds": max(p[1] for p in parts), "score_seconds": max(p[2] for p in parts),
             "score_mean": float(np.mean([c.scores[self.score_key] for c in gathered])) if gathered else float("nan"),
             "frames_mean": float(np.mean([c.frames for c in gathered])) if gathered else float("nan"),
             "pair_margin": float(np.mean([p["margin"] for p in pairs])) if pairs else float("nan"),
