@@ -16,7 +16,6 @@ loaded, and freezes every other parameter. The model file knows nothing of it:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,6 +142,8 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike, spec: LoraSpec, *
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from levo_train.data.shards import write_json_atomic
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
@@ -151,9 +152,7 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike, spec: LoraSpec, *
     os.replace(tmp, folder / "adapter_model.safetensors")
     info = {"peft_type": "LORA", **spec.identity(), "target_modules": list(spec.targets), "lora_alpha": spec.alpha,
             "base_model_fingerprint": base_fingerprint, "base_layout": "levo-train LeLM (released audiolm keys)"}
-    tmp_json = folder / ".adapter_config.json.tmp"
-    tmp_json.write_text(json.dumps(info, indent=1))
-    os.replace(tmp_json, folder / "adapter_config.json")
+    write_json_atomic(folder / "adapter_config.json", info)
     return folder
 
 

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from levo_train.data.shards import write_json_atomic as _write_json
 from levo_train.prompts import read_prompts
 
 from .prefs import guarded
@@ -55,14 +56,12 @@ DONE_NAME = "done.json"
 SCORE_NAME = "score.json"
 
 
-# ----------------------------------------------------------------------------- small helpers
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write json via a per-process temp file and rename (safe with several ranks writing)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """The pipeline's json files (settings, progress, index, done), keys sorted, written atomically."""
+    _write_json(path, obj, sort_keys=True)
 
 
+# ----------------------------------------------------------------------------- small helpers
 def rank_world() -> tuple[int, int]:
     """This process's (rank, world size): torchrun's RANK/WORLD_SIZE, else srun's
     SLURM_PROCID/SLURM_NTASKS, else (0, 1)."""
@@ -243,19 +242,10 @@ def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | o
         idx = pending[start:start + chunk_prompts]
         name = f"rank{rank:03d}-{number:05d}.tar"
         t0 = time.perf_counter()
-        cands = []
-        # one call per kind of audio prompt (a generation batch cannot mix them); seeds stay global
-        groups: dict[Any, list[int]] = {}
-        for i in idx:
-            p = prompts[i].prompt
-            groups.setdefault(None if p is None else tuple(p.shape), []).append(i)
-        for group in groups.values():
-            cands += sample_and_score(model, prompts, None, sampling, per_prompt=per_prompt, seed=seed,
-                                      prompt_indices=group)
+        cands = sample_and_score(model, prompts, None, sampling, per_prompt=per_prompt, seed=seed, prompt_indices=idx)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        cands.sort(key=lambda c: (c.prompt_index, c.sample_index))
         tmp_dir = out / f".tmp-{name[:-4]}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         kept = [c for c in cands if c.frames >= 1]

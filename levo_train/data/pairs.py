@@ -41,12 +41,12 @@ from levo_train.data.shards import (
     _check_key,
     _check_lyric,
     _check_meta,
-    _write_json_atomic,
     decode_codes,
     decode_prompt,
     decode_texts_and_meta,
     read_index,
     require_members,
+    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class PairWriter(ShardWriter):
         index = super().close()
         if index.get("format") != PAIR_FORMAT:
             index["format"] = PAIR_FORMAT
-            _write_json_atomic(self.out_dir / INDEX_NAME, index)
+            write_json_atomic(self.out_dir / INDEX_NAME, index)
         return index
 
 
@@ -377,7 +377,7 @@ def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[
     """Write ``ref_logps.json`` (atomically): ``{key: (chosen, rejected, pair digest)}`` under the
     model ``fingerprint`` and the stream weights they were summed with."""
     p = Path(pairs_dir) / REF_LOGPS_NAME
-    _write_json_atomic(p, {"format": REF_LOGPS_FORMAT, "model": fingerprint, "stream_weights": list(stream_weights),
+    write_json_atomic(p, {"format": REF_LOGPS_FORMAT, "model": fingerprint, "stream_weights": list(stream_weights),
                            "logps": {k: [float(c), float(r), str(d)] for k, (c, r, d) in sorted(logps.items())}})
     return p
 

@@ -227,9 +227,12 @@ def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = N
 
 
 # ---------------------------------------------------------------------------- writing
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+    """``obj`` as json at ``path``, all or nothing: written to a per-process temp file beside it, then
+    renamed (so several ranks may write the same file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=sort_keys))
     os.replace(tmp, path)
 
 
@@ -399,7 +402,7 @@ class ShardWriter:
             "records": sum(int(s["records"]) for s in shards),
             "shards": shards,
         }
-        _write_json_atomic(self.out_dir / INDEX_NAME, index)
+        write_json_atomic(self.out_dir / INDEX_NAME, index)
         return index
 
     def abort(self) -> None:

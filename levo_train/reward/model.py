@@ -178,6 +178,7 @@ def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[
     fields to ``reward.json`` (e.g. ``source``)."""
     from levo_infer.checkpoint import atomic_torch_save
     from levo_infer.config import save_config
+    from levo_train.data.shards import write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,9 +190,7 @@ def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[
             "pooling": model.pooling, "policy_code_size": model.config.lm.code_size,
             "layers": model.config.lm.num_layers, "layers_sub": model.config.lm.num_layers_sub,
             "targets": "raw", **info}
-    tmp = folder / f".{INFO_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / INFO_FILE)
+    write_json_atomic(folder / INFO_FILE, meta)
     return folder
 
 
