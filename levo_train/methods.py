@@ -97,10 +97,15 @@ def stream_weights(cfg: DictConfig) -> list[float] | None:
 
 
 # ----------------------------------------------------------------------------- lm (pretrain / SFT)
+def given_songs(cfg: DictConfig) -> DataSpec:
+    """(train, val, False): the song shards named by ``data.train`` / ``data.val``."""
+    return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
+
+
 def resolve_songs(cfg: DictConfig, init_fp: str | None = None) -> DataSpec:
     """(train, val, is_toy): song shard locations, building the toy world when none are given."""
     if cfg.data.train is not None:
-        return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
+        return given_songs(cfg)
     from levo_train.toy.world import ensure_toy_dataset
 
     t = cfg.data.toy
@@ -126,15 +131,19 @@ register(Method("lm", build_module=_lm_module, resolve_data=resolve_songs, build
 
 
 # ----------------------------------------------------------------------------- dpo (offline)
+def dpo_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The DPO loss and reference settings (``dpo.*``) as :class:`~levo_train.train.dpo.DPOModule` keywords."""
+    d = cfg.dpo
+    return {"beta": float(d.beta), "loss_type": d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type),
+            "loss_weights": list(d.loss_weights) if d.loss_weights is not None else None,
+            "label_smoothing": float(d.label_smoothing), "reference": str(d.reference)}
+
+
 def _dpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp: str | None) -> Any:
     from levo_train.train.dpo import DPOModule
 
-    d = cfg.dpo
-    lt = d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type)
     try:
-        return DPOModule(model_config, beta=float(d.beta), loss_type=lt,
-                         loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
-                         label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
+        return DPOModule(model_config, **dpo_kwargs(cfg), **kw)
     except ValueError as e:  # unknown loss_type / reference, bad beta or weights
         raise UsageError(f"dpo: {e}") from e
 
@@ -281,7 +290,7 @@ def _reward_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_
 
     r = cfg.reward
     try:
-        return RewardModule(model_config, dimensions=reward_dimensions(cfg), pooling=str(r.pooling),
+        return RewardModule(model_config, dimensions=tuple(r.dimensions), pooling=str(r.pooling),
                             layers=None if r.layers is None else int(r.layers),
                             layers_sub=None if r.layers_sub is None else int(r.layers_sub), loss=str(r.loss),
                             rank_loss=str(r.rank_loss), rank_weight=float(r.rank_weight),
@@ -300,18 +309,17 @@ def _truncate_trunk(module: Any, cfg: DictConfig) -> None:
 def resolve_reward_data(cfg: DictConfig, init_fp: str | None = None) -> DataSpec:
     """(train, val, is_toy): scored song shards, preference-pair shards (``data.pairs``: Bradley-Terry),
     or the toy reward data built from ``model.init``."""
+    if cfg.data.get("pairs") and cfg.data.train is not None:
+        raise UsageError("recipe=reward trains on scored songs (data.train) or on preference pairs (data.pairs), "
+                         "not both in one run: train on one, then continue from its export with the other")
+    # resolved (and checked against the data) once; the module and the datamodule read it from here
+    cfg.reward.dimensions = list(reward_dimensions(cfg))
     if cfg.data.get("pairs"):
-        if cfg.data.train is not None:
-            raise UsageError("recipe=reward trains on scored songs (data.train) or on preference pairs (data.pairs), "
-                             "not both in one run: train on one, then continue from its export with the other")
-        reward_dimensions(cfg)
         return resolve_pairs(cfg, init_fp)
     if cfg.data.train is not None:
-        reward_dimensions(cfg)  # the requested dimensions must be in the data
-        return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
+        return given_songs(cfg)
     from levo_train.reward.data import ToyRewardSpec, ensure_toy_reward_data
 
-    reward_dimensions(cfg)
     tr = OmegaConf.to_container(cfg.data.toy_reward, resolve=True)
     try:
         spec = ToyRewardSpec(**tr)  # type: ignore[arg-type]
@@ -337,7 +345,8 @@ def reward_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, ini
         return PairDataModule(**common)
     from levo_train.reward.data import RewardDataModule
 
-    return RewardDataModule(**common, dimensions=reward_dimensions(cfg), max_frames=cfg.data.max_frames, crop="start")
+    return RewardDataModule(**common, dimensions=tuple(cfg.reward.dimensions), max_frames=cfg.data.max_frames,
+                            crop="start")
 
 
 def export_reward(module: Any, folder: Path, dtype: Any = None) -> None:
@@ -421,7 +430,9 @@ def sdpo_scorers(cfg: DictConfig, model_config: Any) -> tuple[Any, Any]:
         key = str(r.key)
         if key != scorer.overall and key not in scorer.dimensions:
             raise UsageError(f"reward.key={key}: {scorer.name} scores {[scorer.overall, *scorer.dimensions]}")
-        scorer = _KeyedScorer(scorer, key)
+        from levo_train.scorers import WeightedScorer
+
+        scorer = WeightedScorer({key: 1.0}, scorer=scorer, name=f"{scorer.name}[{key}]")
     oracle = None
     toy = not cfg.sdpo.get("prompts")
     if str(cfg.sdpo.get("oracle", "auto")) == "auto" and toy:
@@ -431,28 +442,16 @@ def sdpo_scorers(cfg: DictConfig, model_config: Any) -> tuple[Any, Any]:
     return scorer, oracle
 
 
-class _KeyedScorer:
-    """A scorer ranked by one of its dimensions (``reward.key``) instead of its overall score."""
-
-    def __init__(self, inner: Any, key: str) -> None:
-        self.inner, self.overall, self.dimensions = inner, key, tuple(inner.dimensions)
-        self.name = f"{inner.name}[{key}]"
-
-    def score(self, songs: Any) -> list[dict[str, float]]:
-        return self.inner.score(songs)
-
-
 def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp: str | None) -> Any:
     from levo_train.cli import resolve_run_dir
     from levo_train.rollout import Sampling
     from levo_train.train.sdpo import SemiOnlineDPOModule
 
-    s, d = cfg.sdpo, cfg.dpo
+    s = cfg.sdpo
     scorer, oracle = sdpo_scorers(cfg, model_config)
     sampling = Sampling(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
                         cfg_coef=None if s.cfg_coef is None else float(s.cfg_coef), max_frames=int(s.max_frames),
                         batch_size=int(s.gen_batch_size))
-    lt = d.loss_type if isinstance(d.loss_type, str) else list(d.loss_type)
     try:
         return SemiOnlineDPOModule(
             model_config, prompts=None, scorer=scorer, oracle=oracle, sync_every=int(s.sync_every),
@@ -460,9 +459,7 @@ def _sdpo_module(cfg: DictConfig, model_config: Any, kw: dict[str, Any], init_fp
             buffer_rounds=int(s.buffer_rounds), ref_sync_every=int(s.ref_sync_every), sampling=sampling,
             batch_size=int(cfg.data.batch_size), out_dir=str(resolve_run_dir(cfg) / "sdpo"),
             save_candidates=bool(s.save_candidates), scorer_follows_policy=not cfg.reward.get("device"),
-            beta=float(d.beta), loss_type=lt,
-            loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
-            label_smoothing=float(d.label_smoothing), reference=str(d.reference), **kw)
+            **dpo_kwargs(cfg), **kw)
     except ValueError as e:
         raise UsageError(str(e) if str(e).startswith("sdpo.") else f"sdpo: {e}") from e
 
@@ -494,5 +491,5 @@ register(Method("sdpo", build_module=_sdpo_module, resolve_data=_sdpo_data, buil
                 after_init=_sdpo_after_init, check_resume=check_reference_init))
 
 
-__all__ = ["METHODS", "DataSpec", "Method", "export_policy", "get_method", "pair_datamodule", "register", "resolve_pairs",
-           "resolve_songs", "song_datamodule", "stream_weights"]
+__all__ = ["METHODS", "DataSpec", "Method", "dpo_kwargs", "export_policy", "get_method", "given_songs",
+           "pair_datamodule", "register", "resolve_pairs", "resolve_songs", "song_datamodule", "stream_weights"]
