@@ -46,15 +46,16 @@ def toy_samples(ckpt: str, *, n: int, seed: int, tier: str = "top", world_seed: 
     """Generate and score ``n`` songs for held-out conditions (:func:`levo_train.rollout.sample_and_score`
     with the toy world's hidden scores); one dict per song."""
     from levo_infer.checkpoint import load_model
-    from levo_train.rollout import Prompt, Sampling, sample_and_score
+    from levo_train.rollout import Sampling, sample_and_score
+    from levo_train.toy.pairs import heldout_prompts
     from levo_train.toy.scorer import ToyOracleScorer
-    from levo_train.toy.world import TIER_CHOICES, style_text
+    from levo_train.toy.world import TIER_CHOICES
 
     if tier not in TIER_CHOICES:
         raise SystemExit(f"levo-eval: unknown --tier {tier!r}; choose from {', '.join(TIER_CHOICES)}")
     scorer = ToyOracleScorer(world_seed)
     model = load_model(ckpt, device=device)
-    prompts = [Prompt(c.lyric, style_text(c.style_base, tier)) for c in scorer.world.heldout_conditions(n, seed)]
+    prompts = heldout_prompts(scorer.world, n, seed=seed, tier=tier)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
                         batch_size=batch_size)
     cands = sample_and_score(model, prompts, scorer, sampling, seed=seed)

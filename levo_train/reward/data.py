@@ -175,10 +175,10 @@ def _song_of(key: str, song: Song, scores: dict[str, float], **extra: Any) -> So
 def write_toy_reward_data(out_dir: str | os.PathLike, spec: ToyRewardSpec, *, model: str | os.PathLike,
                           world_seed: int = 0, device: str | None = None) -> dict[str, Any]:
     """Write ``out_dir/train`` and ``out_dir/val`` song shards (see the module docstring)."""
-    from levo_train.rollout import Prompt, Sampling, sample_and_score
-    from levo_train.toy.pairs import load_toy_model, tier_of_prompt, toy_candidates, toy_prompts
+    from levo_train.rollout import Sampling, sample_and_score
+    from levo_train.toy.pairs import heldout_prompts, load_toy_model, toy_candidates, toy_prompts
     from levo_train.toy.scorer import ToyOracleScorer
-    from levo_train.toy.world import ToyWorld, style_text
+    from levo_train.toy.world import ToyWorld
 
     t0 = time.time()
     world = ToyWorld(world_seed)
@@ -201,8 +201,7 @@ def write_toy_reward_data(out_dir: str | os.PathLike, spec: ToyRewardSpec, *, mo
         for s in toy_candidates(world, spec.world_renderings, 1, seed=2 * spec.seed + 12, tier=spec.tier,
                                 key_prefix="w"):
             train.append(_song_of(s.key, s, {**s.meta["scores"], "quality": s.meta["quality"]}, source="toy-world"))
-    conds = world.heldout_conditions(spec.n_val, seed=7919 + spec.seed)
-    vprompts = [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(spec.tier, i))) for i, c in enumerate(conds)]
+    vprompts = heldout_prompts(world, spec.n_val, seed=7919 + spec.seed, tier=spec.tier)
     val: list[Song] = []
     if vprompts:
         for c in sample_and_score(lelm, vprompts, oracle, Sampling(temperature=spec.val_temperature,

@@ -23,10 +23,9 @@ def reward_eval(rm: str | os.PathLike, policy: str | os.PathLike, *, n: int = 51
     sample count and mean hidden quality (the caller pops it before printing the contract JSON)."""
     from levo_train.reward.metrics import ranking_metrics
     from levo_train.reward.model import OVERALL, RewardModelError, RewardScorer
-    from levo_train.rollout import Prompt, Sampling, sample_and_score
-    from levo_train.toy.pairs import load_toy_model, tier_of_prompt
+    from levo_train.rollout import Sampling, sample_and_score
+    from levo_train.toy.pairs import heldout_prompts, load_toy_model
     from levo_train.toy.scorer import ToyOracleScorer
-    from levo_train.toy.world import style_text
 
     if tier not in TIER_MODES:
         raise ValueError(f"--tier {tier!r}: expected one of {TIER_MODES}")
@@ -43,8 +42,7 @@ def reward_eval(rm: str | os.PathLike, policy: str | os.PathLike, *, n: int = 51
         raise RewardModelError(f"{rm} was trained on songs of {scorer.info['policy_code_size']} codes, the policy "
                                f"{policy} has code_size={policy_model.cfg.lm.code_size}")
     tiers = ("top", "none") if tier == "both" else (tier,)
-    conds = oracle.world.heldout_conditions(n, seed)
-    prompts = [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(tiers, i))) for i, c in enumerate(conds)]
+    prompts = heldout_prompts(oracle.world, n, seed=seed, tier=tiers)
     cands = sample_and_score(policy_model, prompts, oracle, Sampling(temperature=temperature, max_frames=max_frames,
                                                                      batch_size=batch_size), seed=seed)
     songs = [c.song for c in cands]

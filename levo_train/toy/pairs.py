@@ -137,6 +137,15 @@ def toy_prompts(world: Any, n_prompts: int, *, seed: int, tier: Any = "top") -> 
     return [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(tier, i))) for i, c in enumerate(conds)]
 
 
+def heldout_prompts(world: Any, n: int, *, seed: int, tier: Any = "top") -> list[Prompt]:
+    """``n`` held-out toy conditions (``world.heldout_conditions(n, seed)``) as rollout prompts, the
+    style tier cycled over ``tier``: what evaluations sample."""
+    from levo_train.toy.world import style_text
+
+    return [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(tier, i)))
+            for i, c in enumerate(world.heldout_conditions(n, seed))]
+
+
 def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int, *, seed: int,
                       tier: Any = "top", temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                       cfg_coef: float | None = None, max_frames: int = 96, batch_size: int = 128,
@@ -296,5 +305,5 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
     return build_once(root, name, "done.json", build, derived_from=toy_pairs_key(spec, world_seed, fp))
 
 
-__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "load_toy_model", "sample_candidates", "split_seeds", "tier_of_prompt",
+__all__ = ["SOURCES", "ToyPairSpec", "ensure_toy_pairs", "heldout_prompts", "load_toy_model", "sample_candidates", "split_seeds", "tier_of_prompt",
            "toy_candidates", "toy_pairs_key", "toy_prompts", "toy_pairs_name", "write_toy_pairs"]
