@@ -38,13 +38,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def clean_stale_temp_files(folder: str | os.PathLike) -> int:
-    """Remove temp files left by a writer that was killed mid-write; returns how many."""
+    """Remove temp files (and sharded-checkpoint temp folders) left by a writer that was killed
+    mid-write; returns how many. A sharded checkpoint set aside while its replacement was renamed
+    in (``.NAME.oldPID``) is put back when the replacement never arrived, removed otherwise."""
+    import re
+
+    from levo_train.strategies import remove_checkpoint_path
+
     n = 0
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.glob(".*.tmp*"):
-            p.unlink(missing_ok=True)
+            remove_checkpoint_path(p)
             n += 1
+        for p in folder.glob(".*.old*"):
+            m = re.match(r"^\.(.+)\.old\d+$", p.name)
+            if m and not (folder / m.group(1)).exists():
+                os.replace(p, folder / m.group(1))
+                log.warning("restored checkpoint %s (its replacement was never completed)", folder / m.group(1))
+            else:
+                remove_checkpoint_path(p)
+                n += 1
     if n:
         log.warning("removed %d incomplete checkpoint temp file(s) in %s", n, folder)
     return n

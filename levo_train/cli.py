@@ -38,6 +38,12 @@ main overrides:
   optim.total_steps=N         LR schedule length (default max_steps; on resume the checkpoint's: going past
                               its end needs optim.total_steps explicitly)
   logger=none                 disable wandb (offline by default; WANDB_MODE=online to sync)
+  strategy=NAME               auto | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3 (configs/strategy/)
+  train.activation_checkpointing=true   recompute each decoder layer in backward
+
+levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=bfloat16]
+               consolidate R's newest complete checkpoint (any strategy: file, FSDP2 or ZeRO folder) into
+               the released-format export (default R/export)
 
 recipe=dpo:    data.pairs=DIR (default: toy pairs sampled from model.init; data.toy_pairs.scorer=rm:DIR ranks
                them by a reward model) dpo.beta=0.5 dpo.loss_type=sigmoid dpo.reference=model|precomputed
@@ -180,41 +186,33 @@ LEVO_KEYS = ("samples_seen", "dropout_gen", "rng", "model_config")
 
 
 def read_checkpoint_state(path: str | os.PathLike) -> ResumePoint:
-    """Read a Lightning checkpoint without running code (``weights_only=True``, memory-mapped)
-    and check it is one of ours; raises ``ValueError`` saying what is wrong."""
-    import pickle
+    """Read a Lightning checkpoint (a file, or a sharded checkpoint folder's metadata) without
+    running code (``weights_only=True``) and check it is one of ours and complete; raises
+    ``ValueError`` saying what is wrong."""
+    from levo_train.export import read_checkpoint
 
-    import torch
-
-    try:
-        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError("it holds objects other than tensors and plain data, and a checkpoint is never allowed "
-                         f"to run code (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, I/O error: all "cannot be loaded"
-        raise ValueError(f"not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         ) from None
-    if not isinstance(ck, dict):
-        raise ValueError(f"not a levo-train checkpoint (a {type(ck).__name__}, expected a Lightning checkpoint dict)")
+    ck = read_checkpoint(path)
     st = ck.get("levo")
     if st is None:
         raise ValueError("no `levo` section: not a levo-train checkpoint, cannot resume exactly")
     if not isinstance(st, dict):
         raise ValueError(f"its `levo` section is a {type(st).__name__}, expected a dict with {', '.join(LEVO_KEYS)}")
     missing = [k for k in LEVO_KEYS if k not in st]
-    if missing or not isinstance(ck.get("global_step"), int) or "state_dict" not in ck:
+    sharded = Path(path).is_dir()  # a folder's weights are in the shards, not in this dict
+    if missing or not isinstance(ck.get("global_step"), int) or ("state_dict" not in ck and not sharded):
         what = f"`levo` lacks {missing}" if missing else "no global_step / state_dict"
         raise ValueError(f"incomplete levo-train checkpoint ({what})")
     return ResumePoint(str(path), int(ck["global_step"]), st)
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
-    """Every checkpoint file of a run folder: ``checkpoints/{last,step*}.ckpt`` and the
-    requeue checkpoints ``hpc_ckpt_N.ckpt`` in the run root (temp files excluded)."""
+    """Every checkpoint of a run folder: ``checkpoints/{last,step*}.ckpt`` and the requeue
+    checkpoints ``hpc_ckpt_N.ckpt`` in the run root (temp files excluded); each a file, or a
+    folder under a sharding strategy."""
     from levo_train.slurm import hpc_checkpoints
 
     ck = run_dir / "checkpoints"
-    last = [ck / "last.ckpt"] if (ck / "last.ckpt").is_file() else []
+    last = [ck / "last.ckpt"] if (ck / "last.ckpt").exists() else []
     return last + sorted(ck.glob("step*.ckpt")) + hpc_checkpoints(run_dir)
 
 
@@ -249,8 +247,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
         return best
     if cfg.ckpt_path:
         p = Path(str(cfg.ckpt_path))
-        if not p.is_file():
-            raise UsageError(f"ckpt_path={p}: no such checkpoint file")
+        if not p.exists():
+            raise UsageError(f"ckpt_path={p}: no such checkpoint file or folder")
         try:
             return read_checkpoint_state(p)
         except ValueError as e:
@@ -392,6 +390,35 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     return module
 
 
+def check_strategy(cfg: DictConfig, method: Any, resume: ResumePoint | None) -> bool:
+    """Refuse, before anything is built, a strategy this run cannot use; True when it shards the model."""
+    from levo_train.lora import lora_spec
+    from levo_train.strategies import is_sharding, strategy_name
+
+    name = strategy_name(cfg.get("strategy"), cfg.trainer.get("strategy", "auto"))
+    sharding = is_sharding(name)
+    if sharding and not method.supports_sharding:
+        raise UsageError(f"strategy={name}: recipe method {method.name} does not train sharded yet; use strategy=ddp")
+    if sharding and lora_spec(cfg).enabled:
+        raise UsageError(f"strategy={name} with train.lora.r={lora_spec(cfg).r}: LoRA trains with strategy=ddp (the "
+                         "frozen base fits each GPU: README \"Memory model\"); drop one of the two")
+    if resume is not None and name == "fsdp2" and Path(resume.path).is_file():
+        # Lightning maps a one-file checkpoint's AdamW state to parameters by position, which our
+        # decay / no-decay parameter groups reorder: refused rather than resumed with mixed-up moments
+        raise UsageError(f"{resume.path} is a one-file checkpoint (strategy=auto/ddp): resume it with strategy=ddp, "
+                         "or start an fsdp2 run from its weights (`levo-train export ckpt=...`, then model.init=EXPORT)")
+    if resume is not None and Path(resume.path).is_dir():
+        from levo_train.export import checkpoint_kind
+
+        kind = checkpoint_kind(resume.path)
+        needs = "fsdp2" if kind == "dcp" else "deepspeed_zero2/deepspeed_zero3"
+        if (kind == "dcp" and name != "fsdp2") or (kind == "zero" and not name.startswith("deepspeed")):
+            raise UsageError(f"{resume.path} is a sharded checkpoint of strategy={needs}, this run uses strategy={name}: "
+                             f"resume with strategy={needs} (any number of ranks), or consolidate it with "
+                             f"`levo-train export run_dir=...` and start from the export (model.init=...)")
+    return sharding
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path):
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -427,10 +454,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from levo_train.strategies import StrategyError, build_strategy, strategy_name
+
+    given = {k: kwargs.get(k) for k in ("accelerator", "devices", "num_nodes") if k in kwargs}
+    given["strategy"] = strategy_name(cfg.get("strategy"), kwargs.get("strategy", "auto"))
     try:
+        kwargs["strategy"] = build_strategy(cfg.get("strategy"), kwargs.get("strategy", "auto"),
+                                            str(kwargs.get("accelerator", "auto")))
+        if not isinstance(kwargs["strategy"], str):  # a sharding strategy writes its own (atomic) checkpoints
+            plugins = [p for p in plugins if not isinstance(p, AtomicCheckpointIO)]
         return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers, plugins=plugins, **kwargs)
+    except StrategyError as e:
+        raise UsageError(str(e)) from None
     except (MisconfigurationException, ValueError, TypeError) as e:
-        given = {k: kwargs.get(k) for k in ("accelerator", "strategy", "devices", "num_nodes") if k in kwargs}
         raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
 
 
@@ -473,6 +509,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(resume, model_config, cfg, init_fp)
         print(f"levo-train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
     schedule = resolve_schedule(cfg, resume)
+    sharding = check_strategy(cfg, method, resume)
     trainer = build_trainer(cfg, run_dir)  # bad trainer settings fail here, before any data is built
     if method.uses_toy(cfg) and model_config.lm.code_size != 64:  # checked before any toy data is built
         raise UsageError(f"the toy world has 64 codes but the model has code_size={model_config.lm.code_size}; "
@@ -496,6 +533,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
                                "val_metrics": {k: _to_float(v) for k, v in trainer.callback_metrics.items()
                                                if k.startswith("val/")}}
+    if sharding:  # the sharded last.ckpt is complete on every rank before rank 0 consolidates it
+        trainer.strategy.barrier("levo-export")
     if trainer.is_global_zero:
         if cfg.export.enabled:
             import torch
@@ -504,7 +543,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
             dtype = getattr(torch, str(cfg.export.dtype)) if cfg.export.dtype else None
             export = run_dir / "export"
-            (method.export or export_policy)(module, export, dtype)
+            if sharding:  # consolidated from the checkpoint just written: `levo-train export` does the same
+                from levo_train.export import export_checkpoint
+
+                export_checkpoint(last, export, dtype)
+            else:
+                (method.export or export_policy)(module, export, dtype)
             summary["export"] = str(export)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nlevo-train {cfg.recipe_name}: done at step {trainer.global_step}")
@@ -523,11 +567,62 @@ def _to_float(x: Any) -> float | None:
         return None
 
 
+def export_command(argv: list[str]) -> int:
+    """``levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=NAME]``: consolidate a run's newest
+    complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
+    import torch
+
+    from levo_train.export import ExportError, export_checkpoint
+
+    args: dict[str, str] = {}
+    for a in argv:
+        k, sep, v = a.partition("=")
+        if not sep or k not in ("run_dir", "ckpt", "out", "dtype"):
+            print(f"levo-train export: error: unexpected argument {a!r}; usage: levo-train export run_dir=R "
+                  "[ckpt=PATH] [out=DIR] [dtype=bfloat16]", file=sys.stderr)
+            return 2
+        args[k] = v
+    if "run_dir" not in args and "ckpt" not in args:
+        print("levo-train export: error: give run_dir=R (its newest complete checkpoint) or ckpt=PATH", file=sys.stderr)
+        return 2
+    try:
+        dtype = getattr(torch, args["dtype"]) if "dtype" in args else None
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise AttributeError
+    except AttributeError:
+        print(f"levo-train export: error: dtype={args['dtype']} is not a torch dtype (e.g. bfloat16)", file=sys.stderr)
+        return 2
+    if "ckpt" in args:
+        ckpt = Path(args["ckpt"])
+    else:
+        run_dir = Path(args["run_dir"])
+        try:
+            rp = find_resume_checkpoint(OmegaConf.create({"resume": True, "ckpt_path": None}), run_dir)
+        except UsageError as e:
+            print(f"levo-train export: error: {e.msg}", file=sys.stderr)
+            return 2
+        if rp is None:
+            print(f"levo-train export: error: {run_dir} holds no checkpoint", file=sys.stderr)
+            return 2
+        ckpt = Path(rp.path)
+    out = Path(args.get("out") or (Path(args["run_dir"]) / "export" if "run_dir" in args else ckpt.parent / "export"))
+    try:
+        export_checkpoint(ckpt, out, dtype)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"levo-train export: error: {ckpt}: {e}", file=sys.stderr)
+        return 2
+    print(f"levo-train export: {ckpt} -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print_help()
         return 0
+    if argv and argv[0] == "export":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return export_command(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     show_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]

@@ -46,6 +46,8 @@ class Method:
     * ``export(module, folder, dtype)``: write ``run_dir/export`` (default: the policy in the released
       folder layout, :func:`export_policy`).
     * ``supports_lora``: whether ``train.lora.r > 0`` may wrap its model (:mod:`levo_train.lora`).
+    * ``supports_sharding``: whether it trains under a sharding strategy (``fsdp2``, DeepSpeed ZeRO);
+      semi-online DPO is not yet (its generation rounds would have to gather the sharded policy).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Method:
     check_resume: Callable[[ResumePoint, DictConfig, str | None], None] | None = None
     export: Callable[[Any, Path, Any], None] | None = None
     supports_lora: bool = True
+    supports_sharding: bool = False
 
 
 def export_policy(module: Any, folder: Path, dtype: Any = None) -> None:
@@ -127,7 +130,7 @@ def song_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_
 
 
 register(Method("lm", build_module=_lm_module, resolve_data=resolve_songs, build_datamodule=song_datamodule,
-                uses_toy=lambda cfg: cfg.data.train is None, data_hint="data.train=..."))
+                uses_toy=lambda cfg: cfg.data.train is None, data_hint="data.train=...", supports_sharding=True))
 
 
 # ----------------------------------------------------------------------------- dpo (offline)
@@ -222,7 +225,7 @@ register(Method("dpo", build_module=_dpo_module, resolve_data=resolve_pairs, bui
                 needs_init="recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen "
                            "reference), e.g. `levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo "
                            "model.init=A/export`",
-                after_init=_freeze_reference, check_resume=check_reference_init))
+                after_init=_freeze_reference, check_resume=check_reference_init, supports_sharding=True))
 
 
 # ----------------------------------------------------------------------------- reward (aesthetic RM)

@@ -2,8 +2,8 @@
 
 :func:`parallelize` is what a training module's ``configure_model`` calls: the model file defines
 the math only, and everything that changes how it is executed is applied here, per decoder layer
-of both stacks. Today that is activation checkpointing (``train.activation_checkpointing``);
-sharding (FSDP2 ``fully_shard`` per decoder layer, then the root) is the next thing to go here.
+of both stacks: activation checkpointing (``train.activation_checkpointing``) and FSDP2 sharding
+(``strategy=fsdp2``: ``fully_shard`` per decoder layer, then the root).
 
 Activation checkpointing wraps each decoder layer with torch's ``checkpoint_wrapper`` (non-reentrant):
 its activations are recomputed in the backward pass instead of stored. The wrapper's state-dict
@@ -57,10 +57,84 @@ def is_checkpointed(model: nn.Module) -> bool:
     return any(isinstance(layers[i], CheckpointWrapper) for layers, i in decoder_layers(model))
 
 
-def parallelize(model: nn.Module, *, activation_checkpointing: bool = False) -> nn.Module:
-    """Apply the execution options to ``model`` in place (called from ``configure_model``)."""
+#: the LeLM method the losses call instead of ``forward`` (``frame_hidden``, then ``head``): FSDP2
+#: unshards the root's parameters around it too. Only the outermost entry point may be registered
+#: (a registered method called inside another would end the outer one's forward state early).
+FSDP_FORWARD_METHODS = ("frame_hidden",)
+
+MIXED_PRECISION = {None: None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 has sharded ``model`` (its parameters are DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: str | None = None,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer of both stacks, then the root (idempotent).
+
+    Each layer is its own all-gather / reduce-scatter unit, so at most one layer is gathered at a
+    time (plus the root's embeddings, conditioners and heads). The root keeps its parameters
+    gathered after forward (``reshard_after_forward=False``): the losses call ``model.head`` after
+    ``frame_hidden`` returns, outside any FSDP-hooked forward. ``mixed_precision="bf16"``: FSDP2's
+    own policy (weights gathered and computed in bf16, gradients reduced in fp32, fp32 master
+    weights and optimizer state); leave it ``None`` with Lightning's ``bf16-mixed`` autocast.
+    """
+    import torch.distributed.fsdp as fsdp
+
+    if is_sharded(model):
+        return model
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"strategy.mixed_precision must be one of {sorted(map(str, MIXED_PRECISION))}, "
+                         f"got {mixed_precision!r}")
+    dtype = MIXED_PRECISION[mixed_precision]
+    mp = (fsdp.MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+          if dtype else fsdp.MixedPrecisionPolicy())
+    for layers, i in decoder_layers(model):
+        fsdp.fully_shard(layers[i], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fsdp.fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for name in FSDP_FORWARD_METHODS:
+        fsdp.register_fsdp_forward_method(model, name)
+    return model
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered FSDP2 parameter (the root stays gathered after a no-grad forward)."""
+    for m in fsdp_modules(model):
+        m.reshard()  # type: ignore[operator]
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU under its plain names. Under FSDP2 it is gathered from
+    the ranks: a collective every rank must call, and only rank 0 gets the tensors (an empty dict
+    elsewhere, so that N ranks do not each hold a full copy in host memory)."""
+    if not is_sharded(model):
+        return {plain_name(k): v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                               broadcast_from_rank0=False))
+    return {plain_name(k): v for k, v in sd.items()}
+
+
+def parallelize(model: nn.Module, *, activation_checkpointing: bool = False, mesh: Any = None,
+                mixed_precision: str | None = None, reshard_after_forward: bool = True) -> nn.Module:
+    """Apply the execution options to ``model`` in place (called from ``configure_model``):
+    activation checkpointing first (inside each layer's FSDP unit), then FSDP2 when ``mesh`` is given."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if mesh is not None:
+        apply_fsdp(model, mesh, mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -69,4 +143,5 @@ def plain_name(name: str) -> str:
     return name.replace(WRAPPED, "")
 
 
-__all__ = ["apply_activation_checkpointing", "decoder_layers", "is_checkpointed", "parallelize", "plain_name"]
+__all__ = ["apply_activation_checkpointing", "apply_fsdp", "decoder_layers", "full_state_dict", "is_checkpointed",
+           "is_sharded", "parallelize", "plain_name", "reshard"]

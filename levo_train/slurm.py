@@ -37,9 +37,11 @@ def next_hpc_path(run_dir: str | os.PathLike) -> Path:
 
 def prune_hpc_checkpoints(run_dir: str | os.PathLike, keep: Path) -> list[Path]:
     """Remove the requeue checkpoints older than ``keep`` (just written, complete); returns them."""
+    from levo_train.strategies import remove_checkpoint_path
+
     old = [p for p in hpc_checkpoints(run_dir) if p != keep]
     for p in old:
-        p.unlink(missing_ok=True)
+        remove_checkpoint_path(p)  # a file, or a sharded checkpoint's folder
     return old
 
 

@@ -93,11 +93,20 @@ class LeLMTrainModule(L.LightningModule):
 
     # -- setup ------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Execution options applied to the policy from outside the model (:mod:`levo_train.parallel`):
-        activation checkpointing per decoder layer. Idempotent (Lightning calls it for fit and validate)."""
+        """Execution options applied from outside the model (:mod:`levo_train.parallel`): activation
+        checkpointing per decoder layer and, under ``strategy=fsdp2``, FSDP2 sharding of the policy
+        and of a frozen reference copy (sharded like the policy; it has no gradients or optimizer
+        state). Idempotent (Lightning calls it for validate and again for fit)."""
         from levo_train.parallel import parallelize
 
-        parallelize(self.model, activation_checkpointing=self.activation_checkpointing)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        mesh, opts = None, {}
+        if getattr(strategy, "shards_model", False):
+            mesh, opts = strategy.data_parallel_mesh, dict(strategy.fsdp_options)  # type: ignore[union-attr]
+        parallelize(self.model, activation_checkpointing=self.activation_checkpointing, mesh=mesh, **opts)
+        ref = getattr(self, "ref", None)
+        if mesh is not None and isinstance(ref, torch.nn.Module):
+            parallelize(ref, mesh=mesh, **opts)
 
     def _apply_freeze(self) -> None:
         """Modular extension: parameters whose name starts with a listed prefix stay fixed

@@ -1,0 +1,157 @@
+"""Consolidate a training checkpoint of any strategy into the released-format export.
+
+``levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=bfloat16]`` and the end of a sharded run
+both come here. A checkpoint is one of:
+
+* a file (``auto`` / ``ddp``): a Lightning checkpoint, the model under ``state_dict["model.*"]``;
+* a torch distributed-checkpoint folder (``fsdp2``, :mod:`levo_train.strategies`): every rank's
+  shard plus ``meta.pt``; read here in one process (DCP reassembles the full tensors, no process
+  group needed);
+* a DeepSpeed ZeRO folder (``deepspeed_zero2`` / ``deepspeed_zero3``): consolidated to fp32 by
+  DeepSpeed's own ``zero_to_fp32`` (:mod:`levo_train.zero`).
+
+Whatever the kind, the result is the same ``model.pt`` + ``config.yaml`` (``levo_infer`` reads it),
+with LoRA adapters merged (and written alone to ``adapters/``) when the run trained them.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from levo_train.strategies import COMPLETE, META
+
+#: the Lightning module's attribute that holds the policy
+POLICY = "model."
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be consolidated (incomplete, not ours, another kind of run)."""
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``file``, ``dcp`` or ``zero``; :class:`ExportError` for anything else."""
+    p = Path(path)
+    if p.is_file():
+        return "file"
+    if p.is_dir():
+        if (p / META).is_file() or (p / ".metadata").is_file():
+            return "dcp"
+        from levo_train.zero import is_zero_checkpoint
+
+        if is_zero_checkpoint(p):
+            return "zero"
+        raise ExportError(f"{p} is a folder but neither a torch distributed checkpoint (no {META} / .metadata) "
+                          "nor a DeepSpeed ZeRO checkpoint")
+    raise ExportError(f"{p}: no such checkpoint")
+
+
+def _load_meta_file(path: Path) -> dict[str, Any]:
+    try:
+        ck = torch.load(path, map_location="cpu", mmap=path.stat().st_size > 0, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ExportError("it holds objects other than tensors and plain data, and a checkpoint is never allowed "
+                          f"to run code (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, I/O error: all "cannot be loaded"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ExportError(f"not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ck, dict):
+        raise ExportError(f"not a levo-train checkpoint (a {type(ck).__name__}, expected a Lightning checkpoint dict)")
+    return ck
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's Lightning dict without running code (``weights_only``): for a file the
+    whole dict (memory-mapped), for a folder its non-tensor part (``global_step``, ``levo``, ...).
+    A DCP folder counts only when complete (:data:`levo_train.strategies.COMPLETE`, written last)."""
+    p = Path(path)
+    kind = checkpoint_kind(p)
+    if kind == "file":
+        return _load_meta_file(p)
+    if kind == "dcp":
+        if not (p / COMPLETE).is_file():
+            raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
+        return _load_meta_file(p / META)
+    from levo_train.zero import read_zero_meta  # checks every rank's files are there
+
+    return read_zero_meta(p)
+
+
+def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    md = reader.read_metadata()
+    pre = "state_dict." + POLICY
+    want = {k[len("state_dict."):]: torch.empty(m.size, dtype=m.properties.dtype)
+            for k, m in md.state_dict_metadata.items()
+            if k.startswith(pre) and isinstance(m, TensorStorageMetadata)}
+    if not want:
+        raise ExportError(f"{path}: the distributed checkpoint holds no policy weights (no state_dict.{POLICY}* keys)")
+    state = {"state_dict": want}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state["state_dict"]
+
+
+def policy_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The policy's full weights (plain LeLM names, with LoRA adapter keys if it had them) and the
+    checkpoint's ``levo`` section, from a checkpoint of any kind."""
+    from levo_train.parallel import plain_name
+
+    p = Path(path)
+    meta = read_checkpoint(p)
+    levo = meta.get("levo")
+    if not isinstance(levo, dict) or "model_config" not in levo:
+        raise ExportError(f"{p}: no `levo` section with the model config: not a levo-train checkpoint")
+    kind = checkpoint_kind(p)
+    if kind == "file":
+        raw = meta.get("state_dict")
+        if not isinstance(raw, dict):
+            raise ExportError(f"{p}: no state_dict")
+    elif kind == "dcp":
+        raw = _dcp_policy_state(p)
+    else:
+        from levo_train.zero import zero_fp32_state_dict
+
+        raw = {POLICY + k: v for k, v in zero_fp32_state_dict(p).items()}
+    sd = {plain_name(k[len(POLICY):]): v for k, v in raw.items() if k.startswith(POLICY)}
+    if not sd:
+        raise ExportError(f"{p}: no policy weights (`{POLICY}*`): a reward-model run exports itself at the end "
+                          "of the run (run_dir/export)")
+    return sd, levo
+
+
+def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``folder/model.pt`` + ``config.yaml`` (and ``adapters/`` for a LoRA run) from ``path``."""
+    from omegaconf import OmegaConf
+
+    from levo_infer.checkpoint import save_released
+    from levo_infer.config import config_from_omegaconf
+    from levo_infer.model import LeLM
+    from levo_train.lora import ADAPTER_DIR, LoraSpec, apply_lora, merged_copy, save_adapters
+
+    sd, levo = policy_state_dict(path)
+    model = LeLM(config_from_omegaconf(OmegaConf.create(levo["model_config"]), where=f"{path} levo.model_config"))
+    lora = levo.get("lora")
+    if lora:
+        spec = LoraSpec(**lora)
+        apply_lora(model, spec)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{path}: its weights do not match its own model config: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}")
+    folder = Path(folder)
+    if lora:
+        save_released(merged_copy(model), folder, dtype=dtype)
+        save_adapters(model, folder / ADAPTER_DIR, spec, base_fingerprint=levo.get("init_fingerprint"))
+    else:
+        save_released(model, folder, dtype=dtype)
+    return folder
+
+
+__all__ = ["ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict", "read_checkpoint"]

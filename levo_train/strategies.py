@@ -1,0 +1,182 @@
+"""Distributed strategies (``strategy=auto|ddp|fsdp2|deepspeed_zero2|deepspeed_zero3``) and the
+sharded checkpoints they write.
+
+* ``auto`` / ``ddp``: Lightning's own; every rank holds the whole model and optimizer state;
+  checkpoints are one file (``last.ckpt``) written by rank 0.
+* ``fsdp2``: :class:`FSDP2Strategy`, Lightning's ``ModelParallelStrategy`` with the model sharded
+  by :func:`levo_train.parallel.apply_fsdp` from the module's ``configure_model`` (pure data
+  parallelism: the mesh is every rank). Checkpoints are torch distributed checkpoint (DCP)
+  folders (one ``__R_0.distcp`` per rank + ``.metadata`` + ``meta.pt``), written atomically:
+  into a temp folder, then :data:`COMPLETE` last (after every rank wrote), then renamed into
+  place. DCP reshards on load, so a run resumes on any number of ranks.
+* ``deepspeed_zero2`` / ``deepspeed_zero3``: Lightning's ``DeepSpeedStrategy`` (CUDA only, a
+  Lightning restriction); checkpoints are DeepSpeed folders, consolidated by :mod:`levo_train.zero`.
+
+A checkpoint of any kind is consolidated into a released-format export by
+:mod:`levo_train.export` (``levo-train export run_dir=R``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+NAMES = ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+#: the marker that makes a sharded checkpoint folder complete; written last, by rank 0
+COMPLETE = "levo_complete.json"
+#: the non-tensor part of a DCP checkpoint (Lightning's name)
+META = "meta.pt"
+
+
+class StrategyError(ValueError):
+    """A ``strategy`` setting that cannot be used here."""
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint folder (DCP or DeepSpeed) rather than one file."""
+    return Path(path).is_dir()
+
+
+def checkpoint_complete(path: str | os.PathLike) -> bool:
+    """A single-file checkpoint is complete once it exists (it is renamed into place); a folder
+    only with its :data:`COMPLETE` marker."""
+    p = Path(path)
+    return p.is_file() or (p / COMPLETE).is_file()
+
+
+def remove_checkpoint_path(path: str | os.PathLike) -> None:
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over every rank, with atomic, marked, resharding-on-load DCP checkpoints.
+
+    ``shards_model`` tells the module's ``configure_model`` to call
+    :func:`levo_train.parallel.parallelize` with this strategy's data-parallel mesh and options.
+    """
+
+    shards_model = True
+
+    def __init__(self, *, mixed_precision: str | None = None, reshard_after_forward: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True,
+                         **kwargs)
+        self.fsdp_options = {"mixed_precision": mixed_precision, "reshard_after_forward": reshard_after_forward}
+
+    def setup_environment(self) -> None:
+        # Lightning's "auto" would be one data-parallel group per node and tensor parallelism inside it
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @property
+    def data_parallel_mesh(self) -> Any:
+        return self.device_mesh["data_parallel"]
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write ``filepath`` as a DCP folder: every rank writes its shard into a temp folder,
+        rank 0 then writes ``meta.pt`` and :data:`COMPLETE` and renames the folder into place (the
+        previous checkpoint of that name is replaced only then)."""
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+
+        from levo_train.checkpointing import CheckpointWriteError
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp{self.broadcast(os.getpid())}")
+        try:
+            if self.global_rank == 0:
+                remove_checkpoint_path(tmp)
+                tmp.mkdir(parents=True)
+            self.barrier("levo-ckpt-mkdir")
+            state = {"state_dict": checkpoint.pop("state_dict")}
+            state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+            _distributed_checkpoint_save(state, tmp)  # collective; DCP's .metadata is written after every rank's shard
+            self.barrier("levo-ckpt-shards")
+            if self.global_rank == 0:
+                torch.save(checkpoint, tmp / META)
+                marker = {"format": "torch-dcp", "world_size": self.world_size,
+                          "global_step": checkpoint.get("global_step"),
+                          "files": sorted(p.name for p in tmp.iterdir())}
+                (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
+                _fsync_dir(tmp)
+                old = path.with_name(f".{path.name}.old{os.getpid()}")
+                if path.exists():
+                    os.replace(path, old) if path.is_dir() else path.replace(old)
+                os.replace(tmp, path)
+                remove_checkpoint_path(old)
+                _fsync_dir(path.parent)
+        except OSError as e:
+            if self.global_rank == 0:
+                remove_checkpoint_path(tmp)
+            raise CheckpointWriteError(e.errno, f"writing sharded checkpoint {path} failed ({e.strerror or e}); the "
+                                       "previous checkpoints are intact. Free space (or fix the folder) and continue "
+                                       "with resume=true") from e
+        finally:
+            self.barrier("levo-ckpt-done")
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            remove_checkpoint_path(filepath)
+
+
+def build_strategy(scfg: Any, trainer_strategy: Any, accelerator: str) -> Any:
+    """The Lightning ``strategy`` argument for ``strategy=NAME`` (``scfg``: the ``strategy`` config
+    group). ``strategy=auto`` leaves ``trainer.strategy`` (Lightning's own names) in charge."""
+    name = str(scfg.get("name", "auto")) if scfg is not None else "auto"
+    if name not in NAMES:
+        raise StrategyError(f"strategy={name} is not a strategy; known: {', '.join(NAMES)}")
+    if name == "auto":
+        return trainer_strategy
+    if str(trainer_strategy) not in ("auto", name, "None"):
+        raise StrategyError(f"strategy={name} and trainer.strategy={trainer_strategy} disagree: set only strategy=NAME "
+                            f"({', '.join(NAMES)})")
+    if name == "ddp":
+        return "ddp"
+    if name == "fsdp2":
+        return FSDP2Strategy(mixed_precision=scfg.get("mixed_precision"),
+                             reshard_after_forward=bool(scfg.get("reshard_after_forward", True)))
+    # deepspeed_zero2 / deepspeed_zero3
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise StrategyError(f"strategy={name} needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise StrategyError(f"strategy={name}: Lightning's DeepSpeed strategy runs on CUDA GPUs only; on CPU use "
+                            "strategy=fsdp2 (the same sharding of weights, gradients and optimizer state) or ddp")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(stage=int(scfg.stage), offload_optimizer=bool(scfg.get("offload_optimizer", False)),
+                             offload_parameters=bool(scfg.get("offload_parameters", False)))
+
+
+def strategy_name(scfg: Any, trainer_strategy: Any) -> str:
+    """The effective strategy's name (``trainer.strategy`` when ``strategy=auto``)."""
+    name = str(scfg.get("name", "auto")) if scfg is not None else "auto"
+    return name if name != "auto" else str(trainer_strategy)
+
+
+def is_sharding(name: str) -> bool:
+    return name in ("fsdp2", "deepspeed_zero2", "deepspeed_zero3") or name.startswith("deepspeed")
+
+
+__all__ = ["COMPLETE", "META", "NAMES", "FSDP2Strategy", "StrategyError", "build_strategy", "checkpoint_complete",
+           "is_sharded_checkpoint", "is_sharding", "remove_checkpoint_path", "strategy_name"]
