@@ -250,3 +250,48 @@ def test_sbatch_sample_two_ranks_then_score(sft_job, tmp_path) -> None:
     songs = [s for sh in resolve_shards(str(tmp_path / "cands-scored")) for s in iter_songs(sh, code_size=64)]
     assert len(songs) == 12 and all("quality" in s.meta["scores"] for s in songs)
     assert {s.meta["score_overall_key"] for s in songs} == {"quality"}
+
+
+def test_sbatch_dpo_fsdp2_scontrol_requeue_resumes_exactly(sft_job, toy_cache, tmp_path) -> None:
+    """``sbatch slurm/dpo.sh strategy=fsdp2`` on 2 ranks, ``scontrol requeue`` mid-run (the job is
+    killed and queued again, no warning signal): the second attempt resumes from the run's last
+    complete sharded checkpoint and ends with the weights of the same job never interrupted, bit
+    for bit; the run folder's log shows both attempts."""
+    init = sft_job["run_dir"] / "export"
+    if not (init / "model.pt").is_file():
+        pytest.skip("the SFT job left no export to start DPO from (see test_sbatch_sft_ddp_two_tasks)")
+    env = job_env(tmp_path / "runs")
+    max_steps = 60
+    overrides = ["trainer.accelerator=cpu", "strategy=fsdp2", f"model.init={init}", f"data.toy.cache_dir={toy_cache}",
+                 *TINY, "data.toy_pairs.source=world", "data.toy_pairs.n_train=96", "data.toy_pairs.n_val=0",
+                 "data.toy_pairs.max_frames=40", f"trainer.max_steps={max_steps}", "trainer.val_check_interval=1000",
+                 "checkpoint.every_n_steps=10"]
+    job = submit("dpo.sh", SBATCH_CPU, overrides, tmp_path, env)
+    run_dir = tmp_path / "runs" / f"levo-dpo-{job}"
+
+    def checkpointed(info: dict[str, str]) -> bool:  # a complete sharded checkpoint exists, the run goes on
+        return info.get("JobState") == "RUNNING" and (run_dir / "checkpoints" / "last.ckpt" / "levo_complete.json").is_file()
+
+    info = wait_job(job, until=checkpointed)
+    assert info.get("JobState") == "RUNNING", f"job {job} ended before it could be requeued: {info}\n" \
+                                              f"{read_log(run_dir, job)[-4000:]}"
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    info = wait_job(job)
+    log = assert_completed(info, run_dir, job, tmp_path)
+    assert info.get("Restarts") == "1", info
+    assert f"job {job} start #1" in log and f"job {job} start #2" in log  # both attempts, one log
+    m = re.search(r"resuming from (\S+) \(step (\d+)\)", log)
+    assert m and 0 < int(m.group(2)) < max_steps, log[-4000:]
+    assert Path(m.group(1)).is_dir()  # a sharded (DCP) checkpoint
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == max_steps and summary["resumed_from"]["step"] == int(m.group(2))
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or ".old" in p.name], "temp folders left"
+    ref_job = submit("dpo.sh", SBATCH_CPU, overrides, tmp_path, env)
+    ref_dir = tmp_path / "runs" / f"levo-dpo-{ref_job}"
+    assert_completed(wait_job(ref_job), ref_dir, ref_job, tmp_path)
+    import torch
+
+    wa = torch.load(ref_dir / "export" / "model.pt", weights_only=True)
+    wb = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"requeued run differs from the uninterrupted one in {len(diff)} tensors: {diff[:4]}"
