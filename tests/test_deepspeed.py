@@ -90,6 +90,13 @@ def test_zero_run_trains_saves_consolidates_and_matches_one_process(tmp_path, st
     want_logits = from_sd.eval().logits(*args)
     assert torch.equal(exported.eval().logits(*args), want_logits)
     assert torch.equal(released.logits(*args), want_logits)
+    # `levo-train export` consolidates the same ZeRO folder (as it does FSDP2 and one-file checkpoints)
+    from levo_train.cli import main
+
+    assert main(["export", f"ckpt={ckpt}", f"out={tmp_path / 'cli_export'}"]) == 0
+    cli_sd = torch.load(tmp_path / "cli_export" / "model.pt", weights_only=True)
+    ref_sd_file = torch.load(Path(r["export"]) / "model.pt", weights_only=True)
+    assert cli_sd.keys() == ref_sd_file.keys() and all(torch.equal(cli_sd[k], ref_sd_file[k]) for k in cli_sd)
 
     # the same training in one process on the whole global batch
     ref_args = parse_args(["--out", str(tmp_path), "--steps", str(STEPS), "--micro-batch", str(MICRO),
