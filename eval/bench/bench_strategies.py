@@ -8,9 +8,10 @@ global batch, each rank on its slice). DDP is torch's ``DistributedDataParallel`
 ``deepspeed.initialize`` (Lightning's DeepSpeed strategy refuses CPU). Per rank it reports the
 median step time (steps 3+), peak RSS, and the bytes the rank holds: parameters, gradients and
 AdamW state (and ZeRO's fp32 master partition), counted tensor by tensor (local shards only).
-The memory model (``eval/bench/memory_model.py``) predicts the static part for fp32 training: DDP 16
-B per parameter (weights 4, gradients 4, Adam 8) on every rank; ZeRO-2 4 + 12/N (+ its fp32
-master copy, 4/N, because the wrapped optimizer steps a flat copy); FSDP2 and ZeRO-3 16/N (+4/N).
+The memory model's static terms (``eval/bench/memory_model.py``), for fp32 training here: weights 4 B
+per parameter, gradients 4 + AdamW 8 per trainable one; DDP holds all of it on every rank, FSDP2
+1/N of all of it, ZeRO-2 whole weights and 1/N of the rest plus a 4 B/N fp32 master partition (the
+wrapped optimizer steps a flat copy), ZeRO-3 1/N of everything including that master partition.
 
     OMP_NUM_THREADS=1 python eval/bench/bench_strategies.py [--dim 256 --layers 4 --layers-sub 2 --steps 8]
 """
@@ -98,7 +99,9 @@ def worker(a: argparse.Namespace) -> None:
         losses.append(loss.item())
     held["optim_state_bytes"] = _bytes(v for st in opt.state.values() for v in st.values())
     mine = {"rank": rank, "peak_rss_bytes": peak_rss(), "rss_start": rss0, "step_times": times, "losses": losses,
-            **held, "n_params": sum(p.numel() for p in module.model.parameters()) if a.strategy == "ddp" else None}
+            **held, "n_params": sum(p.numel() for p in module.model.parameters()) if a.strategy == "ddp" else None,
+            "n_trainable": sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+            if a.strategy == "ddp" else None}
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:
@@ -148,14 +151,17 @@ def main() -> None:
                 for rk in r["ranks"]:
                     rk["param_bytes"] = rk["policy_param_bytes"]
                 results[name] = r
-    n = next(r["ranks"][0]["n_params"] for k, r in results.items() if k == "ddp") if "ddp" in results else \
-        next(r["n_params"] for r in results.values() if "n_params" in r)
-    world, mib = 2, 2**20
-    predicted = {"ddp": 16 * n, "fsdp2": 16 * n / world, "zero2": 4 * n + 12 * n / world + 4 * n / world,
-                 "zero3": 16 * n / world + 4 * n / world}
+    if "ddp" not in results:
+        raise SystemExit("--only must include ddp (the reference for sizes and losses)")
+    n, nt = results["ddp"]["ranks"][0]["n_params"], results["ddp"]["ranks"][0]["n_trainable"]
+    W, mib = 2, 2**20
+    # static bytes per rank, fp32: weights 4 B per parameter; gradients 4 + Adam 8 per trainable one
+    # (the released layout's unused keys train nothing); ZeRO keeps a 4 B fp32 master partition too
+    predicted = {"ddp": 4 * n + 12 * nt, "fsdp2": (4 * n + 12 * nt) / W, "zero2": 4 * n + 16 * nt / W,
+                 "zero3": (4 * n + 16 * nt) / W}
     print(f"{n / 1e6:.1f} M parameters, 2 ranks, {a.micro_batch} songs x {a.frames} frames per rank, "
           f"{os.environ.get('OMP_NUM_THREADS', '1')} thread(s) per rank\n")
-    print("| strategy | step (median) | peak RSS per rank | held per rank: params + grads + Adam (+ ZeRO fp32 master) "
+    print("| strategy | step (median) | peak RSS per rank (above torch + process group) | held per rank: params + grads + Adam (+ ZeRO fp32 master) "
           "| memory model (static, per rank) | losses equal to DDP |")
     print("|---|---|---|---|---|---|")
     def mean_losses(rk: list[dict[str, Any]]) -> list[float]:
@@ -166,13 +172,15 @@ def main() -> None:
         rk = r["ranks"]
         t = sorted(x for k in rk for x in k["step_times"][2:])
         peak = max(k["peak_rss_bytes"] for k in rk)
+        above = max(k["peak_rss_bytes"] - (k.get("rss_start") or k["rss_bytes"]["start"]) for k in rk)
         master = name.startswith("zero")
         held = max(k["param_bytes"] + k["grad_bytes"] + k["optim_state_bytes"] + k.get("master_bytes", 0) * master
                    for k in rk)
         same = "—"
         if ref is not None and name != "ddp":
             same = f"max diff {max(abs(x - y) for x, y in zip(mean_losses(rk), ref)):.1e}"
-        print(f"| {name} | {t[len(t) // 2] * 1e3:.0f} ms | {peak / mib:.0f} MiB | {held / mib:.1f} MiB "
+        print(f"| {name} | {t[len(t) // 2] * 1e3:.0f} ms | {peak / mib:.0f} MiB ({above / mib:.0f} above the "
+              f"process group) | {held / mib:.1f} MiB "
               f"| {predicted[name] / mib:.1f} MiB | {same} |")
 
 
