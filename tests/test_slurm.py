@@ -103,6 +103,20 @@ def assert_completed(info: dict[str, str], run_dir: Path, job: str, submit_dir: 
     return log
 
 
+def assert_same_as_uninterrupted(recipe: str, overrides: list[str], run_dir: Path, submit_dir: Path,
+                                 env: dict[str, str]) -> None:
+    """Run the same job again, never interrupted: its export must equal ``run_dir``'s bit for bit."""
+    import torch
+
+    ref_job = submit(f"{recipe}.sh", SBATCH_CPU, overrides, submit_dir, env)
+    ref_dir = submit_dir / "runs" / f"levo-{recipe}-{ref_job}"
+    assert_completed(wait_job(ref_job), ref_dir, ref_job, submit_dir)
+    wa = torch.load(ref_dir / "export" / "model.pt", weights_only=True)
+    wb = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"requeued run differs from the uninterrupted one in {len(diff)} tensors: {diff[:4]}"
+
+
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("slurm-toycache"))
@@ -211,13 +225,7 @@ def test_sbatch_requeue_on_usr1_resumes(tmp_path, toy_cache) -> None:
     assert summary["global_step"] == max_steps
     assert (run_dir / "export" / "model.pt").is_file()
     # exact: the same job never preempted ends with the same weights, bit for bit
-    ref_job = submit("sft.sh", SBATCH_CPU, overrides, tmp_path, env)
-    ref_dir = tmp_path / "runs" / f"levo-sft-{ref_job}"
-    assert_completed(wait_job(ref_job), ref_dir, ref_job, tmp_path)
-    wa = torch.load(ref_dir / "export" / "model.pt", weights_only=True)
-    wb = torch.load(run_dir / "export" / "model.pt", weights_only=True)
-    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not diff, f"requeued run differs from the uninterrupted one in {len(diff)} tensors: {diff[:4]}"
+    assert_same_as_uninterrupted("sft", overrides, run_dir, tmp_path, env)
 
 
 def test_sbatch_sample_two_ranks_then_score(sft_job, tmp_path) -> None:
@@ -286,12 +294,4 @@ def test_sbatch_dpo_fsdp2_scontrol_requeue_resumes_exactly(sft_job, toy_cache, t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == max_steps and summary["resumed_from"]["step"] == int(m.group(2))
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or ".old" in p.name], "temp folders left"
-    ref_job = submit("dpo.sh", SBATCH_CPU, overrides, tmp_path, env)
-    ref_dir = tmp_path / "runs" / f"levo-dpo-{ref_job}"
-    assert_completed(wait_job(ref_job), ref_dir, ref_job, tmp_path)
-    import torch
-
-    wa = torch.load(ref_dir / "export" / "model.pt", weights_only=True)
-    wb = torch.load(run_dir / "export" / "model.pt", weights_only=True)
-    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not diff, f"requeued run differs from the uninterrupted one in {len(diff)} tensors: {diff[:4]}"
+    assert_same_as_uninterrupted("dpo", overrides, run_dir, tmp_path, env)
