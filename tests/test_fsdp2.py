@@ -146,3 +146,17 @@ def test_sharded_checkpoint_errors(tmp_path, toy_cache_dir):
         out = _run(tmp_path / "bad", toy_cache_dir, "recipe=sft", "trainer.max_steps=1", *extra, ok=False)
         assert out.returncode == 2 and any(w in out.stderr for w in words), (extra, out.stderr[-1500:])
         assert "Traceback" not in out.stderr and not (tmp_path / "bad" / "train_config.yaml").exists()
+
+
+def test_fsdp2_combines_with_accumulation_bf16_and_activation_checkpointing(tmp_path, toy_cache_dir):
+    rd = tmp_path / "r"
+    _run(rd, toy_cache_dir, "recipe=sft", "trainer.max_steps=4", *FSDP2, "trainer.accumulate_grad_batches=2",
+         "trainer.precision=bf16-mixed", "train.activation_checkpointing=true", "strategy.mixed_precision=bf16")
+    from levo_train.cli import read_checkpoint_state
+
+    rp = read_checkpoint_state(rd / "checkpoints" / "last.ckpt")
+    assert rp.step == 4 and rp.levo["samples_seen"] == 4 * 2 * (2 * 4)  # steps x micro-batches x global batch
+    losses = _losses(rd)
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)  # one logged loss per optimizer step, finite
+    w = _weights(rd / "export")
+    assert all(v.dtype == torch.float32 for v in w.values())  # fp32 master weights exported
