@@ -67,16 +67,16 @@ def _load_meta_file(path: Path) -> dict[str, Any]:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's Lightning dict without running code (``weights_only``): for a file the
     whole dict (memory-mapped), for a folder its non-tensor part (``global_step``, ``levo``, ...).
-    A DCP folder counts only when complete (:data:`levo_train.strategies.COMPLETE`, written last)."""
+    A folder counts only when complete (:data:`levo_train.strategies.COMPLETE`, written last)."""
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "file":
         return _load_meta_file(p)
+    if not (p / COMPLETE).is_file():
+        raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
     if kind == "dcp":
-        if not (p / COMPLETE).is_file():
-            raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
         return _load_meta_file(p / META)
-    from levo_train.zero import read_zero_meta  # checks every rank's files are there
+    from levo_train.zero import read_zero_meta  # also checks that every rank's files are there
 
     return read_zero_meta(p)
 

@@ -66,6 +66,51 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_complete_marker(folder: str | os.PathLike, *, fmt: str, world_size: int, global_step: Any) -> None:
+    """Write :data:`COMPLETE` into a checkpoint folder whose ranks have all written (call last)."""
+    folder = Path(folder)
+    marker = {"format": fmt, "world_size": world_size, "global_step": global_step,
+              "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
+    (folder / COMPLETE).write_text(json.dumps(marker, indent=1))
+    _fsync_dir(folder)
+
+
+def save_folder_atomically(strategy: Any, filepath: Any, write: Any, *, fmt: str, global_step: Any) -> None:
+    """Write a sharded checkpoint folder so that it is either complete or absent: every rank's
+    ``write(tmp)`` fills a temp folder beside the target; after a barrier rank 0 writes
+    :data:`COMPLETE` (last) and renames the folder into place, replacing an older one of that name
+    only then. A failed write removes the temp folder and raises
+    :class:`~levo_train.checkpointing.CheckpointWriteError`; the previous checkpoints are intact."""
+    from levo_train.checkpointing import CheckpointWriteError
+
+    path = Path(strategy.broadcast(str(filepath)))
+    tmp = path.with_name(f".{path.name}.tmp{strategy.broadcast(os.getpid())}")
+    rank0 = strategy.global_rank == 0
+    try:
+        if rank0:
+            remove_checkpoint_path(tmp)
+            tmp.mkdir(parents=True)
+        strategy.barrier("levo-ckpt-mkdir")
+        write(tmp)
+        strategy.barrier("levo-ckpt-written")
+        if rank0:
+            write_complete_marker(tmp, fmt=fmt, world_size=strategy.world_size, global_step=global_step)
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            remove_checkpoint_path(old)
+            _fsync_dir(path.parent)
+    except OSError as e:
+        if rank0:
+            remove_checkpoint_path(tmp)
+        raise CheckpointWriteError(e.errno, f"writing sharded checkpoint {path} failed ({e.strerror or e}); the "
+                                   "previous checkpoints are intact. Free space (or fix the folder) and continue "
+                                   "with resume=true") from e
+    finally:
+        strategy.barrier("levo-ckpt-done")
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over every rank, with atomic, marked, resharding-on-load DCP checkpoints.
 
@@ -91,51 +136,44 @@ class FSDP2Strategy(ModelParallelStrategy):
         return self.device_mesh["data_parallel"]
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """Write ``filepath`` as a DCP folder: every rank writes its shard into a temp folder,
-        rank 0 then writes ``meta.pt`` and :data:`COMPLETE` and renames the folder into place (the
-        previous checkpoint of that name is replaced only then)."""
+        """``filepath`` as a DCP folder (every rank's shard, DCP's ``.metadata``, ``meta.pt``),
+        written by :func:`save_folder_atomically`."""
         from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
-
-        from levo_train.checkpointing import CheckpointWriteError
 
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(f".{path.name}.tmp{self.broadcast(os.getpid())}")
-        try:
-            if self.global_rank == 0:
-                remove_checkpoint_path(tmp)
-                tmp.mkdir(parents=True)
-            self.barrier("levo-ckpt-mkdir")
-            state = {"state_dict": checkpoint.pop("state_dict")}
-            state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-            _distributed_checkpoint_save(state, tmp)  # collective; DCP's .metadata is written after every rank's shard
-            self.barrier("levo-ckpt-shards")
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+
+        def write(tmp: Path) -> None:
+            _distributed_checkpoint_save(state, tmp)  # collective; DCP's .metadata follows every rank's shard
             if self.global_rank == 0:
                 torch.save(checkpoint, tmp / META)
-                marker = {"format": "torch-dcp", "world_size": self.world_size,
-                          "global_step": checkpoint.get("global_step"),
-                          "files": sorted(p.name for p in tmp.iterdir())}
-                (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
-                _fsync_dir(tmp)
-                old = path.with_name(f".{path.name}.old{os.getpid()}")
-                if path.exists():
-                    os.replace(path, old) if path.is_dir() else path.replace(old)
-                os.replace(tmp, path)
-                remove_checkpoint_path(old)
-                _fsync_dir(path.parent)
-        except OSError as e:
-            if self.global_rank == 0:
-                remove_checkpoint_path(tmp)
-            raise CheckpointWriteError(e.errno, f"writing sharded checkpoint {path} failed ({e.strerror or e}); the "
-                                       "previous checkpoints are intact. Free space (or fix the folder) and continue "
-                                       "with resume=true") from e
-        finally:
-            self.barrier("levo-ckpt-done")
+
+        save_folder_atomically(self, filepath, write, fmt="torch-dcp", global_step=checkpoint.get("global_step"))
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
             remove_checkpoint_path(filepath)
+
+
+def deepspeed_strategy(**kwargs: Any) -> Any:
+    """Lightning's ``DeepSpeedStrategy`` whose checkpoint folders are written like FSDP2's:
+    into a temp folder, :data:`COMPLETE` last, renamed into place (DeepSpeed itself overwrites
+    ``last.ckpt``'s files in place). Built on demand: DeepSpeed is an optional extra."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class LevoDeepSpeedStrategy(DeepSpeedStrategy):
+        def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+            save = super().save_checkpoint
+            save_folder_atomically(self, filepath, lambda tmp: save(checkpoint, tmp, storage_options),
+                                   fmt="deepspeed", global_step=checkpoint.get("global_step"))
+
+        def remove_checkpoint(self, filepath: Any) -> None:
+            if self.is_global_zero:
+                remove_checkpoint_path(filepath)
+
+    return LevoDeepSpeedStrategy(**kwargs)
 
 
 def build_strategy(scfg: Any, trainer_strategy: Any, accelerator: str) -> Any:
@@ -162,10 +200,8 @@ def build_strategy(scfg: Any, trainer_strategy: Any, accelerator: str) -> Any:
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         raise StrategyError(f"strategy={name}: Lightning's DeepSpeed strategy runs on CUDA GPUs only; on CPU use "
                             "strategy=fsdp2 (the same sharding of weights, gradients and optimizer state) or ddp")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return DeepSpeedStrategy(stage=int(scfg.stage), offload_optimizer=bool(scfg.get("offload_optimizer", False)),
-                             offload_parameters=bool(scfg.get("offload_parameters", False)))
+    return deepspeed_strategy(stage=int(scfg.stage), offload_optimizer=bool(scfg.get("offload_optimizer", False)),
+                              offload_parameters=bool(scfg.get("offload_parameters", False)))
 
 
 def strategy_name(scfg: Any, trainer_strategy: Any) -> str:
@@ -179,4 +215,5 @@ def is_sharding(name: str) -> bool:
 
 
 __all__ = ["COMPLETE", "META", "NAMES", "FSDP2Strategy", "StrategyError", "build_strategy", "checkpoint_complete",
-           "is_sharded_checkpoint", "is_sharding", "remove_checkpoint_path", "strategy_name"]
+           "deepspeed_strategy", "is_sharded_checkpoint", "is_sharding", "remove_checkpoint_path",
+           "save_folder_atomically", "strategy_name", "write_complete_marker"]

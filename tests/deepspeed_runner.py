@@ -293,6 +293,11 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     engine.save_checkpoint(str(ckpt), tag="checkpoint",
                            client_state={"levo": ck["levo"], "global_step": args.steps, "epoch": 0})
+    dist.barrier()
+    if rank == 0:  # what levo-train's DeepSpeed strategy writes last (levo_train.strategies.save_folder_atomically)
+        from levo_train.strategies import write_complete_marker
+
+        write_complete_marker(ckpt, fmt="deepspeed", world_size=world, global_step=args.steps)
     save_s = time.perf_counter() - t0
     mine = {"rank": rank, "peak_rss_bytes": peak_rss(), "rss_bytes": rss, **held_bytes(engine),
             "grad_bytes": max(grads, default=0), "model_grad_bytes": max(model_grads, default=0),

@@ -124,6 +124,14 @@ def test_zero_run_trains_saves_consolidates_and_matches_one_process(tmp_path, st
     for fn in (zero_fp32_state_dict, read_zero_meta):
         with pytest.raises(ValueError, match=r"incomplete ZeRO-\d checkpoint of 2 ranks.*rank\(s\) \[1\]"):
             fn(bad)
+    # a folder whose completion marker was never written (a rank died mid-save) is not exported
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(ckpt, unmarked)
+    (unmarked / "levo_complete.json").unlink()
+    from levo_train.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="incomplete sharded checkpoint"):
+        export_checkpoint(unmarked, tmp_path / "never")
 
 
 def test_not_a_zero_checkpoint_is_a_clear_error(tmp_path):

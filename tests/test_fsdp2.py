@@ -160,3 +160,17 @@ def test_fsdp2_combines_with_accumulation_bf16_and_activation_checkpointing(tmp_
     assert len(losses) == 4 and all(0 < x < 10 for x in losses)  # one logged loss per optimizer step, finite
     w = _weights(rd / "export")
     assert all(v.dtype == torch.float32 for v in w.values())  # fp32 master weights exported
+
+
+def test_stale_sharded_temp_folders_are_cleaned_and_a_set_aside_checkpoint_is_restored(tmp_path):
+    """A writer killed mid-way leaves ``.NAME.tmpPID/`` (removed) or, between its two renames,
+    ``.NAME.oldPID/`` without NAME (put back: it is the last complete checkpoint)."""
+    from levo_train.checkpointing import clean_stale_temp_files
+
+    for name in (".last.ckpt.tmp12", ".last.ckpt.old12", ".step0000003.ckpt.old9"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / COMPLETE).write_text("{}")
+    (tmp_path / "step0000003.ckpt").mkdir()  # its replacement arrived: the set-aside copy is stale
+    assert clean_stale_temp_files(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step0000003.ckpt"]
+    assert (tmp_path / "last.ckpt" / COMPLETE).is_file()

@@ -78,6 +78,11 @@ def test_lora_sft_trains_adapters_only_and_exports_merged_and_adapters(tmp_path,
     assert (rd / "export" / "adapters" / "adapter_model.safetensors").is_file()
     cfg = json.loads((rd / "export" / "adapters" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+    # `levo-train export` of the run's checkpoint: the same merged weights and adapters
+    assert main(["export", f"run_dir={rd}", f"out={tmp_path / 'again'}"]) == 0
+    again = torch.load(tmp_path / "again" / "model.pt", weights_only=True)
+    assert again.keys() == exp.keys() and all(torch.equal(again[k], exp[k]) for k in exp)
+    assert (tmp_path / "again" / "adapters" / "adapter_model.safetensors").is_file()
 
 
 def test_lora_dpo_reference_is_the_policy_without_adapters(tmp_path, toy_cache_dir, toy_sft_export, capsys):
