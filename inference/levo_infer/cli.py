@@ -2,8 +2,9 @@
 
     levo-infer CKPT_DIR INPUT.jsonl OUT_DIR [--mode mixed|vocal|bgm|separate] [--low-mem]
                [--not-use-flash-attn] [--batch-size N] [--duration S] [--cfg-coef X] [--top-k K]
-               [--temperature T] [--seed N] [--tokens-only] [--auto-prompt-file PATH] [--device ...]
-               [--lyrics check|normalize|raw] [--strict]
+               [--temperature T] [--seed N] [--codec CODEC_DIR | --tokens-only]
+               [--auto-prompt-file PATH] [--device ...] [--lyrics check|normalize|raw] [--strict]
+    levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR [--device ...] [--seed N]
 
 The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``, ``--separate``,
 ``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
@@ -29,8 +30,12 @@ Output (``OUT_DIR``):
   row is the silent code 9670, for ``--mode bgm`` the vocal row is 3142 (the released decoder's
   substitution; the mixed row is never decoded and kept as generated); ``--mode separate`` writes
   ``<idx>.pt`` (as generated) plus ``<idx>_vocal.pt`` and ``<idx>_bgm.pt``.
-* ``audios/<idx>[_vocal|_bgm].flac`` when an audio codec is available (``levo_infer.codec``, a
-  later issue); until then only tokens are written (``--tokens-only`` is the default and says so once).
+* ``audios/<idx>[_vocal|_bgm].flac`` (48 kHz stereo, :mod:`levo_infer.codec`) with a codec folder:
+  ``--codec CODEC_DIR`` (the released runtime ``ckpt/`` holding ``model_septoken/`` and ``vae/``), or
+  one found beside the model folder (the folder itself, its parent or the parent's ``ckpt/``).
+  Without one, tokens only (said once); ``--tokens-only`` never decodes. A song's audio noise is
+  drawn from its seed, so the same seed gives the same audio. ``levo-infer decode`` turns token
+  files written earlier (or elsewhere) into audio.
 * ``jsonl/<input name>.jsonl``: one record per generated song (input fields, the text the model
   saw, prompt, settings, seed, frames, seconds, lyric ``warnings`` if any);
   ``jsonl/<input name>.errors.jsonl``: the bad lines and the songs whose output could not be written
@@ -78,19 +83,19 @@ class Codec(Protocol):
 
     sample_rate: int
 
-    def decode(self, tokens: Any) -> Any:
-        """[3, T] tokens (mixed, vocal, bgm) -> waveform [channels, samples] (float tensor)."""
+    def decode(self, tokens: Any, seed: int | None = None) -> Any:
+        """[3, T] tokens (mixed, vocal, bgm) -> waveform [channels, samples] (float tensor); the
+        decoder's noise drawn from ``seed``."""
 
 
-def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Codec | None:
-    """The audio codec if one is installed (module ``levo_infer.codec``), else None."""
+def load_codec(codec_dir: str | os.PathLike, device: str) -> Codec:
+    """The audio codec of a codec folder (:func:`levo_infer.codec.load_codec`); ``UsageError``
+    naming the file and the problem when the folder cannot be used."""
+    mod = importlib.import_module("levo_infer.codec")
     try:
-        mod = importlib.import_module("levo_infer.codec")
-    except ModuleNotFoundError as e:
-        if e.name == "levo_infer.codec":
-            return None
-        raise
-    return mod.load_codec(ckpt_dir, device)
+        return mod.load_codec(codec_dir, device)
+    except mod.CodecError as e:
+        raise UsageError(f"--codec {codec_dir}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(
         prog="levo-infer",
-        description="Generate songs (tokens, and audio once a codec is available) from a released SongGeneration "
+        description="Generate songs (tokens, and 48 kHz audio with a codec folder) from a released SongGeneration "
                     "model folder or a levo-train export, for a JSONL file with one song per line.",
         epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/jsonl/<input>.jsonl (+ .errors.jsonl). Exit status: 0 all "
                "songs generated, 1 some lines failed or the input holds no song, 2 usage or model-loading error "
@@ -116,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed (default), vocal, bgm (instrumental: adds [Pure-Music], lyric '.') or separate")
     for m in MODES:
         g.add_argument(f"--{m}", dest="mode", action="store_const", const=m, help=argparse.SUPPRESS)
+    g.add_argument("--codec", default=None, metavar="CODEC_DIR",
+                   help="codec folder (released runtime ckpt/: model_septoken/, vae/); default: found beside CKPT_DIR")
     g.add_argument("--tokens-only", "--tokens_only", action="store_true",
-                   help="write tokens only (the default until an audio codec is available)")
+                   help="write tokens only, never audio")
     s = ap.add_argument_group("sampling")
     s.add_argument("--duration", type=float, default=None, help="seconds to generate at most (default: the "
                    "config's max_dur, 270 for released models)")
@@ -391,10 +398,18 @@ class Runner:
                 f"{self.model.max_frames} frames ({most:g} s) after the {cfg.prefix_len} conditioning positions and "
                 f"the delay tail of {cfg.max_delay}: pass --duration {most:g} or less")
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
-        self.codec = None if a.tokens_only else load_codec(a.ckpt_dir, str(self.device))
-        if self.codec is None and not a.tokens_only:
-            print("levo-infer: no audio codec is available yet (the native decoder is a separate issue): writing "
-                  f"tokens only to {self.out / 'tokens'} (--tokens-only is the default until then)", file=sys.stderr)
+        self.codec = None
+        if not a.tokens_only:
+            from .codec import find_codec_dir
+
+            codec_dir = a.codec or find_codec_dir(a.ckpt_dir)
+            if codec_dir is None:
+                print(f"levo-infer: no audio codec: no --codec CODEC_DIR given and no codec folder (model_septoken/ and "
+                      f"vae/) beside {a.ckpt_dir}; writing tokens only to {self.out / 'tokens'} (--tokens-only "
+                      "says that is intended)", file=sys.stderr)
+            else:
+                self.codec = load_codec(codec_dir, str(self.device))
+                self.codec_dir = str(codec_dir)
         self.settings = {
             "checkpoint": str(a.ckpt_dir), "version": cfg.version, "mode": a.mode, "compat": a.compat,
             "cfg_coef": a.cfg_coef if a.cfg_coef is not None else cfg.cfg_coef, "top_k": a.top_k,
@@ -405,7 +420,7 @@ class Runner:
             "duration": self.duration, "max_frames": self.max_frames, "batch_size": a.batch_size,
             "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
             "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "strict": a.strict,
-            "base_seed": self.base_seed,
+            "base_seed": self.base_seed, "codec": getattr(self, "codec_dir", None),
         }
 
     # -- helpers ----------------------------------------------------------------------
@@ -523,7 +538,7 @@ class Runner:
                 files.append(str(target))
                 if self.codec is not None:
                     target = self.out / "audios" / f"{s.idx}{sfx}.flac"
-                    audios.append(self.write_audio(t, target))
+                    audios.append(self.write_audio(t, target, s.seed))
                     written.append(target)
         except Exception as e:  # noqa: BLE001 - reported for this song, the others go on
             for p in written:
@@ -533,14 +548,9 @@ class Runner:
             raise SongOutputError(f"{what}: {detail}") from e
         return files, audios
 
-    def write_audio(self, tokens: Any, path: Path) -> str:
-        import soundfile as sf
-
+    def write_audio(self, tokens: Any, path: Path, seed: int | None = None) -> str:
         assert self.codec is not None
-        wav = self.codec.decode(tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), wav.detach().float().cpu().numpy().T, int(self.codec.sample_rate), format="FLAC")
-        return str(path)
+        return write_flac(self.codec.decode(tokens, seed=seed), int(self.codec.sample_rate), path)
 
     def run(self) -> int:
         if not self.input.is_file():
@@ -584,7 +594,63 @@ class Runner:
         return 1 if n_bad else 0
 
 
+def write_flac(wav: Any, sample_rate: int, path: Path) -> str:
+    """``wav [channels, samples]`` -> a FLAC file (24-bit), written to a temp name and renamed."""
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        sf.write(str(tmp), wav.detach().float().cpu().numpy().T, sample_rate, format="FLAC", subtype="PCM_24")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+def decode_main(argv: Sequence[str]) -> int:
+    """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt``, [3, T] as
+    levo-infer writes them) -> ``OUT_DIR/<name>.flac``. A file that cannot be decoded is reported
+    and skipped (exit status 1); the others are written."""
+    import torch
+
+    ap = argparse.ArgumentParser(prog="levo-infer decode", description=decode_main.__doc__.splitlines()[0])
+    ap.add_argument("tokens_dir", help="folder of token files (e.g. OUT_DIR/tokens of an earlier levo-infer run)")
+    ap.add_argument("out_dir", help="folder for the .flac files")
+    ap.add_argument("--codec", required=True, metavar="CODEC_DIR", help="codec folder (model_septoken/, vae/)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed; file i (sorted) uses seed + i (default 0)")
+    a = ap.parse_args(list(argv))
+    src, out = Path(a.tokens_dir), Path(a.out_dir)
+    files = sorted(src.glob("*.pt")) if src.is_dir() else []
+    if not files:
+        print(f"levo-infer decode: error: {src}: no token files (*.pt)", file=sys.stderr)
+        return 2
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    try:
+        codec = load_codec(a.codec, dev)
+    except UsageError as e:
+        print(f"levo-infer decode: error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for i, f in enumerate(files):
+        try:
+            toks = torch.load(f, map_location="cpu", weights_only=True)
+            if not isinstance(toks, torch.Tensor):
+                raise ValueError(f"holds a {type(toks).__name__}, expected a LongTensor [3, T]")
+            path = write_flac(codec.decode(toks, seed=a.seed + i), int(codec.sample_rate), out / f"{f.stem}.flac")
+            print(f"levo-infer decode: {f} -> {path}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one bad file fails alone
+            failed += 1
+            print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"levo-infer decode: {len(files) - failed} of {len(files)} file(s) decoded -> {out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "decode":
+        return decode_main(argv[1:])
     args = parse_args(argv)
     try:
         return Runner(args).run()

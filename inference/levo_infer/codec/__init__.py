@@ -1,11 +1,53 @@
-"""Native LeVo codec decoder (song tokens -> 48 kHz stereo); being built (issue #11)."""
+"""Native LeVo codec decoder: song tokens -> 48 kHz stereo, from the released runtime files.
+
+``load_decoder(ckpt_dir)`` (:mod:`levo_infer.codec.decoder`) gives a :class:`Decoder` whose
+``decode(tokens [B,3,T], mode)`` returns ``(waveform [B,2,N], 48000)``; :mod:`.flow` holds the RVQ
+look-up, the flow-matching estimator and its Euler/CFG solver, :mod:`.vae` the Oobleck VAE decoder,
+:mod:`.encoder` the encoder side (an adapter to a SongGeneration checkout).
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import torch
+
+from .decoder import (
+    DECODE_MODES,
+    SAMPLE_RATE,
+    CodecError,
+    Decoder,
+    find_codec_dir,
+    is_codec_dir,
+    load_decoder,
+    output_samples,
+)
+
+
+class SongCodec:
+    """What ``levo-infer`` calls: one song's token file ``[3,T]`` -> waveform ``[2,N]``, decoded as
+    stored (the file's rows already carry a single-stream mode's silent codes), its noise drawn
+    from ``seed`` (the released decoder never seeds it; ours reproduces a song's audio)."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.sample_rate = decoder.sample_rate
+
+    def decode(self, tokens: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        wav, _ = self.decoder.decode(tokens[None] if tokens.dim() == 2 else tokens, "mixed", generator=g)
+        return wav[0]
+
 
 def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Any:
-    """None until the decoder lands: levo-infer then writes tokens only."""
-    return None
+    """:class:`SongCodec` over the codec folder ``ckpt_dir``; on CUDA the solver runs under fp16
+    autocast as released (the VAE in fp32)."""
+    dec = load_decoder(ckpt_dir, device=device)
+    if torch.device(device).type == "cuda":
+        dec.autocast = torch.float16
+    return SongCodec(dec)
+
+
+__all__ = ["DECODE_MODES", "SAMPLE_RATE", "CodecError", "Decoder", "SongCodec", "find_codec_dir", "is_codec_dir",
+           "load_codec", "load_decoder", "output_samples"]
