@@ -1,0 +1,86 @@
+"""Codec decoder speed on CPU (not a test): real-time factor of the tiny released-layout decoder, and a
+projection for the real size from timed pieces of it (random weights in the released shapes).
+
+* tiny: ``tests/codec_fixtures.py`` files (2 estimator layers of width 200, 4-channel VAE), a
+  1100-frame song (44 s, two windows), 10 Euler steps with CFG as released, fp32.
+* real size, projected: one estimator layer at width 2200 over 1000 frames, batch 2 (CFG), timed and
+  scaled to 16 layers x 10 steps, plus the real VAE decoding 128 latent frames (one chunk), scaled to a
+  window's 10 chunks. A song of T frames takes ``(T'-250)/750`` windows (``T'`` tiled), each giving
+  30 s of new audio beyond the first window's 40 s.
+
+    OMP_NUM_THREADS=1 python eval/bench/bench_codec.py [--skip-real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def tiny(frames: int) -> dict:
+    from codec_fixtures import write_tiny_codec
+
+    from levo_infer.codec.decoder import load_decoder, n_windows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dec = load_decoder(write_tiny_codec(tmp))
+        tokens = torch.randint(0, 16384, (1, 3, frames), generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        wav, sr = dec.decode(tokens, generator=torch.Generator().manual_seed(0))
+        dt = time.perf_counter() - t0
+    secs = wav.shape[-1] / sr
+    return {"frames": frames, "windows": n_windows(frames), "audio_s": secs, "decode_s": dt, "rtf": dt / secs}
+
+
+def real_projection() -> dict:
+    from levo_infer.codec.flow import FlowEstimator
+    from levo_infer.codec.vae import OobleckDecoder, VAEConfig
+
+    torch.manual_seed(0)
+    est = FlowEstimator(layers=1, width=2200, heads=20).eval()
+    x, t = torch.randn(2, 1000, 2200), torch.rand(2)
+    with torch.no_grad():
+        est(x, t)  # warm-up
+        t0 = time.perf_counter()
+        est(x, t)
+        layer_s = time.perf_counter() - t0
+    del est
+    vae = OobleckDecoder(VAEConfig()).eval()
+    lat = torch.randn(1, 64, 128)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        vae.decode(lat)
+        chunk_s = time.perf_counter() - t0
+    window_s = layer_s * 16 * 10 + chunk_s * 10
+    return {"estimator_layer_s": layer_s, "vae_chunk_s": chunk_s, "window_s": window_s,
+            "rtf_first_window": window_s / 40, "rtf_later_windows": window_s / 30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=1100)
+    ap.add_argument("--skip-real", action="store_true")
+    a = ap.parse_args()
+    print(f"threads: {torch.get_num_threads()}")
+    r = tiny(a.frames)
+    print(f"tiny decoder: {r['frames']} frames ({r['audio_s']:.1f} s of audio, {r['windows']} windows) in "
+          f"{r['decode_s']:.2f} s: real-time factor {r['rtf']:.3f}")
+    if not a.skip_real:
+        p = real_projection()
+        print(f"real size (random weights): one estimator layer over 1000 frames x 2 (CFG) {p['estimator_layer_s']:.2f} s, "
+              f"VAE 128 latent frames {p['vae_chunk_s']:.2f} s -> one window ~{p['window_s'] / 60:.1f} min; "
+              f"real-time factor ~{p['rtf_first_window']:.0f} (first 40 s), ~{p['rtf_later_windows']:.0f} "
+              "(each further 30 s); a 270 s song (9 windows) ~"
+              f"{9 * p['window_s'] / 60:.0f} min")
+
+
+if __name__ == "__main__":
+    main()
