@@ -84,3 +84,29 @@ def test_encoder_spec_and_checkout_errors(checkout, tmp_path):
     (root / "codeclm" / "models" / "builders.py").write_text("x = 1\n")
     with pytest.raises(EncoderError, match="get_audio_tokenizer_model"):
         load_encoder(f"songgeneration:{root}", config=cfg)
+
+
+def test_levo_infer_encodes_an_audio_prompt_with_the_checkout(checkout, tmp_path, capsys):
+    root, cfg = checkout
+    from levo_infer.cli import main
+    from levo_infer.config import make_config
+    from levo_infer.model import LeLM
+
+    torch.manual_seed(0)
+    m = LeLM(make_config(dim=32, num_heads=2, num_layers=1, num_layers_sub=1, intermediate_size=64, code_size=256,
+                         delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=40,
+                         text_words=["<unk>", ".", ",", ";", "la", "da", "rock"]))
+    m.init_weights()
+    m.save(str(tmp_path / "lm"))
+    with open(tmp_path / "lm" / "config.yaml", "a") as f:  # a released config names the tokenizer checkpoints
+        f.write(cfg.read_text())
+    (tmp_path / "ref.flac").write_bytes(b"")  # the stand-in separator does not read it
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"idx": "a", "gt_lyric": "[verse] la da", "prompt_audio_path": "ref.flac"}\n')
+    out = tmp_path / "out"
+    args = [str(tmp_path / "lm"), str(src), str(out), "--duration", "0.2", "--seed", "1", "--tokens-only"]
+    assert main(args) == 1  # without an encoder an audio prompt is a bad line naming the way out
+    assert "--codec-encoder songgeneration:PATH" in capsys.readouterr().err
+    assert main([*args, "--codec-encoder", f"songgeneration:{root}"]) == 0, capsys.readouterr().err
+    rec = [r for r in (out / "jsonl" / "in.jsonl").read_text().splitlines()][0]
+    assert '"frames": 30' in rec and '"source": "prompt_audio_path"' in rec

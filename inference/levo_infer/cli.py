@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{m}", dest="mode", action="store_const", const=m, help=argparse.SUPPRESS)
     g.add_argument("--codec", default=None, metavar="CODEC_DIR",
                    help="codec folder (released runtime ckpt/: model_septoken/, vae/); default: found beside CKPT_DIR")
+    g.add_argument("--codec-encoder", default=None, metavar="songgeneration:PATH",
+                   help="encode audio prompt_audio_path files with your SongGeneration checkout at PATH")
     g.add_argument("--tokens-only", "--tokens_only", action="store_true",
                    help="write tokens only, never audio")
     s = ap.add_argument_group("sampling")
@@ -224,11 +226,11 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, library: Any, base_seed: int,
-               seen: dict[str, int]) -> Song:
+               seen: dict[str, int], encoder: Any = None) -> Song:
     """Validate one JSONL line and build its :class:`Song` (raises :class:`LineError`)."""
     from .generate import released_style
     from .lyrics import LyricError, normalize_lyrics
-    from .prompts import PromptError, load_prompt_tokens
+    from .prompts import AUDIO_SUFFIXES, PromptError, check_prompt_tokens, load_prompt_tokens
 
     try:
         item = json.loads(line)
@@ -287,7 +289,13 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
             if not p.is_absolute() and not p.exists():
                 alt = Path(args.input_jsonl).parent / p
                 p = alt if alt.exists() else p
-            song.prompt = load_prompt_tokens(p, code_depth=K, code_size=code_size)
+            if encoder is not None and p.suffix.lower() in AUDIO_SUFFIXES:
+                if not p.is_file():
+                    raise PromptError(f"prompt_audio_path {p}: file not found")
+                song.prompt = check_prompt_tokens(encoder.encode_file(p)[0], code_depth=K, code_size=code_size,
+                                                  source=f"prompt_audio_path {p} (encoded by --codec-encoder)")
+            else:
+                song.prompt = load_prompt_tokens(p, code_depth=K, code_size=code_size)
             song.prompt_info = {"source": "prompt_audio_path", "path": str(p), "frames": int(song.prompt.shape[1])}
         elif has_auto:
             kind = item["auto_prompt_audio_type"]
@@ -398,6 +406,15 @@ class Runner:
                 f"{self.model.max_frames} frames ({most:g} s) after the {cfg.prefix_len} conditioning positions and "
                 f"the delay tail of {cfg.max_delay}: pass --duration {most:g} or less")
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
+        self.encoder = None
+        if a.codec_encoder:
+            from .codec.encoder import EncoderError, load_encoder
+
+            try:
+                self.encoder = load_encoder(a.codec_encoder, config=Path(a.ckpt_dir) / "config.yaml",
+                                            device=str(self.device))
+            except EncoderError as e:
+                raise UsageError(str(e)) from None
         self.codec = None
         if not a.tokens_only:
             from .codec import find_codec_dir
@@ -448,7 +465,7 @@ class Runner:
                 pass
             try:
                 song = parse_song(n, line, args=self.args, model=self.model, library=self.library,
-                                  base_seed=self.base_seed, seen=seen)
+                                  base_seed=self.base_seed, seen=seen, encoder=self.encoder)
             except LineError as e:
                 self.fail(n, idx, str(e))
                 continue

@@ -76,8 +76,9 @@ def load_prompt_tokens(path: str | os.PathLike, *, code_depth: int = 3, code_siz
     if suffix in AUDIO_SUFFIXES:
         raise PromptError(
             f"prompt_audio_path {p}: this is an audio file; turning audio into prompt tokens needs the audio "
-            "encoder (demucs + MusicFM + RVQ), which levo-infer does not ship yet. Pass a token file instead: "
-            f".pt or .npy holding integer tokens [{code_depth}, T] (mixed, vocal, bgm at 25 Hz)")
+            "encoder (demucs + MusicFM + RVQ), which levo-infer does not ship: pass --codec-encoder "
+            "songgeneration:PATH (your SongGeneration checkout encodes it), or a token file: .pt or .npy "
+            f"holding integer tokens [{code_depth}, T] (mixed, vocal, bgm at 25 Hz)")
     if not p.is_file():
         raise PromptError(f"prompt_audio_path {p}: file not found")
     if suffix not in TOKEN_SUFFIXES:

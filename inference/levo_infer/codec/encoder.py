@@ -84,12 +84,17 @@ class SongGenerationEncoder:
         from omegaconf import OmegaConf
 
         self.cfg = OmegaConf.load(str(config))
+        keys = ("audio_tokenizer_checkpoint", "audio_tokenizer_checkpoint_sep")
+        missing = [k for k in keys if not self.cfg.get(k)]
+        if missing:
+            raise EncoderError(f"{config}: no {' / '.join(missing)}: the encoder adapter needs a released model "
+                               "folder's config.yaml (it names the tokenizer checkpoints)")
         self.device = device
         with _checkout_on_path(self.root):
             builders = importlib.import_module("codeclm.models.builders")
             get = _attr(builders, "get_audio_tokenizer_model", "codeclm.models.builders")
-            self.mixed = get(str(self.cfg.audio_tokenizer_checkpoint), self.cfg)
-            self.separate = get(str(self.cfg.audio_tokenizer_checkpoint_sep), self.cfg)
+            self.mixed = get(str(self.cfg[keys[0]]), self.cfg)
+            self.separate = get(str(self.cfg[keys[1]]), self.cfg)
             self._separator: Any = None
 
     def encode(self, mix: torch.Tensor, vocal: torch.Tensor, bgm: torch.Tensor) -> torch.Tensor:
