@@ -11,8 +11,9 @@ The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``,
 ``--generate_type``) are accepted too.
 
 Input: one JSON object per line with ``idx`` (output name), ``gt_lyric``, optional ``descriptions``
-and optional ``prompt_audio_path`` (a prompt *token* file until the audio encoder lands, see
-:mod:`levo_infer.prompts`) or ``auto_prompt_audio_type`` (needs ``--auto-prompt-file``). A bad
+and optional ``prompt_audio_path`` (a prompt token file, see :mod:`levo_infer.prompts`, or an audio
+file with ``--codec-encoder songgeneration:PATH``) or ``auto_prompt_audio_type`` (needs
+``--auto-prompt-file``). A bad
 line is reported with its line number and the broken rule; the other songs are still generated
 and the exit status is 1 (also when the file holds no song at all). ``idx`` must fit a file name:
 at most :data:`IDX_MAX_BYTES` bytes in UTF-8.
