@@ -68,18 +68,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1100)
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
     print(f"threads: {torch.get_num_threads()}")
     r = tiny(a.frames)
     print(f"tiny decoder: {r['frames']} frames ({r['audio_s']:.1f} s of audio, {r['windows']} windows) in "
           f"{r['decode_s']:.2f} s: real-time factor {r['rtf']:.3f}")
+    out = {"tiny": r}
     if not a.skip_real:
-        p = real_projection()
+        p = out["real_projection"] = real_projection()
         print(f"real size (random weights): one estimator layer over 1000 frames x 2 (CFG) {p['estimator_layer_s']:.2f} s, "
               f"VAE 128 latent frames {p['vae_chunk_s']:.2f} s -> one window ~{p['window_s'] / 60:.1f} min; "
               f"real-time factor ~{p['rtf_first_window']:.0f} (first 40 s), ~{p['rtf_later_windows']:.0f} "
               "(each further 30 s); a 270 s song (9 windows) ~"
               f"{9 * p['window_s'] / 60:.0f} min")
+    if a.json is not None:
+        import json
+
+        a.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

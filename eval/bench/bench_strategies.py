@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=704)
     ap.add_argument("--code-size", type=int, default=1024)
     ap.add_argument("--only", nargs="*", default=["ddp", "fsdp2", "zero2", "zero3"])
+    ap.add_argument("--json", type=Path, default=None, help="also write the summary rows here")
     a = ap.parse_args()
     a.lr, a.seed, a.bench = 1e-3, 0, True
     if a.strategy is not None:
@@ -168,6 +169,7 @@ def main() -> None:
         return [sum(k["losses"][s] for k in rk) / len(rk) for s in range(len(rk[0]["losses"]))]
 
     ref = mean_losses(results["ddp"]["ranks"]) if "ddp" in results else None
+    summary: dict[str, Any] = {}
     for name, r in results.items():
         rk = r["ranks"]
         t = sorted(x for k in rk for x in k["step_times"][2:])
@@ -179,9 +181,13 @@ def main() -> None:
         same = "—"
         if ref is not None and name != "ddp":
             same = f"max diff {max(abs(x - y) for x, y in zip(mean_losses(rk), ref)):.1e}"
+        summary[name] = {"step_ms": t[len(t) // 2] * 1e3, "peak_rss_mib": peak / mib, "above_pg_mib": above / mib,
+                         "held_mib": held / mib, "model_mib": predicted[name] / mib, "loss_diff": same}
         print(f"| {name} | {t[len(t) // 2] * 1e3:.0f} ms | {peak / mib:.0f} MiB ({above / mib:.0f} above the "
               f"process group) | {held / mib:.1f} MiB "
               f"| {predicted[name] / mib:.1f} MiB | {same} |")
+    if a.json is not None:
+        a.json.write_text(json.dumps({"params_m": n / 1e6, "strategies": summary}, indent=1))
 
 
 if __name__ == "__main__":

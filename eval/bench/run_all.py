@@ -1,0 +1,296 @@
+"""Run every benchmark the README's performance table cites and regenerate that table (not a test).
+
+Each benchmark runs as its own process (``OMP_NUM_THREADS`` as given, default 1), its JSON result
+is kept under ``--out`` (default ``bench-results/<date>/``), and each table row names the command
+that produced it, the machine and the date. The table between the ``perf-table`` markers of
+README.md is replaced (``--no-readme`` to leave the README alone); rows measured by hand (whole
+recipe runs, GPU checks) live in the README's other table and are not touched.
+
+    OMP_NUM_THREADS=1 python eval/bench/run_all.py [--only NAME ...] [--quick] [--no-readme]
+    eval/bench/run_all                         # the same, as a command
+
+``--quick`` shrinks the slow ones (fewer repeats, no 1 GiB load file) for a smoke run. The sDPO
+cycle needs a toy SFT export: ``--sdpo-init PATH``, else a short toy SFT run (300 steps) is made
+first. PER throughput is measured by ``eval/bench/bench_per.py`` when the ``.[eval]`` extra and its
+test assets are installed, and skipped (said so in the row) otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+START, END = "<!-- perf-table:start (eval/bench/run_all.py writes this table) -->", "<!-- perf-table:end -->"
+
+Row = tuple[str, str, str]  # what, ours, reference
+
+
+@dataclass
+class Bench:
+    name: str
+    command: list[str]                 # argv after `python`, relative to the repo
+    rows: Callable[[dict[str, Any]], list[Row]]
+    json_flag: bool = False            # the script writes its JSON with --json PATH (else: last JSON on stdout)
+    timeout: int = 900
+
+
+def _f(x: float, nd: int = 2) -> str:
+    return f"{x:.{nd}f}"
+
+
+# ----------------------------------------------------------------------------- row formatters
+def rows_train(r: dict) -> list[Row]:
+    m, c = r["model"], r["model"]["config"]
+    out = [(f"training step, LeLM dim {c['dim']}, {c['layers']}+{c['layers_sub']} layers, {c['code_size']} codes, "
+            f"batch {c['batch']} × {c['frames']} frames", f"{m['ours_frames_per_s']:.0f} frames/s",
+            f"our re-creation of the released step (not the released code): {m['naive_frames_per_s']:.0f} frames/s "
+            f"(**{m['speedup']:.1f}×**); losses {m['loss_ours']:.4f} / {m['loss_naive']:.4f}")]
+    ld = r.get("loader")
+    if ld:
+        w = {k: v for k, v in ld.items() if k.startswith("workers")}
+        ours = ", ".join(f"{v / 1e3:.0f}k frames/s ({k.removeprefix('workers').removesuffix('_frames_per_s')} workers)"
+                         for k, v in w.items())
+        tm = ld.get("toy_model_frames_per_s")
+        ref = f"the toy SFT model trains at {tm / 1e3:.1f}k frames/s: the loader is {max(w.values()) / tm:.0f}× faster" \
+            if tm else "—"
+        out.append(("data loader (toy shards, batch 32)", ours, ref))
+    return out
+
+
+def rows_dpo(r: dict) -> list[Row]:
+    c, ratio = r["config"], r["ratio_to_sft"]
+    return [(f"DPO step vs SFT step on the same songs (dim {c['dim']}, {c['layers']}+{c['layers_sub']} layers, "
+             f"{c['code_size']} codes, {r['batch'].get('songs', '')} songs)",
+             f"precomputed reference: {ratio['dpo_precomputed']:.2f}× the SFT step",
+             f"live reference model: {ratio['dpo_live']:.2f}× (goal ≤ 2.2×)")]
+
+
+def rows_infer(r: dict) -> list[Row]:
+    out: list[Row] = []
+    gen = r.get("generation") or []
+    if gen:
+        cache = {(g["batch"], g["frames_per_song"]): g for g in gen if g["path"] == "kv-cache"}
+        nocache = {(g["batch"], g["frames_per_song"]): g for g in gen if g["path"] == "no-cache"}
+        for (b, f), g in sorted(cache.items()):
+            ref = nocache.get((b, f))
+            out.append((f"generation, batch {b}, {f} frames/song (released 952-token prefix, CFG)",
+                        f"{g['frames_per_s']:.0f} frames/s",
+                        f"our own generate without the KV cache (not the released code): {ref['frames_per_s']:.1f} "
+                        f"frames/s ({g['frames_per_s'] / ref['frames_per_s']:.0f}×)" if ref else "—"))
+    for row in r.get("loading") or []:
+        out.append((f"loading a {row['file_gib']:.2f} GiB bf16 model.pt, mode `{row['mode']}` (peak RSS)",
+                    f"{row['peak_over_file']:.2f} × file, {row['peak_over_model']:.2f} × the fp32 model",
+                    "`recreated-released-load` is our re-creation of the released load, not the released code"
+                    if row["mode"] != "recreated-released-load" else "our re-creation of the released load"))
+    return out
+
+
+def rows_strategies(r: dict) -> list[Row]:
+    s = r["strategies"]
+    ours = "; ".join(f"{k} {v['step_ms']:.0f} ms, held {v['held_mib']:.1f} MiB, peak RSS +{v['above_pg_mib']:.0f} MiB"
+                     for k, v in s.items())
+    ref = "memory model (static bytes per rank): " + ", ".join(f"{k} {v['model_mib']:.1f} MiB" for k, v in s.items())
+    return [(f"training step per strategy, 2 CPU ranks (gloo), {r['params_m']:.1f} M parameters", ours, ref)]
+
+
+def rows_lora(r: Any) -> list[Row]:
+    rows = {x["variant"]: x for x in (r if isinstance(r, list) else r.get("rows", []))}
+    f, lo = rows.get("full"), rows.get("lora")
+    if not (f and lo):
+        return []
+    return [(f"DPO step memory, {f['params'] / 1e6:.0f} M parameters: peak RSS above the policy's weights",
+             f"LoRA r 16, adapters-off reference: {lo['peak_above_policy_mib']:.0f} MiB ({lo['step_seconds']:.1f} s/step)",
+             f"full fine-tuning with a frozen reference copy: {f['peak_above_policy_mib']:.0f} MiB "
+             f"({f['step_seconds']:.1f} s/step)")]
+
+
+def rows_sdpo(r: dict) -> list[Row]:
+    m, p = r.get("measured_cpu"), r["projected_gpu"]
+    out: list[Row] = []
+    if m:
+        sh = m["share"]
+        out.append((f"one semi-online DPO cycle on the toy world ({m['candidates']} candidates, {m['scorer']} scorer)",
+                    f"{m['cycle_seconds']:.1f} s: generate {sh['generate']:.0%}, score {sh['score']:.0%}, "
+                    f"train {sh['train']:.0%}",
+                    f"v2-large on one GPU, projected: {sum(p['seconds'].values()) / 3600:.2f} h per cycle "
+                    f"(generate {p['share']['generate']:.0%}, train {p['share']['train']:.0%})"))
+    return out
+
+
+def rows_codec(r: dict) -> list[Row]:
+    t = r["tiny"]
+    out = [(f"codec decoder, tiny released-layout files, {t['audio_s']:.0f} s of audio ({t['windows']} windows)",
+            f"{t['decode_s']:.1f} s: real-time factor {t['rtf']:.2f}", "—")]
+    p = r.get("real_projection")
+    if p:
+        out.append(("codec decoder at the real size (random weights), projected from timed pieces",
+                    f"~{p['window_s'] / 60:.1f} min per 40 s window (real-time factor ~{p['rtf_later_windows']:.0f})",
+                    f"estimator layer {p['estimator_layer_s']:.2f} s per solver step, VAE {p['vae_chunk_s']:.1f} s per "
+                    "128-frame chunk"))
+    return out
+
+
+def rows_per(r: dict) -> list[Row]:
+    if r.get("skipped"):
+        return [("PER throughput (offline Whisper ASR + G2P)", f"skipped: {r['skipped']}", "—")]
+    return [(f"PER throughput, {r.get('model', 'Whisper')} via faster-whisper, {r.get('songs', '?')} songs",
+             f"real-time factor {r['rtf']:.3f} ({r.get('audio_s', 0):.0f} s of audio in {r.get('seconds', 0):.1f} s)",
+             f"corpus PER {r['corpus_per']:.3f} on matching lyrics" if "corpus_per" in r else "—")]
+
+
+def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
+    q = quick
+    return [
+        Bench("train", ["eval/bench/bench_train.py", "--steps", "3" if q else "5"], rows_train),
+        Bench("dpo", ["eval/bench/bench_dpo.py", "--repeats", "3" if q else "7"], rows_dpo),
+        Bench("infer", ["eval/bench/bench_infer.py", *(["--skip-load"] if q else []), "--json", "{json}"], rows_infer,
+              json_flag=True, timeout=1500),
+        Bench("strategies", ["eval/bench/bench_strategies.py", "--json", "{json}"], rows_strategies, json_flag=True),
+        Bench("lora_memory", ["eval/bench/bench_lora_memory.py", *(["--dim", "256"] if q else [])], rows_lora),
+        Bench("sdpo", ["eval/bench/bench_sdpo.py", "--init", sdpo_init or "{sft_export}",
+                       *(["--prompts", "60", "--sync-every", "10"] if q else [])], rows_sdpo),
+        Bench("codec", ["eval/bench/bench_codec.py", "--json", "{json}"], rows_codec, json_flag=True),
+        Bench("per", ["eval/bench/bench_per.py", "--json", "{json}"], rows_per, json_flag=True),
+    ]
+
+
+# ----------------------------------------------------------------------------- running
+def last_json(text: str) -> Any:
+    """The last top-level JSON value printed (objects may span lines)."""
+    dec = json.JSONDecoder()
+    found, i = None, 0
+    while True:
+        j = min((k for k in (text.find("{", i), text.find("[", i)) if k >= 0), default=-1)
+        if j < 0:
+            return found
+        try:
+            found, end = dec.raw_decode(text, j)
+            i = end
+        except json.JSONDecodeError:
+            i = j + 1
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (f"{os.cpu_count()} × {cpu}, torch {torch.__version__}, "
+            f"{os.environ.get('OMP_NUM_THREADS', '1')} thread(s)")
+
+
+def make_sft_export(work: Path) -> Path:
+    run = work / "sft"
+    cmd = [sys.executable, "-m", "levo_train.cli", "recipe=sft", f"run_dir={run}", "trainer.max_steps=300",
+           "trainer.val_check_interval=300", "trainer.enable_progress_bar=false", "logger=none"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+    return run / "export"
+
+
+def run_bench(b: Bench, out: Path, env: dict[str, str], fill: dict[str, str]) -> tuple[Any, float, str]:
+    jpath = out / f"{b.name}.json"
+    argv = [a.replace("{json}", str(jpath)).format(**fill) if "{" in a else a for a in b.command]
+    script = REPO / argv[0]
+    if not script.is_file():
+        return {"skipped": f"{argv[0]} does not exist"}, 0.0, " ".join(argv)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=b.timeout)
+    secs = time.perf_counter() - t0
+    (out / f"{b.name}.log").write_text(p.stdout + "\n--- stderr\n" + p.stderr)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        if b.name == "per" and "skip" in p.stdout.lower() + p.stderr.lower():
+            return {"skipped": tail}, secs, " ".join(argv)
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {tail}")
+    res = json.loads(jpath.read_text()) if b.json_flag and jpath.is_file() else last_json(p.stdout)
+    if not b.json_flag:
+        jpath.write_text(json.dumps(res, indent=1))
+    return res, secs, " ".join(argv)
+
+
+def table(rows: list[tuple[str, str, str, str]], mach: str, date: str) -> str:
+    head = [START, "", f"Regenerated by `OMP_NUM_THREADS=1 python eval/bench/run_all.py` on {date}: {mach}.", "",
+            "| what | ours | reference | command |", "|---|---|---|---|"]
+    body = [f"| {w} | {o} | {r} | `{c}` |" for w, o, r, c in rows]
+    return "\n".join(head + body + ["", END])
+
+
+def write_readme(text: str) -> None:
+    s = README.read_text()
+    if START in s and END in s:
+        a, b = s.index(START), s.index(END) + len(END)
+        s = s[:a] + text + s[b:]
+    else:
+        anchor = "## Performance\n"
+        if anchor not in s:
+            raise SystemExit("README.md has no '## Performance' section to put the table in")
+        i = s.index(anchor) + len(anchor)
+        s = s[:i] + "\n" + text + "\n" + s[i:]
+    tmp = README.with_name(f".README.md.tmp{os.getpid()}")
+    tmp.write_text(s)
+    os.replace(tmp, README)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="benchmark names (default: all)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sdpo-init", default=None, help="toy SFT export for the sDPO cycle (default: trained first)")
+    ap.add_argument("--no-readme", action="store_true")
+    a = ap.parse_args()
+    date = dt.date.today().isoformat()
+    out = a.out or REPO / "bench-results" / date
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="offline")
+    selected = [b for b in benches(a.quick, a.sdpo_init) if a.only is None or b.name in a.only]
+    unknown = set(a.only or []) - {b.name for b in benches(False, None)}
+    if unknown:
+        ap.error(f"unknown benchmark(s) {sorted(unknown)}")
+    fill: dict[str, str] = {}
+    rows: list[tuple[str, str, str, str]] = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(b.name == "sdpo" for b in selected) and not a.sdpo_init:
+            print("run_all: training a 300-step toy SFT export for the sDPO cycle ...", file=sys.stderr, flush=True)
+            fill["sft_export"] = str(make_sft_export(Path(tmp)))
+        for b in selected:
+            print(f"run_all: {b.name} ...", file=sys.stderr, flush=True)
+            res, secs, cmd = run_bench(b, out, env, fill)
+            cmd = re.sub(r"--json \S+", "", cmd).replace(fill.get("sft_export", "\0"), "SFT_EXPORT").strip()
+            got = b.rows(res) if not (isinstance(res, dict) and res.get("skipped")) or b.name == "per" else [
+                (b.name, f"skipped: {res['skipped']}", "—")]
+            rows += [(w, o, r, f"OMP_NUM_THREADS=1 python {cmd}") for w, o, r in got]
+            print(f"run_all: {b.name} done in {secs:.0f} s", file=sys.stderr, flush=True)
+    text = table(rows, machine(), date)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    if not a.no_readme and a.only is None:
+        write_readme(text)
+        print(f"run_all: README.md table regenerated ({len(rows)} rows)", file=sys.stderr)
+    print(f"run_all: {time.perf_counter() - t_all:.0f} s in all; results in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
