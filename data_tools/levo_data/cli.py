@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from levo_data.catalogue import CATALOGUE_COMMANDS
 from levo_data.offline import OFFLINE_COMMANDS
 from levo_data.prefs import PREF_COMMANDS
 
@@ -117,6 +118,8 @@ COMMANDS: dict[str, Command] = {
 COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in PREF_COMMANDS.items()})
 # offline candidates at scale: sample, score (levo_data.offline)
 COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in OFFLINE_COMMANDS.items()})
+# catalogue -> training shards: shards (levo_data.catalogue)
+COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in CATALOGUE_COMMANDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
