@@ -12,6 +12,9 @@ spec string (``--scorer``) for every scorer the offline pipeline can use.
   ``fn(waveform: np.ndarray [2, N] float32, sample_rate: int, song: Song) -> {dimension: score}``.
 * :func:`load_scorer` — ``toy`` | ``toy:SEED`` | ``rm:EXPORT_DIR`` | ``audio:MODULE:FUNCTION`` |
   ``callable:MODULE:FUNCTION`` | ``weighted:SPEC=W,SPEC=W,...`` | ``weighted:FILE.json``.
+* :func:`load_audio_fn` — the one loader of audio scorer functions (``AudioScorer``, ``audio:``
+  specs, ``levo-eval audio-score``): ``fn(waveform, sample_rate)`` works as well as
+  ``fn(waveform, sample_rate, song)``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,35 @@ def load_callable(spec: str, *, setting: str = "callable") -> Callable[..., Any]
     if not callable(obj):
         raise ValueError(f"{setting} {spec!r}: {mod_name}.{attr} is a {type(obj).__name__}, not callable")
     return obj
+
+
+def load_audio_fn(fn: Callable[..., Any] | str, *, setting: str = "audio scorer function") -> Callable[..., Any]:
+    """An audio scorer function (a callable, or ``"module:function"`` through :func:`load_callable`)
+    as ``f(waveform [C, N], sample_rate, song=None, **context)``. The function may take
+    ``(waveform, sample_rate)`` or ``(waveform, sample_rate, song)``: ``song`` (a :class:`Song`;
+    None where there is none, as in ``levo-eval audio-score``) goes only to functions with a third
+    positional parameter, each ``context`` keyword only to functions declaring it (or ``**kwargs``).
+    The one loader of :class:`AudioScorer`, ``audio:`` specs and ``levo-eval audio-score``."""
+    f = load_callable(fn, setting=setting) if isinstance(fn, str) else fn
+    if not callable(f):
+        raise ValueError(f"{setting}: {f!r} is not callable")
+    try:
+        params = list(inspect.signature(f).parameters.values())
+    except (TypeError, ValueError):  # no signature (some builtins): the AudioScorer call
+        return lambda waveform, sample_rate, song=None, **context: f(waveform, sample_rate, song)
+    P = inspect.Parameter
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    takes_song = len(positional) >= 3 or any(p.kind is P.VAR_POSITIONAL for p in params)
+    used = {p.name for p in positional[:3 if takes_song else 2]}
+    any_kw = any(p.kind is P.VAR_KEYWORD for p in params)
+    named = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)} - used
+
+    def call(waveform: Any, sample_rate: int, song: Any = None, **context: Any) -> Any:
+        kw = {k: v for k, v in context.items() if any_kw or k in named}
+        return f(waveform, sample_rate, song, **kw) if takes_song else f(waveform, sample_rate, **kw)
+
+    call.__wrapped__ = f  # type: ignore[attr-defined]
+    return call
 
 
 def _call_factory(factory: Callable[..., Any], **kw: Any) -> Any:
@@ -178,7 +210,8 @@ class AudioScorer:
     ``codec.decode(tokens [B, 3, T] LongTensor, mode=mode)`` must return ``(waveform [B, C, N]
     float, sample_rate)``; songs of equal length are decoded together (``batch_size`` at most).
     ``fn`` (a callable or ``"module:function"``) gets one song's waveform as a float32
-    ``np.ndarray [C, N]``, its sample rate and the :class:`Song`, and returns ``{dimension: score}``.
+    ``np.ndarray [C, N]``, its sample rate and the :class:`Song` (not given to a function of two
+    parameters, see :func:`load_audio_fn`), and returns ``{dimension: score}``.
     ``sample_rate``: the rate ``fn`` wants (None: the codec's); a different codec rate is resampled
     with torchaudio, which must then be installed. ``dimensions``: the names ``fn`` must return
     (default: those of its first result). ``overall``: one of them, or a new key holding their mean
@@ -192,7 +225,7 @@ class AudioScorer:
             raise ValueError(f"AudioScorer codec {type(codec).__name__} has no decode(tokens, mode=...) method")
         self.codec = codec
         self.fn_name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
-        self.fn = load_callable(fn, setting="audio scorer function") if isinstance(fn, str) else fn
+        self.fn = load_audio_fn(fn)
         self.mode = mode
         self.sample_rate = sample_rate
         self.batch_size = max(1, int(batch_size))
@@ -369,5 +402,5 @@ def load_scorer(spec: str, *, device: str = "cpu", world_seed: int = 0, setting:
     raise ValueError(f"{setting} {spec!r}: unknown scorer; expected one of: " + "; ".join(SPEC_FORMS))
 
 
-__all__ = ["SPEC_FORMS", "AudioScorer", "WeightedScorer", "check_scorer", "load_callable", "load_codec_factory",
-           "load_scorer", "weighted_from_json"]
+__all__ = ["SPEC_FORMS", "AudioScorer", "WeightedScorer", "check_scorer", "load_audio_fn", "load_callable",
+           "load_codec_factory", "load_scorer", "weighted_from_json"]

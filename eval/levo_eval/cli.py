@@ -15,6 +15,13 @@ the combined standard error of two independent means, the conservative figure) a
 held-out toy songs from the policy, scores them with the reward model and prints, as its last line,
 one JSON object: for ``overall`` (against the hidden quality) and each dimension ``{"lcc", "srcc",
 "ktau", "pair_acc"}`` (pairs whose hidden margin is >= 0.05). The same seed gives the same numbers.
+
+``levo-eval audio-score --audio DIR [--scorer MODULE:FUNCTION ...] [--requested JSONL] [--out FILE.json]``
+runs audio scorer functions over a folder of audio files (see :mod:`levo_eval.audio_score`).
+
+``levo-eval tokens --ref DIR --gen DIR [--rm EXPORT] [--out FILE.json]``: length, EOS, codebook and
+repetition metrics of two token sets, reward-model scores and their Fréchet distance (see
+:mod:`levo_eval.token_metrics`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from levo_eval.audio_score import add_audio_score_parser, cmd_audio_score
+from levo_eval.token_metrics import add_tokens_parser, cmd_tokens
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -206,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=cmd_reward)
+    add_audio_score_parser(sub)
+    add_tokens_parser(sub)
     return p
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare, "reward": cmd_reward}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare, "reward": cmd_reward,
+                                                            "audio-score": cmd_audio_score, "tokens": cmd_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,9 +75,7 @@ class RewardHead(nn.Module):
     def forward(self, H: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """``H`` [B, K, T, D] frame hidden states, ``mask`` [B, T] frames to pool, ``extra`` [B, F]
         per-song features (``mean_logp``) -> [B, n_out]."""
-        x = torch.cat([H[:, 0], H[:, 1:].mean(dim=1)], dim=-1).float()  # [B, T, 2D]
-        m = mask.to(x.dtype).unsqueeze(-1)
-        mean = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        x, mean = mean_pool(H, mask)
         if self.pooling == "mean_logp":
             if extra is None:
                 raise ValueError("pooling mean_logp needs the token log-prob features")
@@ -89,14 +87,30 @@ class RewardHead(nn.Module):
         return self.mlp(mean)
 
 
-def reward_forward(lm: LeLM, head: RewardHead, codes: torch.Tensor, lengths: torch.Tensor,
-                   cond: Conditions) -> torch.Tensor:
-    """Scores [B, n_out] of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B] real frames)."""
+def mean_pool(H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H`` [B, K, T, D], ``mask`` [B, T] -> (per-frame features [B, T, 2D]: the main-stack state
+    concatenated with the mean sub-stack state, fp32; their masked mean over frames [B, 2D])."""
+    x = torch.cat([H[:, 0], H[:, 1:].mean(dim=1)], dim=-1).float()
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return x, (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def trunk_states(lm: LeLM, codes: torch.Tensor, lengths: torch.Tensor, cond: Conditions
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(frame hidden states [B, K, T+1, D], the codes with EOS appended [B, K, T+1], the mask of
+    real frames + EOS [B, T+1]) of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B])."""
     dev = lm.device
     lengths = lengths.to(dev)
     seq = append_eos(codes.to(dev), lengths, lm.eos_id, lm.pad_id)
     H = lm.frame_hidden(seq, cond)
     mask = torch.arange(seq.shape[2], device=dev)[None, :] <= lengths[:, None]  # real frames + EOS
+    return H, seq, mask
+
+
+def reward_forward(lm: LeLM, head: RewardHead, codes: torch.Tensor, lengths: torch.Tensor,
+                   cond: Conditions) -> torch.Tensor:
+    """Scores [B, n_out] of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B] real frames)."""
+    H, seq, mask = trunk_states(lm, codes, lengths, cond)
     extra = token_logp_features(lm, H, seq, mask) if head.pooling == "mean_logp" else None
     return head(H, mask, extra)
 
@@ -170,6 +184,22 @@ class RewardModel(nn.Module):
             cond = self.lm.prepare_conditions(b["lyrics"], b["styles"], b["prompts"])
             out.append(self(b["codes"], b["lengths"], cond).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.outputs))
+
+    @torch.no_grad()
+    def embed(self, songs: Sequence[Song], batch_size: int = 64) -> torch.Tensor:
+        """Pooled song features [N, 2 * dim] (fp32, no grad, in the given order): the masked mean
+        over frames + EOS of the main-stack state concatenated with the mean sub-stack state, the
+        ``mean`` features every pooling's head reads (what ``levo-eval tokens`` takes Fréchet
+        distances over). Call ``eval()`` first for deterministic features."""
+        from levo_train.data.datamodule import collate_songs
+
+        out = []
+        for i in range(0, len(songs), batch_size):
+            b = collate_songs(songs[i:i + batch_size], self.config.lm.code_size)
+            cond = self.lm.prepare_conditions(b["lyrics"], b["styles"], b["prompts"])
+            H, _, mask = trunk_states(self.lm, b["codes"], b["lengths"], cond)
+            out.append(mean_pool(H, mask)[1].cpu())
+        return torch.cat(out) if out else torch.zeros(0, 2 * self.config.lm.dim)
 
 
 def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[str, Any],
@@ -280,5 +310,5 @@ class RewardScorer:
 
 
 __all__ = ["OVERALL", "POOLINGS", "RewardHead", "RewardModel", "RewardModelError", "RewardScorer",
-           "load_reward_model", "read_reward_info", "reward_forward", "save_reward_model", "token_logp_features",
-           "truncate_trunk"]
+           "load_reward_model", "mean_pool", "read_reward_info", "reward_forward", "save_reward_model",
+           "token_logp_features", "trunk_states", "truncate_trunk"]
