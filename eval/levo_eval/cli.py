@@ -22,6 +22,10 @@ runs audio scorer functions over a folder of audio files (see :mod:`levo_eval.au
 ``levo-eval tokens --ref DIR --gen DIR [--rm EXPORT] [--out FILE.json]``: length, EOS, codebook and
 repetition metrics of two token sets, reward-model scores and their Fréchet distance (see
 :mod:`levo_eval.token_metrics`).
+
+``levo-eval per --audio DIR|JSONL --lyrics FILE.jsonl --asr MODEL_DIR [--lang en|zh|auto] [--out FILE.json]``
+transcribes songs with a local Whisper model and prints a per-song table, then as its last line one JSON
+object with ``corpus_per`` and ``songs`` (see :mod:`levo_eval.per`; needs ``pip install -e '.[eval]'``).
 """
 
 from __future__ import annotations
@@ -218,10 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reward)
     add_audio_score_parser(sub)
     add_tokens_parser(sub)
+    from levo_eval import per
+
+    e = sub.add_parser("per", help="phoneme error rate of sung lyrics through offline Whisper ASR (.[eval] extra)",
+                       description=per.__doc__.split("\n\n")[0])
+    per.add_arguments(e)
+    e.set_defaults(func=cmd_per)
     return p
 
 
+def cmd_per(args: argparse.Namespace) -> int:
+    """``levo-eval per``: see :mod:`levo_eval.per` (its heavy packages load only when it runs)."""
+    from levo_eval.per import cmd_per as run_per
+
+    return run_per(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare, "reward": cmd_reward,
+                                                            "per": cmd_per,
                                                             "audio-score": cmd_audio_score, "tokens": cmd_tokens}
 
 
