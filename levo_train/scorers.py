@@ -37,7 +37,7 @@ SPEC_FORMS = (
     "toy (the toy world's hidden oracle, world seed 0)",
     "toy:SEED (the toy oracle of world SEED)",
     "rm:EXPORT_DIR (a trained reward model export)",
-    "audio:MODULE:FUNCTION (decode with a codec, score the waveform; needs --codec MODULE:FACTORY)",
+    "audio:MODULE:FUNCTION (decode with a codec, score the waveform; needs --codec CODEC_DIR or MODULE:FACTORY)",
     "callable:MODULE:FUNCTION (a factory returning a Scorer)",
     "weighted:SPEC=W,SPEC=W,... (weighted sum of the scorers' overall scores)",
     "weighted:FILE.json (weights per scorer or per dimension, see levo_train.scorers.weighted_from_json)",
@@ -292,12 +292,21 @@ class AudioScorer:
 
 # ----------------------------------------------------------------------------- specs
 def load_codec_factory(spec: str | None, *, device: str = "cpu", setting: str = "--codec") -> Any:
-    """A codec object from ``"module:factory"`` (called with ``device=`` when it takes it)."""
+    """A codec object: the native LeVo decoder of a codec folder (``model_septoken/`` and ``vae/``,
+    :func:`levo_infer.codec.load_decoder`), or ``"module:factory"`` (called with ``device=`` when
+    it takes it) for another codec with ``decode(tokens [B,3,T], mode=...) -> (waveform, sr)``."""
     if not spec:
-        raise ValueError("audio scorers need a codec to decode tokens, and no native LeVo codec is available in "
-                         "levo_infer yet (the native decoder is a separate issue): pass --codec MODULE:FACTORY, a "
-                         "factory returning an object with decode(tokens [B,3,T], mode=...) -> (waveform [B,2,N], "
-                         "sample_rate)")
+        raise ValueError("audio scorers need a codec to decode tokens: pass --codec CODEC_DIR (the released runtime "
+                         "folder with model_septoken/ and vae/, decoded by levo_infer.codec) or --codec "
+                         "MODULE:FACTORY, a factory returning an object with decode(tokens [B,3,T], mode=...) -> "
+                         "(waveform [B,2,N], sample_rate)")
+    if Path(spec).is_dir():
+        from levo_infer.codec import CodecError, load_decoder
+
+        try:
+            return load_decoder(spec, device=device)
+        except CodecError as e:
+            raise ValueError(f"{setting} {spec}: {e}") from None
     codec = _call_factory(load_callable(spec, setting=setting), device=device)
     if not callable(getattr(codec, "decode", None)):
         raise ValueError(f"{setting} {spec!r} returned a {type(codec).__name__} without a decode(tokens, mode=...) "

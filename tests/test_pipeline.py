@@ -117,8 +117,17 @@ def test_audio_scorer_with_stand_in_codec(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     spec = load_scorer("audio:lab_audio:loudness", codec="lab_codec:make")
     assert spec.score(songs[:1])[0]["rms"] == pytest.approx(out[0]["rms"])
-    with pytest.raises(ValueError, match="no native LeVo codec.*--codec MODULE:FACTORY"):
+    with pytest.raises(ValueError, match="need a codec.*--codec CODEC_DIR.*MODULE:FACTORY"):
         load_scorer("audio:lab_audio:loudness")
+    # the native decoder: a codec folder in the released layout (tiny) decodes the songs for the scorer
+    from codec_fixtures import tiny_flow, write_tiny_codec
+
+    folder = write_tiny_codec(tmp_path / "codec", flow=tiny_flow(0, layers=1))
+    native = load_scorer("audio:lab_audio:loudness", codec=str(folder))
+    got = native.score(songs[:1])[0]
+    assert got["seconds"] == pytest.approx(int(songs[0].frames) / 25, abs=1e-3) and got["rms"] > 0
+    with pytest.raises(ValueError, match="--codec .*no model_septoken"):
+        load_scorer("audio:lab_audio:loudness", codec=str(tmp_path))
 
 
 def test_load_callable_and_scorer_specs(tmp_path, monkeypatch):
