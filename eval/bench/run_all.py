@@ -91,11 +91,15 @@ def rows_infer(r: dict) -> list[Row]:
                         f"{g['frames_per_s']:.0f} frames/s",
                         f"our own generate without the KV cache (not the released code): {ref['frames_per_s']:.1f} "
                         f"frames/s ({g['frames_per_s'] / ref['frames_per_s']:.0f}×)" if ref else "—"))
-    for row in r.get("loading") or []:
+    loads = r.get("loading") or []
+    base = next((x for x in loads if x["mode"] == "recreated-released-load"), None)
+    ref = (f"our re-creation of the released load (`torch.load` + `load_state_dict` into an fp32 model; not the "
+           f"released code): {base['peak_over_file']:.2f} × file" if base else "—")
+    for row in loads:
+        if row is base:
+            continue
         out.append((f"loading a {row['file_gib']:.2f} GiB bf16 model.pt, mode `{row['mode']}` (peak RSS)",
-                    f"{row['peak_over_file']:.2f} × file, {row['peak_over_model']:.2f} × the fp32 model",
-                    "`recreated-released-load` is our re-creation of the released load, not the released code"
-                    if row["mode"] != "recreated-released-load" else "our re-creation of the released load"))
+                    f"{row['peak_over_file']:.2f} × file, {row['peak_over_model']:.2f} × the fp32 model", ref))
     return out
 
 
@@ -123,7 +127,8 @@ def rows_sdpo(r: dict) -> list[Row]:
     out: list[Row] = []
     if m:
         sh = m["share"]
-        out.append((f"one semi-online DPO cycle on the toy world ({m['candidates']} candidates, {m['scorer']} scorer)",
+        out.append((f"one semi-online DPO cycle on the toy world ({m['candidates']} candidates, {m['scorer']} scorer, "
+                    "policy: a 300-step toy SFT export unless --sdpo-init)",
                     f"{m['cycle_seconds']:.1f} s: generate {sh['generate']:.0%}, score {sh['score']:.0%}, "
                     f"train {sh['train']:.0%}",
                     f"v2-large on one GPU, projected: {sum(p['seconds'].values()) / 3600:.2f} h per cycle "
@@ -258,6 +263,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sdpo-init", default=None, help="toy SFT export for the sDPO cycle (default: trained first)")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="rebuild the table from the JSON already in --out")
     a = ap.parse_args()
     date = dt.date.today().isoformat()
     out = a.out or REPO / "bench-results" / date
@@ -270,6 +276,12 @@ def main() -> int:
     fill: dict[str, str] = {}
     rows: list[tuple[str, str, str, str]] = []
     t_all = time.perf_counter()
+    if a.render_only:
+        for b in selected:
+            res = json.loads((out / f"{b.name}.json").read_text())
+            cmd = re.sub(r"--json \S+", "", " ".join(b.command)).replace("{sft_export}", "SFT_EXPORT").strip()
+            rows += [(w, o, r, f"OMP_NUM_THREADS=1 python {cmd}") for w, o, r in b.rows(res)]
+        selected = []
     with tempfile.TemporaryDirectory() as tmp:
         if any(b.name == "sdpo" for b in selected) and not a.sdpo_init:
             print("run_all: training a 300-step toy SFT export for the sDPO cycle ...", file=sys.stderr, flush=True)
