@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,3 +111,23 @@ def write_tiny_codec(folder: str | Path, *, seed: int = 0, counts: float = 1e6, 
     (folder / VAE_JSON).write_text(json.dumps(spec, indent=1))
     torch.save({"state_dict": vsd}, folder / VAE_CKPT)
     return folder
+
+
+def standin_checkout(tmp_path: Path, builders: str, generate: str, config: str) -> Any:
+    """A stand-in SongGeneration checkout (``codeclm/models/builders.py``, ``generate.py``) with the
+    given sources and a model ``config.yaml``; yields ``(root, config_path)`` and forgets its modules
+    afterwards (use with ``yield from`` in a fixture)."""
+    import sys
+    import textwrap
+
+    root = tmp_path / "SongGeneration"
+    (root / "codeclm" / "models").mkdir(parents=True)
+    (root / "codeclm" / "__init__.py").write_text("")
+    (root / "codeclm" / "models" / "__init__.py").write_text("")
+    (root / "codeclm" / "models" / "builders.py").write_text(textwrap.dedent(builders))
+    (root / "generate.py").write_text(textwrap.dedent(generate))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config)
+    yield root, cfg
+    for name in [m for m in sys.modules if m == "generate" or m.startswith("codeclm")]:
+        del sys.modules[name]

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -340,17 +339,11 @@ class Separator:
 
 @pytest.fixture()
 def checkout(tmp_path):
-    root = tmp_path / "SongGeneration"
-    (root / "codeclm" / "models").mkdir(parents=True)
-    (root / "codeclm" / "__init__.py").write_text("")
-    (root / "codeclm" / "models" / "__init__.py").write_text("")
-    (root / "codeclm" / "models" / "builders.py").write_text(textwrap.dedent(STANDIN_BUILDERS))
-    (root / "generate.py").write_text(textwrap.dedent(STANDIN_GENERATE))
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text("audio_tokenizer_checkpoint: mixed.safetensors\naudio_tokenizer_checkpoint_sep: sep.safetensors\n")
-    yield root, cfg
-    for name in [m for m in sys.modules if m == "generate" or m.startswith("codeclm")]:
-        del sys.modules[name]
+    from codec_fixtures import standin_checkout
+
+    yield from standin_checkout(tmp_path, STANDIN_BUILDERS, STANDIN_GENERATE,
+                                "audio_tokenizer_checkpoint: mixed.safetensors\n"
+                                "audio_tokenizer_checkpoint_sep: sep.safetensors\n")
 
 
 def test_audio_lines_are_tokenised_by_the_codec_encoder(checkout, tmp_path, capsys):

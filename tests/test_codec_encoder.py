@@ -5,7 +5,6 @@ the mixed, vocal and bgm codes into [B,3,T]."""
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -47,18 +46,12 @@ class Separator:
 
 @pytest.fixture()
 def checkout(tmp_path):
-    root = tmp_path / "SongGeneration"
-    (root / "codeclm" / "models").mkdir(parents=True)
-    (root / "codeclm" / "__init__.py").write_text("")
-    (root / "codeclm" / "models" / "__init__.py").write_text("")
-    (root / "codeclm" / "models" / "builders.py").write_text(textwrap.dedent(BUILDERS))
-    (root / "generate.py").write_text(textwrap.dedent(GENERATE))
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text("audio_tokenizer_checkpoint: Flow1dVAE1rvq_./ckpt/model_1rvq/model_2_fixed.safetensors\n"
-                   "audio_tokenizer_checkpoint_sep: Flow1dVAESeparate_./ckpt/model_septoken/model_2.safetensors\n")
-    yield root, cfg
-    for name in [m for m in sys.modules if m == "generate" or m.startswith("codeclm")]:
-        del sys.modules[name]
+    from codec_fixtures import standin_checkout
+
+    yield from standin_checkout(
+        tmp_path, BUILDERS, GENERATE,
+        "audio_tokenizer_checkpoint: Flow1dVAE1rvq_./ckpt/model_1rvq/model_2_fixed.safetensors\n"
+        "audio_tokenizer_checkpoint_sep: Flow1dVAESeparate_./ckpt/model_septoken/model_2.safetensors\n")
 
 
 def test_songgeneration_adapter_stacks_mixed_vocal_bgm(checkout):

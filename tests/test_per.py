@@ -471,8 +471,8 @@ def test_bad_language_separate_and_lyrics(g2p, lyrics_file, tmp_path, capsys, mo
     with pytest.raises(PerError, match="--lang 'fr'.*en, zh"):
         run(ns)
     monkeypatch.chdir(tmp_path)
-    for spec, msg in (("no_such_mod_xyz:f", "cannot import no_such_mod_xyz"), ("json:nope", "json has no function nope"),
-                      ("justamodule", "expected module:function")):
+    for spec, msg in (("no_such_mod_xyz:f", "cannot import module 'no_such_mod_xyz'"),
+                      ("json:nope", "json has no attribute 'nope'"), ("justamodule", "expected MODULE:FUNCTION")):
         err = per_error(capsys, [*base, "--lyrics", str(lyrics_file), "--separate", spec])
         assert f"--separate {spec}" in err or f"--separate {spec!r}" in err, err
         assert msg in err

@@ -333,16 +333,12 @@ def _check_codes(arr: Any, what: str, code_size: int, allow_none: bool) -> np.nd
         arr = arr[0]
     if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
         raise _Bad("bad_shape", f"{what} has shape {list(arr.shape)}, expected [3, T] (mixed, vocal, bgm), T >= 1")
-    a = arr.astype(np.int64)
-    bad = (a < 0) | (a >= code_size)
-    if allow_none:
-        bad &= a != code_size + 1
-    if bad.any():
-        s, t = (int(x) for x in np.argwhere(bad)[0])
-        allowed = f"0 <= code < {code_size}" + (f" or {code_size + 1} (none)" if allow_none else "")
-        raise _Bad("out_of_range", f"{what}: code {int(a[s, t])} at [stream {s}, frame {t}] is out of range, "
-                                   f"expected {allowed} ({int(bad.sum())} bad codes)")
-    return a
+    from levo_train.data.shards import _check_range  # the shard reader's own rule, not a copy
+
+    try:
+        return _check_range(arr.astype(np.int64), f"{what}:", code_size=code_size, allow_none=allow_none)
+    except ValueError as e:
+        raise _Bad("out_of_range", str(e)) from None
 
 
 def _load_codes(path: Path, kind: str, what: str, opts: _Options, *, allow_none: bool) -> np.ndarray:

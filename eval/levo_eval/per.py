@@ -119,22 +119,18 @@ def find_audio(spec: str | Path, idxs: list[str]) -> tuple[dict[str, Path | None
 
 
 def load_separator(spec: str | None) -> Callable[[np.ndarray, int], Any] | None:
-    """The ``--separate module:function`` hook (imported with the current folder on ``sys.path``)."""
+    """The ``--separate module:function`` hook (imported with the current folder on ``sys.path``),
+    through the one ``module:function`` loader (:func:`levo_train.scorers.load_callable`)."""
     if not spec:
         return None
-    mod_name, sep, fn_name = spec.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise PerError(f"--separate {spec!r}: expected module:function, e.g. my_sep:vocals")
+    from levo_train.scorers import load_callable
+
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # any import failure is a bad setting
-        raise PerError(f"--separate {spec}: cannot import {mod_name} ({type(e).__name__}: {e})") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise PerError(f"--separate {spec}: {mod_name} has no function {fn_name}")
-    return fn
+        return load_callable(spec, setting="--separate")
+    except ValueError as e:
+        raise PerError(str(e)) from None
 
 
 def _resample(x: np.ndarray, sr: int) -> np.ndarray:
