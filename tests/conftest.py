@@ -15,6 +15,10 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared"))
+#: the released codec's real-size key layout (shared/codec_real_layout.json; a copy of that facts
+#: file is kept in tests/data so the layout tests run wherever the shared folder is not beside the clone)
+CODEC_LAYOUT = next((p for p in (SHARED / "codec_real_layout.json", REPO / "tests" / "data" / "codec_real_layout.json")
+                     if p.is_file()), SHARED / "codec_real_layout.json")
 
 #: levo-train overrides for a tiny model on a tiny toy world (CLI tests)
 TINY = [

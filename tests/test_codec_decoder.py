@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from codec_fixtures import tiny_flow, tiny_vae, write_tiny_codec
-from conftest import SHARED
+from conftest import CODEC_LAYOUT
 
 from levo_infer.codec.decoder import (
     SEPTOKEN_FILE,
@@ -241,7 +241,7 @@ def test_untrained_statistics_warn_or_refuse(tmp_path):
 def test_real_size_layout_through_the_loader(monkeypatch):
     """At real size, without weights: the loader asks for exactly the used_by_decode tensors with
     their shapes, ignores every other listed one, and names a missing or misshaped one."""
-    p = SHARED / "codec_real_layout.json"
+    p = CODEC_LAYOUT
     if not p.is_file():
         pytest.skip(f"{p} is not available (set LEVO_SHARED_DIR)")
     layout = json.loads(p.read_text())

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CODEC_LAYOUT as LAYOUT  # noqa: E402
 
 from levo_infer.codec.flow import FlowDecoder, FlowEstimator, RVQDecode
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared"))
-LAYOUT = SHARED / "codec_real_layout.json"
 
 TINY = dict(layers=2, width=184, heads=4, rvq_dim=16, codebook_size=16384, codebook_dim=32, latent_dim=64,
             mask_dim=24, max_positions=1000)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CODEC_LAYOUT as LAYOUT  # noqa: E402
 
 from levo_infer.codec.vae import (
     OobleckDecoder,
@@ -25,9 +24,6 @@ from levo_infer.codec.vae import (
     WNConvTranspose1d,
     chunk_schedule,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-LAYOUT = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared")) / "codec_real_layout.json"
 
 TINY = VAEConfig(channels=4, c_mults=(1, 2, 2, 2, 2), strides=(2, 4, 4, 6, 10), latent_dim=64, out_channels=2)
 REAL = dict(channels=128, c_mults=[1, 2, 4, 8, 16], strides=[2, 4, 4, 6, 10], latent_dim=64, out_channels=2)
