@@ -368,13 +368,8 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     from levo_train.methods import get_method
 
     method = get_method(str(cfg.method))
-    try:
-        lora = lora_spec(cfg)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e) if str(e).startswith("train.lora") else f"train.lora: {e}") from None
-    if lora.enabled and not method.supports_lora:
-        raise UsageError(f"train.lora.r={lora.r}: recipe method {method.name} does not train with LoRA adapters "
-                         "(they are for pretrain/sft, dpo and sdpo)")
+    check_lora(cfg, method, model_config)
+    lora = lora_spec(cfg)
     module = method.build_module(cfg, model_config, _common_module_kwargs(cfg, schedule), init_fp)
     if cfg.model.get("init"):
         load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
@@ -388,6 +383,32 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     if method.after_init is not None:
         method.after_init(module, cfg)
     return module
+
+
+def check_lora(cfg: DictConfig, method: Any, model_config: Any) -> None:
+    """Refuse, before any data is built, LoRA settings this run cannot use: a bad ``train.lora``, a
+    method without adapters, target names that match no linear layer (checked on a meta model)."""
+    from levo_train.lora import check_targets, lora_spec
+
+    try:
+        lora = lora_spec(cfg)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e) if str(e).startswith("train.lora") else f"train.lora: {e}") from None
+    if not lora.enabled:
+        return
+    if not method.supports_lora:
+        raise UsageError(f"train.lora.r={lora.r}: recipe method {method.name} does not train with LoRA adapters "
+                         "(they are for pretrain/sft, dpo and sdpo)")
+    import torch
+
+    from levo_infer.model import LeLM
+
+    with torch.device("meta"):
+        model = LeLM(model_config)
+    try:
+        check_targets(model, lora)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_strategy(cfg: DictConfig, method: Any, resume: ResumePoint | None) -> bool:
@@ -509,6 +530,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(resume, model_config, cfg, init_fp)
         print(f"levo-train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
     schedule = resolve_schedule(cfg, resume)
+    check_lora(cfg, method, model_config)
     sharding = check_strategy(cfg, method, resume)
     trainer = build_trainer(cfg, run_dir)  # bad trainer settings fail here, before any data is built
     if method.uses_toy(cfg) and model_config.lm.code_size != 64:  # checked before any toy data is built

@@ -75,6 +75,18 @@ def has_lora(model: nn.Module) -> bool:
     return bool(_tuner_layers(model))
 
 
+def check_targets(model: nn.Module, spec: LoraSpec) -> None:
+    """A target is a linear layer's name or a dotted suffix of it (peft's rule); a target list with
+    names that match nothing is a ``ValueError`` naming ``train.lora.targets`` and the candidates.
+    Works on a meta-device model (the CLI checks before any data is built)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in spec.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"train.lora.targets={list(spec.targets)}: {unknown} name no linear layer of the model "
+                         f"(linear layer names: {linear}; a dotted suffix such as linears.0 also works)")
+
+
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Inject LoRA adapters into ``model`` in place and freeze everything else; a target list that
     matches no linear layer is a ``ValueError`` naming ``train.lora.targets`` and the candidates."""
@@ -83,12 +95,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     except ImportError as e:
         raise ValueError(f"train.lora.r={spec.r} needs the peft package ({e}): pip install 'levo-train[lora]'") from None
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unknown = [t for t in spec.targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unknown:  # a target is a linear layer's name or a dotted suffix of it (peft's rule)
-        linear = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ValueError(f"train.lora.targets={list(spec.targets)}: {unknown} name no linear layer of the model "
-                         f"(linear layer names: {linear}; a dotted suffix such as linears.0 also works)")
+    check_targets(model, spec)
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.targets),
                      bias="none")
     inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
