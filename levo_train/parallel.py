@@ -101,32 +101,6 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: str | None = Non
     return model
 
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def reshard(model: nn.Module) -> None:
-    """Free every gathered FSDP2 parameter (the root stays gathered after a no-grad forward)."""
-    for m in fsdp_modules(model):
-        m.reshard()  # type: ignore[operator]
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU under its plain names. Under FSDP2 it is gathered from
-    the ranks: a collective every rank must call, and only rank 0 gets the tensors (an empty dict
-    elsewhere, so that N ranks do not each hold a full copy in host memory)."""
-    if not is_sharded(model):
-        return {plain_name(k): v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    reshard(model)
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                               broadcast_from_rank0=False))
-    return {plain_name(k): v for k, v in sd.items()}
-
-
 def parallelize(model: nn.Module, *, activation_checkpointing: bool = False, mesh: Any = None,
                 mixed_precision: str | None = None, reshard_after_forward: bool = True) -> nn.Module:
     """Apply the execution options to ``model`` in place (called from ``configure_model``):
@@ -143,5 +117,5 @@ def plain_name(name: str) -> str:
     return name.replace(WRAPPED, "")
 
 
-__all__ = ["apply_activation_checkpointing", "apply_fsdp", "decoder_layers", "full_state_dict", "is_checkpointed",
-           "is_sharded", "parallelize", "plain_name", "reshard"]
+__all__ = ["apply_activation_checkpointing", "apply_fsdp", "decoder_layers", "is_checkpointed", "is_sharded",
+           "parallelize", "plain_name"]

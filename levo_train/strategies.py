@@ -38,18 +38,6 @@ class StrategyError(ValueError):
     """A ``strategy`` setting that cannot be used here."""
 
 
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """A checkpoint folder (DCP or DeepSpeed) rather than one file."""
-    return Path(path).is_dir()
-
-
-def checkpoint_complete(path: str | os.PathLike) -> bool:
-    """A single-file checkpoint is complete once it exists (it is renamed into place); a folder
-    only with its :data:`COMPLETE` marker."""
-    p = Path(path)
-    return p.is_file() or (p / COMPLETE).is_file()
-
-
 def remove_checkpoint_path(path: str | os.PathLike) -> None:
     p = Path(path)
     if p.is_dir() and not p.is_symlink():
@@ -211,9 +199,10 @@ def strategy_name(scfg: Any, trainer_strategy: Any) -> str:
 
 
 def is_sharding(name: str) -> bool:
-    return name in ("fsdp2", "deepspeed_zero2", "deepspeed_zero3") or name.startswith("deepspeed")
+    """Whether strategy ``name`` shards the model (FSDP2, any DeepSpeed ZeRO stage)."""
+    return name == "fsdp2" or name.startswith("deepspeed")
 
 
-__all__ = ["COMPLETE", "META", "NAMES", "FSDP2Strategy", "StrategyError", "build_strategy", "checkpoint_complete",
-           "deepspeed_strategy", "is_sharded_checkpoint", "is_sharding", "remove_checkpoint_path",
+__all__ = ["COMPLETE", "META", "NAMES", "FSDP2Strategy", "StrategyError", "build_strategy", "deepspeed_strategy",
+           "is_sharding", "remove_checkpoint_path",
            "save_folder_atomically", "strategy_name", "write_complete_marker"]

@@ -225,16 +225,6 @@ def read_zero_meta(path: str | os.PathLike, tag: str | None = None) -> dict[str,
     return meta
 
 
-def read_levo_state(path: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
-    """The ``levo`` section (:meth:`levo_train.train.base.LeLMTrainModule.on_save_checkpoint`) of a
-    ZeRO checkpoint; ValueError when the client state has none."""
-    levo = read_zero_meta(path, tag).get("levo")
-    if not isinstance(levo, dict):
-        raise ValueError(f"{path}: the ZeRO checkpoint's client state has no `levo` section: not written by "
-                         "levo-train (client_state={'levo': ...}) or Lightning with a levo-train module")
-    return levo
-
-
 def policy_name(name: str) -> str | None:
     """A consolidated parameter name -> the plain LeLM state-dict name, or None when it is not the
     policy's (a DPO reference copy's ``ref.*``). Strips the wrapper prefixes, then the module's
@@ -300,5 +290,5 @@ def _unwrap(name: str) -> str:
     return name
 
 
-__all__ = ["deepspeed_config", "is_zero_checkpoint", "policy_name", "read_levo_state", "read_zero_meta",
+__all__ = ["deepspeed_config", "is_zero_checkpoint", "policy_name", "read_zero_meta",
            "zero_fp32_state_dict"]

@@ -282,11 +282,6 @@ class FlowDecoder(nn.Module):
         if width != need:
             raise ValueError(f"estimator width {width} does not match the input layout mask {mask_dim} + context "
                              f"{latent_dim} + 2×codes {rvq_dim} + latent {latent_dim} = {need}")
-        if heads <= 0 or width % heads:
-            raise ValueError(f"estimator width {width} is not divisible by {heads} heads")
-        if (width // heads) % 2:
-            raise ValueError(f"estimator head_dim {width // heads} (width {width} / {heads} heads) must be even "
-                             "for the interleaved RoPE pairs")
         self.layers, self.width, self.heads = layers, width, heads
         self.rvq_dim, self.codebook_size, self.codebook_dim = rvq_dim, codebook_size, codebook_dim
         self.latent_dim, self.mask_dim, self.max_positions = latent_dim, mask_dim, max_positions
