@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from levo_eval.jsonl import jsonl_rows
+
 AUDIO_EXTS = (".wav", ".flac")
 BUILTIN = "levo_eval.audio_score:basic"
 #: a sample at or above this magnitude counts as clipped (int16 full scale reads as 0.99997)
@@ -198,18 +200,8 @@ def audio_files(path: str | Path) -> list[Path]:
 def read_requested(path: str | Path) -> dict[str, dict[str, float]]:
     """``{idx: {"requested_s": s, "expected_s": s}}`` from a JSONL file (see the module docstring)."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UsageError(f"--requested {p}: cannot read ({e})") from None
     out: dict[str, dict[str, float]] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--requested {p}:{n}: not JSON ({e})") from None
+    for n, rec in jsonl_rows(p, "--requested", UsageError):
         if not isinstance(rec, dict) or rec.get("idx") in (None, ""):
             raise UsageError(f"--requested {p}:{n}: expected an object with an `idx`")
         item: dict[str, float] = {}

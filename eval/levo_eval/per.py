@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from levo_eval import phonemes
+from levo_eval.jsonl import jsonl_rows
 
 SAMPLE_RATE = 16000
 BEAM_SIZE = 5
@@ -65,24 +66,17 @@ def read_lyrics(path: str | Path) -> dict[str, str]:
     if not p.is_file():
         raise PerError(f"--lyrics {p}: no such file")
     out: dict[str, str] = {}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PerError(f"--lyrics {p}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(row, dict) or "idx" not in row or "gt_lyric" not in row:
-                missing = [k for k in ("idx", "gt_lyric") if not isinstance(row, dict) or k not in row]
-                raise PerError(f"--lyrics {p}:{n}: line without {' and '.join(missing)} "
-                               "(released format: {\"idx\": ..., \"gt_lyric\": \"[verse] ...\"})")
-            if not isinstance(row["gt_lyric"], str):
-                raise PerError(f"--lyrics {p}:{n}: gt_lyric is not a string")
-            idx = str(row["idx"])
-            if idx in out:
-                raise PerError(f"--lyrics {p}:{n}: idx {idx!r} appears twice")
-            out[idx] = row["gt_lyric"]
+    for n, row in jsonl_rows(p, "--lyrics", PerError):
+        if not isinstance(row, dict) or "idx" not in row or "gt_lyric" not in row:
+            missing = [k for k in ("idx", "gt_lyric") if not isinstance(row, dict) or k not in row]
+            raise PerError(f"--lyrics {p}:{n}: line without {' and '.join(missing)} "
+                           "(released format: {\"idx\": ..., \"gt_lyric\": \"[verse] ...\"})")
+        if not isinstance(row["gt_lyric"], str):
+            raise PerError(f"--lyrics {p}:{n}: gt_lyric is not a string")
+        idx = str(row["idx"])
+        if idx in out:
+            raise PerError(f"--lyrics {p}:{n}: idx {idx!r} appears twice")
+        out[idx] = row["gt_lyric"]
     if not out:
         raise PerError(f"--lyrics {p}: no lyric lines")
     return out
@@ -103,18 +97,11 @@ def find_audio(spec: str | Path, idxs: list[str]) -> tuple[dict[str, Path | None
     if not p.is_file():
         raise PerError(f"--audio {p}: neither a folder nor a JSONL file")
     listed: dict[str, Path] = {}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PerError(f"--audio {p}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(row, dict) or "idx" not in row or "path" not in row:
-                raise PerError(f"--audio {p}:{n}: line without idx and path (expected {{\"idx\": ..., \"path\": ...}})")
-            ap = Path(row["path"])
-            listed[str(row["idx"])] = ap if ap.is_absolute() else p.parent / ap
+    for n, row in jsonl_rows(p, "--audio", PerError):
+        if not isinstance(row, dict) or "idx" not in row or "path" not in row:
+            raise PerError(f"--audio {p}:{n}: line without idx and path (expected {{\"idx\": ..., \"path\": ...}})")
+        ap = Path(row["path"])
+        listed[str(row["idx"])] = ap if ap.is_absolute() else p.parent / ap
     return {idx: listed.get(idx) for idx in idxs}, sorted(set(listed) - set(idxs))
 
 
