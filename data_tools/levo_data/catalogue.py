@@ -525,7 +525,7 @@ def _our_paths(out: Path) -> list[Path]:
 
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Create ``out`` or check that it holds a run with the same settings (``--overwrite``: start afresh)."""
-    from levo_train.data.cache import dict_differences
+    from levo_train.data.cache import settings_file_differences
     from levo_train.data.shards import write_json_atomic
 
     if overwrite:
@@ -537,12 +537,10 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     path = out / SETTINGS_NAME
     if path.is_file():
         try:
-            have = json.loads(path.read_text())
+            what = settings_file_differences(path, settings)
         except ValueError as e:
-            raise UsageError(f"{path}: unreadable ({e}); pass --overwrite to start afresh") from None
-        diffs = dict_differences(have, json.loads(json.dumps(settings)))
-        if diffs:
-            what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in diffs[:6])
+            raise UsageError(f"{e}; pass --overwrite to start afresh") from None
+        if what:
             raise UsageError(f"--out {out} holds shards made from another manifest or with other settings ({what}); "
                              "rerun with the same manifest and settings to resume, or pass --overwrite")
         return

@@ -132,7 +132,7 @@ def _done_chunks(out: Path) -> dict[str, dict[str, Any]]:
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Create ``OUT/sample.json`` (exclusively) or check a rerun's settings against it."""
-    from levo_train.data.cache import dict_differences
+    from levo_train.data.cache import settings_file_differences
 
     path = out / SETTINGS_NAME
     if not path.is_file():
@@ -145,13 +145,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
             pass
         finally:
             tmp.unlink(missing_ok=True)
-    try:
-        have = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: unreadable ({e})") from e
-    diffs = dict_differences(have, json.loads(json.dumps(settings)))
-    if diffs:
-        what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in diffs[:6])
+    what = settings_file_differences(path, settings)
+    if what:
         raise ValueError(f"--out {out} holds samples made with other settings ({what}); rerun with the same "
                          "model, prompts and sampling settings to resume, or write to a new --out")
 

@@ -51,6 +51,19 @@ def dict_differences(have: Any, want: Any) -> list[tuple[str, Any, Any]]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+def settings_file_differences(path: Path, settings: Any) -> str:
+    """How the JSON settings stored at ``path`` differ from ``settings`` (compared as they read back
+    from JSON): ``"key: a then, b now; ..."`` for the first six, or ``""`` when they agree. A file
+    that is not JSON is a ``ValueError`` naming it. Resumable writers (``levo-data sample``,
+    ``levo-data shards``) refuse to continue a folder made with other settings through this."""
+    try:
+        have = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    diffs = dict_differences(have, json.loads(json.dumps(settings)))
+    return "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in diffs[:6])
+
+
 def _normal(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), for comparison."""
     return json.loads(json.dumps(obj, sort_keys=True))
