@@ -125,6 +125,21 @@ def tiled_chunk(mono: torch.Tensor, k: int) -> torch.Tensor:
 Song = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
+@contextlib.contextmanager
+def _tf32(allow: bool | None) -> Any:
+    """CUDA's TF32 switches set to ``allow`` for the duration (None: left alone), then restored:
+    cuDNN convolutions default to TF32, which would make "fp32" codes differ from a CPU encode."""
+    if allow is None:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @dataclass
 class NativeEncoder:
     """The two released tokenizers (row 0 from ``mixed``, rows 1–2 from ``separate``), ready to encode."""
@@ -135,6 +150,7 @@ class NativeEncoder:
     chunk_batch: int = 4          # 40 s chunks per forward pass (~1 GB each at real size in fp32)
     sample_rate: int = SAMPLE_RATE
     ignored: dict[str, int] = field(default_factory=dict)  # tensors of each file that encoding does not read
+    allow_tf32: bool = False      # CUDA fp32: TF32 convolutions / matmuls (faster; codes may differ from fp32)
 
     @property
     def device(self) -> torch.device:
@@ -186,6 +202,10 @@ class NativeEncoder:
 
         All songs' chunks of a stream go through the network ``chunk_batch`` at a time."""
         checked = [self.check_song(*s, what=f"song {i}") for i, s in enumerate(songs)]  # type: ignore[misc]
+        with _tf32(self.allow_tf32 if self.device.type == "cuda" else None):
+            return self._encode_checked(checked)
+
+    def _encode_checked(self, checked: list[Song]) -> list[torch.Tensor]:
         rows: list[dict[str, torch.Tensor]] = [{} for _ in checked]
         for stream, (_, layer, quantizer) in STREAMS.items():
             col = 0 if stream == "mixed" else 1 if stream == "vocal" else 2
