@@ -134,6 +134,25 @@ def standin_checkout(tmp_path: Path, builders: str, generate: str, config: str) 
 
 
 # ----------------------------------------------------------------------------- encoder files
+def test_song(n: int, seed: int, amp: float = 1.0) -> torch.Tensor:
+    """A stereo test song ``[2, n]`` at 48 kHz (float32): 0.2 s sections of tones (100 Hz..6.4 kHz) at
+    random levels, plus noise; the right channel a noisy 0.7× copy. Its frames differ, so a tiny
+    random encoder gives many different codes."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n, dtype=torch.float64) / 48000
+    sec = (t * 5).long()
+    f = 100 * 2 ** (torch.rand(int(sec.max()) + 1, generator=g, dtype=torch.float64) * 6)
+    a = torch.rand(int(sec.max()) + 1, generator=g, dtype=torch.float64)
+    x = torch.sin(2 * math.pi * f[sec] * t) * a[sec] + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    y = 0.7 * x + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    return (amp * torch.stack([x, y])).float()
+
+
+test_song.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
+
+
 #: a tiny MusicFM tokenizer: width 64 (4 heads of 16), FFN 128, 8 conv channels; the format's own
 #: sizes kept: 128 mel bands, depthwise kernel 31, the real 16384 × 32 codebooks
 TINY_ENCODER = {"hidden": 64, "ffn": 128, "channels": 8, "kernel": 31, "heads": 4}

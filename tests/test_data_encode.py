@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from codec_fixtures import test_song as song
 from codec_fixtures import tiny_flow, write_tiny_codec, write_tiny_encoder
-from test_codec_encode import song
 
 from levo_data.cli import main
 from levo_infer.codec.encoder import MIXED_FILE, frames_for

@@ -27,7 +27,8 @@ Output (``TOKENS_DIR``):
 * ``encode.json``: the settings (codec files, dtype, separator). A rerun with the same settings
   keeps every ``<idx>.npy`` that reads back as ``[3, T]`` with the length its audio file implies and
   encodes the rest; other settings are refused unless ``--overwrite`` (which encodes everything
-  again, replacing the files it writes and nothing else).
+  again, replacing the files it writes and nothing else). The audio files themselves are not
+  fingerprinted: after replacing a song's audio, delete its ``<idx>.npy`` (or pass ``--overwrite``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ projection for the real size from timed pieces of it (random weights in the rele
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -30,13 +29,9 @@ REAL = {"hidden": 1024, "ffn": 4096, "channels": 512, "kernel": 31, "heads": 16}
 
 
 def _song(seconds: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = int(seconds * 48000)
-    t = torch.arange(n) / 48000
-    sec = (t * 5).long()
-    f = 100 * 2 ** (torch.rand(int(sec.max()) + 1, generator=g) * 6)
-    x = torch.sin(2 * math.pi * f[sec] * t) + 0.05 * torch.randn(n, generator=g)
-    return torch.stack([x, 0.7 * x]) * 0.5
+    from codec_fixtures import test_song
+
+    return test_song(int(seconds * 48000), seed, 0.5)
 
 
 def tiny(seconds: float) -> dict:

@@ -12,7 +12,6 @@ bf16 with strict fp32 (random weights: a plumbing figure).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -37,13 +36,9 @@ def sync() -> None:
 
 
 def song(seconds: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = int(seconds * 48000)
-    t = torch.arange(n) / 48000
-    sec = (t * 5).long()
-    f = 100 * 2 ** (torch.rand(int(sec.max()) + 1, generator=g) * 6)
-    x = torch.sin(2 * math.pi * f[sec] * t) + 0.05 * torch.randn(n, generator=g)
-    return torch.stack([x, 0.7 * x]) * 0.5
+    from codec_fixtures import test_song
+
+    return test_song(int(seconds * 48000), seed, 0.5)
 
 
 def main() -> None:
