@@ -469,6 +469,13 @@ def test_bad_input_is_named_one_song_at_a_time(tmp_path, enc):
     assert x.shape == (2, 48000) and torch.equal(x[0], x[1])
     with pytest.raises(EncoderError, match="needs a separator"):
         enc.encode_file(tmp_path / "mono.flac")
+    enc.separator = lambda wave, sr: 0.5 * wave  # encode_file: read, separate, (cut), encode
+    try:
+        toks = enc.encode_file(tmp_path / "mono.flac", max_seconds=0.5)
+    finally:
+        enc.separator = None
+    assert toks.shape == (1, 3, frames_for(24000))
+    assert torch.equal(toks[0], enc.encode(x[None, :, :24000], 0.5 * x[None, :, :24000], 0.5 * x[None, :, :24000])[0])
 
 
 def test_tiny_fixture_modules_round_trip(tmp_path):

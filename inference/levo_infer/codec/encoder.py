@@ -246,9 +246,10 @@ class NativeEncoder:
         songs = [tuple(None if x is None else x[b] for x in batch) for b in range(B)]
         return torch.stack(self.encode_songs(songs))
 
-    def encode_file(self, path: str | os.PathLike) -> torch.Tensor:
+    def encode_file(self, path: str | os.PathLike, *, max_seconds: float | None = None) -> torch.Tensor:
         """An audio file (any rate libsndfile reads, resampled to 48 kHz; mono duplicated) -> ``[1, 3, T]``,
-        its stems from :attr:`separator` (vocal = its output, bgm = full − vocal)."""
+        its stems from :attr:`separator` (vocal = its output, bgm = full − vocal). ``max_seconds``:
+        separate the whole file, then keep only its start (the released prompt path: 10 s -> 251 frames)."""
         from .separate import stems
 
         if self.separator is None:
@@ -256,6 +257,9 @@ class NativeEncoder:
                                "(load_encoder(..., separator=DemucsSeparator.from_path(...)))")
         full = dsp.load_stereo_48k(path)
         vocal, bgm = stems(full, separator=self.separator, what=str(path))
+        if max_seconds is not None:
+            n = int(max_seconds * SAMPLE_RATE)
+            full, vocal, bgm = full[:, :n], vocal[:, :n], bgm[:, :n]
         return self.encode_songs([(full, vocal, bgm)])[0][None]
 
 
