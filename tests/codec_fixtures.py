@@ -131,3 +131,114 @@ def standin_checkout(tmp_path: Path, builders: str, generate: str, config: str) 
     yield root, cfg
     for name in [m for m in sys.modules if m == "generate" or m.startswith("codeclm")]:
         del sys.modules[name]
+
+
+# ----------------------------------------------------------------------------- encoder files
+def test_song(n: int, seed: int, amp: float = 1.0) -> torch.Tensor:
+    """A stereo test song ``[2, n]`` at 48 kHz (float32): 0.2 s sections of tones (100 Hz..6.4 kHz) at
+    random levels, plus noise; the right channel a noisy 0.7× copy. Its frames differ, so a tiny
+    random encoder gives many different codes."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n, dtype=torch.float64) / 48000
+    sec = (t * 5).long()
+    f = 100 * 2 ** (torch.rand(int(sec.max()) + 1, generator=g, dtype=torch.float64) * 6)
+    a = torch.rand(int(sec.max()) + 1, generator=g, dtype=torch.float64)
+    x = torch.sin(2 * math.pi * f[sec] * t) * a[sec] + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    y = 0.7 * x + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    return (amp * torch.stack([x, y])).float()
+
+
+test_song.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
+
+
+#: a tiny MusicFM tokenizer: width 64 (4 heads of 16), FFN 128, 8 conv channels; the format's own
+#: sizes kept: 128 mel bands, depthwise kernel 31, the real 16384 × 32 codebooks
+TINY_ENCODER = {"hidden": 64, "ffn": 128, "channels": 8, "kernel": 31, "heads": 4}
+
+
+def tiny_tokenizer(seed: int = 0, *, quantizers: tuple[str, ...] = ("rvq_bestrq_emb",), depth: int = 7,
+                   **kw: int) -> Any:
+    """A random tiny :class:`~levo_infer.codec.musicfm.MusicFMTokenizer` whose activations stay O(1)
+    (eval-mode BatchNorm with non-trivial running statistics)."""
+    from levo_infer.codec.musicfm import MusicFMTokenizer
+
+    sizes = {**TINY_ENCODER, **kw}
+    g = torch.Generator().manual_seed(seed)
+    tok = MusicFMTokenizer(quantizers=quantizers, depth=depth, codebook_size=16384, codebook_dim=32, **sizes)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    with torch.no_grad():
+        for name, t in tok.state_dict(keep_vars=True).items():
+            if name.endswith("num_batches_tracked"):
+                t.fill_(1000)
+            elif name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("running_mean", "bias")):
+                t.copy_(rnd(*t.shape) * 0.05)
+            elif "norm" in name.split(".")[-2] or name.split(".")[-2].startswith("bn"):  # LayerNorm / BN scale
+                t.copy_(1.0 + rnd(*t.shape) * 0.1)
+            elif name.endswith("weight_g"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("weight_v", "codebook.weight")):
+                t.copy_(rnd(*t.shape))
+            else:  # conv / linear weights: unit-variance outputs; the conformer's branches smaller, so
+                fan_in = t[0].numel()  # that frames keep their differences through 7 blocks
+                branch = 0.3 if ".conformer." in name else 1.0
+                t.copy_(rnd(*t.shape) * branch * (1.0 / fan_in) ** 0.5)
+    return tok.eval()
+
+
+def write_tiny_encoder(folder: str | Path, *, seed: int = 0, mixed: Any = None, separate: Any = None,
+                       blocks: tuple[int, int] = (7, 8), drop: str | None = None,
+                       reshape: tuple[str, tuple[int, ...]] | None = None) -> Path:
+    """Write the encoder's two files in the released layout under ``folder`` (a codec folder):
+    ``model_1rvq/model_2_fixed.safetensors`` (``blocks[0]`` conformer blocks, 6 read) and the
+    MusicFM + RVQ-encode tensors of ``model_septoken/model_2.safetensors`` (``blocks[1]`` blocks, 7
+    read), merged into that file when the decoder's fixture already wrote it (sharing its
+    codebooks, as the released file does). Each file also gets tensors encoding must ignore: later
+    blocks, the final LayerNorm and logits head, ``out_proj``, and the torchaudio buffers with wrong
+    values (computed, never read). ``drop`` / ``reshape``: one key left out / misshaped."""
+    from safetensors.torch import load_file, save_file
+
+    from levo_infer.codec.decoder import SEPTOKEN_FILE
+    from levo_infer.codec.encoder import MIXED_FILE
+
+    folder = Path(folder)
+    mixed = mixed if mixed is not None else tiny_tokenizer(seed, depth=blocks[0])
+    separate = separate if separate is not None else tiny_tokenizer(
+        seed + 1, quantizers=("rvq_bestrq_emb", "rvq_bestrq_bgm_emb"), depth=blocks[1])
+    for tok, rel in ((mixed, MIXED_FILE), (separate, SEPTOKEN_FILE)):
+        path = folder / rel
+        old = load_file(str(path)) if path.is_file() else {}
+        with torch.no_grad():
+            for q in tok.quantizer_names:  # the decoder's codebook is the encoder's (one released tensor)
+                key = f"{q}.quantizers.0.codebook.weight"
+                if key in old:
+                    getattr(tok, q).quantizers[0].codebook.weight.copy_(old[key])
+        sd = {**old, **{k: v.detach().clone().contiguous() for k, v in tok.state_dict().items()}}
+        H = tok.hidden
+        sd["bestrq.model.conformer.layer_norm.weight"] = torch.ones(H)
+        sd["bestrq.model.conformer.layer_norm.bias"] = torch.zeros(H)
+        sd["bestrq.model.linear.weight"] = torch.zeros(4096 // 32, H)
+        sd["bestrq.model.linear.bias"] = torch.zeros(4096 // 32)
+        sd["bestrq.model.cls_token"] = torch.zeros(H)
+        sd["bestrq.model.conformer.embed_positions.inv_freq"] = torch.zeros(H // tok.heads // 2)  # shape only
+        sd["bestrq.model.preprocessor_melspec_2048.mel_stft.spectrogram.window"] = torch.zeros(2048)
+        sd["bestrq.model.preprocessor_melspec_2048.mel_stft.mel_scale.fb"] = torch.zeros(1025, 128)
+        sd["rsq48tobestrq.kernel"] = torch.zeros(1, 1, 28)
+        for q in tok.quantizer_names:
+            sd.setdefault(f"{q}.quantizers.0.out_proj.weight_v", torch.zeros(H, 32, 1))
+        if rel == MIXED_FILE:
+            sd["normfeat.counts"] = torch.zeros(1)
+            sd["mask_emb.weight"] = torch.zeros(3, 48)
+        if drop in sd:
+            del sd[drop]
+        if reshape is not None and reshape[0] in sd:
+            sd[reshape[0]] = torch.zeros(reshape[1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path))
+    return folder

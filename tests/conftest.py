@@ -19,6 +19,10 @@ SHARED = Path(os.environ.get("LEVO_SHARED_DIR", REPO.parent / "shared"))
 #: file is kept in tests/data so the layout tests run wherever the shared folder is not beside the clone)
 CODEC_LAYOUT = next((p for p in (SHARED / "codec_real_layout.json", REPO / "tests" / "data" / "codec_real_layout.json")
                      if p.is_file()), SHARED / "codec_real_layout.json")
+#: the same for the encoder's two files (shared/encoder_real_layout.json)
+ENCODER_LAYOUT = next((p for p in (SHARED / "encoder_real_layout.json",
+                                   REPO / "tests" / "data" / "encoder_real_layout.json") if p.is_file()),
+                      SHARED / "encoder_real_layout.json")
 
 #: levo-train overrides for a tiny model on a tiny toy world (CLI tests)
 TINY = [

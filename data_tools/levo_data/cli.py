@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from levo_data.catalogue import CATALOGUE_COMMANDS
+from levo_data.encode import ENCODE_COMMANDS
 from levo_data.offline import OFFLINE_COMMANDS
 from levo_data.prefs import PREF_COMMANDS
 
@@ -120,6 +121,8 @@ COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in P
 COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in OFFLINE_COMMANDS.items()})
 # catalogue -> training shards: shards (levo_data.catalogue)
 COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in CATALOGUE_COMMANDS.items()})
+# audio -> token files with the native codec encoder: encode (levo_data.encode)
+COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in ENCODE_COMMANDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:

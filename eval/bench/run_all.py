@@ -149,6 +149,22 @@ def rows_codec(r: dict) -> list[Row]:
     return out
 
 
+def rows_encode(r: dict) -> list[Row]:
+    t = r["tiny"]
+    f, b = t["fp32"], t["bf16"]
+    out = [(f"codec encoder, tiny released-layout files, a {t['audio_s']:.0f} s song with stems (3 rows)",
+            f"{f['encode_s']:.1f} s fp32: real-time factor {f['rtf']:.3f}",
+            f"bf16 {b['encode_s']:.1f} s, {b['agreement_with_fp32']:.1%} of the codes as fp32 (random weights)")]
+    p = r.get("real_projection")
+    if p:
+        out.append((f"codec encoder at the real size (random weights), projected from timed pieces, a {p['song_s']:.0f} s "
+                    "song", f"~{p['song_encode_s'] / 60:.1f} min (real-time factor ~{p['rtf']:.1f}, "
+                    f"{p['songs_per_hour']:.1f} songs/hour)",
+                    f"per 40 s chunk: conv front end {p['conv_front_end_s']:.1f} s, conformer block "
+                    f"{p['conformer_block_s']:.2f} s ({p['conformer_blocks_per_chunk']} per chunk over the 3 rows)"))
+    return out
+
+
 def rows_per(r: dict) -> list[Row]:
     if r.get("skipped"):
         return [("PER throughput (offline Whisper ASR + G2P)", f"skipped: {r['skipped']}", "—")]
@@ -169,6 +185,8 @@ def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
         Bench("sdpo", ["eval/bench/bench_sdpo.py", "--init", sdpo_init or "{sft_export}",
                        *(["--prompts", "60", "--sync-every", "10"] if q else [])], rows_sdpo),
         Bench("codec", ["eval/bench/bench_codec.py", "--json", "{json}"], rows_codec, json_flag=True),
+        Bench("encode", ["eval/bench/bench_encode.py", *(["--seconds", "60"] if q else []), "--json", "{json}"],
+              rows_encode, json_flag=True),
         Bench("per", ["eval/bench/bench_per.py", "--json", "{json}"], rows_per, json_flag=True),
     ]
 

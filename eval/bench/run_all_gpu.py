@@ -6,7 +6,8 @@ recorded as such; the others still run):
 1. ``gpu_check_train.py``: real-width v2-large layers under FSDP2 (tokens/s, MFU), full v2-large SFT
    and LoRA-DPO step peak memory on one GPU;
 2. ``gpu_check_codec.py``: the real-size codec decoder at batch 1 and 8 in fp16;
-3. ``gpu_check_infer.py``: levo-infer loading and generation on the GPU.
+3. ``gpu_check_infer.py``: levo-infer loading and generation on the GPU;
+4. ``gpu_check_encode.py``: the real-size codec encoder at batch 1 and 4 (fp32, TF32, bf16).
 
     OUT=/tmp/out python eval/bench/run_all_gpu.py [--budget-s 540]
 """
@@ -24,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CHECKS = [("train", "gpu_check_train.py", "gpu_check_train.json", 0.5),
           ("codec", "gpu_check_codec.py", "gpu_check_codec.json", 0.3),
-          ("infer", "gpu_check_infer.py", None, 0.2)]
+          ("infer", "gpu_check_infer.py", None, 0.2),
+          ("encode", "gpu_check_encode.py", "gpu_check_encode.json", 0.15)]
 
 
 def main() -> int:

@@ -627,22 +627,24 @@ def write_flac(wav: Any, sample_rate: int, path: Path) -> str:
 
 
 def decode_main(argv: Sequence[str]) -> int:
-    """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt``, [3, T] as
-    levo-infer writes them) -> ``OUT_DIR/<name>.flac``. A file that cannot be decoded is reported
-    and skipped (exit status 1); the others are written."""
+    """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt`` [3, T] as
+    levo-infer writes them, ``*.npy`` as ``levo-data encode`` writes them) -> ``OUT_DIR/<name>.flac``.
+    A file that cannot be decoded is reported and skipped (exit status 1); the others are written."""
+    import numpy as np
     import torch
 
     ap = argparse.ArgumentParser(prog="levo-infer decode", description=decode_main.__doc__.splitlines()[0])
-    ap.add_argument("tokens_dir", help="folder of token files (e.g. OUT_DIR/tokens of an earlier levo-infer run)")
+    ap.add_argument("tokens_dir", help="folder of token files (OUT_DIR/tokens of an earlier levo-infer run, or the "
+                                       "<idx>.npy files of levo-data encode)")
     ap.add_argument("out_dir", help="folder for the .flac files")
     ap.add_argument("--codec", required=True, metavar="CODEC_DIR", help="codec folder (model_septoken/, vae/)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed; file i (sorted) uses seed + i (default 0)")
     a = ap.parse_args(list(argv))
     src, out = Path(a.tokens_dir), Path(a.out_dir)
-    files = sorted(src.glob("*.pt")) if src.is_dir() else []
+    files = sorted([*src.glob("*.pt"), *src.glob("*.npy")]) if src.is_dir() else []
     if not files:
-        print(f"levo-infer decode: error: {src}: no token files (*.pt)", file=sys.stderr)
+        print(f"levo-infer decode: error: {src}: no token files (*.pt, *.npy)", file=sys.stderr)
         return 2
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
@@ -653,7 +655,10 @@ def decode_main(argv: Sequence[str]) -> int:
     failed = 0
     for i, f in enumerate(files):
         try:
-            toks = torch.load(f, map_location="cpu", weights_only=True)
+            if f.suffix == ".npy":
+                toks = torch.from_numpy(np.load(f, allow_pickle=False))
+            else:
+                toks = torch.load(f, map_location="cpu", weights_only=True)
             if not isinstance(toks, torch.Tensor):
                 raise ValueError(f"holds a {type(toks).__name__}, expected a LongTensor [3, T]")
             path = write_flac(codec.decode(toks, seed=a.seed + i), int(codec.sample_rate), out / f"{f.stem}.flac")

@@ -1,9 +1,15 @@
-"""Native LeVo codec decoder: song tokens -> 48 kHz stereo, from the released runtime files.
+"""Native LeVo codec: song tokens <-> 48 kHz stereo, from the released runtime files.
 
 ``load_decoder(ckpt_dir)`` (:mod:`levo_infer.codec.decoder`) gives a :class:`Decoder` whose
 ``decode(tokens [B,3,T], mode)`` returns ``(waveform [B,2,N], 48000)``; :mod:`.flow` holds the RVQ
-look-up, the flow-matching estimator and its Euler/CFG solver, :mod:`.vae` the Oobleck VAE decoder,
-:mod:`.encoder` the encoder side (an adapter to a SongGeneration checkout).
+look-up, the flow-matching estimator and its Euler/CFG solver, :mod:`.vae` the Oobleck VAE decoder.
+
+``load_encoder(ckpt_dir)`` (:mod:`levo_infer.codec.encoder`) gives a :class:`NativeEncoder` whose
+``encode(full, vocal, bgm)`` turns ``[B,2,N]`` waveforms at 48 kHz into tokens ``[B,3,T]``;
+:mod:`.musicfm` holds the MusicFM front end, conformer and RVQ encode, :mod:`.dsp` the resampler,
+mel and audio reading, :mod:`.separate` the vocal/bgm separation (htdemucs through the optional
+``separate`` extra). ``load_encoder("songgeneration:PATH", config=...)`` is the adapter to a
+user's SongGeneration checkout.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .decoder import (
     load_decoder,
     output_samples,
 )
+from .encoder import Encoder, EncoderError, NativeEncoder, frames_for, load_encoder
 
 
 class SongCodec:
@@ -49,5 +56,6 @@ def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Any:
     return SongCodec(dec)
 
 
-__all__ = ["DECODE_MODES", "SAMPLE_RATE", "CodecError", "Decoder", "SongCodec", "find_codec_dir", "is_codec_dir",
-           "load_codec", "load_decoder", "output_samples"]
+__all__ = ["DECODE_MODES", "SAMPLE_RATE", "CodecError", "Decoder", "Encoder", "EncoderError", "NativeEncoder",
+           "SongCodec", "find_codec_dir", "frames_for", "is_codec_dir", "load_codec", "load_decoder", "load_encoder",
+           "output_samples"]
