@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
     ap.add_argument("--bench", action="store_true", help="a bigger model (the size flags), no export")
+    ap.add_argument("--load", type=Path, nargs="+", default=None,
+                    help="instead of training: engine.load_checkpoint each of these ZeRO folders inside "
+                         "levo_train.zero.checked_engine_loads (as levo-train's DeepSpeed strategy does); "
+                         "OUT/load_rank<R>.json: per folder its global_step, or the error")
     ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--layers-sub", type=int, default=None)
@@ -234,6 +238,23 @@ def skip_shm_comm_build() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def load_folders(engine: Any, folders: list[Path], out: Path) -> None:
+    """``engine.load_checkpoint`` of each folder as levo-train's DeepSpeed strategy calls it; writes
+    ``{folder: {"global_step": N} or {"error": message}}``."""
+    from levo_train.zero import checked_engine_loads
+
+    res: dict[str, Any] = {}
+    for d in folders:
+        try:
+            with checked_engine_loads(engine, d):
+                _, client = engine.load_checkpoint(str(d))
+            res[str(d)] = {"global_step": client["global_step"]}
+        except ValueError as e:
+            res[str(d)] = {"error": str(e)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res))
+
+
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -267,6 +288,9 @@ def run(args: argparse.Namespace) -> None:
                               persistence_threshold=args.persistence_threshold if args.stage == 3 else None)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     rss["initialized"] = rss_now()
+    if args.load:
+        load_folders(engine, args.load, args.out / f"load_rank{rank}.json")
+        return
 
     grads: list[int] = []  # gradient bytes handed to the wrapped optimizer's step (its partition)
     model_grads: list[int] = []  # full-size .grad still on model parameters at that moment
