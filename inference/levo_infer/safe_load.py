@@ -71,6 +71,14 @@ def restricted_unpickle(path: str | os.PathLike, allowed: Mapping[tuple[str, str
         raise error(f"{p}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
 
 
+def is_zip(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a readable, non-empty zip (torch's format since 1.6: memory-mappable)."""
+    try:
+        return Path(path).stat().st_size > 0 and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
 def torch_load(path: str | os.PathLike | IO[bytes], *, allow: Iterable[Any] = (), mmap: bool = True,
                error: type[Exception] = ValueError, where: str | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, memory-mapped when ``mmap`` and the file
@@ -81,8 +89,7 @@ def torch_load(path: str | os.PathLike | IO[bytes], *, allow: Iterable[Any] = ()
     stream = not isinstance(path, (str, os.PathLike))
     name = where or str(path)
     try:
-        use_mmap = (mmap and not stream and Path(path).stat().st_size > 0  # type: ignore[arg-type]
-                    and zipfile.is_zipfile(path))  # type: ignore[arg-type]
+        use_mmap = mmap and not stream and is_zip(path)  # type: ignore[arg-type]
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)  # type: ignore[arg-type]
     except pickle.UnpicklingError as e:
@@ -95,4 +102,4 @@ def torch_load(path: str | os.PathLike | IO[bytes], *, allow: Iterable[Any] = ()
                     f"{_first_line(e)})") from None
 
 
-__all__ = ["REFUSED", "RestrictedUnpickler", "restricted_unpickle", "torch_load"]
+__all__ = ["REFUSED", "RestrictedUnpickler", "is_zip", "restricted_unpickle", "torch_load"]
