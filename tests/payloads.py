@@ -96,3 +96,31 @@ def plant_in_yaml(path: Path, key: str, value: str) -> None:
 def python_object_yaml(marker: str | Path) -> str:
     """A YAML document that PyYAML's unsafe loader would turn into a call creating the marker."""
     return f"lm: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n"
+
+
+def payload_npy(marker: str | Path) -> bytes:
+    """A ``.npy`` of an object array holding the payload (``np.load(allow_pickle=True)`` would run it)."""
+    import numpy as np
+
+    arr = np.empty(1, dtype=object)
+    arr[0] = Payload(marker)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def plant_in_shard(tar: Path, member_suffix: str, marker: str | Path) -> str:
+    """Replace the first ``*.<member_suffix>`` member of a webdataset shard with :func:`payload_npy`
+    (same member name, same record); returns the member's name."""
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()]  # type: ignore[union-attr]
+    name = next(m.name for m, _ in members if m.name.endswith("." + member_suffix))
+    with tarfile.open(tar, "w") as t:
+        for m, data in members:
+            if m.name == name:
+                data = payload_npy(marker)
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data) if data is not None else None)
+    return name
