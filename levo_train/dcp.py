@@ -24,6 +24,7 @@ import dataclasses
 import io
 import os
 import pathlib
+import pickle
 import re
 from collections import OrderedDict
 from functools import cache
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.futures import Future
 
 from levo_infer.checkpoint import CheckpointError
-from levo_infer.safe_load import restricted_unpickle, torch_load
+from levo_infer.safe_load import REFUSED, error_detail, restricted_unpickle, torch_load
 
 #: DCP's metadata file name (torch's ``_metadata_fn``)
 METADATA = ".metadata"
@@ -145,9 +146,11 @@ class SafeReader(FileSystemReader):
                 super().read_data(dataclasses.replace(plan, items=items), planner).wait()
             except CheckpointError as e:
                 raise CheckpointError(f"{self.folder / name}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - a refused or truncated tensor item
+            except pickle.UnpicklingError as e:  # a tensor item (torch reads those weights_only itself)
+                raise CheckpointError(f"{self.folder / name}: {REFUSED} ({error_detail(e)})") from None
+            except Exception as e:  # noqa: BLE001 - a truncated item
                 raise CheckpointError(f"{self.folder / name}: cannot read its items ({type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                                      f"{error_detail(e)})") from None
         fut: Future = Future()
         fut.set_result(None)
         return fut

@@ -47,7 +47,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not allowed")
 
 
-def _first_line(e: BaseException) -> str:
+def error_detail(e: BaseException) -> str:
     """The informative line of an error: torch's weights-only refusal buries it under advice."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     for ln in lines:
@@ -66,9 +66,9 @@ def restricted_unpickle(path: str | os.PathLike, allowed: Mapping[tuple[str, str
         with open(p, "rb") as f:
             return RestrictedUnpickler(f, allowed).load()
     except pickle.UnpicklingError as e:
-        raise error(f"{p}: {REFUSED} ({_first_line(e)})") from None
+        raise error(f"{p}: {REFUSED} ({error_detail(e)})") from None
     except Exception as e:  # noqa: BLE001 - truncated pickle, I/O error, a bad argument to an allowed class
-        raise error(f"{p}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
+        raise error(f"{p}: not a readable pickle ({type(e).__name__}: {error_detail(e)})") from None
 
 
 def is_zip(path: str | os.PathLike) -> bool:
@@ -94,12 +94,12 @@ def torch_load(path: str | os.PathLike | IO[bytes], *, allow: Iterable[Any] = ()
             return torch.load(path, map_location="cpu", mmap=use_mmap, weights_only=True)  # type: ignore[arg-type]
     except pickle.UnpicklingError as e:
         raise error(f"{name}: {REFUSED}: it holds objects other than tensors and plain data (read with "
-                    f"weights_only=True: {_first_line(e)})") from None
+                    f"weights_only=True: {error_detail(e)})") from None
     except FileNotFoundError:
         raise error(f"{name}: no such file") from None
     except Exception as e:  # noqa: BLE001 - truncated zip ([Errno 22] / PytorchStreamReader), not a torch file
         raise error(f"{name}: not a readable torch file, truncated or of another kind ({type(e).__name__}: "
-                    f"{_first_line(e)})") from None
+                    f"{error_detail(e)})") from None
 
 
-__all__ = ["REFUSED", "RestrictedUnpickler", "is_zip", "restricted_unpickle", "torch_load"]
+__all__ = ["REFUSED", "RestrictedUnpickler", "error_detail", "is_zip", "restricted_unpickle", "torch_load"]
