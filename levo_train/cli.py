@@ -228,19 +228,22 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
     found = run_checkpoints(run_dir)
     if cfg.resume and found:
         best: ResumePoint | None = None
+        failed: list[tuple[Path, ValueError]] = []
         for p in found:
             try:
                 rp = read_checkpoint_state(p)
             except ValueError as e:
-                print(f"levo-train: warning: {p} cannot be loaded ({e}); skipping it", file=sys.stderr)
+                failed.append((p, e))
                 continue
             # the highest step wins; at equal steps the first listed (last.ckpt, a step file, hpc)
             if best is None or rp.step > best.step:
                 best = rp
-        if best is None:
-            raise UsageError(f"resume=true: {run_dir} holds {len(found)} checkpoint file(s) but no checkpoint loads "
-                             f"({', '.join(p.name for p in found[:4])}); refusing to restart from step 0. Move them "
-                             "away (or use a new run_dir) to start over")
+        if best is None:  # one line, with each checkpoint's reason (e.g. the file inside it that was refused)
+            why = "; ".join(f"{p.name}: {e}" for p, e in failed[:4])
+            raise UsageError(f"resume=true: {run_dir} holds {len(found)} checkpoint(s) but no checkpoint loads ({why}); "
+                             "refusing to restart from step 0. Move them away (or use a new run_dir) to start over")
+        for p, e in failed:
+            print(f"levo-train: warning: {p} cannot be loaded ({e}); skipping it", file=sys.stderr)
         if cfg.ckpt_path:
             print(f"levo-train: resume=true and {run_dir} has checkpoints: continuing the run "
                   f"(ckpt_path={cfg.ckpt_path} only starts a run)", file=sys.stderr)
@@ -594,7 +597,7 @@ def export_command(argv: list[str]) -> int:
     complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
     import torch
 
-    from levo_train.export import ExportError, export_checkpoint
+    from levo_train.export import export_checkpoint
 
     args: dict[str, str] = {}
     for a in argv:
@@ -630,8 +633,8 @@ def export_command(argv: list[str]) -> int:
     out = Path(args.get("out") or (Path(args["run_dir"]) / "export" if "run_dir" in args else ckpt.parent / "export"))
     try:
         export_checkpoint(ckpt, out, dtype)
-    except (ExportError, FileNotFoundError) as e:
-        print(f"levo-train export: error: {ckpt}: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # ExportError, CheckpointError, ConfigError: each names its file
+        print(f"levo-train export: error: {e if str(ckpt) in str(e) else f'{ckpt}: {e}'}", file=sys.stderr)
         return 2
     print(f"levo-train export: {ckpt} -> {out}")
     return 0

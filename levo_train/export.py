@@ -17,7 +17,6 @@ with LoRA adapters merged (and written alone to ``adapters/``) when the run trai
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +50,12 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def _load_meta_file(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", mmap=path.stat().st_size > 0, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ExportError("it holds objects other than tensors and plain data, and a checkpoint is never allowed "
-                          f"to run code (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, I/O error: all "cannot be loaded"
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ExportError(f"not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+    from levo_infer.safe_load import torch_load
+
+    ck = torch_load(path, error=ExportError)
     if not isinstance(ck, dict):
-        raise ExportError(f"not a levo-train checkpoint (a {type(ck).__name__}, expected a Lightning checkpoint dict)")
+        raise ExportError(f"{path}: not a levo-train checkpoint (a {type(ck).__name__}, expected a Lightning "
+                          "checkpoint dict)")
     return ck
 
 
@@ -75,6 +70,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not (p / COMPLETE).is_file():
         raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
     if kind == "dcp":
+        from levo_train import dcp
+
+        dcp.check_folder(p)  # before anything reads a shard: .metadata and every non-tensor item, no code run
         return _load_meta_file(p / META)
     from levo_train.zero import read_zero_meta  # also checks that every rank's files are there
 
@@ -82,11 +80,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
-    md = reader.read_metadata()
+    from levo_train import dcp
+
+    md = dcp.read_metadata(path)
     pre = "state_dict." + POLICY
     want = {k[len("state_dict."):]: torch.empty(m.size, dtype=m.properties.dtype)
             for k, m in md.state_dict_metadata.items()
@@ -94,7 +92,7 @@ def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
     if not want:
         raise ExportError(f"{path}: the distributed checkpoint holds no policy weights (no state_dict.{POLICY}* keys)")
     state = {"state_dict": want}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    dcp.load(state, path, no_dist=True)
     return state["state_dict"]
 
 

@@ -140,6 +140,42 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         save_folder_atomically(self, filepath, write, fmt="torch-dcp", global_step=checkpoint.get("global_step"))
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A DCP folder as Lightning's ``ModelParallelStrategy`` loads one (the module's sharded
+        weights, then each optimizer's, then ``meta.pt`` as the rest of the checkpoint dict), but on
+        every rank through :mod:`levo_train.dcp`, whose reads never run code (torch's own reader
+        unpickles ``.metadata`` and the optimizers' non-tensor items unchecked). A one-file
+        checkpoint goes to Lightning (read ``weights_only``)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from levo_infer.checkpoint import CheckpointError
+        from levo_infer.safe_load import torch_load
+        from levo_train import dcp
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
+        module = self.model
+        assert module is not None and self.lightning_module is not None
+        state = {"state_dict": get_model_state_dict(module)}
+        dcp.load(state, path)
+        module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for i, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{i}"
+            ostate = {key: get_optimizer_state_dict(module, optimizer)}
+            dcp.load(ostate, path)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=ostate[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        meta = torch_load(path / META, error=CheckpointError)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path / META}: a {type(meta).__name__}, expected the checkpoint dict")
+        return meta
+
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero:
             remove_checkpoint_path(filepath)
@@ -156,6 +192,16 @@ def deepspeed_strategy(**kwargs: Any) -> Any:
             save = super().save_checkpoint
             save_folder_atomically(self, filepath, lambda tmp: save(checkpoint, tmp, storage_options),
                                    fmt="deepspeed", global_step=checkpoint.get("global_step"))
+
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            # DeepSpeed unpickles every states file unchecked: on every rank they are all checked
+            # first, and each one the engine opens is read by us (levo_train.zero)
+            if not Path(checkpoint_path).is_dir():
+                return super().load_checkpoint(checkpoint_path, weights_only=True)
+            from levo_train.zero import checked_engine_loads
+
+            with checked_engine_loads(self.deepspeed_engine, checkpoint_path):
+                return super().load_checkpoint(checkpoint_path, weights_only=True)
 
         def remove_checkpoint(self, filepath: Any) -> None:
             if self.is_global_zero:

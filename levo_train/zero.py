@@ -18,6 +18,10 @@ strategy passes ``tag="checkpoint"`` and the Lightning checkpoint dict minus ``s
 
 The client state sits at the top level of the (rank 0) model-states file, beside DeepSpeed's own
 keys. It is read with ``weights_only=True`` (memory-mapped): a checkpoint never runs code.
+DeepSpeed itself (``zero_to_fp32``, ``engine.load_checkpoint``) unpickles every states file with
+``weights_only=False``; so before it reads any, every one of them is read here ``weights_only``
+with exactly the DeepSpeed classes they hold allowed (:func:`check_states_files`), and the engine's
+own reads go through that reader too (:func:`checked_engine_loads`).
 DeepSpeed is imported only inside the functions that need it, so this module imports without it.
 """
 
@@ -27,8 +31,8 @@ import contextlib
 import io
 import logging
 import os
-import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +159,80 @@ def is_zero_checkpoint(path: str | os.PathLike) -> bool:
     return bool(_model_state_files(d)) and any(_OPTIM_RE.match(f.name) for f in d.iterdir())
 
 
-def _load_states(f: Path) -> dict[str, Any]:
+def deepspeed_globals() -> list[Any]:
+    """The DeepSpeed classes its checkpoint files hold beside tensors and plain data (the optimizer
+    states' loss scaler, ZeRO stage enum and ZeRO-2 fragment addresses): the exact allowlist they
+    are read with (``weights_only=True``); DeepSpeed itself would unpickle them unchecked."""
     try:
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{f}: holds objects other than tensors and plain data, and a checkpoint is never allowed "
-                         f"to run code (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, I/O error
-        raise ValueError(f"{f}: not a readable torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         ) from None
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        raise ValueError("reading a DeepSpeed ZeRO checkpoint needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_states(f: Path) -> dict[str, Any]:
+    from levo_infer.checkpoint import CheckpointError
+    from levo_infer.safe_load import torch_load
+
+    sd = torch_load(f, allow=deepspeed_globals(), error=CheckpointError)
     if not isinstance(sd, dict) or "module" not in sd or "dp_world_size" not in sd:
         raise ValueError(f"{f}: not a DeepSpeed model-states file (no `module` / `dp_world_size` entries)")
     return sd
+
+
+def states_files(d: Path) -> list[Path]:
+    """Every file of a tag folder that DeepSpeed would unpickle: what ``zero_to_fp32`` globs
+    (``*_model_states.pt``, ``*_optim_states.pt``: every rank's, and any other file so named) and
+    what ``engine.load_checkpoint`` opens (a subset)."""
+    return sorted(f for f in d.iterdir() if f.name.endswith(("_model_states.pt", "_optim_states.pt")))
+
+
+def check_states_files(d: Path) -> None:
+    """Read every :func:`states_files` file ``weights_only`` with only :func:`deepspeed_globals`
+    added (memory-mapped: the tensors are not read), so that nothing DeepSpeed then unpickles can
+    run code; :class:`~levo_infer.checkpoint.CheckpointError` naming the first file that holds
+    anything else or does not load."""
+    from levo_infer.checkpoint import CheckpointError
+    from levo_infer.safe_load import torch_load
+
+    allow = deepspeed_globals()
+    for f in states_files(d):
+        torch_load(f, allow=allow, error=CheckpointError)
+
+
+class _CheckedLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` is :func:`levo_infer.safe_load.torch_load` with
+    :func:`deepspeed_globals` (everything else is the wrapped engine's)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        from levo_infer.checkpoint import CheckpointError
+        from levo_infer.safe_load import torch_load
+
+        return torch_load(path, allow=deepspeed_globals(), error=CheckpointError)
+
+
+@contextlib.contextmanager
+def checked_engine_loads(engine: Any, path: str | os.PathLike, tag: str | None = None) -> Iterator[None]:
+    """Around DeepSpeed's ``engine.load_checkpoint(path)`` (Lightning's DeepSpeed strategy, on every
+    rank): first :func:`check_states_files` on the tag folder (every rank's model and optimizer
+    states, so every rank refuses a crafted folder before any collective), then every file the
+    engine opens is read by us ``weights_only`` (:class:`_CheckedLoads`) instead of by its checkpoint
+    engine's unchecked ``torch.load``."""
+    check_states_files(_tag_dir(path, tag))
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _CheckedLoads(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def _check_complete(d: Path) -> tuple[int, int, dict[str, Any]]:
@@ -183,6 +249,7 @@ def _check_complete(d: Path) -> tuple[int, int, dict[str, Any]]:
     else:
         raise ValueError(f"{d}: not a DeepSpeed ZeRO checkpoint (no {_Z2_MODEL} and no "
                          "zero_pp_rank_*_mp_rank_00_model_states.pt)")
+    check_states_files(d)  # every rank's model and optimizer states, before DeepSpeed unpickles any
     head = _load_states(first)
     world = int(head["dp_world_size"])
     if int(head.get("mp_world_size", 1) or 1) != 1:
@@ -290,5 +357,5 @@ def _unwrap(name: str) -> str:
     return name
 
 
-__all__ = ["deepspeed_config", "is_zero_checkpoint", "policy_name", "read_zero_meta",
-           "zero_fp32_state_dict"]
+__all__ = ["check_states_files", "checked_engine_loads", "deepspeed_config", "deepspeed_globals", "is_zero_checkpoint", "policy_name",
+           "read_zero_meta", "states_files", "zero_fp32_state_dict"]

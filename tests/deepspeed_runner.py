@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
     ap.add_argument("--bench", action="store_true", help="a bigger model (the size flags), no export")
+    ap.add_argument("--check-loads", action="store_true",
+                    help="after saving: OUT/crafted, a copy with a payload in rank 1's optimizer states "
+                         "(tests/payloads.py; it would create OUT/code-ran), then engine.load_checkpoint of both "
+                         "inside levo_train.zero.checked_engine_loads (as levo-train's DeepSpeed strategy loads); "
+                         "OUT/load_rank<R>.json: per folder its global_step, or the error")
     ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--layers-sub", type=int, default=None)
@@ -234,6 +240,23 @@ def skip_shm_comm_build() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def load_folders(engine: Any, folders: list[Path], out: Path) -> None:
+    """``engine.load_checkpoint`` of each folder as levo-train's DeepSpeed strategy calls it; writes
+    ``{folder: {"global_step": N} or {"error": message}}``."""
+    from levo_train.zero import checked_engine_loads
+
+    res: dict[str, Any] = {}
+    for d in folders:
+        try:
+            with checked_engine_loads(engine, d):
+                _, client = engine.load_checkpoint(str(d))
+            res[str(d)] = {"global_step": client["global_step"]}
+        except ValueError as e:
+            res[str(d)] = {"error": str(e)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res))
+
+
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -299,6 +322,16 @@ def run(args: argparse.Namespace) -> None:
 
         write_complete_marker(ckpt, fmt="deepspeed", world_size=world, global_step=args.steps)
     save_s = time.perf_counter() - t0
+    if args.check_loads:
+        crafted = args.out / "crafted"
+        if rank == 0:
+            from payloads import plant_in_torch_file
+
+            shutil.copytree(ckpt, crafted)
+            plant_in_torch_file(crafted / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                args.out / "code-ran")
+        dist.barrier()
+        load_folders(engine, [ckpt, crafted], args.out / f"load_rank{rank}.json")
     mine = {"rank": rank, "peak_rss_bytes": peak_rss(), "rss_bytes": rss, **held_bytes(engine),
             "grad_bytes": max(grads, default=0), "model_grad_bytes": max(model_grads, default=0),
             "losses": rank_losses, "step_times": times, "save_s": save_s}

@@ -118,7 +118,13 @@ def test_contradictions_always_fail(tmp_path, old, new, key, value):
 
 def test_wrong_lyric_tag_list_fails(tmp_path):
     path = released_folder(tmp_path)
-    (tmp_path / "conf" / "vocab.yaml").write_text(VOCAB_YAML.replace("- '[silence]'\n", ""))
+    wrong = VOCAB_YAML.replace("- '[silence]'\n", "")
+    # load_yaml reads only inside the config's folder: ROOT/conf/vocab.yaml (the released code root's)
+    # is never opened, conf/vocab.yaml then names the bundled list
+    (tmp_path / "conf" / "vocab.yaml").write_text(wrong)
+    assert len(load_config(path).lyric_tags) == 13
+    (path.parent / "conf").mkdir()
+    (path.parent / "conf" / "vocab.yaml").write_text(wrong)
     with pytest.raises(ConfigError, match=r"add_token_list.*13 released structure tags"):
         load_config(path)
 

@@ -244,8 +244,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "com
 
 
 def main(argv: list[str] | None = None) -> int:
+    from levo_infer.checkpoint import CheckpointError
+    from levo_infer.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (CheckpointError, ConfigError) as e:  # a model folder that does not load: the message names the file
+        print(f"levo-eval: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

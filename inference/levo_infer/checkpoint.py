@@ -1,6 +1,7 @@
 """Released folder format: ``config.yaml`` + ``model.pt`` (flat ``{"audiolm.<key>": tensor}``).
 
-Loading never runs pickled code (``model.pt`` is read with ``weights_only=True``; ``.safetensors``
+Loading never runs pickled code (``model.pt`` is read with ``weights_only=True`` by
+:func:`levo_infer.safe_load.torch_load`, whose every error names the file; ``.safetensors``
 holds no code), memory-maps the file, builds the model on the meta device and assigns the mapped
 tensors, so peak memory stays near one model copy. When a dtype conversion is asked for, each
 tensor is converted on its own and the file pages it was read from are released right away
@@ -13,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -172,23 +172,11 @@ class StateSource:
             self.meta[k] = (tuple(v.shape), v.dtype)
 
     def _torch_load(self) -> Any:
-        try:
-            sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-            self.mmapped = True
-            return sd
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{self.path}: refused to load: the file holds objects other than tensors and a checkpoint is "
-                f"never allowed to run code (weights_only=True). Re-save it as a flat dict of tensors. "
-                f"Detail: {str(e).splitlines()[0]}") from e
-        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-            pass
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.path}: refused to load (weights_only=True): {str(e).splitlines()[0]}") from e
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: not a readable torch checkpoint: {e}") from e
+        from .safe_load import is_zip, torch_load
+
+        sd = torch_load(self.path, error=CheckpointError)  # weights_only; every error names the file
+        self.mmapped = is_zip(self.path)  # torch_load maps a zip file, reads a legacy one
+        return sd
 
     def tensor(self, key: str) -> torch.Tensor:
         if self._st is not None:

@@ -9,14 +9,18 @@ with our own settings under a ``levo:`` section that the released code ignores.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import difflib
 import logging
+import math
 import operator
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -125,6 +129,13 @@ def unknown_keys(data: Any, tree: dict[str, Any] | None = None, prefix: str = ""
 
 
 # ----------------------------------------------------------------------------- resolvers
+#: the only resolvers a config file handed to us may call (a model, export, reward or codec
+#: folder's ``config.yaml``, a checkpoint's model config), whatever else the process registered
+#: (hydra's ``oc.env``, ...): released configs use exactly ``${eval:${prompt_len}*...+2}`` and
+#: ``${load_yaml:conf/vocab.yaml}``. Our own hydra training configs keep every resolver.
+FILE_RESOLVERS = ("eval", "load_yaml")
+#: ``eval`` takes small arithmetic on numbers: expression length, |operand|, |exponent|, |result|
+EVAL_MAX_CHARS, EVAL_MAX_OPERAND, EVAL_MAX_EXPONENT, EVAL_MAX_RESULT = 200, 10**9, 64, 10**15
 _OPS = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
@@ -132,48 +143,159 @@ _OPS = {
 }
 
 
-def _safe_eval(expr: str) -> Any:
-    """Arithmetic-only ``eval`` (the released configs only use ``a*b+c``); never runs code."""
+def _safe_eval(expr: Any) -> int | float:
+    """The ``eval`` resolver: small arithmetic on numbers only (``+ - * / // % **``, bounded
+    operands, exponents and results, checked before each operation runs: ``9**9**9`` is refused at
+    once instead of hanging); never runs code."""
+    text = str(expr)
+    if len(text) > EVAL_MAX_CHARS:
+        raise ConfigError(f"`eval` expression of {len(text)} characters (at most {EVAL_MAX_CHARS})")
 
-    def ev(node: ast.AST) -> Any:
+    def bounded(v: Any, what: str, limit: float) -> int | float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > limit:
+            raise ConfigError(f"`eval` {what} {v!r} is out of range (|x| <= {limit:g}) in {text!r}")
+        return v
+
+    def ev(node: ast.AST) -> int | float:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return bounded(node.value, "operand", EVAL_MAX_OPERAND)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](ev(node.operand))
-        raise ConfigError(f"`eval` resolver only supports arithmetic, got {expr!r}")
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow):
+                bounded(b, "exponent", EVAL_MAX_EXPONENT)
+                if a == 0 and b < 0:
+                    raise ConfigError(f"`eval`: 0 to a negative power in {text!r}")
+                if abs(a) > 1 and b * math.log10(abs(a)) > math.log10(EVAL_MAX_RESULT):
+                    raise ConfigError(f"`eval` result {a!r}**{b!r} is out of range (|x| <= {EVAL_MAX_RESULT:g}) "
+                                      f"in {text!r}")
+            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+                raise ConfigError(f"`eval`: division by zero in {text!r}")
+            return bounded(_OPS[type(node.op)](a, b), "result", EVAL_MAX_RESULT)
+        raise ConfigError(f"`eval` takes only arithmetic on numbers, got {text!r}")
 
-    return ev(ast.parse(str(expr), mode="eval"))
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise ConfigError(f"`eval` takes only arithmetic on numbers, got {text!r}") from None
+    return ev(tree)
 
 
-_LOAD_YAML_ROOTS: list[Path] = []
+#: the one ``load_yaml`` path that names the bundled lyric tag list (the released code root's file)
+BUNDLED_VOCAB = "conf/vocab.yaml"
 
 
-def _load_yaml(rel: str) -> Any:
-    """``load_yaml`` resolver: paths are relative to the released code root; we search the
-    config's folder and its parents, and fall back to the known lyric tag list."""
-    for root in _LOAD_YAML_ROOTS:
-        for base in [root, *list(root.parents)[:3]]:
-            cand = base / rel
-            if cand.is_file():
-                return OmegaConf.to_container(OmegaConf.load(cand))
-    if Path(rel).name == "vocab.yaml":
-        log.info("load_yaml:%s not found next to the config; using the released lyric tag list", rel)
+def _load_yaml(folder: Path | None, rel: Any) -> Any:
+    """The ``load_yaml`` resolver of a config in ``folder``: a relative path that stays inside the
+    folder (read as plain YAML; no interpolations inside), else, for ``conf/vocab.yaml`` (the
+    released configs' path, relative to the released code root), the bundled lyric tag list."""
+    r = str(rel)
+    parts = PurePosixPath(r).parts
+    if not r or PurePosixPath(r).is_absolute() or ".." in parts or "\\" in r:
+        raise ConfigError(f"`load_yaml` takes a path relative to the config's folder that stays inside it, got {r!r}")
+    if folder is not None:
+        cand = folder / r
+        if cand.is_file():
+            if not cand.resolve().is_relative_to(folder.resolve()):
+                raise ConfigError(f"`load_yaml:{r}` leaves the config's folder (a link to {cand.resolve()})")
+            try:
+                data = OmegaConf.to_container(OmegaConf.load(cand), resolve=False)
+            except Exception as e:  # noqa: BLE001 - YAML syntax, unreadable file
+                raise ConfigError(f"`load_yaml:{r}`: {cand} cannot be read ({type(e).__name__}: {e})") from None
+            if "${" in str(data):
+                raise ConfigError(f"`load_yaml:{r}`: {cand} holds interpolations; a loaded file must be plain data")
+            return data
+    if PurePosixPath(r).as_posix().removeprefix("./") == BUNDLED_VOCAB:
+        log.info("load_yaml:%s is not in the config's folder; using the bundled (released) lyric tag list", r)
         return list(LYRIC_TAGS_DEFAULT)
-    raise ConfigError(f"load_yaml:{rel}: file not found (searched from {[str(r) for r in _LOAD_YAML_ROOTS]})")
+    raise ConfigError(f"`load_yaml:{r}`: no such file in {folder if folder is not None else 'the config'} (only "
+                      f"files inside the config's folder, or {BUNDLED_VOCAB} for the lyric tag list)")
 
 
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("eval"):
-        OmegaConf.register_new_resolver("eval", _safe_eval)
-    if not OmegaConf.has_resolver("load_yaml"):
-        OmegaConf.register_new_resolver("load_yaml", _load_yaml)
+def _resolver_calls(value: str, where: str, key: str) -> list[str]:
+    """The resolver names an OmegaConf string calls (OmegaConf's own grammar; nested calls too)."""
+    from omegaconf.errors import GrammarParseError
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as G
+    from omegaconf.grammar_parser import parse
+
+    try:
+        tree = parse(value)
+    except GrammarParseError as e:
+        raise ConfigError(f"{where}: `{key}` = {value!r} is not a valid interpolation ({e})") from None
+    names: list[str] = []
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, G.InterpolationResolverContext):
+            rn = node.resolverName()
+            if any(isinstance(c, G.InterpolationContext) for c in rn.children or []):
+                raise ConfigError(f"{where}: `{key}` = {value!r}: a resolver named by an interpolation is refused")
+            names.append(rn.getText())
+        stack.extend(getattr(node, "children", None) or [])
+    return names
 
 
-_register_resolvers()
+def _interpolated_leaves(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, string)`` of every leaf string of a plain container that holds ``${``."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    out: list[tuple[str, str]] = []
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, list)):
+            out += _interpolated_leaves(v, key + ".")
+        elif isinstance(v, str) and "${" in v:
+            out.append((key, v))
+    return out
+
+
+_RESOLVE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _only_file_resolvers(folder: Path | None) -> Iterator[None]:
+    """OmegaConf's resolver table holds exactly :data:`FILE_RESOLVERS` (ours) meanwhile."""
+    from omegaconf.basecontainer import BaseContainer
+
+    with _RESOLVE_LOCK:
+        saved = BaseContainer._resolvers
+        BaseContainer._resolvers = {}
+        try:
+            OmegaConf.register_new_resolver("eval", _safe_eval)
+            OmegaConf.register_new_resolver("load_yaml", lambda rel: _load_yaml(folder, rel))
+            yield
+        finally:
+            BaseContainer._resolvers = saved
+
+
+def resolve_file_config(data: Any, *, where: str, folder: Path | None) -> DictConfig:
+    """A config handed to us (a file's parsed content, a checkpoint's model config: dict or
+    DictConfig) with every interpolation resolved, through :data:`FILE_RESOLVERS` only: ``eval``
+    bounded (:func:`_safe_eval`), ``load_yaml`` inside ``folder`` (:func:`_load_yaml`); any other
+    resolver (``oc.env``, ...) is refused before anything resolves. Errors name ``where`` and the key."""
+    cfg = data if isinstance(data, DictConfig) else OmegaConf.create(data)
+    leaves = _interpolated_leaves(OmegaConf.to_container(cfg, resolve=False))
+    for key, value in leaves:
+        refused = [n for n in _resolver_calls(value, where, key) if n not in FILE_RESOLVERS]
+        if refused:
+            raise ConfigError(f"{where}: `{key}` = {value!r} calls the resolver `{refused[0]}`; a config file may only "
+                              f"use {' and '.join(FILE_RESOLVERS)}")
+    with _only_file_resolvers(folder):
+        for key, value in leaves:
+            try:
+                OmegaConf.select(cfg, key, throw_on_missing=True)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: `{key}` = {value!r}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a missing key, a resolver's error wrapped by OmegaConf
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{where}: `{key}` = {value!r} cannot be resolved: "
+                                  f"{msg.split(' raised while resolving interpolation: ')[-1]}") from None
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if not isinstance(resolved, DictConfig):
+        raise ConfigError(f"{where}: expected a mapping of sections (lm:, conditioners:, ...), got a list")
+    return resolved
 
 
 # ----------------------------------------------------------------------------- dataclasses
@@ -415,7 +537,11 @@ def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Pat
 
     Unknown keys and missing keys that change the model (:data:`MATH_DEFAULTS`) are reported
     (:class:`ConfigWarning`; :class:`ConfigError` under ``strict``); contradictions always fail.
+    Interpolations are resolved here, through :func:`resolve_file_config` only (``folder``: where
+    ``load_yaml`` may read).
     """
+    source = cfg
+    cfg = resolve_file_config(cfg, where=where, folder=folder)
     findings = unknown_keys(OmegaConf.to_container(cfg, resolve=False))
     findings += [f"`{key}` is missing: the default {default} is used (another value gives a different model with "
                  "the same shapes: write it into the file)" for key, default in MATH_DEFAULTS.items()
@@ -472,7 +598,7 @@ def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Pat
         lyric_tags=[str(t) for t in tags] if tags is not None else list(LYRIC_TAGS_DEFAULT),
         text_words=[str(w) for w in words] if words is not None else None,
         tokenizer_path=str(tok_path) if tok_path is not None else None,
-        raw=OmegaConf.to_container(cfg, resolve=False),
+        raw=OmegaConf.to_container(source, resolve=False) if isinstance(source, DictConfig) else copy.deepcopy(source),
     )
     mc.validate(where)
     return mc
@@ -491,18 +617,13 @@ def load_config(path: str | os.PathLike, *, strict: bool = False) -> ModelConfig
         p = p / "config.yaml"
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
-    _LOAD_YAML_ROOTS[:] = [p.parent.resolve()]
     try:
-        cfg = OmegaConf.load(p)
-        # resolve eagerly so that resolver failures name this file
-        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    except ConfigError:
-        raise
-    except Exception as e:  # omegaconf errors: add the file name
-        raise ConfigError(f"{p}: cannot parse config: {e}") from e
-    if not isinstance(resolved, DictConfig):
+        cfg = OmegaConf.load(p)  # PyYAML's safe loader: no python/object tags
+    except Exception as e:  # noqa: BLE001 - YAML syntax, unreadable file
+        raise ConfigError(f"{p}: cannot parse config: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{p}: expected a mapping of sections (lm:, conditioners:, ...), got a list")
-    mc = config_from_omegaconf(resolved, where=str(p), folder=p.parent, strict=strict)
+    mc = config_from_omegaconf(cfg, where=str(p), folder=p.parent, strict=strict)
     mc.raw = OmegaConf.to_container(cfg, resolve=False)  # keep interpolations for write-back
     mc.base_dir = str(p.parent.resolve())
     return mc
@@ -565,8 +686,9 @@ def _to_released_layout(mc: ModelConfig) -> dict[str, Any]:
     resolved: dict[str, Any] = {}
     if mc.raw is not None:
         try:
-            resolved = OmegaConf.to_container(OmegaConf.create(d), resolve=True)  # type: ignore[assignment]
-        except Exception:
+            folder = Path(mc.base_dir) if mc.base_dir else None
+            resolved = OmegaConf.to_container(resolve_file_config(d, where="config", folder=folder))  # type: ignore[assignment]
+        except ConfigError:
             resolved = {}
     lm = mc.lm
     for key in ("dim", "intermediate_size", "num_heads", "num_layers", "num_layers_sub", "code_depth",

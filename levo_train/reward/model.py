@@ -254,16 +254,14 @@ def load_reward_model(export_dir: str | os.PathLike, device: str | torch.device 
                       ) -> tuple[RewardModel, dict[str, Any]]:
     """(model in eval mode, fp32, on ``device``; its ``reward.json``) of an export folder."""
     from levo_infer.config import load_config
+    from levo_infer.safe_load import torch_load
 
     folder = Path(export_dir)
     info = read_reward_info(folder)
     config = load_config(folder / CONFIG_FILE)
     model = RewardModel(config, info["dimensions"], pooling=info["pooling"])
     wp = folder / WEIGHTS_FILE
-    try:
-        sd = torch.load(wp, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling refused, truncated file: all "cannot be loaded"
-        raise RewardModelError(f"{wp}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from None
+    sd = torch_load(wp, error=RewardModelError)  # weights_only: a crafted file runs no code; errors name it
     if not isinstance(sd, dict):
         raise RewardModelError(f"{wp}: expected a state dict, got {type(sd).__name__}")
     head_out = next((v.shape[0] for k, v in sd.items() if k.startswith("head.mlp.") and v.ndim == 2

@@ -271,21 +271,14 @@ def _load_septoken(path: Path, *, heads: int, dtype: torch.dtype) -> tuple[Any, 
 
 
 def _load_vae(json_path: Path, ckpt_path: Path, *, dtype: torch.dtype) -> tuple[Any, int]:
-    import pickle
-
+    from ..safe_load import torch_load
     from .vae import OobleckDecoder, VAEConfig
 
     try:
         cfg = VAEConfig.from_json(json_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CodecError(str(e) if str(json_path) in str(e) else f"{json_path}: {e}") from None
-    try:
-        ck = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CodecError(f"{ckpt_path}: holds objects other than tensors (loaded with weights_only=True, a codec "
-                         f"file never runs code): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - not a torch file, truncated zip
-        raise CodecError(f"{ckpt_path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    ck = torch_load(ckpt_path, error=CodecError)  # weights_only, memory-mapped; every error names the file
     sd = ck.get("state_dict") if isinstance(ck, dict) else None
     if not isinstance(sd, dict):
         raise CodecError(f"{ckpt_path}: expected a dict with a 'state_dict' of VAE tensors, got "

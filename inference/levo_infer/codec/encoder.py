@@ -375,7 +375,14 @@ class SongGenerationEncoder:
             raise EncoderError(f"songgeneration:{root}: not a SongGeneration checkout (no codeclm/ package)")
         from omegaconf import OmegaConf
 
-        self.cfg = OmegaConf.load(str(config))
+        from ..config import ConfigError, resolve_file_config
+
+        try:  # resolved here, through the bounded eval / in-folder load_yaml only (a file handed to us)
+            self.cfg = resolve_file_config(OmegaConf.load(str(config)), where=str(config), folder=Path(config).parent)
+        except ConfigError as e:
+            raise EncoderError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - YAML syntax, unreadable file
+            raise EncoderError(f"{config}: cannot parse config: {' '.join(str(e).split())}") from None
         keys = ("audio_tokenizer_checkpoint", "audio_tokenizer_checkpoint_sep")
         missing = [k for k in keys if not self.cfg.get(k)]
         if missing:
