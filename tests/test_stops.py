@@ -182,6 +182,24 @@ def wait_for_training(p: subprocess.Popen, timeout: float = 120) -> list[str]:
     raise AssertionError("training never started:\n" + "".join(lines)[-3000:])
 
 
+def sigterm_during_training(args: list[str], delay: float) -> tuple[int, str]:
+    """Run levo-train, SIGTERM its first process ``delay`` s after training started (that process
+    alone: DDP ranks it launched do not get it); exit status and output. No process is left over."""
+    p = launch(args)
+    try:
+        head = wait_for_training(p)
+        time.sleep(delay)
+        os.kill(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+        assert group_gone(p.pid), "a rank is still running after the stop"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return p.returncode, "".join(head) + out
+
+
 def group_gone(pgid: int, timeout: float = 20) -> bool:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -203,19 +221,8 @@ def test_sigterm_at_a_random_moment_then_resume_is_bit_identical(tmp_path, cache
     args = [f"trainer.max_steps={STEPS}", "trainer.accumulate_grad_batches=2", "checkpoint.every_n_steps=7"]
     assert main(sft(cache, tmp_path / "straight", *args)) == 0
     rd = tmp_path / "stopped"
-    p = launch(sft(cache, rd, *args))
-    try:
-        head = wait_for_training(p)
-        time.sleep(rng.uniform(0.0, 1.5))
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    out = "".join(head) + out
-    assert p.returncode == 143, out[-3000:]
+    rc, out = sigterm_during_training(sft(cache, rd, *args), rng.uniform(0.0, 1.5))
+    assert rc == 143, out[-3000:]
     k = int(re.search(r"levo-train: stopped by SIGTERM at step (\d+); checkpoint (\S+); continue with the same "
                       r"command plus resume=true", out)[1])
     assert 0 < k < STEPS
@@ -234,21 +241,9 @@ def test_sigterm_to_rank_0_alone_stops_both_ddp_ranks(tmp_path, cache):
     """2 DDP ranks, SIGTERM to the launching rank only: the ranks agree at the next step boundary,
     both save and leave (no rank left waiting in a collective), exit 143, and the checkpoint loads."""
     rd = tmp_path / "ddp"
-    p = launch(sft(cache, rd, "trainer.max_steps=200", "trainer.devices=2", "trainer.strategy=ddp",
-                   "trainer.accelerator=cpu", "data.batch_size=4"))
-    try:
-        head = wait_for_training(p)
-        time.sleep(1.0)
-        os.kill(p.pid, signal.SIGTERM)  # the process, not its group: rank 1 never sees the signal
-        out, _ = p.communicate(timeout=120)
-        assert group_gone(p.pid), "a rank is still running after the stop"
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    out = "".join(head) + out
-    assert p.returncode == 143, out[-3000:]
+    rc, out = sigterm_during_training(sft(cache, rd, "trainer.max_steps=200", "trainer.devices=2",
+                                          "trainer.strategy=ddp", "trainer.accelerator=cpu", "data.batch_size=4"), 1.0)
+    assert rc == 143, out[-3000:]
     k = int(re.search(r"stopped by SIGTERM at step (\d+)", out)[1])
     ck = ckpt(rd / "checkpoints" / "last.ckpt")
     assert ck["global_step"] == k and ck["levo"]["samples_seen"] == k * 2 * 4
