@@ -7,9 +7,9 @@ Configs live in ``configs/`` (groups model/ data/ optim/ trainer/ logger/) and r
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from levo_infer.jsonio import write_json_atomic
 
 log = logging.getLogger("levo_train")
 
@@ -40,6 +42,14 @@ main overrides:
   logger=none                 disable wandb (offline by default; WANDB_MODE=online to sync)
   strategy=NAME               auto | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3 (configs/strategy/)
   train.activation_checkpointing=true   recompute each decoder layer in backward
+  train.nonfinite=stop|skip   a step whose loss or gradient norm is NaN/inf: stop the run before applying it
+                              (exit 1, the newest checkpoint is the last finite one; default) or skip its update
+                              (counted in summary.json; more than train.nonfinite_max_skips=20 skipped steps stop)
+
+exit status: 0 done; 1 failed (non-finite step, checkpoint write, run folder in use by another run); 2 bad
+settings; 143 / 130 stopped by SIGTERM / SIGINT after the current optimizer step and a resumable checkpoint
+(continue with the same command plus resume=true). One run per run_dir at a time: a second one is refused,
+naming the first (host, pid); a lock left by a dead process is taken over.
 
 levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=bfloat16]
                consolidate R's newest complete checkpoint (any strategy: file, FSDP2 or ZeRO folder) into
@@ -469,12 +479,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     plugins: list[Any] = [AtomicCheckpointIO()]
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from levo_train.guard import StepGuard
+
+    requeue = None
     if SLURMEnvironment.detect():
         # requeue on preemption at a step boundary (Lightning's in-handler save can deadlock DDP)
-        from levo_train.slurm import SlurmRequeue
-
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(SlurmRequeue())
+        requeue = signal.SIGUSR1
+    # non-finite steps, SIGTERM/SIGINT and the Slurm requeue, all at optimizer-step boundaries
+    callbacks.append(StepGuard(nonfinite=str(cfg.train.get("nonfinite", "stop")),
+                               max_skips=int(cfg.train.get("nonfinite_max_skips", 20)), requeue_signal=requeue))
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -505,14 +519,45 @@ def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init
     return get_method(str(cfg.method)).build_datamodule(cfg, train, val, code_size, init_fp, common)
 
 
+def check_nonfinite_settings(cfg: DictConfig) -> None:
+    """``train.nonfinite`` / ``train.nonfinite_max_skips``, refused before anything is built when unusable."""
+    from levo_train.guard import NONFINITE_MODES
+    from levo_train.strategies import strategy_name
+
+    mode = str(cfg.train.get("nonfinite", "stop"))
+    if mode not in NONFINITE_MODES:
+        raise UsageError(f"train.nonfinite={mode}: expected one of {', '.join(NONFINITE_MODES)}")
+    try:
+        skips = int(cfg.train.get("nonfinite_max_skips", 20))
+    except (TypeError, ValueError):
+        skips = -1
+    if skips < 0:
+        raise UsageError(f"train.nonfinite_max_skips={cfg.train.get('nonfinite_max_skips')}: expected an integer >= 0")
+    name = strategy_name(cfg.get("strategy"), cfg.trainer.get("strategy", "auto"))
+    if mode == "skip" and name.startswith("deepspeed"):
+        raise UsageError(f"train.nonfinite=skip with strategy={name}: DeepSpeed keeps the gradients inside its engine, "
+                         "so a step cannot be skipped from outside; use train.nonfinite=stop")
+
+
 # ----------------------------------------------------------------------------- run
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one recipe; returns (and writes to run_dir/summary.json) where the outputs are."""
+    """Train one recipe; returns (and writes to run_dir/summary.json) where the outputs are.
+
+    One launch writes into a run folder at a time: launch rank 0 holds its lock
+    (:mod:`levo_train.locking`) for the whole run; a second run into it is refused at once,
+    naming the first one's host and pid."""
+    from levo_train.locking import folder_lock, launch_rank
+
+    run_dir = resolve_run_dir(cfg)
+    with folder_lock(run_dir, "levo-train", rank=launch_rank()):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     import lightning as L
 
     from levo_train.checkpointing import clean_stale_temp_files
 
-    run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     from levo_train.methods import get_method
@@ -534,6 +579,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"levo-train: resuming from {resume.path} (step {resume.step})", file=sys.stderr)
     schedule = resolve_schedule(cfg, resume)
     check_lora(cfg, method, model_config)
+    check_nonfinite_settings(cfg)
     sharding = check_strategy(cfg, method, resume)
     trainer = build_trainer(cfg, run_dir)  # bad trainer settings fail here, before any data is built
     if method.uses_toy(cfg) and model_config.lm.code_size != 64:  # checked before any toy data is built
@@ -548,16 +594,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     val_start = None
     if resume is None and val is not None:
         val_start = trainer.validate(module, datamodule=dm, verbose=False)[0].get("val/loss")
-    trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None, weights_only=True)
+    from levo_train.guard import NonFiniteError, RunStopped, StepGuard
+
+    guard = next(c for c in trainer.callbacks if isinstance(c, StepGuard))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None, weights_only=True)
+    except (NonFiniteError, RunStopped) as e:
+        _stopped_summary(e, trainer, run_dir, guard, resume)
+        raise
+    finally:
+        guard.restore()
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last, weights_only=False)  # the full state (not "weights only"): an exact resume needs it
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
+    summary: dict[str, Any] = {"status": "done", "run_dir": str(run_dir), "last_checkpoint": str(last),
+                               "global_step": trainer.global_step,
                                "data": {"train": str(train), "val": None if val is None else str(val)},
                                "resumed_from": {"path": resume.path, "step": resume.step} if resume else None,
-                               "val_loss_start": val_start,
+                               "val_loss_start": _to_float(val_start),
                                "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
                                "val_metrics": {k: _to_float(v) for k, v in trainer.callback_metrics.items()
-                                               if k.startswith("val/")}}
+                                               if k.startswith("val/")},
+                               "nonfinite_skipped": {"count": len(guard.skipped_steps),
+                                                     "steps": guard.skipped_steps[:100]}}
+    bad_val = [k for k, v in trainer.callback_metrics.items() if k.startswith("val/") and _to_float(v) is None]
+    if bad_val:
+        print(f"levo-train: warning: validation metrics {', '.join(bad_val)} are not finite (null in summary.json)",
+              file=sys.stderr)
     if sharding:  # the sharded last.ckpt is complete on every rank before rank 0 consolidates it
         trainer.strategy.barrier("levo-export")
     if trainer.is_global_zero:
@@ -575,8 +637,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             else:
                 (method.export or export_policy)(module, export, dtype)
             summary["export"] = str(export)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(run_dir / "summary.json", summary, indent=2)
         print(f"\nlevo-train {cfg.recipe_name}: done at step {trainer.global_step}")
+        if guard.skipped_steps:
+            print(f"  non-finite steps skipped: {len(guard.skipped_steps)} (train.nonfinite=skip; "
+                  f"steps {guard.skipped_steps[:10]}{' ...' if len(guard.skipped_steps) > 10 else ''})")
         for k in ("run_dir", "last_checkpoint", "export"):
             if k in summary:
                 print(f"  {k:16s} {summary[k]}")
@@ -586,10 +651,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _to_float(x: Any) -> float | None:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
+    """A metric as a float for summary.json; None (null) when missing or not finite."""
+    from levo_infer.jsonio import finite_or_none
+
+    return finite_or_none(x)
+
+
+def _stopped_summary(e: Exception, trainer: Any, run_dir: Path, guard: Any, resume: ResumePoint | None) -> None:
+    """A run that ended early (a non-finite step, a stop signal): ``summary.json`` says so and where
+    to continue from; a :class:`~levo_train.guard.NonFiniteError` gets its one-line advice."""
+    from levo_train.guard import NonFiniteError, RunStopped
+
+    summary: dict[str, Any]
+    if isinstance(e, NonFiniteError):
+        if guard.last_saved_step is not None:
+            ck, at = str(run_dir / "checkpoints" / "last.ckpt"), guard.last_saved_step
+        else:
+            ck, at = (resume.path, resume.step) if resume is not None else (None, None)
+        if ck:
+            e.advice = (f"the last finite checkpoint is {ck} (step {at}). resume=true repeats the same step: export it "
+                        f"(`levo-train export run_dir={run_dir}`) and start a new run from it with a lower optim.lr "
+                        "(model.init=<that export>), or go on with resume=true train.nonfinite=skip")
+        else:
+            e.advice = ("no checkpoint was written before it: start again with a lower optim.lr (or "
+                        "train.nonfinite=skip to skip such steps)")
+        summary = {"status": "failed", "error": f"{e}; {e.advice}", "run_dir": str(run_dir), "failed_step": e.step,
+                   "global_step": trainer.global_step, "last_checkpoint": ck, "last_checkpoint_step": at}
+    else:
+        assert isinstance(e, RunStopped)
+        summary = {"status": "stopped", "stopped_by": e.signame, "run_dir": str(run_dir), "global_step": e.step,
+                   "last_checkpoint": e.checkpoint, "resume": "the same command plus resume=true"}
+    summary["resumed_from"] = {"path": resume.path, "step": resume.step} if resume else None
+    summary["nonfinite_skipped"] = {"count": len(guard.skipped_steps), "steps": guard.skipped_steps[:100]}
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "summary.json", summary, indent=2)
 
 
 def export_command(argv: list[str]) -> int:
@@ -640,7 +735,7 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print_help()
@@ -682,6 +777,52 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     return 0
+
+
+def _ended_early(e: BaseException) -> int | None:
+    """The exit status of a run that ended for a reason of its own, after its one-line message (rank 0
+    of a launch prints it): stopped by a signal (143 / 130, or Lightning's SIGTERM exit outside the
+    training loop), a non-finite step (1), its run folder in use by another run (1), unusable scores
+    (1). None for anything else. The modules that define these were imported by whatever raised
+    them, so nothing heavy is imported here."""
+    from levo_train.locking import launch_rank
+
+    mods = sys.modules
+    guard, lock, rollout = (mods.get(f"levo_train.{m}") for m in ("guard", "locking", "rollout"))
+    lexc = mods.get("lightning.pytorch.utilities.exceptions")
+    say = launch_rank() == 0
+    if guard is not None and isinstance(e, guard.RunStopped):
+        if say:
+            print(f"levo-train: stopped by {e.signame} at step {e.step}; checkpoint {e.checkpoint}; continue with the "
+                  "same command plus resume=true", file=sys.stderr)
+        return e.exit_code
+    if lexc is not None and isinstance(e, lexc.SIGTERMException):  # outside the loop, e.g. the first validation
+        if say:
+            print("levo-train: stopped by SIGTERM before training reached a step boundary (no new checkpoint); "
+                  "continue with the same command plus resume=true", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    if guard is not None and isinstance(e, guard.NonFiniteError):
+        if say:
+            print(f"levo-train: error: {e}; {e.advice}" if e.advice else f"levo-train: error: {e}", file=sys.stderr)
+        return 1
+    if (lock is not None and isinstance(e, lock.FolderLockedError)) or \
+            (rollout is not None and isinstance(e, rollout.ScoreError)):
+        print(f"levo-train: error: {e}", file=sys.stderr)
+        return 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``levo-train``; returns the exit status: 0 done, 1 failed (a non-finite step, a checkpoint
+    write, a run folder in use), 2 bad settings, 143 / 130 stopped by SIGTERM / SIGINT after writing a
+    resumable checkpoint."""
+    try:
+        return _main(argv)
+    except BaseException as e:
+        code = _ended_early(e)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import logging
 import os
 from pathlib import Path
 
+from levo_infer.jsonio import dumps as strict_dumps
+
 log = logging.getLogger(__name__)
 
 BLOCK = 8 << 20
@@ -68,7 +70,7 @@ def _write_sidecar(side: Path, key: tuple[int, ...], digest: str) -> bool:
     tmp = side.with_name(f"{side.name}.tmp{os.getpid()}")
     try:
         side.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(strict_dumps(data))
         os.replace(tmp, side)
         return True
     except OSError:

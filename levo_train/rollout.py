@@ -19,6 +19,7 @@ their candidates, so best-vs-worst selection needs no communication).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -90,14 +91,30 @@ def song_seed(seed: int, prompt_index: int, sample_index: int, per_prompt: int) 
     return seed * SEED_STRIDE + prompt_index * per_prompt + sample_index
 
 
-def check_scores(scorer: Scorer, scores: Sequence[dict[str, float]], n: int) -> None:
-    """A scorer's output must have one dict per song holding its overall key; clear error otherwise."""
+class ScoreError(ValueError):
+    """A scorer's output cannot be used: wrong count, a missing overall key, a non-finite score."""
+
+
+def check_scores(scorer: Scorer, scores: Sequence[dict[str, float]], n: int,
+                 songs: Sequence[Song] | None = None) -> None:
+    """A scorer's output must have one dict per song holding its overall key, every score a finite
+    number (a NaN would rank and pair like any value, and a margin of NaN passes every threshold);
+    clear error otherwise, naming the scorer, the song (its key when ``songs`` are given) and the score."""
     if len(scores) != n:
-        raise ValueError(f"scorer {scorer.name!r} returned {len(scores)} score dicts for {n} songs")
+        raise ScoreError(f"scorer {scorer.name!r} returned {len(scores)} score dicts for {n} songs")
     for i, s in enumerate(scores):
+        song = f"song {songs[i].key!r}" if songs is not None else f"song {i}"
         if scorer.overall not in s:
-            raise ValueError(f"scorer {scorer.name!r}: song {i} has no {scorer.overall!r} score "
+            raise ScoreError(f"scorer {scorer.name!r}: {song} has no {scorer.overall!r} score "
                              f"(got {sorted(s)[:8]})")
+        for k, v in s.items():
+            try:
+                ok = math.isfinite(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ScoreError(f"scorer {scorer.name!r}: {song}: score {k!r} is {v!r}, not a finite number; "
+                                 "refusing to rank or pair songs on it (fix the scorer, or drop the song)")
 
 
 def _prompt_tensor(prompts: Sequence[Prompt]) -> Any:
@@ -117,7 +134,7 @@ def score_candidates(cands: Sequence[Candidate], scorer: Scorer) -> None:
     """Score candidates in place: ``cand.scores`` and ``cand.song.meta["scores"]`` get ``scorer``'s
     dict for the song (checked: one per song, each with the overall key)."""
     scores = scorer.score([c.song for c in cands]) if cands else []
-    check_scores(scorer, scores, len(cands))
+    check_scores(scorer, scores, len(cands), [c.song for c in cands])
     for c, sc in zip(cands, scores):
         c.scores = dict(sc)
         c.song.meta["scores"] = dict(sc)
@@ -207,5 +224,5 @@ def best_vs_worst(cands: Sequence[Candidate], key: str, min_margin: float) -> tu
     return best, worst
 
 
-__all__ = ["SEED_STRIDE", "Candidate", "Prompt", "Sampling", "Scorer", "best_vs_worst", "check_scores",
+__all__ = ["SEED_STRIDE", "Candidate", "Prompt", "Sampling", "ScoreError", "Scorer", "best_vs_worst", "check_scores",
            "group_by_prompt", "sample_and_score", "score_candidates", "song_seed"]

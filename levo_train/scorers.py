@@ -188,7 +188,7 @@ class WeightedScorer:
         totals = [0.0] * len(songs)
         for label, s, w in self.parts:
             scores = s.score(songs)
-            check_scores(s, scores, len(songs))
+            check_scores(s, scores, len(songs), songs)
             for i, sc in enumerate(scores):
                 for d in dict.fromkeys((*s.dimensions, s.overall)):
                     if d not in sc:

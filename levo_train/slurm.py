@@ -1,20 +1,14 @@
-"""Slurm preemption: checkpoint and requeue at an optimizer-step boundary, never inside the
-signal handler; requeue checkpoints ``RUN_DIR/hpc_ckpt_N.ckpt`` named, found and pruned here."""
+"""Slurm preemption: requeue checkpoints ``RUN_DIR/hpc_ckpt_N.ckpt`` named, found and pruned here,
+and the job requeued. The signal itself (USR1) is handled with the stop signals, at an
+optimizer-step boundary and never inside the handler, by :class:`levo_train.guard.StepGuard`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
-import signal
 import subprocess
-import threading
 from pathlib import Path
-from typing import Any
-
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger("levo_train")
 
@@ -45,59 +39,15 @@ def prune_hpc_checkpoints(run_dir: str | os.PathLike, keep: Path) -> list[Path]:
     return old
 
 
-class SlurmRequeue(Callback):
-    """On ``signum`` (USR1 from ``sbatch --signal=USR1@N`` or ``scancel --signal=USR1``) checkpoint
-    and requeue the Slurm job — at an optimizer-step boundary, never inside the signal handler.
-
-    The handler only records the signal. After every optimizer step (never between the
-    micro-batches of a gradient-accumulation cycle: the data position and the accumulated
-    gradients would not match) the ranks agree on it (a 1-element all-reduce), so all of them save
-    ``RUN_DIR/hpc_ckpt_N.ckpt`` at the same step; the older requeue checkpoints are then removed,
-    rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` and every rank leaves with exit status 0. Use
-    with ``SLURMEnvironment(auto_requeue=False)`` so Lightning's own (in-handler) save is off.
-    """
-
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
-        self.signum = signum
-        self._seen = False
-        self._previous: Any = None
-        self._last_step = -1
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self._seen = True
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._handler)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step  # (resumed) step: the first boundary is one optimizer step later
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:  # no optimizer step yet: inside gradient accumulation
-            return
-        self._last_step = trainer.global_step
-        flag = torch.tensor(float(self._seen), device=pl_module.device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="sum")
-        if flag.item() == 0:
-            return
-        path = trainer.strategy.broadcast(str(next_hpc_path(trainer.default_root_dir)))
-        log.info("signal %s: saving %s at step %d and requeueing", self.signum, path, trainer.global_step)
-        trainer.save_checkpoint(path, weights_only=False)  # full state for an exact resume
-        if trainer.is_global_zero:
-            prune_hpc_checkpoints(trainer.default_root_dir, keep=Path(path))
-        job = os.environ.get("SLURM_JOB_ID")
-        if os.environ.get("SLURM_ARRAY_JOB_ID"):
-            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        if trainer.is_global_zero and job:
-            rc = subprocess.call(["scontrol", "requeue", job])
-            log.info("scontrol requeue %s: %s", job, "done" if rc == 0 else f"failed ({rc})")
-        trainer.strategy.barrier("slurm-requeue")
-        raise SystemExit(0)  # the job is being requeued: no export, no summary
+def requeue_job() -> int | None:
+    """``scontrol requeue`` this Slurm job (an array task as ``JOB_TASK``); the exit status, or None
+    outside Slurm. Called by rank 0 of a run that saved its requeue checkpoint
+    (:class:`levo_train.guard.StepGuard`)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return None
+    rc = subprocess.call(["scontrol", "requeue", job])
+    log.info("scontrol requeue %s: %s", job, "done" if rc == 0 else f"failed ({rc})")
+    return rc

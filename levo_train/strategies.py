@@ -18,7 +18,6 @@ A checkpoint of any kind is consolidated into a released-format export by
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from levo_infer.jsonio import dumps as strict_dumps
 
 NAMES = ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 #: the marker that makes a sharded checkpoint folder complete; written last, by rank 0
@@ -59,7 +60,7 @@ def write_complete_marker(folder: str | os.PathLike, *, fmt: str, world_size: in
     folder = Path(folder)
     marker = {"format": fmt, "world_size": world_size, "global_step": global_step,
               "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
-    (folder / COMPLETE).write_text(json.dumps(marker, indent=1))
+    (folder / COMPLETE).write_text(strict_dumps(marker, indent=1))
     _fsync_dir(folder)
 
 

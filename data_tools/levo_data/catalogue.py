@@ -69,6 +69,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from levo_infer.jsonio import jsonl_text
+from levo_train.locking import locks_output
+
 if TYPE_CHECKING:
     from levo_infer.codec.encoder import Encoder
 
@@ -594,6 +597,7 @@ def _sha256_file(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- the command
+@locks_output("levo-data shards", lambda a: [a["out"]])
 def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_size: str | int = 2000,
                  val_fraction: float = 0.01, code_size: int = 16384, lyrics: str = "check",
                  require_vocal: bool = False, root: str | os.PathLike | None = None, encoder: Encoder | None = None,
@@ -711,7 +715,7 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
                                                      "code_size": code_size,
                                                      "records": sum(x["records"] for x in shards), "shards": shards})
     tmp = out / f".{REJECTED_NAME}.{os.getpid()}.tmp"
-    tmp.write_text("".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rejected))
+    tmp.write_text(jsonl_text((r.as_dict() for r in rejected), ensure_ascii=False))
     os.replace(tmp, out / REJECTED_NAME)
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
 

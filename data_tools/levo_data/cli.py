@@ -8,7 +8,6 @@ Heavy imports happen inside ``run`` so ``levo-data --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from levo_data.catalogue import CATALOGUE_COMMANDS
 from levo_data.encode import ENCODE_COMMANDS
 from levo_data.offline import OFFLINE_COMMANDS
 from levo_data.prefs import PREF_COMMANDS
+from levo_infer.jsonio import dumps as strict_dumps
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _toy_run(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"out": args.out, **summary}, indent=1))
+    print(strict_dumps({"out": args.out, **summary}, indent=1))
     return 0
 
 
@@ -102,7 +102,7 @@ def _validate_run(args: argparse.Namespace) -> int:
         return 1
     if errors:
         report["errors"] = errors[:100]
-    print(json.dumps(report, indent=1))
+    print(strict_dumps(report, indent=1))
     for e in errors[:100]:
         print(f"error: {e}", file=sys.stderr)
     return 1 if errors else 0

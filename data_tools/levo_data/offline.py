@@ -43,7 +43,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.data.shards import write_json_atomic as _write_json
+from levo_train.locking import locks_output
 from levo_train.prompts import read_prompts
 
 from .prefs import guarded
@@ -137,7 +139,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / SETTINGS_NAME
     if not path.is_file():
         tmp = out / f".{SETTINGS_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+        tmp.write_text(strict_dumps(settings, indent=1, sort_keys=True))
         try:
             os.link(tmp, path)  # atomic create-if-absent: the first rank wins
             return
@@ -173,6 +175,24 @@ def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], cod
     return summary
 
 
+def _sample_rank(a: dict[str, Any]) -> tuple[int, int]:
+    return (int(a["rank"]), int(a["world"])) if a["rank"] is not None and a["world"] is not None else rank_world()
+
+
+def _scored_folders(a: dict[str, Any]) -> list[str]:
+    """Where ``levo-data score`` writes: ``--out``, else the folders of the candidate shards (in place)."""
+    if a["out"] is not None:
+        return [os.fspath(a["out"])]
+    from levo_train.data.shards import ShardError, resolve_shards
+
+    try:
+        return sorted({os.path.dirname(os.path.abspath(s)) for s in resolve_shards(list(a["candidates"]))})
+    except (ShardError, OSError, ValueError):
+        return []  # score_candidates reports unusable candidates itself
+
+
+# every rank of a launch locks its own files (they finish independently); a second launch is refused
+@locks_output("levo-data sample", lambda a: [a["out"]], per_rank=_sample_rank)
 def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | os.PathLike, *, per_prompt: int,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, cfg_coef: float | None = None,
                       max_frames: int | None = None, compat: bool = False, batch_size: int = 64, seed: int = 0,
@@ -288,6 +308,7 @@ def _code_size_of(shards: Sequence[str], given: int | None) -> int:
     return 16384
 
 
+@locks_output("levo-data score", _scored_folders)
 def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | os.PathLike | None = None,
                      batch_size: int = 64, device: str | None = None, code_size: int | None = None,
                      world_seed: int = 0, codec: str | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -352,7 +373,7 @@ def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | 
 
             def flush(batch: list[Any]) -> None:
                 scores = scorer.score(batch)
-                check_scores(scorer, scores, len(batch))
+                check_scores(scorer, scores, len(batch), batch)
                 for song, sc in zip(batch, scores):
                     meta = dict(song.meta)
                     meta.pop("quality", None)  # a top-level quality would shadow the new scores
@@ -439,7 +460,7 @@ def _sample_run(args: argparse.Namespace) -> int:
                             cfg_coef=args.cfg_coef, max_frames=args.max_frames, compat=args.compat,
                             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
                             records_per_shard=args.records_per_shard, auto_prompt_file=args.auto_prompt_file)
-    print(json.dumps(res, indent=1))
+    print(strict_dumps(res, indent=1))
     return 0
 
 
@@ -461,7 +482,7 @@ def _score_run(args: argparse.Namespace) -> int:
     res = score_candidates(args.candidates, args.scorer, out=args.out, batch_size=args.batch_size,
                            device=args.device, code_size=args.code_size, world_seed=args.world_seed,
                            codec=args.codec, overwrite=args.overwrite)
-    print(json.dumps(res, indent=1))
+    print(strict_dumps(res, indent=1))
     return 0
 
 

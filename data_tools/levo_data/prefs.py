@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -36,7 +35,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from levo_infer.jsonio import dumps as strict_dumps
+
 # reference log-probs are computed by the training package (the DPO step's own definition)
+from levo_train.locking import FolderLockedError, locks_output
 from levo_train.train.ref_logps import compute_ref_logps, iter_pairs, pair_dirs, ref_logps
 
 __all__ = ["compute_ref_logps", "iter_pairs", "merge_exports", "pair_dirs", "pairs_from_candidates", "ref_logps",
@@ -47,6 +49,7 @@ log = logging.getLogger("levo_data.prefs")
 
 
 # ----------------------------------------------------------------------------- pairs
+@locks_output("levo-data pairs", lambda a: [a["out"]])
 def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                           dimensions: Sequence[str] = ("quality",), require_all: bool = False,
                           min_margin: float = 0.05, code_size: int = 16384, records_per_shard: int = 2000,
@@ -127,6 +130,7 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
             "require_all": require_all, "min_margin": min_margin, "out": str(out)}
 
 
+@locks_output("levo-data pairs", lambda a: [a["out"]])
 def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.PathLike | None = None,
               device: str | None = None, batch_size: int = 128, **kw: Any) -> dict[str, Any]:
     """Toy pairs into ``out/train`` and ``out/val``: world renderings (``model`` None) or the
@@ -273,7 +277,7 @@ def _pairs_run(args: argparse.Namespace) -> int:
                         n_candidates=args.n_candidates, dimension=dims[0], min_margin=args.min_margin, tier=tier,
                         seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         cfg_coef=args.cfg_coef, max_frames=args.max_frames)
-    print(json.dumps(res, indent=1))
+    print(strict_dumps(res, indent=1))
     return 0
 
 
@@ -289,7 +293,7 @@ def _ref_args(p: argparse.ArgumentParser) -> None:
 def _ref_run(args: argparse.Namespace) -> int:
     res = ref_logps(args.pairs, args.model, batch_size=args.batch_size, stream_weights=args.stream_weights,
                     device=args.device)
-    print(json.dumps(res, indent=1))
+    print(strict_dumps(res, indent=1))
     return 0
 
 
@@ -305,7 +309,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 def _merge_run(args: argparse.Namespace) -> int:
     res = merge_exports(args.exports, args.weights, args.out, normalize=args.normalize, dtype=args.dtype,
                         overwrite=args.overwrite)
-    print(json.dumps(res, indent=1))
+    print(strict_dumps(res, indent=1))
     return 0
 
 
@@ -318,7 +322,8 @@ def guarded(fn: Any) -> Any:
 
         try:
             return fn(args)
-        except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError,
+                FolderLockedError) as e:
             print(f"levo-data {args.command}: error: {e}", file=sys.stderr)
             return 1
 

@@ -29,7 +29,6 @@ loaded, a missing folder, no audio files or a bad ``--requested`` file: exit sta
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -40,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from levo_eval.jsonl import jsonl_rows
+from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.jsonio import write_json_atomic
 
 AUDIO_EXTS = (".wav", ".flac")
 BUILTIN = "levo_eval.audio_score:basic"
@@ -354,8 +355,8 @@ def cmd_audio_score(args: argparse.Namespace) -> int:
               f"(e.g. {res['no_request'][0]})", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res))
+        write_json_atomic(args.out, res, nonfinite="null")
+    print(strict_dumps(res, nonfinite="null"))
     return 1 if res["errors"] else 0
 
 

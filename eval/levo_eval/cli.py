@@ -31,7 +31,6 @@ object with ``corpus_per`` and ``songs`` (see :mod:`levo_eval.per`; needs ``pip 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 from levo_eval.audio_score import add_audio_score_parser, cmd_audio_score
 from levo_eval.token_metrics import add_tokens_parser, cmd_tokens
+from levo_infer.jsonio import dumps as strict_dumps
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -95,7 +95,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
     res = summarize(samples)
     res.update({"ckpt": args.ckpt, "seed": args.seed, "tier": args.tier, "temperature": args.temperature,
                 "top_k": args.top_k, "seconds": round(time.time() - t0, 2)})
-    print(json.dumps(res))
+    print(strict_dumps(res, nonfinite="null"))
     return 0
 
 
@@ -129,7 +129,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for ck in args.ckpt:
         out["ckpts"].append({"ckpt": ck, **compare(base, toy_samples(ck, **kw))})
     out["seconds"] = round(time.time() - t0, 2)
-    print(markdown_table(out) if args.table else json.dumps(out, indent=1))
+    print(markdown_table(out) if args.table else strict_dumps(out, nonfinite="null", indent=1))
     return 0
 
 
@@ -148,7 +148,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
     info = res.pop("_info")
     print(f"levo-eval reward: {info['n']} songs (tier {info['tier']}, temperature {info['temperature']}), mean hidden "
           f"quality {info['mean_quality']:.4f}, {time.time() - t0:.1f}s", file=sys.stderr)
-    print(json.dumps(res))
+    print(strict_dumps(res, nonfinite="null"))
     return 0
 
 

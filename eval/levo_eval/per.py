@@ -43,6 +43,7 @@ import numpy as np
 
 from levo_eval import phonemes
 from levo_eval.jsonl import jsonl_rows
+from levo_infer.jsonio import dumps as strict_dumps
 
 SAMPLE_RATE = 16000
 BEAM_SIZE = 5
@@ -253,7 +254,7 @@ def table(res: dict[str, Any]) -> str:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(strict_dumps(obj, nonfinite="null", ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -375,7 +376,7 @@ def cmd_per(args: argparse.Namespace) -> int:
         print(f"levo-eval per: error: {e}", file=sys.stderr)
         return 2
     print(table(res))
-    print(json.dumps(res, ensure_ascii=False))
+    print(strict_dumps(res, nonfinite="null", ensure_ascii=False))
     return rc
 
 

@@ -55,6 +55,9 @@ from typing import Any
 
 import numpy as np
 
+from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.jsonio import write_json_atomic
+
 STREAMS = ("mixed", "vocal", "bgm")
 DEFAULT_CODE_SIZE = 16384
 FRAME_RATE = 25
@@ -415,8 +418,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         print("Fréchet distance gen vs ref: " + ", ".join(f"{k} {v:.4g}" for k, v in res["frechet"].items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res))
+        write_json_atomic(args.out, res, nonfinite="null")
+    print(strict_dumps(res, nonfinite="null"))
     return 1 if errors else 0
 
 

@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .jsonio import jsonl_text, write_text_atomic
+
 LYRIC_POLICIES = ("check", "normalize", "raw")
 _SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
 #: Bytes per file name on common filesystems (ext4, xfs, btrfs, zfs).
@@ -483,9 +485,7 @@ class Runner:
         d.mkdir(parents=True, exist_ok=True)
         ok, bad = d / f"{self.input.stem}.jsonl", d / f"{self.input.stem}.errors.jsonl"
         for path, rows in ((ok, self.records), (bad, sorted(self.errors, key=lambda r: r["line"]))):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, jsonl_text(rows, ensure_ascii=False, what=str(path)))
         return ok, bad
 
     # -- generation -------------------------------------------------------------------

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .jsonio import dumps as strict_dumps
+
 __all__ = [
     "LYRIC_TAGS",
     "STYLE_TAGS_V2",
@@ -154,7 +156,7 @@ def _render_qwen2_files(ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
         if len(tok) > 1:
             a, b = _recover_merge(ranks, tok, rank)
             merges.append(f"{uni(a)} {uni(b)}")
-    vocab_bytes = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    vocab_bytes = strict_dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     merges_bytes = ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8")
     return vocab_bytes, merges_bytes
 
@@ -207,7 +209,7 @@ def qwen2_files(out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
         "merges_sha256": _sha256(merges_bytes),
         "matches_release": _sha256(vocab_bytes) == QWEN2_VOCAB_SHA256 and _sha256(merges_bytes) == QWEN2_MERGES_SHA256,
     }
-    _atomic_write(stamp_p, (json.dumps(stamp, indent=2) + "\n").encode())
+    _atomic_write(stamp_p, (strict_dumps(stamp, indent=2) + "\n").encode())
     return vocab_p, merges_p
 
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from levo_infer.jsonio import dumps as strict_dumps
+
 PROVENANCE = "derived_from.json"
 
 
@@ -74,7 +76,7 @@ def write_provenance(folder: Path, derived_from: dict[str, Any]) -> None:
     from levo_train.fingerprint import file_digest
 
     files = {rel: file_digest(folder / rel) for rel in _files(folder)}
-    (folder / PROVENANCE).write_text(json.dumps({"derived_from": _normal(derived_from), "files": files}, indent=1,
+    (folder / PROVENANCE).write_text(strict_dumps({"derived_from": _normal(derived_from), "files": files}, indent=1,
                                                 sort_keys=True))
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.data.datamodule import SongDataModule, _SongStream, collate_songs
 from levo_train.data.shards import (
     INDEX_NAME,
@@ -127,7 +128,7 @@ class PairWriter(ShardWriter):
             _check_meta({k: v for k, v in meta.items() if k != "scores"})
             sample["lyric.txt"] = chosen.lyric.encode("utf-8")
             sample["style.txt"] = chosen.style.encode("utf-8")
-            sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+            sample["json"] = strict_dumps(meta, sort_keys=True).encode("utf-8")
         except (ValueError, TypeError) as e:
             raise ShardError(str(e), shard=where, key=str(key)) from None
         self._append(key, sample)
@@ -149,14 +150,28 @@ def condition_key(song: Song) -> str:
     return h.hexdigest()
 
 
+def _finite_score(song: Song, dimension: str, value: Any) -> float:
+    """A candidate's score as a float; NaN, infinite or non-numeric scores are refused, naming the
+    shard, the song and the dimension (a NaN compares false with every margin, so it would pair)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not np.isfinite(v):
+        raise ShardError(f"score {dimension!r} is {value!r}, not a finite number: the scorer failed on this song; "
+                         "rescore the candidates (levo-data score) or drop the song", shard=song.shard or None,
+                         key=song.key)
+    return v
+
+
 def song_score(song: Song, dimension: str) -> float:
     if dimension == "quality" and "quality" in song.meta:
-        return float(song.meta["quality"])
+        return _finite_score(song, "quality", song.meta["quality"])
     scores = song.meta.get("scores") or {}
     if dimension not in scores:
         raise ShardError(f"has no score for dimension {dimension!r} (scores: {sorted(scores)})",
                          shard=song.shard or None, key=song.key)
-    return float(scores[dimension])
+    return _finite_score(song, dimension, scores[dimension])
 
 
 def select_pair(cands: Sequence[Song], dimensions: Sequence[str], min_margin: float,
@@ -180,9 +195,9 @@ def select_pair(cands: Sequence[Song], dimensions: Sequence[str], min_margin: fl
 
 def song_scores(song: Song) -> dict[str, float]:
     """All scores of a candidate: ``meta["scores"]`` plus the top-level ``quality`` when present."""
-    out = {str(k): float(v) for k, v in (song.meta.get("scores") or {}).items()}
+    out = {str(k): _finite_score(song, str(k), v) for k, v in (song.meta.get("scores") or {}).items()}
     if "quality" in song.meta and "quality" not in out:
-        out["quality"] = float(song.meta["quality"])
+        out["quality"] = _finite_score(song, "quality", song.meta["quality"])
     return out
 
 
@@ -261,6 +276,12 @@ def read_ref_logps(pairs_dir: str | os.PathLike) -> dict[str, Any] | None:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ShardError(f"malformed {REF_LOGPS_NAME} ({e}); expected {{'model', 'logps': {{key: [c, r, digest]}}}}",
                          shard=str(p)) from None
+    bad = [k for k, (c, r, _) in data["logps"].items() if not (np.isfinite(c) and np.isfinite(r))]
+    if bad:
+        c, r, _ = data["logps"][bad[0]]
+        raise ShardError(f"the reference log-probs of pair {bad[0]!r} are not finite (chosen {c}, rejected {r}; "
+                         f"{len(bad)} pair(s) in all): DPO cannot train on them; recompute them with `levo-data "
+                         "ref-logps` (a reference model whose log-probs overflow is broken)", shard=str(p))
     return data
 
 

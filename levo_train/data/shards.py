@@ -36,6 +36,7 @@ import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.lyrics import LyricError, split_sections
 
 __all__ = [
@@ -228,12 +229,12 @@ def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = N
 
 # ---------------------------------------------------------------------------- writing
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
-    """``obj`` as json at ``path``, all or nothing: written to a per-process temp file beside it, then
-    renamed (so several ranks may write the same file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=sort_keys))
-    os.replace(tmp, path)
+    """``obj`` as strict json at ``path``, all or nothing: written to a per-process temp file beside
+    it, then renamed (so several ranks may write the same file); NaN/Infinity are refused
+    (:func:`levo_infer.jsonio.write_json_atomic`)."""
+    from levo_infer.jsonio import write_json_atomic as strict
+
+    strict(path, obj, sort_keys=sort_keys)
 
 
 def read_index(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -371,7 +372,7 @@ class ShardWriter:
             _check_meta(meta)
             sample["lyric.txt"] = lyric.encode("utf-8")
             sample["style.txt"] = style.encode("utf-8")
-            sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+            sample["json"] = strict_dumps(meta, sort_keys=True).encode("utf-8")
         except (ValueError, TypeError) as e:
             raise ShardError(str(e), shard=where, key=str(key)) from None
         self._append(key, sample)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.data.datamodule import SongDataModule, _SongStream
 from levo_train.data.shards import ShardError, Song, iter_songs, resolve_shards
 
@@ -232,7 +233,7 @@ def ensure_toy_reward_data(root: str | os.PathLike, spec: ToyRewardSpec, *, mode
     def build(tmp: Path) -> None:
         log.info("building toy reward data %s from %s", name, model)
         stats = write_toy_reward_data(tmp, spec, model=model, world_seed=world_seed, device=device)
-        (tmp / "done.json").write_text(json.dumps({"spec": dataclasses.asdict(spec), "model": str(model),
+        (tmp / "done.json").write_text(strict_dumps({"spec": dataclasses.asdict(spec), "model": str(model),
                                                    "model_fingerprint": fingerprint, **stats}, indent=1))
 
     return build_once(root, name, "done.json", build, derived_from=key)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.data.pairs import build_pairs
 from levo_train.data.shards import Song
 from levo_train.fingerprint import model_fingerprint
@@ -300,7 +301,7 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
         stats = write_toy_pairs(tmp, spec, world_seed=world_seed, model=model, device=device)
         info = {"spec": dataclasses.asdict(spec), "model": str(model) if fp else None, "model_fingerprint": fp,
                 **stats}
-        (tmp / "done.json").write_text(json.dumps(info, indent=1))
+        (tmp / "done.json").write_text(strict_dumps(info, indent=1))
 
     return build_once(root, name, "done.json", build, derived_from=toy_pairs_key(spec, world_seed, fp))
 

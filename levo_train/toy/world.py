@@ -55,7 +55,6 @@ model trained on everything and sampled with the top tier stays below clean qual
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
@@ -66,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.lyrics import INSTRUMENTAL_TAGS, format_sections, split_sections
 from levo_infer.tokenizer import MUSICALITY_TAGS
 
@@ -864,7 +864,7 @@ def write_toy_dataset(
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     info = {**summary, "rules": world.describe()}
     tmp = out / "toy_world.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
+    tmp.write_text(strict_dumps(info, indent=1))
     os.replace(tmp, out / "toy_world.json")
     return summary
 

@@ -12,6 +12,7 @@ ref-logps`` and ``levo-train recipe=dpo dpo.reference=precomputed`` (on toy pair
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -75,6 +76,10 @@ def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int
         for i, p in enumerate(batch_pairs):
             if p.key in out:
                 raise ValueError(f"{folder}: pair key {p.key!r} occurs twice; keys must be unique per folder")
+            if not (math.isfinite(vals[i]) and math.isfinite(vals[B + i])):
+                raise ValueError(f"{folder}: pair {p.key!r} ({p.shard}): the reference model gives it non-finite "
+                                 f"log-probs (chosen {vals[i]}, rejected {vals[B + i]}); is the model export "
+                                 "diverged (NaN weights)?")
             out[p.key] = (vals[i], vals[B + i], pair_digest(p))
     return out
 

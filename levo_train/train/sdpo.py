@@ -27,7 +27,6 @@ scorer's choice (the reward-hacking guard).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -39,11 +38,13 @@ import numpy as np
 import torch
 
 from levo_infer.config import ModelConfig
+from levo_infer.jsonio import jsonl_text, write_text_atomic
 from levo_train.data.pairs import Pair, collate_pairs
 from levo_train.rollout import (
     Candidate,
     Prompt,
     Sampling,
+    ScoreError,
     Scorer,
     best_vs_worst,
     group_by_prompt,
@@ -57,6 +58,11 @@ log = logging.getLogger(__name__)
 
 ROUNDS_NAME = "rounds.jsonl"
 PLOT_NAME = "rounds.png"
+
+
+def _missing_if_nan(v: Any) -> Any:
+    """A float that is NaN (how older checkpoints stored a mean over nothing) as None."""
+    return None if isinstance(v, float) and not np.isfinite(v) else v
 
 
 def check_sdpo_settings(*, sync_every: int, per_prompt: int, prompts_per_round: int, buffer_rounds: int,
@@ -167,7 +173,9 @@ class SemiOnlineDPOModule(DPOModule):
         if not isinstance(st, dict):
             raise ValueError("checkpoint has no `levo.sdpo` state: not a semi-online DPO checkpoint")
         self.round, self.buffer, self.cursor = int(st["round"]), list(st["buffer"]), int(st["cursor"])
-        self.ref_synced_at, self.history = int(st["ref_synced_at"]), list(st["history"])
+        # rounds of older checkpoints stored NaN for values of empty rounds: None (null) now
+        self.ref_synced_at = int(st["ref_synced_at"])
+        self.history = [{k: _missing_if_nan(v) for k, v in h.items()} for h in st["history"]]
 
     # -- distributed helpers --------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
@@ -209,13 +217,21 @@ class SemiOnlineDPOModule(DPOModule):
         if self.scorer_follows_policy and hasattr(self.scorer, "to"):
             self.scorer.to(self.device)  # a reward model runs where the policy runs (reward.device unset)
         t0 = time.perf_counter()
-        score_candidates(cands, self.scorer)
+        error = None
+        try:  # a scorer that fails (e.g. NaN scores) fails the round on every rank, not a hang in the gather
+            score_candidates(cands, self.scorer)
+        except ValueError as e:
+            error = f"round {r}: {e}"
         t_score = time.perf_counter() - t0
-        if self.oracle is not None and cands:  # the same Song objects the scorer just judged
+        if self.oracle is not None and cands and error is None:  # the same Song objects the scorer just judged
             for c, oc in zip(cands, self.oracle.score([c.song for c in cands])):
                 c.song.meta["oracle"] = dict(oc)
-        parts = self._gather((cands, t_gen, t_score))  # one collective: every rank's candidates and times
-        gathered = sorted((c for part, _, _ in parts for c in part), key=lambda c: (c.prompt_index, c.sample_index))
+        # one collective: every rank's candidates, times and error
+        parts = self._gather((cands, t_gen, t_score, error))
+        errors = [p[3] for p in parts if p[3] is not None]
+        if errors:
+            raise ScoreError(errors[0])
+        gathered = sorted((c for part, *_ in parts for c in part), key=lambda c: (c.prompt_index, c.sample_index))
         okey = self.oracle.overall if self.oracle is not None else None
         pairs = []
         for _, group in sorted(group_by_prompt(gathered).items()):
@@ -232,14 +248,15 @@ class SemiOnlineDPOModule(DPOModule):
             "round": r, "step": int(self.global_step) if self._trainer is not None else 0,
             "candidates": len(gathered), "pairs": len(pairs), "buffer_pairs": sum(len(b) for b in self.buffer),
             "gen_seconds": max(p[1] for p in parts), "score_seconds": max(p[2] for p in parts),
-            "score_mean": float(np.mean([c.scores[self.score_key] for c in gathered])) if gathered else float("nan"),
-            "frames_mean": float(np.mean([c.frames for c in gathered])) if gathered else float("nan"),
-            "pair_margin": float(np.mean([p["margin"] for p in pairs])) if pairs else float("nan"),
+            # None (null in rounds.jsonl): a mean over no candidates / no pairs
+            "score_mean": float(np.mean([c.scores[self.score_key] for c in gathered])) if gathered else None,
+            "frames_mean": float(np.mean([c.frames for c in gathered])) if gathered else None,
+            "pair_margin": float(np.mean([p["margin"] for p in pairs])) if pairs else None,
         }
         if okey is not None and gathered:
             st["hidden_mean"] = float(np.mean([c.song.meta["oracle"][okey] for c in gathered]))
-            st["pair_hidden_margin"] = float(np.mean([p["oracle_margin"] for p in pairs])) if pairs else float("nan")
-            st["pair_agreement"] = float(np.mean([p["oracle_margin"] > 0 for p in pairs])) if pairs else float("nan")
+            st["pair_hidden_margin"] = float(np.mean([p["oracle_margin"] for p in pairs])) if pairs else None
+            st["pair_agreement"] = float(np.mean([p["oracle_margin"] > 0 for p in pairs])) if pairs else None
         self.history.append(st)
         if rank == 0:
             self._write_round(st, gathered)
@@ -250,16 +267,15 @@ class SemiOnlineDPOModule(DPOModule):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / ROUNDS_NAME, "a") as f:
-            f.write(json.dumps(st) + "\n")
+            f.write(jsonl_text([st], what=str(self.out_dir / ROUNDS_NAME)))
         if self.save_candidates:
             d = self.out_dir / "candidates"
             d.mkdir(exist_ok=True)
             recs = [{"key": c.song.key, "prompt_index": c.prompt_index, "sample_index": c.sample_index,
                      "seed": c.seed, "tokens": c.song.tokens.tolist(), "lyric": c.song.lyric, "style": c.song.style,
                      "scores": c.scores, "oracle": c.song.meta.get("oracle")} for c in cands]
-            tmp = d / f".round{st['round']:04d}.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(x) + "\n" for x in recs))
-            tmp.replace(d / f"round{st['round']:04d}.jsonl")
+            path = d / f"round{st['round']:04d}.jsonl"
+            write_text_atomic(path, jsonl_text(recs, what=str(path)))
 
     def draw_batch(self) -> dict[str, Any]:
         """This rank's share of the next global batch of buffer pairs (seeded permutation per round)."""
@@ -298,9 +314,8 @@ class SemiOnlineDPOModule(DPOModule):
         its last checkpoint are generated again and must not be listed twice."""
         if self.out_dir is not None and self._rank_world()[0] == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_dir / f".{ROUNDS_NAME}.tmp"
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-            tmp.replace(self.out_dir / ROUNDS_NAME)
+            path = self.out_dir / ROUNDS_NAME
+            write_text_atomic(path, jsonl_text(self.history, what=str(path)))
 
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -329,9 +344,12 @@ def plot_rounds(history: Sequence[dict[str, Any]], path: Path, *, scorer: str, o
 
     rounds = [h["round"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(rounds, [h["score_mean"] for h in history], "o-", label=f"scorer mean ({scorer})")
+    def values(key: str) -> list[float]:  # None (an empty round): a gap in the line
+        return [np.nan if h[key] is None else h[key] for h in history]
+
+    ax.plot(rounds, values("score_mean"), "o-", label=f"scorer mean ({scorer})")
     if oracle is not None and all("hidden_mean" in h for h in history):
-        ax.plot(rounds, [h["hidden_mean"] for h in history], "s-", label=f"hidden quality, same samples ({oracle})")
+        ax.plot(rounds, values("hidden_mean"), "s-", label=f"hidden quality, same samples ({oracle})")
     ax.set_xlabel("round (policy re-synced)")
     ax.set_ylabel("mean over the round's candidates")
     ax.grid(alpha=0.3)
