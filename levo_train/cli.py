@@ -28,7 +28,8 @@ main overrides:
   run_dir=PATH                output folder (default runs/<recipe>-<time>, or $LEVO_RUNS/...)
   model.init=PATH             start from a released model folder or a levo-train export
   model.strict=true           unknown or missing keys in its config.yaml are errors (default: warnings)
-  data.train=DIR data.val=DIR shard folders (default: the built-in toy song world)
+  data.train=DIR data.val=DIR song shards (default: the built-in toy song world): a folder, a .tar, a glob
+                              'DIR/*.tar', a brace pattern "'DIR/train-{000000..000009}.tar'" or a list [A,B]
   data.batch_size=N           per-device batch size
   optim.lr=X                  peak learning rate (warmup + cosine)
   trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
@@ -549,7 +550,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last, weights_only=False)  # the full state (not "weights only"): an exact resume needs it
     summary: dict[str, Any] = {"run_dir": str(run_dir), "last_checkpoint": str(last), "global_step": trainer.global_step,
-                               "data": {"train": str(train), "val": None if val is None else str(val)},
+                               "data": {"train": _location(train), "val": _location(val)},
                                "resumed_from": {"path": resume.path, "step": resume.step} if resume else None,
                                "val_loss_start": val_start,
                                "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
@@ -580,6 +581,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if val_start is not None:
             print(f"  val/loss         {val_start:.4f} -> {summary['val_loss_end']}")
     return summary
+
+
+def _location(spec: Any) -> str | list[str] | None:
+    """A data location for summary.json: one path or pattern, a list of them, or None."""
+    return None if spec is None else [str(x) for x in spec] if isinstance(spec, (list, tuple)) else str(spec)
 
 
 def _to_float(x: Any) -> float | None:
