@@ -26,11 +26,12 @@ def _prompt_key(idx: str) -> str:
 
 def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None = None,
                        setting: str = "--prompts") -> list[Prompt]:
-    """Prompts of a released-format JSONL file, parsed by levo-infer's own line parser (lyric
-    findings are errors); audio prompts cut/padded to the model's prompt length."""
+    """Prompts of a released-format JSONL file, read by the one JSONL reader and parsed by levo-infer's
+    own line parser (lyric findings are errors); audio prompts cut/padded to the model's prompt length."""
     import numpy as np
 
-    from levo_infer.cli import LineError, parse_song, read_lines
+    from levo_infer.cli import LineError, UsageError, parse_song, read_lines
+    from levo_infer.jsonl import JsonlError
     from levo_infer.prompts import AutoPromptLibrary, PromptError
 
     if not path.is_file():
@@ -47,7 +48,13 @@ def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None =
     out: list[Prompt] = []
     seen: dict[str, int] = {}
     keys: dict[str, int] = {}
-    for n, line in read_lines(path):
+    try:
+        lines = read_lines(path)
+    except UsageError as e:
+        raise ValueError(f"{setting} {e}") from None
+    for n, line in lines:
+        if isinstance(line, JsonlError):
+            raise ValueError(str(line))
         try:
             s = parse_song(n, line, args=args, model=model, library=library, base_seed=0, seen=seen)
         except LineError as e:

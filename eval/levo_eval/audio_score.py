@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from levo_eval.jsonl import jsonl_rows
+from levo_infer.jsonl import jsonl_rows
 
 AUDIO_EXTS = (".wav", ".flac")
 BUILTIN = "levo_eval.audio_score:basic"

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from levo_eval import phonemes
-from levo_eval.jsonl import jsonl_rows
+from levo_infer.jsonl import jsonl_rows
 
 SAMPLE_RATE = 16000
 BEAM_SIZE = 5

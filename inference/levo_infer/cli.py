@@ -24,6 +24,9 @@ warning naming the line and the rule (recorded in the song's ``warnings``). ``--
 lyric findings fail their line and config problems (unknown keys, missing keys whose default
 changes the model, see :func:`levo_infer.config.load_config`) fail the run.
 
+The input is read by :mod:`levo_infer.jsonl` (lines end at ``"\\n"`` only, so U+2028, U+2029 and
+U+0085 inside strings are kept; a UTF-8 BOM is skipped; a line over the size limit fails alone).
+
 Output (``OUT_DIR``):
 
 * ``tokens/<idx>.pt``: LongTensor [3, T] (mixed, vocal, bgm; T = frames before the earliest EOS),
@@ -65,6 +68,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from .jsonl import JsonlError, jsonl_lines, parse_json_line
 
 LYRIC_POLICIES = ("check", "normalize", "raw")
 _SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
@@ -218,12 +223,14 @@ class SongOutputError(Exception):
     """One song's output could not be written (that song fails; the run goes on)."""
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
+def read_lines(path: Path) -> list[tuple[int, str | JsonlError]]:
+    """The input's non-blank lines, by the one JSONL reader (:mod:`levo_infer.jsonl`: lines end at
+    ``\\n`` only, a BOM is skipped); a line too long or not UTF-8 is a :class:`JsonlError` in place of
+    its text (that line fails, the others run). An unreadable file is a :class:`UsageError`."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e})") from e
-    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return list(jsonl_lines(path))
+    except (JsonlError, ValueError) as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, library: Any, base_seed: int,
@@ -234,9 +241,9 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
     from .prompts import AUDIO_SUFFIXES, PromptError, check_prompt_tokens, load_prompt_tokens
 
     try:
-        item = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LineError(f"not valid JSON ({e.msg} at column {e.colno})") from e
+        item = parse_json_line(line)
+    except ValueError as e:
+        raise LineError(str(e)) from None
     if not isinstance(item, dict):
         raise LineError(f"expected a JSON object, got {type(item).__name__}")
     if "idx" not in item or item["idx"] in (None, ""):
@@ -454,10 +461,13 @@ class Runner:
         suffixes = mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode)
         return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in suffixes}
 
-    def read_songs(self, lines: list[tuple[int, str]]) -> list[Song]:
+    def read_songs(self, lines: list[tuple[int, str | JsonlError]]) -> list[Song]:
         songs: list[Song] = []
         seen: dict[str, int] = {}
         for n, line in lines:
+            if isinstance(line, JsonlError):
+                self.fail(n, None, line.message)
+                continue
             idx = None
             try:
                 obj = json.loads(line)
