@@ -30,6 +30,8 @@ main overrides:
   model.strict=true           unknown or missing keys in its config.yaml are errors (default: warnings)
   data.train=DIR data.val=DIR song shards (default: the built-in toy song world): a folder, a .tar, a glob
                               'DIR/*.tar', a brace pattern "'DIR/train-{000000..000009}.tar'" or a list [A,B]
+  data.truncate_lyrics=true   cut lyrics longer than the model's lyric positions (lyric_max_len), with a
+                              warning per song (default: such a record is an error naming shard and key)
   data.batch_size=N           per-device batch size
   optim.lr=X                  peak learning rate (warmup + cosine)
   trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
@@ -372,6 +374,9 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     check_lora(cfg, method, model_config)
     lora = lora_spec(cfg)
     module = method.build_module(cfg, model_config, _common_module_kwargs(cfg, schedule), init_fp)
+    # data.truncate_lyrics: cut over-long lyrics (the datamodule warns per song) instead of refusing them;
+    # copies of the model (a frozen DPO reference) inherit it
+    module.model.truncate_lyrics = bool(cfg.data.get("truncate_lyrics", False))
     if cfg.model.get("init"):
         load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
         module.init_fingerprint = init_fp
@@ -492,14 +497,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
 
 
-def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None):
-    """The recipe method's datamodule over ``train`` / ``val``."""
+def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None,
+                     lyric_fit: Any = None):
+    """The recipe method's datamodule over ``train`` / ``val``; ``lyric_fit`` (the model's
+    :class:`~levo_infer.model.LyricFit`) checks every record's lyric length."""
     from levo_train.methods import get_method
 
     d = cfg.data
     common = dict(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
                   num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
-                  shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
+                  shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad), lyric_fit=lyric_fit)
     return get_method(str(cfg.method)).build_datamodule(cfg, train, val, code_size, init_fp, common)
 
 
@@ -539,7 +546,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          f"pass {method.data_hint} for real data or a toy-sized model.init")
     train, val, _ = method.resolve_data(cfg, init_fp)
     module = build_module(cfg, model_config, schedule, init_fp)
-    dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp)
+    dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp, module.model.lyric_fit())
     for folder in (run_dir, run_dir / "checkpoints"):  # writes killed mid-way (checkpoints, requeue checkpoints)
         clean_stale_temp_files(folder)
     OmegaConf.save(cfg, run_dir / "train_config.yaml", resolve=True)
