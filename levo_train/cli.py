@@ -30,7 +30,10 @@ main overrides:
   run_dir=PATH                output folder (default runs/<recipe>-<time>, or $LEVO_RUNS/...)
   model.init=PATH             start from a released model folder or a levo-train export
   model.strict=true           unknown or missing keys in its config.yaml are errors (default: warnings)
-  data.train=DIR data.val=DIR shard folders (default: the built-in toy song world)
+  data.train=DIR data.val=DIR song shards (default: the built-in toy song world): a folder, a .tar, a glob
+                              'DIR/*.tar', a brace pattern "'DIR/train-{000000..000009}.tar'" or a list [A,B]
+  data.truncate_lyrics=true   cut lyrics longer than the model's lyric positions (lyric_max_len), with a
+                              warning per song (default: such a record is an error naming shard and key)
   data.batch_size=N           per-device batch size
   optim.lr=X                  peak learning rate (warmup + cosine)
   trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
@@ -384,6 +387,9 @@ def build_module(cfg: DictConfig, model_config: Any, schedule: Schedule, init_fp
     check_lora(cfg, method, model_config)
     lora = lora_spec(cfg)
     module = method.build_module(cfg, model_config, _common_module_kwargs(cfg, schedule), init_fp)
+    # data.truncate_lyrics: cut over-long lyrics (the datamodule warns per song) instead of refusing them;
+    # copies of the model (a frozen DPO reference) inherit it
+    module.model.truncate_lyrics = bool(cfg.data.get("truncate_lyrics", False))
     if cfg.model.get("init"):
         load_weights(module.model, find_weights(check_init_path(str(cfg.model.init))))
         module.init_fingerprint = init_fp
@@ -508,14 +514,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
 
 
-def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None):
-    """The recipe method's datamodule over ``train`` / ``val``."""
+def build_datamodule(cfg: DictConfig, train: Any, val: Any, code_size: int, init_fp: str | None = None,
+                     lyric_fit: Any = None):
+    """The recipe method's datamodule over ``train`` / ``val``; ``lyric_fit`` (the model's
+    :class:`~levo_infer.model.LyricFit`) checks every record's lyric length."""
     from levo_train.methods import get_method
 
     d = cfg.data
     common = dict(train=train, val=val, batch_size=int(d.batch_size), val_batch_size=int(d.val_batch_size),
                   num_workers=int(d.num_workers), seed=int(cfg.seed), code_size=code_size,
-                  shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad))
+                  shuffle_buffer=int(d.shuffle_buffer), skip_bad=bool(d.skip_bad), lyric_fit=lyric_fit)
     return get_method(str(cfg.method)).build_datamodule(cfg, train, val, code_size, init_fp, common)
 
 
@@ -587,7 +595,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                          f"pass {method.data_hint} for real data or a toy-sized model.init")
     train, val, _ = method.resolve_data(cfg, init_fp)
     module = build_module(cfg, model_config, schedule, init_fp)
-    dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp)
+    dm = build_datamodule(cfg, train, val, model_config.lm.code_size, init_fp, module.model.lyric_fit())
     for folder in (run_dir, run_dir / "checkpoints"):  # writes killed mid-way (checkpoints, requeue checkpoints)
         clean_stale_temp_files(folder)
     OmegaConf.save(cfg, run_dir / "train_config.yaml", resolve=True)
@@ -608,7 +616,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer.save_checkpoint(last, weights_only=False)  # the full state (not "weights only"): an exact resume needs it
     summary: dict[str, Any] = {"status": "done", "run_dir": str(run_dir), "last_checkpoint": str(last),
                                "global_step": trainer.global_step,
-                               "data": {"train": str(train), "val": None if val is None else str(val)},
+                               "data": {"train": _location(train), "val": _location(val)},
                                "resumed_from": {"path": resume.path, "step": resume.step} if resume else None,
                                "val_loss_start": _to_float(val_start),
                                "val_loss_end": _to_float(trainer.callback_metrics.get("val/loss")),
@@ -648,6 +656,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if val_start is not None:
             print(f"  val/loss         {val_start:.4f} -> {summary['val_loss_end']}")
     return summary
+
+
+def _location(spec: Any) -> str | list[str] | None:
+    """A data location for summary.json: one path or pattern, a list of them, or None."""
+    return None if spec is None else [str(x) for x in spec] if isinstance(spec, (list, tuple)) else str(spec)
 
 
 def _to_float(x: Any) -> float | None:

@@ -100,9 +100,28 @@ def stream_weights(cfg: DictConfig) -> list[float] | None:
 
 
 # ----------------------------------------------------------------------------- lm (pretrain / SFT)
+def shard_setting(cfg: DictConfig, name: str) -> str | list[str] | None:
+    """``data.<name>`` as the shard reader takes it: ``None``, one location (a folder, a tar, a glob or a
+    brace pattern) or a list of them (``data.train=[A,B]``); every location must name at least one shard
+    (a usage error naming the setting otherwise)."""
+    from levo_train.data.shards import ShardError, resolve_shards
+
+    value = cfg.data.get(name)
+    if value is None:
+        return None
+    spec: str | list[str] = [str(v) for v in value] if OmegaConf.is_list(value) else str(value)
+    if spec == [] or spec == "":
+        raise UsageError(f"data.{name} is empty: give a shard folder, a tar, a glob or a list of them")
+    try:
+        resolve_shards(spec)
+    except (ShardError, FileNotFoundError, ValueError) as e:
+        raise UsageError(f"data.{name}={value}: {e}") from None
+    return spec
+
+
 def given_songs(cfg: DictConfig) -> DataSpec:
     """(train, val, False): the song shards named by ``data.train`` / ``data.val``."""
-    return OmegaConf.to_object(cfg.data.train), OmegaConf.to_object(cfg.data.val) if cfg.data.val else None, False
+    return shard_setting(cfg, "train"), shard_setting(cfg, "val"), False
 
 
 def resolve_songs(cfg: DictConfig, init_fp: str | None = None) -> DataSpec:
@@ -243,7 +262,7 @@ def reward_dimensions(cfg: DictConfig) -> tuple[str, ...]:
         have = DIMENSIONS
     else:
         try:
-            have = data_dimensions(OmegaConf.to_object(cfg.data.train), int(build_code_size(cfg)))
+            have = data_dimensions(shard_setting(cfg, "train"), int(build_code_size(cfg)))
         except (ShardError, FileNotFoundError) as e:
             if asked is None:
                 raise UsageError(f"reward.dimensions=null takes the dimensions from data.train: {e}") from None
@@ -495,4 +514,5 @@ register(Method("sdpo", build_module=_sdpo_module, resolve_data=_sdpo_data, buil
 
 
 __all__ = ["METHODS", "DataSpec", "Method", "dpo_kwargs", "export_policy", "get_method", "given_songs",
-           "pair_datamodule", "register", "resolve_pairs", "resolve_songs", "song_datamodule", "stream_weights"]
+           "pair_datamodule", "register", "resolve_pairs", "resolve_songs", "shard_setting", "song_datamodule",
+           "stream_weights"]

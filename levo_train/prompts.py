@@ -26,11 +26,13 @@ def _prompt_key(idx: str) -> str:
 
 def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None = None,
                        setting: str = "--prompts") -> list[Prompt]:
-    """Prompts of a released-format JSONL file, parsed by levo-infer's own line parser (lyric
-    findings are errors); audio prompts cut/padded to the model's prompt length."""
+    """Prompts of a released-format JSONL file, read by the one JSONL reader and parsed by levo-infer's
+    own line parser (lyric findings and lyrics longer than the model's lyric conditioner are errors);
+    audio prompts cut/padded to the model's prompt length."""
     import numpy as np
 
-    from levo_infer.cli import LineError, parse_song, read_lines
+    from levo_infer.cli import LineError, UsageError, parse_song, read_lines
+    from levo_infer.jsonl import JsonlError
     from levo_infer.prompts import AutoPromptLibrary, PromptError
 
     if not path.is_file():
@@ -47,7 +49,13 @@ def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None =
     out: list[Prompt] = []
     seen: dict[str, int] = {}
     keys: dict[str, int] = {}
-    for n, line in read_lines(path):
+    try:
+        lines = read_lines(path)
+    except UsageError as e:
+        raise ValueError(f"{setting} {e}") from None
+    for n, line in lines:
+        if isinstance(line, JsonlError):
+            raise ValueError(str(line))
         try:
             s = parse_song(n, line, args=args, model=model, library=library, base_seed=0, seen=seen)
         except LineError as e:
@@ -69,10 +77,14 @@ def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None =
     return out
 
 
-def prompts_from_shards(paths: Sequence[str], code_size: int, *, setting: str = "--prompts") -> list[Prompt]:
-    """Each distinct (lyric, style, prompt) of song or pair shards once, keyed by its first record."""
+def prompts_from_shards(paths: Sequence[str], code_size: int, *, setting: str = "--prompts",
+                        lyric_fit: Any = None) -> list[Prompt]:
+    """Each distinct (lyric, style, prompt) of song or pair shards once, keyed by its first record;
+    ``lyric_fit`` (:meth:`levo_infer.model.LeLM.lyric_fit`): a lyric that does not fit the model is an
+    error naming the shard and the key."""
+    from levo_infer.model import LyricTooLong
     from levo_train.data.pairs import condition_key, decode_pair
-    from levo_train.data.shards import decode_song, iter_raw, resolve_shards
+    from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards
 
     out: list[Prompt] = []
     seen: set[str] = set()
@@ -84,6 +96,11 @@ def prompts_from_shards(paths: Sequence[str], code_size: int, *, setting: str = 
             if ck in seen:
                 continue
             seen.add(ck)
+            if lyric_fit is not None:
+                try:
+                    lyric_fit.check(rec.lyric, None, None)
+                except LyricTooLong as e:
+                    raise ValueError(f"{setting}: {ShardError(str(e), shard=sh, key=rec.key)}") from None
             if rec.key in keys:
                 raise ValueError(f"{setting}: record key {rec.key!r} of {sh} is also in {keys[rec.key]} with other "
                                  "conditions; prompt keys must be unique")
@@ -100,7 +117,7 @@ def read_prompts(paths: Sequence[str], model: Any, *, auto_prompt_file: str | No
     LeLM) decides style formatting and the audio-prompt length. Errors name ``setting``."""
     if len(paths) == 1 and Path(paths[0]).is_file() and not paths[0].endswith(".tar"):
         return prompts_from_jsonl(Path(paths[0]), model, auto_prompt_file=auto_prompt_file, setting=setting)
-    return prompts_from_shards(paths, model.cfg.lm.code_size, setting=setting)
+    return prompts_from_shards(paths, model.cfg.lm.code_size, setting=setting, lyric_fit=model.lyric_fit(truncate=False))
 
 
 __all__ = ["prompts_from_jsonl", "prompts_from_shards", "read_prompts"]

@@ -25,7 +25,7 @@ from levo_infer.generate import (
     null_styles,
     released_style,
 )
-from levo_infer.model import LeLM
+from levo_infer.model import LeLM, LyricTooLong
 from levo_infer.offload import enable_layer_offload
 
 LYRICS = ["[verse] la da love . night la ; [chorus] love love", None, "[verse] rock pop", "[chorus] sad happy . la",
@@ -213,9 +213,15 @@ def test_logits_equal_naive_recomputation(model):
     codes = torch.randint(0, m.cfg.lm.code_size, (3, m.code_depth, 7), generator=g)
     prompt = prompts_for(m, 3)
     prompt[2, :, 1:] = m.pad_id  # a one-frame prompt: padded after its first frame
-    lyrics = [LYRICS[0], None, "[verse] " + " ".join(["la"] * 20)]  # the last one is truncated to max_len
+    lyrics = [LYRICS[0], None, "[verse] " + " ".join(["la"] * 20)]  # the last one is cut to max_len on request
     styles = [STYLES[0], STYLES[1], None]
-    got = m.logits(codes, lyrics, styles, prompt)
+    with pytest.raises(LyricTooLong, match="lyric 2 of the batch is 22 tokens long.* holds 12"):
+        m.logits(codes, lyrics, styles, prompt)  # never cut silently
+    m.truncate_lyrics = True  # the released conditioner's cut
+    try:
+        got = m.logits(codes, lyrics, styles, prompt)
+    finally:
+        m.truncate_lyrics = False
     assert got.shape == (3, 3, 7, m.eos_id + 1)
     for i in range(3):
         want = naive_logits(m, codes[i], lyrics[i], styles[i], prompt[i])

@@ -483,13 +483,19 @@ def test_released_lyric_quirks_generate_with_a_warning(export, tmp_path, capsys,
     monkeypatch.setattr(LeLM, "prepare_conditions", spy)
     src = write_jsonl(tmp_path / "in.jsonl", [{"idx": "q", "gt_lyric": QUIRKY}, {"idx": "plain", "gt_lyric": EN}])
     out = tmp_path / "out"
-    rc, err = run_cli(capsys, export, src, out, "--duration", "0.2", "--seed", "0", "--tokens-only")
+    # both lyrics are longer than the tiny model's 12 lyric positions: cut as released, on request
+    rc, err = run_cli(capsys, export, src, out, "--duration", "0.2", "--seed", "0", "--tokens-only",
+                      "--truncate-lyrics")
     assert rc == 0, err
     released_text = QUIRKY.replace("  ", " ")  # all the released generate.py does to gt_lyric
     ok, bad = records(out)
     assert bad == [] and [r["idx"] for r in ok] == ["q", "plain"]
     assert ok[0]["lyric"] == released_text and ok[1]["lyric"] == EN
-    assert "rule 'missing_tag'" in ok[0]["warnings"][0] and "warnings" not in ok[1]
+    assert "rule 'missing_tag'" in ok[0]["warnings"][0]
+    assert "cut to its first 12 tokens (--truncate-lyrics)" in ok[0]["warnings"][1]
+    assert ok[1]["warnings"] == ["idx 'plain': the lyric is 21 tokens long, but the model's lyric conditioner holds "
+                                 "12 (lyric_max_len); cut to its first 12 tokens (--truncate-lyrics): the rest of "
+                                 "the lyric is not sung"]
     assert "warning" in err and "in.jsonl:1:" in err and "rule 'missing_tag'" in err and "--strict" in err
     lyrics, cond = seen[0]  # the first call is the conditioned half of the batch
     assert lyrics == [released_text, EN]
@@ -499,7 +505,7 @@ def test_released_lyric_quirks_generate_with_a_warning(export, tmp_path, capsys,
     assert cond.lyric_ids[0, : len(want)].tolist() == want
 
     rc, err = run_cli(capsys, export, src, tmp_path / "strict", "--duration", "0.2", "--seed", "0", "--tokens-only",
-                      "--strict")
+                      "--strict", "--truncate-lyrics")
     assert rc == 1
     ok, bad = records(tmp_path / "strict")
     assert [r["idx"] for r in ok] == ["plain"] and bad[0]["line"] == 1 and "rule 'missing_tag'" in bad[0]["error"]

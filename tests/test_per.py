@@ -478,7 +478,7 @@ def test_bad_language_separate_and_lyrics(g2p, lyrics_file, tmp_path, capsys, mo
         assert msg in err
     bad = tmp_path / "bad.jsonl"
     for line, msg in (('{"gt_lyric": "[verse] a"}', ":1: line without idx"), ('{"idx": 3}', ":1: line without gt_lyric"),
-                      ("not json", ":1: not a JSON line")):
+                      ("not json", ":1: not valid JSON")):
         bad.write_text(line + "\n")
         err = per_error(capsys, [*base, "--lyrics", str(bad)])
         assert f"bad.jsonl{msg}" in err, err

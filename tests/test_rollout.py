@@ -13,6 +13,21 @@ from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld, style_text
 
 
+@pytest.fixture
+def tiny_model():
+    """The conftest tiny model with room for toy-world lyrics (up to 35 tokens; the toy model holds 40):
+    a longer lyric is refused, not cut."""
+    import torch
+    from conftest import tiny_config
+
+    from levo_infer.model import LeLM
+
+    torch.manual_seed(0)
+    m = LeLM(tiny_config(lyric_max_len=40))
+    m.init_weights(std=0.2)
+    return m.eval()
+
+
 def _prompts(n: int) -> list[Prompt]:
     rng = np.random.default_rng(3)
     world = ToyWorld(0)

@@ -4,8 +4,9 @@
                      [--lyrics check|normalize] [--require-vocal]
                      [--codec-encoder songgeneration:PATH --model-config CONFIG.yaml]
 
-Manifest line (one JSON object per line; blank lines are ignored; relative paths are taken from the
-manifest's folder, or from ``--root``):
+Manifest line (one JSON object per line, read by :mod:`levo_infer.jsonl`: lines end at ``"\\n"``
+only, a BOM is skipped, a line over the size limit is rejected as ``line_too_long``; blank lines are
+ignored; relative paths are taken from the manifest's folder, or from ``--root``):
 
 ==========================  ================================================================================
 ``idx``                     required, unique; a string (or integer) of letters, digits, ``_``, ``-``, ``/``
@@ -50,7 +51,9 @@ object per bad line: ``line``, ``idx``, ``reason``, ``error``, lyric ``rule``); 
   each split after its last kept shard. The write is deterministic, so a resumed run yields the same
   shards, byte for byte, as an uninterrupted one. ``index.json``, ``stats.json`` and
   ``rejected.jsonl`` are (re)written when a run completes. Other settings or another manifest are
-  refused (exit 2) unless ``--overwrite``. The files the manifest names are not fingerprinted.
+  refused (exit 2) unless ``--overwrite``; a ``DIR`` that holds another kind of data (a song shard
+  folder, samples, pairs: :mod:`levo_data.outputs`) is refused (exit 2) even then. The files the
+  manifest names are not fingerprinted.
 """
 
 from __future__ import annotations
@@ -262,15 +265,16 @@ def _one_of(rec: dict[str, Any], names: tuple[str, ...], reason: str) -> tuple[s
     return given[0], rec[given[0]]
 
 
-def _parse_line(raw: bytes, line: int, seen: dict[str, int], opts: _Options) -> _Entry:
+def _parse_line(text: str, line: int, seen: dict[str, int], opts: _Options) -> _Entry:
     """The cheap checks of one line (JSON, idx, duplicates, lyric, style, paths, metadata)."""
+    from levo_infer.jsonl import parse_json_line
     from levo_infer.lyrics import VOCAL_TAGS, LyricError, format_sections, split_sections
     from levo_train.data.shards import _check_key, _check_meta
 
     try:
-        rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _Bad("invalid_json", f"not valid JSON ({e})") from None
+        rec = parse_json_line(text)
+    except ValueError as e:
+        raise _Bad("invalid_json", str(e)) from None
     if not isinstance(rec, dict):
         raise _Bad("not_an_object", f"expected a JSON object, found {type(rec).__name__}")
     key = rec.get("idx")
@@ -531,6 +535,12 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     from levo_train.data.cache import settings_file_differences
     from levo_train.data.shards import write_json_atomic
 
+    from .outputs import OutputFolderError, check_output_folder
+
+    try:  # another kind of data is refused even with --overwrite (which replaces only our own files)
+        check_output_folder(out, "catalogue", command="shards")
+    except OutputFolderError as e:
+        raise UsageError(str(e)) from None
     if overwrite:
         for p in _our_paths(out):
             if p.is_dir():
@@ -608,6 +618,7 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
     Returns the stats (also written to ``out/stats.json``). ``report`` receives one line per rejected
     line and per finished shard (default: stderr). Raises :class:`UsageError` for unusable settings.
     """
+    from levo_infer.jsonl import JsonlError, jsonl_lines
     from levo_train.data.shards import INDEX_NAME, SCHEMA_VERSION, SONG_FORMAT, write_json_atomic
 
     t_start = time.perf_counter()
@@ -660,37 +671,36 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
     seen: dict[str, int] = {}
     n_lines = 0
     try:
-        with open(manifest, "rb") as f:
-            for line, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                n_lines += 1
+        for line, text in jsonl_lines(manifest):  # "\n" line ends only, BOM skipped, line-size limit
+            n_lines += 1
+            try:
+                if isinstance(text, JsonlError):
+                    raise _Bad("line_too_long" if text.reason == "line_too_long" else "invalid_json", text.message)
+                entry = _parse_line(text, line, seen, opts)
+            except _Bad as b:
+                key = None
                 try:
-                    entry = _parse_line(raw, line, seen, opts)
-                except _Bad as b:
-                    key = None
-                    try:
-                        k = json.loads(raw).get("idx")
-                        key = None if k is None else str(k)
-                    except (ValueError, AttributeError, UnicodeDecodeError):
-                        pass
-                    cheap.append(Rejection(line, key, b.reason, b.message, b.rule))
-                    on_reject(cheap[-1])
-                    continue
-                sp = splits[entry.split]
-                cand = sp.cands
-                sp.cands += 1
-                if cand < sp.next_cand:
-                    continue  # in a finished shard's range
-                try:
-                    tokens, prompt = _load_entry(entry, opts)
-                    sp.add(entry, cand, tokens, prompt)
-                except _Bad as b:
-                    sp.reject(Rejection(line, entry.key, b.reason, b.message, b.rule))
-                    on_reject(sp.rejected[-1])
-                    continue
-                if crash_after is not None and len(written) >= crash_after and sp.writer is not None:
-                    os._exit(86)
+                    k = json.loads(text).get("idx") if isinstance(text, str) else None
+                    key = None if k is None else str(k)
+                except (ValueError, AttributeError):
+                    pass
+                cheap.append(Rejection(line, key, b.reason, b.message, b.rule))
+                on_reject(cheap[-1])
+                continue
+            sp = splits[entry.split]
+            cand = sp.cands
+            sp.cands += 1
+            if cand < sp.next_cand:
+                continue  # in a finished shard's range
+            try:
+                tokens, prompt = _load_entry(entry, opts)
+                sp.add(entry, cand, tokens, prompt)
+            except _Bad as b:
+                sp.reject(Rejection(line, entry.key, b.reason, b.message, b.rule))
+                on_reject(sp.rejected[-1])
+                continue
+            if crash_after is not None and len(written) >= crash_after and sp.writer is not None:
+                os._exit(86)
         for sp in splits.values():
             sp.finish(end=sp.cands)
     except BaseException:
@@ -794,7 +804,8 @@ def format_table(stats: dict[str, Any]) -> str:
 def _shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="JSONL catalogue: idx, tokens|audio|path, gt_lyric|lyric, "
                                                      "descriptions|style, prompt, metadata")
-    p.add_argument("--out", required=True, help="output folder: train/, val/, stats.json, rejected.jsonl")
+    p.add_argument("--out", required=True, help="output folder: train/, val/, stats.json, rejected.jsonl (a folder holding other data is refused, "
+                        "also with --overwrite)")
     p.add_argument("--shard-size", default="2000",
                    help="songs per shard (e.g. 2000, default) or a target size (e.g. 256MB; KB/MB/GB are SI)")
     p.add_argument("--val-fraction", type=float, default=0.01,

@@ -30,7 +30,8 @@ class Command:
 
 # ---------------------------------------------------------------------------- toy
 def _toy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (gets train/, val/, toy_world.json)")
+    p.add_argument("--out", required=True, help="output directory (gets train/, val/, toy_world.json); a folder "
+                   "holding other data is refused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-val", type=int, default=512)
@@ -39,8 +40,14 @@ def _toy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _toy_run(args: argparse.Namespace) -> int:
+    from levo_data.outputs import OutputFolderError, check_output_folder
     from levo_train.toy.world import write_toy_dataset
 
+    try:
+        check_output_folder(args.out, "toy", command="toy")
+    except OutputFolderError as e:
+        print(f"levo-data toy: error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = write_toy_dataset(
             args.out,

@@ -22,6 +22,8 @@ song shards ``OUT/rank{r:03d}-{n:05d}.tar``; keys ``{prompt key}-{j}``, meta ``p
   rest. ``OUT/sample.json`` holds the settings that decide the songs (model fingerprint, prompt
   digest, per-prompt, seed, sampling rules, dtype); a rerun with other settings is refused,
   naming them. The rank that completes the set writes ``OUT/index.json`` and ``OUT/done.json``.
+  An ``OUT`` that holds data of another kind (song shards, pairs, scored songs, ...) is refused
+  before anything is written (:mod:`levo_data.outputs`).
 
 ``score`` — every record of candidate song shards scored by a scorer spec
 (:func:`levo_train.scorers.load_scorer`); written as new shards in ``--out`` (same names) or in
@@ -48,6 +50,7 @@ from levo_train.data.shards import write_json_atomic as _write_json
 from levo_train.locking import locks_output
 from levo_train.prompts import read_prompts
 
+from .outputs import check_output_folder
 from .prefs import guarded
 
 log = logging.getLogger("levo_data.offline")
@@ -211,9 +214,10 @@ def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | o
 
     if per_prompt < 1:
         raise ValueError(f"--per-prompt must be >= 1, got {per_prompt}")
+    out = Path(out)
+    check_output_folder(out, "candidates", command="sample")  # before anything is loaded or written
     if rank is None or world is None:
         rank, world = rank_world()
-    out = Path(out)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype) if dtype not in (None, "auto") else (torch.float32 if dev == "cpu" else None)
     model = load_model(model_path, device=dev, dtype=dt).eval()
@@ -329,6 +333,8 @@ def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | 
             raise ValueError(f"{c}: levo-data sample has not finished there (no {DONE_NAME}); rerun the sample "
                              "command (it resumes) before scoring")
     shards = resolve_shards(list(candidates))
+    if out is not None and Path(out).resolve() not in {Path(s).parent.resolve() for s in shards}:
+        check_output_folder(out, "scored", command="score")  # (--out = the candidates' folder: in place)
     cs = _code_size_of(shards, code_size)
     dev = resolve_device(device)
     scorer = load_scorer(scorer_spec, device=dev, world_seed=world_seed, setting="--scorer", codec=codec,
@@ -433,7 +439,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, nargs="+", metavar="JSONL|SHARDS",
                    help="released-format JSONL (idx, gt_lyric, descriptions, ...) or song/pair shards")
     p.add_argument("--per-prompt", type=int, required=True, help="songs per prompt")
-    p.add_argument("--out", required=True, help="candidate folder (rank shards, progress/, index.json)")
+    p.add_argument("--out", required=True, help="candidate folder (rank shards, progress/, index.json); a folder holding other data is refused")
     s = p.add_argument_group("sampling (decide the songs; a resumed run must keep them)")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -469,7 +475,8 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", required=True, metavar="SPEC",
                    help="toy | toy:SEED | rm:EXPORT_DIR | audio:MODULE:FUNCTION (with --codec) | "
                         "callable:MODULE:FACTORY | weighted:SPEC=W,SPEC=W,... | weighted:FILE.json")
-    p.add_argument("--out", default=None, help="write scored shards here (default: rewrite the inputs in place)")
+    p.add_argument("--out", default=None, help="write scored shards here (default: rewrite the inputs in place); a folder holding other "
+                        "data than scored songs is refused")
     p.add_argument("--batch-size", type=int, default=64, help="songs per scorer call")
     p.add_argument("--device", default="auto", help="default: cuda when available, else cpu")
     p.add_argument("--code-size", type=int, default=None, help="default: the candidates' index.json, else 16384")

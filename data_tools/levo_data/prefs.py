@@ -19,7 +19,8 @@
 * ``merge`` — weight interpolation of exports of one config (LeVo 1: one DPO run per preference
   dimension, then merge): ``Σ w_i θ_i`` computed in fp32 for every tensor.
 
-Each command prints one JSON summary on stdout; errors go to stderr with exit status 1.
+Each command prints one JSON summary on stdout; errors go to stderr with exit status 1, an ``--out``
+that holds data of another kind (:mod:`levo_data.outputs`) exit status 2.
 :func:`register` adds the three subcommands to an ``argparse`` sub-parser set; each parser gets
 ``func`` (``args.func(args)`` returns the exit code).
 """
@@ -40,6 +41,8 @@ from levo_infer.jsonio import dumps as strict_dumps
 # reference log-probs are computed by the training package (the DPO step's own definition)
 from levo_train.locking import FolderLockedError, locks_output
 from levo_train.train.ref_logps import compute_ref_logps, iter_pairs, pair_dirs, ref_logps
+
+from .outputs import OutputFolderError, check_output_folder
 
 __all__ = ["compute_ref_logps", "iter_pairs", "merge_exports", "pair_dirs", "pairs_from_candidates", "ref_logps",
            "register", "toy_pairs"]
@@ -73,6 +76,7 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
     dims = [str(d) for d in dimensions]
     if not dims:
         raise ValueError("no preference dimension given")
+    check_output_folder(out, "pairs", command="pairs")
     shards = resolve_shards([os.fspath(c) for c in candidates])
 
     def records() -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -138,6 +142,7 @@ def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.Pa
     (None: the default)."""
     from levo_train.toy.pairs import ToyPairSpec, write_toy_pairs
 
+    check_output_folder(out, "pairs", command="pairs")
     fields = {k: v for k, v in kw.items() if v is not None}
     spec = ToyPairSpec(source="world" if model is None else "model", **fields)
     stats = write_toy_pairs(out, spec, world_seed=world_seed, model=model, device=device, batch_size=batch_size)
@@ -184,6 +189,7 @@ def merge_exports(exports: Sequence[str | os.PathLike], weights: Sequence[float]
     out = Path(out)
     if any(out.resolve() == f.resolve() for f in folders):
         raise ValueError(f"--out {out} is one of the inputs; write the merge to a new folder")
+    check_output_folder(out, "export", command="merge")
     if (out / "model.pt").exists() and not overwrite:
         raise FileExistsError(f"--out {out} already holds model.pt; pass --overwrite to replace it")
     cfgs = [load_config(f) for f in folders]
@@ -231,7 +237,8 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--candidates", nargs="+", metavar="SHARDS", help="scored candidate song shards (dirs, tars, patterns)")
     src.add_argument("--toy", action="store_true", help="toy-world candidates scored by its hidden scores")
     src.add_argument("--from-model", metavar="EXPORT", help="toy world: sample candidates from this export")
-    p.add_argument("--out", required=True, help="output folder (--toy/--from-model: gets train/ and val/)")
+    p.add_argument("--out", required=True, help="output folder (--toy/--from-model: gets train/ and val/); a folder holding other data "
+                   "than preference pairs is refused")
     p.add_argument("--dimension", action="append", help="preference dimension (repeatable; default: the "
                    "candidates' score_overall_key from levo-data score, else quality)")
     p.add_argument("--require-all", action="store_true",
@@ -314,7 +321,8 @@ def _merge_run(args: argparse.Namespace) -> int:
 
 
 def guarded(fn: Any) -> Any:
-    """Run a command; data/model errors become one ``error:`` line and exit status 1."""
+    """Run a command; data/model errors become one ``error:`` line and exit status 1, an output
+    folder of another kind exit status 2."""
     def run(args: argparse.Namespace) -> int:
         from levo_infer.checkpoint import CheckpointError
         from levo_infer.config import ConfigError
@@ -322,6 +330,9 @@ def guarded(fn: Any) -> Any:
 
         try:
             return fn(args)
+        except OutputFolderError as e:
+            print(f"levo-data {args.command}: error: {e}", file=sys.stderr)
+            return 2
         except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError,
                 FolderLockedError) as e:
             print(f"levo-data {args.command}: error: {e}", file=sys.stderr)

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from levo_eval.jsonl import jsonl_rows
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonio import write_json_atomic
+from levo_infer.jsonl import jsonl_rows
 
 AUDIO_EXTS = (".wav", ".flac")
 BUILTIN = "levo_eval.audio_score:basic"

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from levo_eval import phonemes
-from levo_eval.jsonl import jsonl_rows
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.jsonl import jsonl_rows
 
 SAMPLE_RATE = 16000
 BEAM_SIZE = 5

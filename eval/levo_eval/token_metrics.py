@@ -44,7 +44,6 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -198,21 +197,31 @@ class TokenSet:
     errors: list[str] = field(default_factory=list)
 
 
-def _records(folder: Path) -> dict[str, dict[str, Any]]:
-    """levo-infer records by idx from ``folder/*.jsonl`` and ``folder/../jsonl/*.jsonl``."""
+def _records(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """levo-infer records by idx from ``folder/*.jsonl`` and ``folder/../jsonl/*.jsonl`` (the one JSONL
+    reader, :mod:`levo_infer.jsonl`), and the lines that could not be read (named by file and line)."""
+    from levo_infer.jsonl import JsonlError, jsonl_lines, parse_json_line
+
     out: dict[str, dict[str, Any]] = {}
+    bad: list[str] = []
     for d in (folder, folder.parent / "jsonl"):
         for f in sorted(d.glob("*.jsonl")) if d.is_dir() else []:
             if f.name.endswith(".errors.jsonl"):
                 continue
-            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and rec.get("idx") not in (None, ""):
-                    out.setdefault(str(rec["idx"]), rec)
-    return out
+            try:
+                for n, line in jsonl_lines(f):
+                    try:
+                        if isinstance(line, JsonlError):
+                            raise line
+                        rec = parse_json_line(line)
+                    except ValueError as e:
+                        bad.append(str(e) if isinstance(e, JsonlError) else f"{f}:{n}: {e}")
+                        continue
+                    if isinstance(rec, dict) and rec.get("idx") not in (None, ""):
+                        out.setdefault(str(rec["idx"]), rec)
+            except JsonlError as e:
+                bad.append(str(e))
+    return out, bad
 
 
 def _cond(rec: dict[str, Any] | None) -> tuple[str, str, int | None] | None:
@@ -252,9 +261,9 @@ def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenS
         return TokenSet(str(p), "shards", songs, [max_frames] * len(songs), cs if index else None)
     import torch
 
-    recs = _records(p)
+    recs, bad_records = _records(p)
     stems = {f.stem for f in pts}
-    ts = TokenSet(str(p), "pt", [], [])
+    ts = TokenSet(str(p), "pt", [], [], errors=[f"{b} (records line skipped)" for b in bad_records])
     for f in pts:
         if any(f.stem.endswith(s) and f.stem[: -len(s)] in stems for s in SEPARATE_SUFFIXES):
             ts.skipped.append(f.name)

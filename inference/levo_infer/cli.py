@@ -22,7 +22,13 @@ Lyrics: the model is fed what the released ``generate.py`` feeds it, ``gt_lyric`
 spaces collapsed, whatever the lyric checker (:mod:`levo_infer.lyrics`) finds; a finding is a
 warning naming the line and the rule (recorded in the song's ``warnings``). ``--strict`` makes
 lyric findings fail their line and config problems (unknown keys, missing keys whose default
-changes the model, see :func:`levo_infer.config.load_config`) fail the run.
+changes the model, see :func:`levo_infer.config.load_config`) fail the run. A lyric longer than the
+model's lyric conditioner (``lyric_max_len`` tokens) fails its line, naming both lengths: the
+released code cuts it silently, so two lyrics differing only after the cut make the same song;
+``--truncate-lyrics`` cuts it with a warning for that song.
+
+The input is read by :mod:`levo_infer.jsonl` (lines end at ``"\\n"`` only, so U+2028, U+2029 and
+U+0085 inside strings are kept; a UTF-8 BOM is skipped; a line over the size limit fails alone).
 
 Output (``OUT_DIR``):
 
@@ -67,6 +73,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .jsonio import jsonl_text, write_text_atomic
+from .jsonl import JsonlError, jsonl_lines, parse_json_line
 
 LYRIC_POLICIES = ("check", "normalize", "raw")
 _SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
@@ -168,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(gt_lyric with double spaces collapsed); a finding is a warning naming the line and rule "
                         "(an error with --strict). normalize: feed the canonical form of lyrics that pass the check. "
                         "raw: no check")
+    r.add_argument("--truncate-lyrics", action="store_true",
+                   help="cut a lyric longer than the model's lyric conditioner (lyric_max_len tokens, the start token "
+                        "included: 600 for v2 models, 300 for base) to its first tokens, as the released code does "
+                        "silently; a warning per song says so. Default: such a line fails, naming the song and both "
+                        "lengths (two lyrics differing only after the cut would make the same song)")
     r.add_argument("--strict", action="store_true",
                    help="make warnings errors: lyric-rule findings fail their line, and config problems (unknown or "
                         "misspelled keys, missing keys whose default changes the model) fail the run. Default: "
@@ -220,12 +232,14 @@ class SongOutputError(Exception):
     """One song's output could not be written (that song fails; the run goes on)."""
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
+def read_lines(path: Path) -> list[tuple[int, str | JsonlError]]:
+    """The input's non-blank lines, by the one JSONL reader (:mod:`levo_infer.jsonl`: lines end at
+    ``\\n`` only, a BOM is skipped); a line too long or not UTF-8 is a :class:`JsonlError` in place of
+    its text (that line fails, the others run). An unreadable file is a :class:`UsageError`."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e})") from e
-    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return list(jsonl_lines(path))
+    except (JsonlError, ValueError) as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, library: Any, base_seed: int,
@@ -233,12 +247,13 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
     """Validate one JSONL line and build its :class:`Song` (raises :class:`LineError`)."""
     from .generate import released_style
     from .lyrics import LyricError, normalize_lyrics
+    from .model import LyricTooLong
     from .prompts import AUDIO_SUFFIXES, PromptError, check_prompt_tokens, load_prompt_tokens
 
     try:
-        item = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LineError(f"not valid JSON ({e.msg} at column {e.colno})") from e
+        item = parse_json_line(line)
+    except ValueError as e:
+        raise LineError(str(e)) from None
     if not isinstance(item, dict):
         raise LineError(f"expected a JSON object, got {type(item).__name__}")
     if "idx" not in item or item["idx"] in (None, ""):
@@ -279,6 +294,14 @@ def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, libra
             else:
                 if args.lyrics == "normalize":
                     lyric = canonical
+    truncate = getattr(args, "truncate_lyrics", None)  # None: the caller has no such option (levo-data prompts)
+    try:
+        cut = model.lyric_fit(truncate=bool(truncate)).check(lyric, where, None if truncate is None else
+                                                            "--truncate-lyrics")
+    except LyricTooLong as e:
+        raise LineError(str(e)) from None
+    if cut:
+        lyric_warnings.append(cut)
     has_path, has_auto = item.get("prompt_audio_path") is not None, item.get("auto_prompt_audio_type") is not None
     if has_path and has_auto:
         raise LineError(f"{where}: both 'prompt_audio_path' and 'auto_prompt_audio_type' are given; use one "
@@ -390,6 +413,7 @@ class Runner:
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         self.model.set_flash_attention(not a.not_use_flash_attn)
+        self.model.truncate_lyrics = a.truncate_lyrics  # lines were checked (and warned about) one by one
         self.library = None
         if a.auto_prompt_file:
             try:
@@ -439,7 +463,8 @@ class Runner:
             "penalty_window": RELEASED_WINDOW if a.compat or a.penalty_window is None else a.penalty_window,
             "duration": self.duration, "max_frames": self.max_frames, "batch_size": a.batch_size,
             "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
-            "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "strict": a.strict,
+            "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "truncate_lyrics": a.truncate_lyrics,
+            "strict": a.strict,
             "base_seed": self.base_seed, "codec": getattr(self, "codec_dir", None),
         }
 
@@ -456,10 +481,13 @@ class Runner:
         suffixes = mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode)
         return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in suffixes}
 
-    def read_songs(self, lines: list[tuple[int, str]]) -> list[Song]:
+    def read_songs(self, lines: list[tuple[int, str | JsonlError]]) -> list[Song]:
         songs: list[Song] = []
         seen: dict[str, int] = {}
         for n, line in lines:
+            if isinstance(line, JsonlError):
+                self.fail(n, None, line.message)
+                continue
             idx = None
             try:
                 obj = json.loads(line)

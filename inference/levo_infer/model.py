@@ -37,6 +37,41 @@ class SequenceTooLongError(ValueError):
     """A forward or a generation needs more positions than the config's ``max_position_embeddings``."""
 
 
+class LyricTooLong(ValueError):
+    """A lyric needs more tokens than the model's lyric conditioner has positions (``lyric_max_len``)."""
+
+
+@dataclass(frozen=True)
+class LyricFit:
+    """Whether lyrics fit the lyric conditioner: ``limit`` positions (``lyric_max_len``, the start
+    token included), counted with the model's own lyric ``tokenizer``. The released conditioner cuts
+    a longer lyric silently, so two lyrics differing only after the cut make the same song; here a
+    lyric that does not fit is an error naming the song, unless ``truncate`` asks for the cut (then
+    :meth:`check` returns the warning to print for that song). Build one with :meth:`LeLM.lyric_fit`."""
+
+    tokenizer: object
+    limit: int
+    truncate: bool = False
+
+    def tokens(self, lyric: str | None) -> int:
+        """Positions ``lyric`` takes in the lyric conditioner (uncut)."""
+        return len(self.tokenizer.encode(lyric))  # type: ignore[attr-defined]
+
+    def check(self, lyric: str | None, where: str | None, option: str | None) -> str | None:
+        """None when ``lyric`` fits. When it does not: with ``truncate`` the warning for this song,
+        else :class:`LyricTooLong`. Messages start with ``where`` (the song: line and idx, shard and
+        key) and name ``option``, the setting that allows the cut (None: the tool has none)."""
+        n = self.tokens(lyric)
+        if n <= self.limit:
+            return None
+        msg = (f"{where + ': ' if where else ''}the lyric is {n} tokens long, but the model's lyric conditioner "
+               f"holds {self.limit} (lyric_max_len)")
+        if self.truncate:
+            return f"{msg}; cut to its first {self.limit} tokens ({option}): the rest of the lyric is not sung"
+        fix = f", or pass {option} to cut it to its first {self.limit} tokens" if option else ""
+        raise LyricTooLong(f"{msg}: shorten it{fix}")
+
+
 def text_table_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
     """Rows of the lyric table, the style table, and the pad id of both."""
     base = len(cfg.text_words) if cfg.text_words is not None else QWEN2_BASE_VOCAB
@@ -277,6 +312,10 @@ class Conditions:
 class LeLM(nn.Module):
     """The song LM. Parameter names match the released ``audiolm.*`` state dict."""
 
+    #: cut lyrics longer than the lyric conditioner (as the released code does) instead of refusing
+    #: them in :meth:`prepare_conditions`; inputs are checked per song, with names, by :meth:`lyric_fit`
+    truncate_lyrics: bool = False
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -378,10 +417,17 @@ class LeLM(nn.Module):
             self._tokenizers = (lyr, sty)
         return self._tokenizers
 
+    def lyric_fit(self, truncate: bool | None = None) -> LyricFit:
+        """The lyric-length check of this model (``truncate``: default :attr:`truncate_lyrics`)."""
+        return LyricFit(self.tokenizers[0], self.cfg.lyric_max_len,
+                        self.truncate_lyrics if truncate is None else bool(truncate))
+
     def prepare_conditions(self, lyrics: Sequence[str | None], styles: Sequence[str | None],
                            prompt: torch.Tensor | None = None) -> Conditions:
         """Tokenise text exactly as the released conditioners receive it (no lower-casing or tag
-        prefixes here: that is the caller's formatting) and lay out the prompt rows."""
+        prefixes here: that is the caller's formatting) and lay out the prompt rows. A lyric longer
+        than ``lyric_max_len`` tokens raises :class:`LyricTooLong` unless :attr:`truncate_lyrics`
+        (the released code cuts it silently); style text is cut to ``style_max_len`` as released."""
         if len(lyrics) != len(styles):
             raise ValueError(f"got {len(lyrics)} lyrics but {len(styles)} styles")
         lyr_tok, sty_tok = self.tokenizers
@@ -391,6 +437,10 @@ class LeLM(nn.Module):
         lyric_st = torch.zeros((B, Ll), dtype=torch.long)
         style_ids = torch.full((B, Ls), sty_tok.pad_id, dtype=torch.long)
         for i, ids in enumerate(lyr_tok.encode_batch(list(lyrics))):
+            if len(ids) > Ll and not self.truncate_lyrics:
+                raise LyricTooLong(f"lyric {i} of the batch is {len(ids)} tokens long, but the model's lyric "
+                                   f"conditioner holds {Ll} (lyric_max_len); check inputs per song with "
+                                   "LeLM.lyric_fit(), or set truncate_lyrics = True to cut them as released")
             ids = ids[:Ll]
             lyric_ids[i, :len(ids)] = torch.tensor(ids)
             lyric_st[i, :len(ids)] = torch.tensor(lyr_tok.structure_ids(ids))

@@ -28,6 +28,12 @@ always crops from the start. The lyric is not cropped along.
 Bad records: without ``skip_bad`` a bad record raises :class:`ShardError`. With it, the record is
 logged, counted (``batch["n_bad"]``; :attr:`SongDataModule.bad_records` in the main process) and
 left out of its batch, which is then smaller; positions still count it, so resuming stays exact.
+
+Lyric length (``lyric_fit``, the model's :class:`~levo_infer.model.LyricFit`): a record whose lyric
+needs more tokens than the lyric conditioner holds is a bad record naming the shard, the key and
+both lengths (the released conditioner would cut it silently), unless the fit truncates
+(``data.truncate_lyrics=true``): then the record is kept, cut by the model, with one warning per
+record and process.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from levo_infer.model import LyricFit, LyricTooLong
 from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards, shard_sizes
 
 __all__ = ["SongDataModule", "collate_songs", "epoch_order"]
@@ -140,6 +147,7 @@ class _SongStream(IterableDataset):
         crop: str,
         skip_bad: bool,
         owner: SongDataModule | None = None,
+        lyric_fit: LyricFit | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.sizes = shards, [int(s) for s in sizes]
@@ -152,6 +160,8 @@ class _SongStream(IterableDataset):
         self.crop, self.skip_bad = crop, skip_bad
         self.owner = owner
         self.n_bad = 0
+        self.lyric_fit = lyric_fit
+        self._cut_warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ reading
     def _read_needed(
@@ -206,11 +216,28 @@ class _SongStream(IterableDataset):
             self.owner.bad_records += 1
         log.warning("skipping bad record: %s", err)
 
+    def _lyric_fits(self, record: Any) -> bool:
+        """Check a decoded record's lyric against :attr:`lyric_fit` (a bad record when it does not
+        fit; a warning, once per record, when the fit truncates)."""
+        if self.lyric_fit is None:
+            return True
+        try:
+            cut = self.lyric_fit.check(record.lyric, None, "data.truncate_lyrics=true")
+        except LyricTooLong as e:
+            self._skip_bad(ShardError(str(e), shard=record.shard or None, key=record.key))
+            return False
+        if cut and (record.shard, record.key) not in self._cut_warned:
+            self._cut_warned.add((record.shard, record.key))
+            log.warning("%s", ShardError(cut, shard=record.shard or None, key=record.key))
+        return True
+
     def _decode(self, raw: dict, position: int) -> Song | None:
         try:
             song = decode_song(raw, code_size=self.code_size)
         except ShardError as e:
             self._skip_bad(e)
+            return None
+        if not self._lyric_fits(song):
             return None
         mf = self.max_frames
         if mf is not None and song.tokens.shape[1] > mf:
@@ -290,6 +317,7 @@ class SongDataModule(L.LightningDataModule):
         crop: ``"random"`` (deterministic per seed and position) or ``"start"``.
         shuffle_buffer: slots of the record shuffle buffer (<= 1: no record shuffle).
         skip_bad: log, count and drop bad records instead of raising.
+        lyric_fit: the model's lyric-length check (:meth:`levo_infer.model.LeLM.lyric_fit`); None: no check.
         rank, world_size: override the trainer's (for tests and custom launchers).
     """
 
@@ -310,6 +338,7 @@ class SongDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        lyric_fit: LyricFit | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -330,6 +359,7 @@ class SongDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.skip_bad = skip_bad
         self.pin_memory = pin_memory
+        self.lyric_fit = lyric_fit
         self._rank, self._world_size = rank, world_size
         self._position = 0
         self.bad_records = 0  #: bad records skipped in this process (workers count their own)
@@ -454,6 +484,7 @@ class SongDataModule(L.LightningDataModule):
             crop=self.crop if train else "start",
             skip_bad=self.skip_bad,
             owner=self,
+            lyric_fit=self.lyric_fit,
             **self.stream_kwargs(train=train),
         )
 

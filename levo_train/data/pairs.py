@@ -331,10 +331,11 @@ class _PairStream(_SongStream):
 
     def _decode(self, raw: dict, position: int) -> Pair | None:  # type: ignore[override]
         try:
-            return decode_pair(raw, code_size=self.code_size)
+            pair = decode_pair(raw, code_size=self.code_size)
         except ShardError as e:
             self._skip_bad(e)
             return None
+        return pair if self._lyric_fits(pair) else None
 
     def _batch(self, raws: list[tuple[int, dict]]) -> dict[str, Any]:
         bad_before = self.n_bad

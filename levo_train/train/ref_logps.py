@@ -61,13 +61,21 @@ def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int
     eval mode without gradients."""
     import torch
 
+    from levo_infer.model import LyricTooLong
     from levo_train.data.pairs import collate_pairs, pair_digest
+    from levo_train.data.shards import ShardError
     from levo_train.train.dpo import pair_logps
 
     model.eval()
     out: dict[str, RefEntry] = {}
     code_size = model.cfg.lm.code_size
+    fit = model.lyric_fit()  # a lyric the model cannot hold is named here, not cut (unless the model truncates)
     for batch_pairs in _batches(iter_pairs(folder, code_size=code_size), batch_size):
+        for p in batch_pairs:
+            try:
+                fit.check(p.lyric, None, None)
+            except LyricTooLong as e:
+                raise ShardError(str(e), shard=p.shard or None, key=p.key) from None
         batch = collate_pairs(batch_pairs, code_size)
         with torch.no_grad():
             logps, _ = pair_logps(model, batch, stream_weights=stream_weights)
