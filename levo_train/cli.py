@@ -135,6 +135,12 @@ def check_init_path(init: str) -> Path:
     missing = [n for n in ("config.yaml",) if not (p / n).is_file()]
     if missing or not any((p / n).is_file() for n in ("model.pt", "model.safetensors")):
         raise UsageError(f"model.init={init}: folder lacks {missing or ['model.pt']} (expected config.yaml + model.pt)")
+    from levo_infer.checkpoint import CheckpointError, find_weights, verify_model_files
+
+    try:  # before its config.yaml is read: a corrupted export is refused, not half-used
+        verify_model_files(p, find_weights(p))
+    except CheckpointError as e:
+        raise UsageError(f"model.init={init}: {e}") from None
     return p
 
 
@@ -185,13 +191,14 @@ class ResumePoint:
 LEVO_KEYS = ("samples_seen", "dropout_gen", "rng", "model_config")
 
 
-def read_checkpoint_state(path: str | os.PathLike) -> ResumePoint:
+def read_checkpoint_state(path: str | os.PathLike, *, verify: bool = True) -> ResumePoint:
     """Read a Lightning checkpoint (a file, or a sharded checkpoint folder's metadata) without
     running code (``weights_only=True``) and check it is one of ours and complete; raises
-    ``ValueError`` saying what is wrong."""
+    ``ValueError`` saying what is wrong. ``verify``: check every byte against its checksums first
+    (:func:`levo_train.export.verify_checkpoint`); without, only the metadata is read."""
     from levo_train.export import read_checkpoint
 
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, verify=verify)
     st = ck.get("levo")
     if st is None:
         raise ValueError("no `levo` section: not a levo-train checkpoint, cannot resume exactly")
@@ -220,23 +227,34 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
     """Where this run continues from.
 
     ``resume=true``: the newest (highest step) checkpoint of ``run_dir`` that loads; one that does
-    not load is skipped with a warning naming it; when checkpoints exist but none loads, an error
-    (never a silent restart at step 0). Without any checkpoint, ``ckpt_path`` if given, else a
-    fresh start. ``ckpt_path`` alone: exactly that file. Neither, into a run folder that already
-    holds checkpoints: an error (a fresh run would mix its checkpoints with the old ones).
+    not load -- unreadable, incomplete, a rank file missing, or bytes that fail their checksums --
+    is skipped with a warning naming it; when checkpoints exist but none loads, an error (never a
+    silent restart at step 0). Without any checkpoint, ``ckpt_path`` if given, else a fresh start.
+    ``ckpt_path`` alone: exactly that file. Neither, into a run folder that already holds
+    checkpoints: an error (a fresh run would mix its checkpoints with the old ones). Only the
+    metadata of every checkpoint is read to order them; their bytes are verified newest first,
+    until one passes.
     """
+    from levo_train.export import verify_checkpoint
+
     found = run_checkpoints(run_dir)
     if cfg.resume and found:
-        best: ResumePoint | None = None
+        readable: list[ResumePoint] = []
         for p in found:
             try:
-                rp = read_checkpoint_state(p)
+                readable.append(read_checkpoint_state(p, verify=False))
             except ValueError as e:
                 print(f"levo-train: warning: {p} cannot be loaded ({e}); skipping it", file=sys.stderr)
+        best: ResumePoint | None = None
+        # the highest step first; at equal steps the first listed (last.ckpt, a step file, hpc)
+        for rp in sorted(readable, key=lambda r: -r.step):
+            try:
+                verify_checkpoint(rp.path)
+            except ValueError as e:
+                print(f"levo-train: warning: {rp.path} cannot be loaded ({e}); skipping it", file=sys.stderr)
                 continue
-            # the highest step wins; at equal steps the first listed (last.ckpt, a step file, hpc)
-            if best is None or rp.step > best.step:
-                best = rp
+            best = rp
+            break
         if best is None:
             raise UsageError(f"resume=true: {run_dir} holds {len(found)} checkpoint file(s) but no checkpoint loads "
                              f"({', '.join(p.name for p in found[:4])}); refusing to restart from step 0. Move them "
@@ -594,6 +612,7 @@ def export_command(argv: list[str]) -> int:
     complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
     import torch
 
+    from levo_infer.checkpoint import CheckpointError
     from levo_train.export import ExportError, export_checkpoint
 
     args: dict[str, str] = {}
@@ -630,7 +649,7 @@ def export_command(argv: list[str]) -> int:
     out = Path(args.get("out") or (Path(args["run_dir"]) / "export" if "run_dir" in args else ckpt.parent / "export"))
     try:
         export_checkpoint(ckpt, out, dtype)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"levo-train export: error: {ckpt}: {e}", file=sys.stderr)
         return 2
     print(f"levo-train export: {ckpt} -> {out}")
@@ -671,10 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         from levo_infer.checkpoint import CheckpointError
         from levo_infer.config import ConfigError
+        from levo_infer.integrity import IntegrityError
         from levo_train.data.cache import CacheError
         from levo_train.data.shards import ShardError
 
-        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError)):
+        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError, IntegrityError)):
             print(f"levo-train: error: {e}", file=sys.stderr)
             return 2
         raise
