@@ -108,7 +108,8 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
             f = p / str(rel)
             if not f.is_file():
                 raise IntegrityError(f"{f} is missing: {marker} lists it as part of this checkpoint")
-            verify_torch_zip(f)
+            if f.suffix == ".pt":  # meta.pt, DeepSpeed's *_states.pt: torch.save files
+                verify_torch_zip(f)
     except IntegrityError as e:
         raise ExportError(str(e)) from None
 
@@ -120,7 +121,12 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
     ``verify``: check every byte first (:func:`verify_checkpoint`); ``False`` reads only the
     metadata (cheap), for choosing among checkpoints before the chosen one is verified."""
     p = Path(path)
-    kind = checkpoint_kind(p)
+    try:
+        kind = checkpoint_kind(p)
+    except ExportError:
+        if p.is_dir() and (p / COMPLETE).is_file():
+            verify_checkpoint(p)  # a damaged file (`latest`, ...) may be why it is not recognised
+        raise
     if kind != "file" and not (p / COMPLETE).is_file():
         raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
     if verify:

@@ -68,13 +68,25 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def is_torch_zip(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zip archive (torch's default format since 1.6): it starts like one, or
-    ends with a zip directory (its first bytes damaged). Torch's legacy pickle format is neither."""
+def _torch_zip_records(path: Path) -> list[zipfile.ZipInfo] | None:
+    """The records of a torch zip file -- a zip whose directory places its first record at byte 0 --
+    or None for a file that is none: torch's legacy pickle format, or a file that only holds a zip
+    at its end (a DCP shard whose last item is a ``torch.save`` blob: most of its bytes are outside
+    any record). A file that starts like a zip but whose directory cannot be read is damaged
+    (:class:`IntegrityError`)."""
     with open(path, "rb") as f:
-        if f.read(4) == b"PK\x03\x04":
-            return True
-    return zipfile.is_zipfile(path)
+        magic = f.read(4) == b"PK\x03\x04"
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except Exception as e:  # noqa: BLE001 - a damaged zip directory fails in many ways
+        if magic:
+            raise IntegrityError(f"{path}: corrupted or truncated: its zip directory cannot be read "
+                                 f"({type(e).__name__}: {e})") from None
+        return None
+    if not infos or min(i.header_offset for i in infos) != 0:
+        return None
+    return infos
 
 
 def _check_records(path: Path, names: list[str]) -> None:
@@ -91,31 +103,28 @@ def _has_crcs(infos: list[zipfile.ZipInfo]) -> bool:
 
 
 def torch_zip_checked(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a torch zip file with CRC-32s to check (reads the zip directory only)."""
-    if not is_torch_zip(path):
-        return False
+    """Whether ``path`` is a torch zip file with CRC-32s to check (reads the zip directory only;
+    never raises: for choosing how a file just written is recorded)."""
     try:
-        with zipfile.ZipFile(path) as z:
-            return _has_crcs(z.infolist())
-    except (zipfile.BadZipFile, OSError, EOFError):
+        infos = _torch_zip_records(Path(path))
+    except IntegrityError:
         return False
+    return infos is not None and _has_crcs(infos)
 
 
 def verify_torch_zip(path: str | os.PathLike) -> bool:
     """Check the CRC-32 of every record of a torch zip file; True when checked, False when the file
-    carries no CRCs (torch's legacy format, or saved with CRCs turned off). A mismatch, a truncated
-    file or a damaged zip directory raises :class:`IntegrityError` naming the file (and the record)."""
+    carries no CRCs (not a zip: torch's legacy format; or saved with CRCs turned off). A mismatch, a
+    truncated file or a damaged zip directory raises :class:`IntegrityError` naming the file (and
+    the record)."""
     path = Path(path)
     key = _key(path)
     if key in _verified:
         return True
-    if not is_torch_zip(path):
-        return False
+    infos = _torch_zip_records(path)
+    if infos is None or not _has_crcs(infos):
+        return False  # torch.serialization.set_crc32_options(False): nothing to check against
     try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-        if not _has_crcs(infos):
-            return False  # torch.serialization.set_crc32_options(False): nothing to check against
         parts: list[list[str]] = [[] for _ in range(THREADS)]
         load = [0] * THREADS
         for i in sorted(infos, key=lambda i: -i.file_size):  # largest first, to the least loaded thread
@@ -245,6 +254,6 @@ def json_digest(doc: Mapping[str, Any], *, field: str = "sha256") -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-__all__ = ["MANIFEST", "IntegrityError", "clear_memo", "file_entry", "is_torch_zip", "json_digest",
+__all__ = ["MANIFEST", "IntegrityError", "clear_memo", "file_entry", "json_digest",
            "manifest_entries", "remove_manifest", "sha256_file", "torch_zip_checked", "verify_entries", "verify_entry", "verify_folder",
            "verify_torch_zip", "write_manifest"]
