@@ -612,7 +612,6 @@ def export_command(argv: list[str]) -> int:
     complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
     import torch
 
-    from levo_infer.checkpoint import CheckpointError
     from levo_train.export import ExportError, export_checkpoint
 
     args: dict[str, str] = {}
@@ -649,7 +648,7 @@ def export_command(argv: list[str]) -> int:
     out = Path(args.get("out") or (Path(args["run_dir"]) / "export" if "run_dir" in args else ckpt.parent / "export"))
     try:
         export_checkpoint(ckpt, out, dtype)
-    except (ExportError, CheckpointError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError) as e:
         print(f"levo-train export: error: {ckpt}: {e}", file=sys.stderr)
         return 2
     print(f"levo-train export: {ckpt} -> {out}")

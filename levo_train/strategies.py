@@ -45,7 +45,6 @@ class StrategyError(ValueError):
 
 
 def remove_checkpoint_path(path: str | os.PathLike) -> None:
-    """Remove a checkpoint file or folder (nothing when absent)."""
     p = Path(path)
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)

@@ -84,8 +84,11 @@ def sweep(src: Path, targets: Sequence[str], read: Callable[[Path], Any], *, wor
     ``src``: the intact file or folder; ``targets``: the files to damage (relative paths in a
     folder; ``[""]`` for ``src`` itself); ``read(copy)``: what a user's command reads, returning
     comparable content; ``undetectable``: targets allowed to change content without an error."""
+    import time
+
     from levo_infer.integrity import clear_memo
 
+    t0 = time.perf_counter()
     targets, undetectable = [str(t) for t in targets], {str(t) for t in undetectable}
     clear_memo()
     want = read(src)
@@ -118,5 +121,6 @@ def sweep(src: Path, targets: Sequence[str], read: Callable[[Path], Any], *, wor
                     assert target in undetectable, f"{label}: loaded with other content, no error"
                     counts["undetected"] += 1
             shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
-    print(f"corruption sweep of {src.name} ({', '.join(t or src.name for t in targets)}): {counts}")
+    print(f"corruption sweep of {src.name} ({', '.join(t or src.name for t in targets)}): {counts} in "
+          f"{time.perf_counter() - t0:.1f} s")
     return counts

@@ -142,6 +142,21 @@ def test_export_model_pt_and_config_yaml(run, tmp_path):
     assert c["refused"] >= 40
 
 
+def test_model_init_with_an_edited_config_is_refused_before_anything_is_built(run, toy_cache_dir, tmp_path, capsys):
+    from levo_train.cli import main
+
+    init = tmp_path / "init"
+    shutil.copytree(run / "export", init)
+    cfg = (init / "config.yaml").read_text()
+    assert "dim: 32" in cfg
+    (init / "config.yaml").write_text(cfg.replace("dim: 32", "dim: 33", 1))  # still valid YAML, same size
+    rd = tmp_path / "r"
+    assert main(_sft(toy_cache_dir, rd, "trainer.max_steps=1", f"model.init={init}")) == 2
+    err = capsys.readouterr().err
+    assert f"model.init={init}" in err and "config.yaml: its sha256 differs" in err
+    assert not (rd / "train_config.yaml").exists()
+
+
 def test_released_folder_without_checksums_still_loads_and_its_model_pt_is_crc_checked(run, tmp_path):
     """A released SongGeneration folder has no checksums.json: it loads; its model.pt is still
     checked through the CRC-32s torch wrote into it."""

@@ -221,8 +221,9 @@ def decode_prompt(sample: dict[str, Any], *, code_size: int) -> np.ndarray | Non
 
 
 def record_digest(key: str, members: dict[str, Any]) -> str:
-    """sha256 (hex) of a record: its key, then each member but the digest itself, in name order,
-    as ``name \0 length \0 bytes``. Written as the record's :data:`DIGEST_MEMBER`."""
+    """sha256 (hex) of a record: its key and a NUL byte, then each member but the digest itself, in
+    name order, as its name, NUL, its length in decimal, NUL, its bytes. Written as the record's
+    :data:`DIGEST_MEMBER`."""
     h = hashlib.sha256(key.encode("utf-8") + b"\0")
     for ext in sorted(members):
         if ext.startswith("__") or ext == DIGEST_MEMBER:
@@ -598,8 +599,8 @@ def iter_raw(shard: str, *, keep_corrupt: bool = False) -> Iterator[dict[str, An
             signed = digest is not None
             if not signed and shard not in _warned_unsigned:
                 _warned_unsigned.add(shard)
-                log.warning("%s: its records carry no %s digest (written by another tool): corrupted bytes inside "
-                            "them cannot be detected", shard, DIGEST_MEMBER)
+                log.warning("%s: its records carry no %s digest (written by another tool, or an older "
+                            "levo-train): corrupted bytes inside them cannot be detected", shard, DIGEST_MEMBER)
         problem = None
         if digest is None:
             if signed:
