@@ -254,6 +254,6 @@ def json_digest(doc: Mapping[str, Any], *, field: str = "sha256") -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-__all__ = ["MANIFEST", "IntegrityError", "clear_memo", "file_entry", "json_digest",
-           "manifest_entries", "remove_manifest", "sha256_file", "torch_zip_checked", "verify_entries", "verify_entry", "verify_folder",
+__all__ = ["MANIFEST", "IntegrityError", "clear_memo", "file_entry", "json_digest", "manifest_entries",
+           "remove_manifest", "sha256_file", "torch_zip_checked", "verify_entries", "verify_entry", "verify_folder",
            "verify_torch_zip", "write_manifest"]
