@@ -73,6 +73,19 @@ def _read_songs(d: Path) -> list:
     return [(s.key, s.tokens, s.lyric, s.style, s.prompt, s.meta) for s in iter_songs(d, code_size=CS)]
 
 
+def _damage_largest_tensor(path: Path, data: bytes, *, xor: bool = False) -> None:
+    """Overwrite (or xor) bytes 64.. of the largest tensor storage of a torch file (a zip record)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    b = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 64
+    assert start + len(data) <= info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size
+    old = b[start:start + len(data)]
+    b[start:start + len(data)] = bytes(x ^ y for x, y in zip(old, data)) if xor else data
+    assert b[start:start + len(data)] != old
+    path.write_bytes(bytes(b))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def test_one_file_checkpoint(run, tmp_path):
     """Lightning's one-file checkpoint, read as resume and export read it."""
@@ -97,13 +110,7 @@ def test_resume_skips_a_checkpoint_with_overwritten_tensor_bytes(run, toy_cache_
     rd = tmp_path / "r"
     shutil.copytree(run, rd)
     for name in ("last.ckpt", "step0000002.ckpt"):
-        p = rd / "checkpoints" / name
-        with zipfile.ZipFile(p) as z:
-            info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        data = bytearray(p.read_bytes())
-        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 64
-        data[start:start + 256] = b"\xff" * 256  # NaN patterns in fp32
-        p.write_bytes(bytes(data))
+        _damage_largest_tensor(rd / "checkpoints" / name, b"\xff" * 256)  # NaN patterns in fp32
     assert main(_sft(toy_cache_dir, tmp_path / "other", "trainer.max_steps=2",
                      f"ckpt_path={rd / 'checkpoints' / 'last.ckpt'}")) == 2
     err = capsys.readouterr().err
@@ -119,9 +126,8 @@ def test_resume_skips_a_checkpoint_with_overwritten_tensor_bytes(run, toy_cache_
 def test_export_cli_refuses_a_corrupted_checkpoint(run, tmp_path):
     """`levo-train export ckpt=...` as a user runs it: exit 2 and one line naming the file."""
     bad = tmp_path / "bad.ckpt"
-    data = bytearray((run / "checkpoints" / "last.ckpt").read_bytes())
-    data[len(data) // 2] ^= 0x40
-    bad.write_bytes(bytes(data))
+    shutil.copy(run / "checkpoints" / "last.ckpt", bad)
+    _damage_largest_tensor(bad, b"\x40", xor=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "levo_train.cli", "export", f"ckpt={bad}", f"out={tmp_path / 'x'}"],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -168,11 +174,7 @@ def test_released_folder_without_checksums_still_loads_and_its_model_pt_is_crc_c
     want = load_model(run / "export", build_tokenizers=False).state_dict()
     got = load_model(rel, build_tokenizers=False).state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
-    data = bytearray((rel / "model.pt").read_bytes())
-    with zipfile.ZipFile(rel / "model.pt") as z:
-        info = max(z.infolist(), key=lambda i: i.file_size)
-    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 8] ^= 1
-    (rel / "model.pt").write_bytes(bytes(data))
+    _damage_largest_tensor(rel / "model.pt", b"\x01", xor=True)
     with pytest.raises(CheckpointError, match="model.pt.*CRC-32"):
         load_model(rel, build_tokenizers=False)
 
