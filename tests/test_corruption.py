@@ -276,6 +276,26 @@ def test_training_stream_refuses_a_corrupted_record_naming_it(shards, tmp_path):
     assert sum(b["n_bad"] for b in batches) == 1 and sum(len(b["keys"]) for b in batches) == N_SONGS - 1
 
 
+def test_validate_all_counts_a_corrupted_record_as_bad(shards, tmp_path, capsys):
+    from levo_data.cli import main as levo_data
+
+    d = tmp_path / "s"
+    shutil.copytree(shards, d)
+    p = d / "songs-000000.tar"
+    with tarfile.open(p) as tf:
+        m = next(m for m in tf if m.name.endswith("style.txt"))
+    data = bytearray(p.read_bytes())
+    data[m.offset_data] ^= 0x01
+    p.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert levo_data(["validate", str(d), "--code-size", str(CS), "--all"]) == 1
+    out = capsys.readouterr()
+    rep = json.loads(out.out)
+    assert rep["records"] == N_SONGS and rep["bad"] == 1 and rep["verified"] == N_SONGS - 1 and rep["unverified"] == 0
+    key = m.name.split(".")[0]
+    assert f"songs-000000.tar: record '{key}': its bytes" in out.err
+
+
 def _foreign_tar(path: Path) -> None:
     """A song tar as another tool writes it: no digests."""
     from webdataset import TarWriter
