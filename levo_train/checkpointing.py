@@ -22,7 +22,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that never leaves a half-written file: it writes a temp file in the
     target folder, fsyncs it and renames it over the target (``os.replace`` is atomic). A failed
     write (a full disk) removes the temp file and raises :class:`CheckpointWriteError` naming the
-    file and the cause; the checkpoint it would have replaced is untouched."""
+    file and the cause; the checkpoint it would have replaced is untouched.
+
+    Integrity: torch stores a CRC-32 of every zip record (each tensor storage, the pickled rest) in
+    the file; a load through this IO checks them all first (:func:`levo_train.export.verify_checkpoint`,
+    once per process: the resume vetting has usually done it already), so corrupted bytes are an
+    error naming the file, never weights loaded silently."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        from levo_train.export import verify_checkpoint
+
+        verify_checkpoint(path)
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if storage_options is not None:

@@ -148,6 +148,12 @@ def check_init_path(init: str) -> Path:
     missing = [n for n in ("config.yaml",) if not (p / n).is_file()]
     if missing or not any((p / n).is_file() for n in ("model.pt", "model.safetensors")):
         raise UsageError(f"model.init={init}: folder lacks {missing or ['model.pt']} (expected config.yaml + model.pt)")
+    from levo_infer.checkpoint import CheckpointError, find_weights, verify_model_files
+
+    try:  # before its config.yaml is read: a corrupted export is refused, not half-used
+        verify_model_files(p, find_weights(p))
+    except CheckpointError as e:
+        raise UsageError(f"model.init={init}: {e}") from None
     return p
 
 
@@ -198,13 +204,14 @@ class ResumePoint:
 LEVO_KEYS = ("samples_seen", "dropout_gen", "rng", "model_config")
 
 
-def read_checkpoint_state(path: str | os.PathLike) -> ResumePoint:
+def read_checkpoint_state(path: str | os.PathLike, *, verify: bool = True) -> ResumePoint:
     """Read a Lightning checkpoint (a file, or a sharded checkpoint folder's metadata) without
     running code (``weights_only=True``) and check it is one of ours and complete; raises
-    ``ValueError`` saying what is wrong."""
+    ``ValueError`` saying what is wrong. ``verify``: check every byte against its checksums first
+    (:func:`levo_train.export.verify_checkpoint`); without, only the metadata is read."""
     from levo_train.export import read_checkpoint
 
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, verify=verify)
     st = ck.get("levo")
     if st is None:
         raise ValueError("no `levo` section: not a levo-train checkpoint, cannot resume exactly")
@@ -233,24 +240,35 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> ResumePoint | None
     """Where this run continues from.
 
     ``resume=true``: the newest (highest step) checkpoint of ``run_dir`` that loads; one that does
-    not load is skipped with a warning naming it; when checkpoints exist but none loads, an error
-    (never a silent restart at step 0). Without any checkpoint, ``ckpt_path`` if given, else a
-    fresh start. ``ckpt_path`` alone: exactly that file. Neither, into a run folder that already
-    holds checkpoints: an error (a fresh run would mix its checkpoints with the old ones).
+    not load -- unreadable, incomplete, a rank file missing, or bytes that fail their checksums --
+    is skipped with a warning naming it; when checkpoints exist but none loads, an error (never a
+    silent restart at step 0). Without any checkpoint, ``ckpt_path`` if given, else a fresh start.
+    ``ckpt_path`` alone: exactly that file. Neither, into a run folder that already holds
+    checkpoints: an error (a fresh run would mix its checkpoints with the old ones). Only the
+    metadata of every checkpoint is read to order them; their bytes are verified newest first,
+    until one passes.
     """
+    from levo_train.export import verify_checkpoint
+
     found = run_checkpoints(run_dir)
     if cfg.resume and found:
-        best: ResumePoint | None = None
+        readable: list[ResumePoint] = []
         failed: list[tuple[Path, ValueError]] = []
         for p in found:
             try:
-                rp = read_checkpoint_state(p)
+                readable.append(read_checkpoint_state(p, verify=False))
             except ValueError as e:
                 failed.append((p, e))
+        best: ResumePoint | None = None
+        # the highest step first; at equal steps the first listed (last.ckpt, a step file, hpc)
+        for rp in sorted(readable, key=lambda r: -r.step):
+            try:
+                verify_checkpoint(rp.path)
+            except ValueError as e:
+                failed.append((Path(rp.path), e))
                 continue
-            # the highest step wins; at equal steps the first listed (last.ckpt, a step file, hpc)
-            if best is None or rp.step > best.step:
-                best = rp
+            best = rp
+            break
         if best is None:  # one line, with each checkpoint's reason (e.g. the file inside it that was refused)
             why = "; ".join(f"{p.name}: {e}" for p, e in failed[:4])
             raise UsageError(f"resume=true: {run_dir} holds {len(found)} checkpoint(s) but no checkpoint loads ({why}); "
@@ -782,10 +800,11 @@ def _main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         from levo_infer.checkpoint import CheckpointError
         from levo_infer.config import ConfigError
+        from levo_infer.integrity import IntegrityError
         from levo_train.data.cache import CacheError
         from levo_train.data.shards import ShardError
 
-        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError)):
+        if isinstance(e, (CheckpointError, ConfigError, ShardError, CacheError, IntegrityError)):
             print(f"levo-train: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -12,10 +12,17 @@ both come here. A checkpoint is one of:
 
 Whatever the kind, the result is the same ``model.pt`` + ``config.yaml`` (``levo_infer`` reads it),
 with LoRA adapters merged (and written alone to ``adapters/``) when the run trained them.
+
+Every checkpoint is checked byte for byte before it is used (:func:`verify_checkpoint`): a file
+through the CRC-32 torch stores for each of its records, a folder through the sizes and checksums
+its completion marker lists (a missing rank file is named). Resume and export treat a checkpoint
+that fails as one that does not load.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,8 @@ from typing import Any
 import torch
 
 from levo_train.strategies import COMPLETE, META
+
+log = logging.getLogger(__name__)
 
 #: the Lightning module's attribute that holds the policy
 POLICY = "model."
@@ -59,24 +68,84 @@ def _load_meta_file(path: Path) -> dict[str, Any]:
     return ck
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every byte of a checkpoint against the checksums written with it; :class:`ExportError`
+    naming the file that fails. A file: the CRC-32 of each zip record (every tensor and the pickled
+    rest). A folder: every file :data:`COMPLETE` lists is there, with its size and checksum (sha256,
+    or a torch file's own CRCs); a marker of an older levo-train without checksums: every file it
+    lists is there and its torch files pass their CRCs. Each file is read once per process."""
+    from levo_infer.integrity import IntegrityError, verify_entries, verify_torch_zip
+
+    p = Path(path)
+    try:
+        if p.is_file():
+            if not verify_torch_zip(p):
+                log.warning("%s carries no checksums (torch's legacy format, or saved with CRC-32s turned off): "
+                            "its bytes cannot be verified", p)
+            return
+        marker = p / COMPLETE
+        if not marker.is_file():
+            raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
+        try:
+            doc = json.loads(marker.read_text())
+            files = doc["files"]
+            sums = doc.get("checksums")
+            if not isinstance(files, list) or not (sums is None or isinstance(sums, dict)):
+                raise TypeError("`files` must be a list, `checksums` an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ExportError(f"{marker}: unreadable completion marker ({e})") from None
+        if sums is not None:
+            verify_entries(p, sums, listed_in=str(marker))
+            return
+        log.warning("%s: written by an older levo-train without checksums: only the presence of its files and "
+                    "the CRC-32s of its torch files are checked", p)
+        for rel in files:
+            f = p / str(rel)
+            if not f.is_file():
+                raise IntegrityError(f"{f} is missing: {marker} lists it as part of this checkpoint")
+            if f.suffix == ".pt":  # meta.pt, DeepSpeed's *_states.pt: torch.save files
+                verify_torch_zip(f)
+    except IntegrityError as e:
+        raise ExportError(str(e)) from None
+
+
+def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
     """The checkpoint's Lightning dict without running code (``weights_only``): for a file the
     whole dict (memory-mapped), for a folder its non-tensor part (``global_step``, ``levo``, ...).
-    A folder counts only when complete (:data:`levo_train.strategies.COMPLETE`, written last)."""
+    A folder counts only when complete (:data:`levo_train.strategies.COMPLETE`, written last).
+    ``verify``: check every byte first (:func:`verify_checkpoint`); ``False`` reads only the
+    metadata (cheap), for choosing among checkpoints before the chosen one is verified."""
     p = Path(path)
-    kind = checkpoint_kind(p)
-    if kind == "file":
-        return _load_meta_file(p)
-    if not (p / COMPLETE).is_file():
+    try:
+        kind = checkpoint_kind(p)
+    except ExportError:
+        if p.is_dir() and (p / COMPLETE).is_file():
+            verify_checkpoint(p)  # a damaged file (`latest`, ...) may be why it is not recognised
+        raise
+    if kind != "file" and not (p / COMPLETE).is_file():
         raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
-    if kind == "dcp":
-        from levo_train import dcp
+    if verify:
+        verify_checkpoint(p)
+    if kind in ("file", "dcp"):
+        target = p if kind == "file" else p / META
+        try:
+            if kind == "dcp":
+                from levo_train import dcp
 
-        dcp.check_folder(p)  # before anything reads a shard: .metadata and every non-tensor item, no code run
-        return _load_meta_file(p / META)
+                dcp.check_folder(p)  # before anything reads a shard: .metadata and every non-tensor item, no code run
+            return _load_meta_file(target)
+        except ValueError as e:
+            if not verify:  # say "corrupted" (naming the file) when that is why it does not load
+                verify_checkpoint(p)
+            if str(p) in str(e):
+                raise ExportError(str(e)) from None
+            raise ExportError(f"{target}: {e}") from None
     from levo_train.zero import read_zero_meta  # also checks that every rank's files are there
 
-    return read_zero_meta(p)
+    try:
+        return read_zero_meta(p)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +185,10 @@ def policy_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     else:
         from levo_train.zero import zero_fp32_state_dict
 
-        raw = {POLICY + k: v for k, v in zero_fp32_state_dict(p).items()}
+        try:
+            raw = {POLICY + k: v for k, v in zero_fp32_state_dict(p).items()}
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     sd = {plain_name(k[len(POLICY):]): v for k, v in raw.items() if k.startswith(POLICY)}
     if not sd:
         raise ExportError(f"{p}: no policy weights (`{POLICY}*`): a reward-model run exports itself at the end "
@@ -152,4 +224,5 @@ def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike, dtype:
     return folder
 
 
-__all__ = ["ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict", "read_checkpoint"]
+__all__ = ["ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict", "read_checkpoint",
+           "verify_checkpoint"]

@@ -20,13 +20,16 @@ import logging
 import os
 from pathlib import Path
 
+from levo_infer.integrity import sha256_file
 from levo_infer.jsonio import dumps as strict_dumps
 
 log = logging.getLogger(__name__)
 
-BLOCK = 8 << 20
 #: the files of a model folder that make its identity (weights in either released format)
 MODEL_FILES = ("config.yaml", "model.pt", "model.safetensors")
+
+#: how a file is hashed (one definition, shared with the integrity checks; tests count calls)
+_hash_file = sha256_file
 
 _memo: dict[tuple[str, tuple[int, ...]], str] = {}
 
@@ -38,14 +41,6 @@ def clear_memo() -> None:
 
 def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sidecars(path: Path) -> list[Path]:

@@ -11,7 +11,8 @@ loaded, and freezes every other parameter. The model file knows nothing of it:
   which is exactly ``model.init`` — no second copy of the weights.
 * **Export**: ``export/model.pt`` holds the merged weights ``W + (alpha / r) · B A`` in the released
   layout (``levo_infer`` never sees LoRA), and ``export/adapters/`` the adapters alone
-  (``adapter_model.safetensors`` + ``adapter_config.json``, peft's names) for sharing.
+  (``adapter_model.safetensors`` + ``adapter_config.json``, peft's names) for sharing, with a
+  ``checksums.json`` (sha256 of both) that :func:`read_adapters` checks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 #: every projection of the decoder layers of both stacks
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DIR = "adapters"
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 ADAPTER_NAME = "default"
 
 
@@ -149,18 +151,47 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike, spec: LoraSpec, *
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from levo_infer.integrity import remove_manifest, write_manifest
     from levo_train.data.shards import write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_manifest(folder)
     sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
-    tmp = folder / f".adapter_model.safetensors.tmp{os.getpid()}"
+    tmp = folder / f".{ADAPTER_WEIGHTS}.tmp{os.getpid()}"
     save_file(sd, str(tmp))
-    os.replace(tmp, folder / "adapter_model.safetensors")
+    os.replace(tmp, folder / ADAPTER_WEIGHTS)
     info = {"peft_type": "LORA", **spec.identity(), "target_modules": list(spec.targets), "lora_alpha": spec.alpha,
             "base_model_fingerprint": base_fingerprint, "base_layout": "levo-train LeLM (released audiolm keys)"}
-    write_json_atomic(folder / "adapter_config.json", info)
+    write_json_atomic(folder / ADAPTER_CONFIG, info)
+    write_manifest(folder, [ADAPTER_WEIGHTS, ADAPTER_CONFIG])
     return folder
+
+
+def read_adapters(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(adapter tensors under peft's names, ``adapter_config.json``) of an adapters folder, after
+    checking both files against its ``checksums.json``; ``ValueError`` naming the file otherwise
+    (a folder without checksums, written by another tool, is read unchecked)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from levo_infer.integrity import verify_folder
+
+    folder = Path(folder)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder}: not a LoRA adapters folder, {name} is missing")
+    verify_folder(folder)
+    try:
+        info = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    try:
+        sd = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - a damaged safetensors header, a truncated file
+        raise ValueError(f"{folder / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
+    return sd, info
 
 
 def lora_spec(cfg: Any) -> LoraSpec:
@@ -184,5 +215,6 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), n_all
 
 
-__all__ = ["ADAPTER_DIR", "DEFAULT_TARGETS", "LoraSpec", "adapters_disabled", "apply_lora", "has_lora",
-           "lora_spec", "merged_copy", "merged_state_dict", "save_adapters", "trainable_share"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoraSpec", "adapters_disabled",
+           "apply_lora", "has_lora", "lora_spec", "merged_copy", "merged_state_dict", "read_adapters", "save_adapters",
+           "trainable_share"]

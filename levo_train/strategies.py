@@ -14,6 +14,12 @@ sharded checkpoints they write.
 
 A checkpoint of any kind is consolidated into a released-format export by
 :mod:`levo_train.export` (``levo-train export run_dir=R``).
+
+:data:`COMPLETE` lists every file of the folder under ``checksums`` with its size and sha256 (a
+torch file: its size and ``zip-crc32``, checked through the CRCs torch stores in it; see
+:mod:`levo_infer.integrity`). Every rank hashes its share of the files right after the write;
+:func:`levo_train.export.read_checkpoint` checks them all before a folder is resumed or exported,
+so a lost, truncated or corrupted rank file makes the folder one that "does not load".
 """
 
 from __future__ import annotations
@@ -55,13 +61,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_complete_marker(folder: str | os.PathLike, *, fmt: str, world_size: int, global_step: Any) -> None:
-    """Write :data:`COMPLETE` into a checkpoint folder whose ranks have all written (call last)."""
+def folder_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a checkpoint folder (relative paths, sorted), the marker excluded."""
     folder = Path(folder)
-    marker = {"format": fmt, "world_size": world_size, "global_step": global_step,
-              "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def write_complete_marker(folder: str | os.PathLike, *, fmt: str, world_size: int, global_step: Any,
+                          checksums: dict[str, Any] | None = None) -> None:
+    """Write :data:`COMPLETE` into a checkpoint folder whose ranks have all written (call last).
+    ``checksums``: every file's manifest entry (:func:`folder_checksums`); computed here when None."""
+    from levo_infer.integrity import manifest_entries
+
+    folder = Path(folder)
+    files = folder_files(folder)
+    if checksums is None:
+        checksums = manifest_entries(folder, files)
+    marker = {"format": fmt, "world_size": world_size, "global_step": global_step, "files": files,
+              "checksums": checksums}
     (folder / COMPLETE).write_text(strict_dumps(marker, indent=1))
     _fsync_dir(folder)
+
+
+def folder_checksums(strategy: Any, folder: Path) -> dict[str, Any]:
+    """Manifest entries of every file of a just-written checkpoint folder: rank 0 lists the files,
+    rank r hashes files r, r + W, ... (the large ones are the ranks' own shards), rank 0 gathers."""
+    from levo_infer.integrity import file_entry
+
+    files = strategy.broadcast(folder_files(folder) if strategy.global_rank == 0 else None)
+    world, rank = int(strategy.world_size), int(strategy.global_rank)
+    mine = {rel: file_entry(folder / rel) for rel in files[rank::world]}
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return mine if world == 1 else {rel: file_entry(folder / rel) for rel in files}
+    every: list[Any] = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return {k: v for part in every for k, v in part.items()}
 
 
 def save_folder_atomically(strategy: Any, filepath: Any, write: Any, *, fmt: str, global_step: Any) -> None:
@@ -82,8 +116,10 @@ def save_folder_atomically(strategy: Any, filepath: Any, write: Any, *, fmt: str
         strategy.barrier("levo-ckpt-mkdir")
         write(tmp)
         strategy.barrier("levo-ckpt-written")
+        checksums = folder_checksums(strategy, tmp)
         if rank0:
-            write_complete_marker(tmp, fmt=fmt, world_size=strategy.world_size, global_step=global_step)
+            write_complete_marker(tmp, fmt=fmt, world_size=strategy.world_size, global_step=global_step,
+                                  checksums=checksums)
             old = path.with_name(f".{path.name}.old{os.getpid()}")
             if path.exists():
                 os.replace(path, old)
@@ -251,5 +287,5 @@ def is_sharding(name: str) -> bool:
 
 
 __all__ = ["COMPLETE", "META", "NAMES", "FSDP2Strategy", "StrategyError", "build_strategy", "deepspeed_strategy",
-           "is_sharding", "remove_checkpoint_path",
+           "folder_checksums", "folder_files", "is_sharding", "remove_checkpoint_path",
            "save_folder_atomically", "strategy_name", "write_complete_marker"]

@@ -93,6 +93,7 @@ def test_levo_infer_encodes_an_audio_prompt_with_the_checkout(checkout, tmp_path
     m.save(str(tmp_path / "lm"))
     with open(tmp_path / "lm" / "config.yaml", "a") as f:  # a released config names the tokenizer checkpoints
         f.write(cfg.read_text())
+    (tmp_path / "lm" / "checksums.json").unlink()  # edited by hand, as a released folder (which has none)
     (tmp_path / "ref.flac").write_bytes(b"")  # the stand-in separator does not read it
     src = tmp_path / "in.jsonl"
     src.write_text('{"idx": "a", "gt_lyric": "[verse] la da", "prompt_audio_path": "ref.flac"}\n')

@@ -133,6 +133,23 @@ def test_zero_run_trains_saves_consolidates_and_matches_one_process(tmp_path, st
     with pytest.raises(ExportError, match="incomplete sharded checkpoint"):
         export_checkpoint(unmarked, tmp_path / "never")
 
+    # every rank's model and optimizer states, `latest` and the marker are checked before resume or
+    # export: a truncation or a flipped byte is refused naming the file (issue #18)
+    from corruption_kit import sweep
+
+    from levo_train.cli import read_checkpoint_state
+    from levo_train.export import policy_state_dict
+
+    def read(p: Path):
+        rp = read_checkpoint_state(p)
+        sd, levo = policy_state_dict(p)
+        return {"step": rp.step, "levo": levo, "weights": sd}
+
+    states = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*_states.pt"))
+    assert len(states) == (3 if stage == 2 else 4)  # model states (one, or one per rank) + each rank's optimizer
+    c = sweep(ckpt, [*states, "latest", "levo_complete.json"], read, work=tmp_path / "sweep", seed=12 + stage)
+    assert c["refused"] >= len(states) * 20
+
 
 def test_not_a_zero_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):

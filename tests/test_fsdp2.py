@@ -126,8 +126,8 @@ def _refused(capsys, run_dir: Path, cache: str, *extra: str) -> str:
 
 
 def test_sharded_checkpoint_errors(tmp_path, toy_cache_dir, capsys):
-    """Incomplete shards are skipped, a sharded checkpoint never resumes under another strategy or
-    model size, and settings that cannot work fail before any data is built."""
+    """Incomplete or corrupted shards are skipped, a sharded checkpoint never resumes under another
+    strategy or model size, and settings that cannot work fail before any data is built."""
     rd = tmp_path / "r"
     _run(rd, toy_cache_dir, *SFT, "trainer.max_steps=6", "checkpoint.every_n_steps=3", *FSDP2)
     ck = rd / "checkpoints"
@@ -138,15 +138,46 @@ def test_sharded_checkpoint_errors(tmp_path, toy_cache_dir, capsys):
     err = _refused(capsys, rd, toy_cache_dir, *SFT, "trainer.max_steps=12", "resume=true", *FSDP2, "model.config.dim=64")
     assert "dim=32" in err and "dim=64" in err
 
-    # a checkpoint without its completion marker (a rank died mid-write) is skipped, never half-loaded
-    from levo_train.cli import read_checkpoint_state
+    # every file is listed in the marker with its size and checksum; a truncation or a flipped byte
+    # anywhere (each rank's shard, DCP's .metadata, meta.pt, the marker) is refused naming the file
+    from corruption_kit import N_PER_KIND, sweep
 
-    (ck / "last.ckpt" / COMPLETE).unlink()
-    shutil.rmtree(ck / "step0000006.ckpt")
-    with pytest.raises(ValueError, match="incomplete sharded checkpoint"):
+    from levo_train.cli import main, read_checkpoint_state
+    from levo_train.export import policy_state_dict
+
+    marker = json.loads((ck / "last.ckpt" / COMPLETE).read_text())
+    files = ["__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"]
+    assert sorted(marker["checksums"]) == marker["files"] and set(files) <= set(marker["files"])
+
+    def read(p: Path):
+        rp = read_checkpoint_state(p)
+        sd, levo = policy_state_dict(p)
+        return {"step": rp.step, "levo": levo, "weights": sd}
+
+    c = sweep(ck / "last.ckpt", [*files, COMPLETE], read, work=tmp_path / "sweep", seed=11)
+    assert c["refused"] >= 4 * N_PER_KIND
+
+    # a checkpoint that lost a rank's file (issue #18, 6) is never chosen: ckpt= names the file (exit 2),
+    # run_dir= takes the newest intact one with a warning naming it
+    (ck / "last.ckpt" / "__1_0.distcp").unlink()
+    with pytest.raises(ValueError, match="__1_0.distcp is missing"):
         read_checkpoint_state(ck / "last.ckpt")
+    capsys.readouterr()
+    assert main(["export", f"ckpt={ck / 'last.ckpt'}", f"out={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt/__1_0.distcp is missing" in err and "Traceback" not in err
+    assert main(["export", f"run_dir={rd}", f"out={tmp_path / 'x6'}"]) == 0
+    err = capsys.readouterr().err
+    assert "last.ckpt cannot be loaded" in err and "__1_0.distcp is missing" in err
+    assert _max_diff(_weights(tmp_path / "x6"), _weights(rd / "export")) == 0  # step 6's own weights
+
+    # a checkpoint without its completion marker (a rank died mid-write) is skipped, never half-loaded
+    (ck / "step0000006.ckpt" / COMPLETE).unlink()
+    with pytest.raises(ValueError, match="incomplete sharded checkpoint"):
+        read_checkpoint_state(ck / "step0000006.ckpt")
     out = _run(rd, toy_cache_dir, *SFT, "trainer.max_steps=4", "resume=true", *FSDP2, "checkpoint.every_n_steps=100")
-    assert "last.ckpt cannot be loaded (incomplete sharded checkpoint" in out.stderr
+    assert "last.ckpt cannot be loaded" in out.stderr and "__1_0.distcp is missing" in out.stderr
+    assert "step0000006.ckpt cannot be loaded (incomplete sharded checkpoint" in out.stderr
     assert "resuming from" in out.stderr and "step0000003.ckpt (step 3)" in out.stderr
 
     # settings that cannot work: a clear error each, before any data is built

@@ -154,6 +154,9 @@ def test_bad_exports_are_clear_errors(tmp_path):
         load_reward_model(tmp_path / "nope")
     info = json.loads((tmp_path / "rm" / "reward.json").read_text())
     (tmp_path / "rm" / "reward.json").write_text(json.dumps({**info, "dimensions": ["lyrics", "mix"]}))
+    with pytest.raises(RewardModelError, match=r"reward.json: .* but .*checksums.json lists"):
+        load_reward_model(tmp_path / "rm")  # an edited file is refused by the export's checksums first
+    (tmp_path / "rm" / "checksums.json").unlink()  # an export without them (older levo-train): its own checks
     with pytest.raises(RewardModelError, match=r"lists 2 dimensions .* head has 5 outputs"):
         load_reward_model(tmp_path / "rm")
     (tmp_path / "rm" / "reward.json").write_text("{not json")

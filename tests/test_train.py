@@ -155,6 +155,7 @@ def test_init_config_unknown_keys_warn_and_fail_under_strict(tmp_path, cache, ca
     assert run_cli(base(cache, rd0, "trainer.max_steps=1", "trainer.val_check_interval=1000")) == 0
     cfg = rd0 / "export" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("lm:\n", "lm:\n  rope_thetta: 5000.0\n", 1))
+    (rd0 / "export" / "checksums.json").unlink()  # a hand-edited folder (an export's checksums refuse the edit)
     capsys.readouterr()
     args = base(cache, tmp_path / "a", f"model.init={rd0 / 'export'}", "trainer.max_steps=1",
                 "trainer.val_check_interval=1000")

@@ -393,9 +393,10 @@ def _load_entry(e: _Entry, opts: _Options) -> tuple[np.ndarray, np.ndarray | Non
 
 def _record_bytes(tokens: np.ndarray, prompt: np.ndarray | None, e: _Entry, meta: dict[str, Any],
                   itemsize: int) -> int:
-    """Tar bytes of one record as the writer stores it (512-byte header + padded data per member)."""
+    """Tar bytes of one record as the writer stores it (512-byte header + padded data per member,
+    the 64 hex digits of its sha256 member included)."""
     sizes = [128 + tokens.size * itemsize, len(e.lyric.encode()), len(e.style.encode()),
-             len(json.dumps(meta, sort_keys=True).encode())]
+             len(json.dumps(meta, sort_keys=True).encode()), 64]
     if prompt is not None:
         sizes.append(128 + prompt.size * itemsize)
     return sum(512 + -(-n // 512) * 512 for n in sizes)

@@ -7,6 +7,12 @@ tensors, so peak memory stays near one model copy. When a dtype conversion is as
 tensor is converted on its own and the file pages it was read from are released right away
 (Linux), so the peak is the converted model plus one tensor. Unlike the released loader
 (``strict=False``), every used key must be present with its shape, else the error names the key.
+
+Integrity (:mod:`levo_infer.integrity`): :func:`save_released` writes ``checksums.json`` last (size
+and sha256 of ``config.yaml`` / ``model.safetensors``; ``model.pt`` is checked by the CRC-32s torch
+stores in it); every load checks it when present, and the CRC-32 of every record of a ``model.pt``
+always (a released folder has no manifest, but its ``model.pt`` has CRCs). A corrupted, truncated or
+edited file is a :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, load_config, save_config
+from .integrity import IntegrityError, remove_manifest, verify_folder, verify_torch_zip, write_manifest
 from .model import LeLM
 
 PREFIX = "audiolm."
@@ -95,6 +102,7 @@ def save_released(model: LeLM, folder: str | os.PathLike, *, dtype: torch.dtype 
     """Write ``folder/model.pt`` (or ``model.safetensors``) and ``folder/config.yaml``, each atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_manifest(folder)  # rewritten below, last: never a manifest describing other files
     sd = released_state_dict(model, dtype)
     if safetensors:
         from safetensors.torch import save_file
@@ -108,8 +116,10 @@ def save_released(model: LeLM, folder: str | os.PathLike, *, dtype: torch.dtype 
             if tmp.exists():
                 tmp.unlink()
     else:
-        atomic_torch_save(sd, folder / "model.pt")
+        target = folder / "model.pt"
+        atomic_torch_save(sd, target)
     save_config(model.cfg, folder / "config.yaml")
+    write_manifest(folder, [target.name, "config.yaml"])
     return folder
 
 
@@ -138,11 +148,24 @@ def _drop_pages(t: torch.Tensor) -> None:
         pass
 
 
+def verify_model_files(folder: Path, weights: Path | None = None) -> None:
+    """Check ``folder/checksums.json`` when there is one (our exports) and the CRC-32s of a torch
+    ``weights`` file (any, released ones too); :class:`CheckpointError` naming the file otherwise.
+    Each file is read once per process (:mod:`levo_infer.integrity`)."""
+    try:
+        verify_folder(folder)
+        if weights is not None and weights.is_file() and weights.suffix != ".safetensors":
+            verify_torch_zip(weights)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
+
+
 class StateSource:
     """Key -> (shape, dtype) without reading data, and tensors on demand, for ``.pt`` / ``.safetensors``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        verify_model_files(self.path.parent, self.path)
         self.mmapped = False
         self._st: Any = None
         self._sd: dict[str, Any] = {}
@@ -287,6 +310,7 @@ def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | No
     (see :func:`levo_infer.config.load_config`).
     """
     folder, weights = _model_folder(path)
+    verify_model_files(folder)  # before config.yaml is read
     cfg = config or load_config(folder, strict=strict)
     if tokenizer_dir is not None:
         tdir = Path(tokenizer_dir)

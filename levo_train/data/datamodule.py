@@ -173,7 +173,7 @@ class _SongStream(IterableDataset):
                 continue
             base, size, path = int(self.offsets[s]), self.sizes[s], self.shards[s]
             i = 0
-            for raw in iter_raw(path):
+            for raw in iter_raw(path, keep_corrupt=self.skip_bad):
                 if i >= size:
                     raise ShardError(
                         f"holds more records than the {size} its index/scan reported", shard=path

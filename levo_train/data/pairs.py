@@ -12,10 +12,13 @@ One record (webdataset sample) holds one pair sharing its conditions:
 ================  ===========================================================================
 
 Reference log-probs (``levo-data ref-logps``) live beside the shards in ``ref_logps.json``:
-``{"format": 2, "model": fingerprint, "stream_weights": [...], "logps": {key: [chosen, rejected,
-digest]}}``. ``digest`` (:func:`pair_digest`) hashes the pair's tokens and conditions: keys such as
-``pair-00000000`` repeat whenever pairs are regenerated, so every batch checks that each value was
-computed for the pair it is attached to, and opening a pair folder for writing removes the file.
+``{"format": 3, "model": fingerprint, "stream_weights": [...], "logps": {key: [chosen, rejected,
+digest]}, "sha256": ...}``. ``digest`` (:func:`pair_digest`) hashes the pair's tokens and conditions:
+keys such as ``pair-00000000`` repeat whenever pairs are regenerated, so every batch checks that each
+value was computed for the pair it is attached to, and opening a pair folder for writing removes the
+file. ``sha256`` (:func:`levo_infer.integrity.json_digest`) covers the rest of the file, so a flipped
+digit in a log-prob is refused, not trained on. Pair records carry their digests like song records
+(:mod:`levo_train.data.shards`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from levo_train.data.shards import (
     _check_key,
     _check_lyric,
     _check_meta,
+    check_intact,
     decode_codes,
     decode_prompt,
     decode_texts_and_meta,
@@ -76,6 +80,7 @@ def decode_pair(sample: dict[str, Any], *, code_size: int, shard: str | None = N
     key = sample.get("__key__")
     shard = shard if shard is not None else sample.get("__url__")
     try:
+        check_intact(sample)
         require_members(sample, PAIR_MEMBERS,
                         " (this looks like a song shard, not a pair shard)" if "tokens.npy" in sample else "")
         arrs = {m: decode_codes(sample, m, code_size=code_size) for m in ("chosen.npy", "rejected.npy")}
@@ -241,7 +246,7 @@ def build_pairs(songs: Iterable[Song], out_dir: str | os.PathLike, *, dimensions
 
 
 # ----------------------------------------------------------------------------- reference log-probs
-REF_LOGPS_FORMAT = 2
+REF_LOGPS_FORMAT = 3  # 3: with the file's own sha256
 #: one reference entry: (chosen log-prob, rejected log-prob, pair digest or None in old files)
 RefEntry = tuple[float, float, "str | None"]
 
@@ -266,13 +271,26 @@ def pair_digest(pair: Pair) -> str:
 
 def read_ref_logps(pairs_dir: str | os.PathLike) -> dict[str, Any] | None:
     """``ref_logps.json`` of a pair folder (None when there is none), entries as :data:`RefEntry`."""
+    from levo_infer.integrity import json_digest
+
     p = Path(pairs_dir) / REF_LOGPS_NAME
     if not p.is_file():
         return None
     try:
         data = json.loads(p.read_text())
+        stored = data.get("sha256")
+        if stored is not None and stored != json_digest(data):
+            raise ShardError(f"its content does not match the sha256 written with it: {REF_LOGPS_NAME} is corrupted "
+                             "(or was edited); recompute it with `levo-data ref-logps`", shard=str(p))
+        if stored is None and int(data.get("format", 0)) >= 3:
+            raise ShardError(f"has no sha256 (format {data['format']} files carry one): it is corrupted; recompute "
+                             "it with `levo-data ref-logps`", shard=str(p))
+        if stored is None:
+            log.warning("%s: written by an older levo-train without a sha256: its values cannot be verified", p)
         data["logps"] = {str(k): (float(v[0]), float(v[1]), str(v[2]) if len(v) > 2 else None)
                          for k, v in data["logps"].items()}
+    except ShardError:
+        raise
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ShardError(f"malformed {REF_LOGPS_NAME} ({e}); expected {{'model', 'logps': {{key: [c, r, digest]}}}}",
                          shard=str(p)) from None
@@ -398,9 +416,13 @@ def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[
                     stream_weights: Sequence[float]) -> Path:
     """Write ``ref_logps.json`` (atomically): ``{key: (chosen, rejected, pair digest)}`` under the
     model ``fingerprint`` and the stream weights they were summed with."""
+    from levo_infer.integrity import json_digest
+
     p = Path(pairs_dir) / REF_LOGPS_NAME
-    write_json_atomic(p, {"format": REF_LOGPS_FORMAT, "model": fingerprint, "stream_weights": list(stream_weights),
-                           "logps": {k: [float(c), float(r), str(d)] for k, (c, r, d) in sorted(logps.items())}})
+    doc = {"format": REF_LOGPS_FORMAT, "model": fingerprint, "stream_weights": [float(w) for w in stream_weights],
+           "logps": {k: [float(c), float(r), str(d)] for k, (c, r, d) in sorted(logps.items())}}
+    doc["sha256"] = json_digest(doc)
+    write_json_atomic(p, doc)
     return p
 
 

@@ -15,11 +15,20 @@ EOS (``code_size``) and pad (``code_size + 1``) are never stored in tokens. A sh
 ``<prefix>-000000.tar`` ... and an ``index.json`` (shard names and record counts) written on close.
 Every validation failure raises :class:`ShardError` naming the shard, the record key and what was
 expected vs found.
+
+Integrity: every record the writer writes carries a ``sha256`` member, the digest of its key and
+of all its other members (:func:`record_digest`); :func:`iter_raw`, which every reader goes
+through, checks it, so a flipped byte in a record is an error naming the shard and the key. The
+tar itself must end with its end-of-archive blocks: a shard that is truncated, or whose member
+header is corrupt (tarfile would silently stop there), is an error naming the shard, never a
+shorter shard. Records without a digest (shards written by another tool) are read, counted as
+unverified (``levo-data validate`` reports them) and warned about once per shard.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -34,7 +43,7 @@ from typing import Any
 import braceexpand
 import numpy as np
 from webdataset import TarWriter
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.lyrics import LyricError, split_sections
@@ -53,6 +62,8 @@ __all__ = [
     "resolve_shards",
     "shard_sizes",
     "read_index",
+    "record_digest",
+    "DIGEST_MEMBER",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,12 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 # Fixed, so the same records give byte-identical shards; an int, because a float mtime makes
 # tarfile add a PAX header to every member.
 _TAR_MTIME = 0
+#: the member holding a record's digest (:func:`record_digest`), 64 hex digits
+DIGEST_MEMBER = "sha256"
+#: webdataset's metadata members, skipped by readers
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+#: a tar ends with two zero blocks (tarfile pads further, to 10 KiB)
+_TAR_END = 1024
 
 
 class ShardError(ValueError):
@@ -204,11 +221,32 @@ def decode_prompt(sample: dict[str, Any], *, code_size: int) -> np.ndarray | Non
     return decode_codes(sample, "prompt.npy", code_size=code_size, allow_none=True) if "prompt.npy" in sample else None
 
 
+def record_digest(key: str, members: dict[str, Any]) -> str:
+    """sha256 (hex) of a record: its key and a NUL byte, then each member but the digest itself, in
+    name order, as its name, NUL, its length in decimal, NUL, its bytes. Written as the record's
+    :data:`DIGEST_MEMBER`."""
+    h = hashlib.sha256(key.encode("utf-8") + b"\0")
+    for ext in sorted(members):
+        if ext.startswith("__") or ext == DIGEST_MEMBER:
+            continue
+        data = members[ext]
+        h.update(f"{ext}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def check_intact(sample: dict[str, Any]) -> None:
+    """Raise ValueError when :func:`iter_raw` (``keep_corrupt``) marked the record corrupted."""
+    if "__corrupt__" in sample:
+        raise ValueError(sample["__corrupt__"])
+
+
 def decode_song(sample: dict[str, Any], *, code_size: int, shard: str | None = None) -> Song:
     """Validate and decode one raw webdataset sample (member bytes keyed by extension)."""
     key = sample.get("__key__")
     shard = shard if shard is not None else sample.get("__url__")
     try:
+        check_intact(sample)
         require_members(sample, REQUIRED_MEMBERS)
         tokens = decode_codes(sample, "tokens.npy", code_size=code_size)
         prompt = decode_prompt(sample, code_size=code_size)
@@ -378,9 +416,11 @@ class ShardWriter:
         self._append(key, sample)
 
     def _append(self, key: str, sample: dict[str, Any]) -> None:
-        """Write one validated sample, rotating to a new shard every ``max_records``."""
+        """Write one validated sample with its digest member, rotating to a new shard every
+        ``max_records``."""
         if self._tar is None:
             self._open()
+        sample[DIGEST_MEMBER] = record_digest(key, sample).encode()
         self._tar.write(sample)
         self._keys.add(key)
         self._count += 1
@@ -456,20 +496,55 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     return out
 
 
+def _check_tar_end(f: Any, offset: int, shard: str, last: str | None, n: int) -> None:
+    """After tarfile stopped at ``offset``: the rest of the file must be the end-of-archive zero
+    blocks. tarfile stops silently at a corrupt member header or at the end of a truncated file;
+    either would make the shard look shorter than it is."""
+    f.seek(offset)
+    zeros = 0
+    while block := f.read(1 << 20):
+        stripped = block.lstrip(b"\0")
+        if stripped:
+            at = offset + zeros + len(block) - len(stripped)
+            raise ShardError(f"the tar cannot be read past byte {offset} (after {n} member(s), the last "
+                             f"{last!r}): the member header there is corrupt, and non-zero data follows at byte "
+                             f"{at}; the rest of the shard would be lost", shard=shard)
+        zeros += len(block)
+    if zeros < _TAR_END:
+        raise ShardError(f"the tar ends at byte {offset + zeros} (after {n} member(s), the last {last!r}) without "
+                         "its end-of-archive blocks: the shard is truncated", shard=shard)
+
+
+def _tar_members(shard: str, *, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes or None) of every regular member of a tar in file order (webdataset's
+    ``__...__`` metadata skipped), then a check that the archive ended properly
+    (:func:`_check_tar_end`). Any tar error is a :class:`ShardError` naming the shard."""
+    try:
+        with tarfile.open(shard, "r:*") as tf:
+            n, last = 0, None
+            while (ti := tf.next()) is not None:
+                tf.members = []  # keep no header list for a large shard
+                n += 1
+                last = ti.name
+                if not ti.isreg() or _META_MEMBER.match(ti.name):
+                    continue
+                data = tf.extractfile(ti).read() if read else None  # type: ignore[union-attr]
+                if data is not None and len(data) != ti.size:
+                    raise tarfile.ReadError(f"member {ti.name!r} has {len(data)} of its {ti.size} bytes")
+                yield ti.name, data
+            _check_tar_end(tf.fileobj, tf.offset, shard, last, n)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"unreadable tar ({e})", shard=shard) from None
+
+
 def _count_records(shard: str) -> int:
     """Count records by scanning tar headers (no payload reads)."""
     n, last = 0, None
-    try:
-        with tarfile.open(shard, "r:") as tf:
-            for m in tf:
-                if not m.isreg():
-                    continue
-                key, _ = base_plus_ext(m.name)
-                if key is not None and key != last:
-                    n += 1
-                    last = key
-    except (tarfile.TarError, OSError) as e:
-        raise ShardError(f"unreadable tar ({e})", shard=shard) from None
+    for name, _ in _tar_members(shard, read=False):
+        key, _ = base_plus_ext(name)
+        if key is not None and key != last:
+            n += 1
+            last = key
     return n
 
 
@@ -487,20 +562,61 @@ def shard_sizes(shards: Sequence[str]) -> list[int]:
     return sizes
 
 
-def iter_raw(shard: str) -> Iterator[dict[str, Any]]:
-    """Undecoded samples of one shard in file order (webdataset tar iterators); dict of bytes."""
-    with open(shard, "rb") as f:
-        stream = tar_file_expander([{"url": shard, "stream": f}])
-        it = group_by_keys(stream)
-        while True:
-            try:
-                sample = next(it)
-            except StopIteration:
-                return
-            except (tarfile.TarError, ValueError, OSError) as e:
-                msg = str(e.args[0]) if e.args else repr(e)
-                raise ShardError(f"unreadable tar ({msg})", shard=shard) from None
-            yield sample
+def _group_records(shard: str) -> Iterator[dict[str, Any]]:
+    """Members grouped into records by key (consecutive members sharing ``<key>.``), as
+    webdataset groups them: ``{"__key__", "__url__", ext: bytes}``."""
+    current: dict[str, Any] | None = None
+    for name, data in _tar_members(shard):
+        key, ext = base_plus_ext(name)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": shard}
+        if ext in current:
+            raise ShardError(f"member {name!r} appears twice in the record", shard=shard, key=key)
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+_warned_unsigned: set[str] = set()
+
+
+def iter_raw(shard: str, *, keep_corrupt: bool = False) -> Iterator[dict[str, Any]]:
+    """Undecoded samples of one shard in file order: dicts of member bytes keyed by extension, plus
+    ``__key__``, ``__url__`` and ``__verified__`` (the record's digest matched; False for a record
+    written without one). A record whose bytes do not match its digest raises :class:`ShardError`
+    naming shard and key; with ``keep_corrupt`` it is yielded with the message under ``__corrupt__``
+    instead (the decoders raise it, so ``skip_bad`` readers count it as a bad record). A tar that is
+    truncated or stops at a corrupt header always raises."""
+    signed: bool | None = None  # decided by the shard's first record
+    for sample in _group_records(shard):
+        key = sample["__key__"]
+        digest = sample.pop(DIGEST_MEMBER, None)
+        if signed is None:
+            signed = digest is not None
+            if not signed and shard not in _warned_unsigned:
+                _warned_unsigned.add(shard)
+                log.warning("%s: its records carry no %s digest (written by another tool, or an older "
+                            "levo-train): corrupted bytes inside them cannot be detected", shard, DIGEST_MEMBER)
+        problem = None
+        if digest is None:
+            if signed:
+                problem = (f"has no {DIGEST_MEMBER} member, unlike the records before it in this shard: a member "
+                           "was lost or renamed (the shard is corrupted)")
+        elif digest.decode("ascii", "replace").strip() != record_digest(key, sample):
+            members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+            problem = (f"its bytes ({members}) do not match the {DIGEST_MEMBER} digest written with it: the shard "
+                       "is corrupted")
+        sample["__verified__"] = digest is not None and problem is None
+        if problem is not None:
+            if not keep_corrupt:
+                raise ShardError(problem, shard=shard, key=key)
+            sample["__corrupt__"] = problem
+        yield sample
 
 
 class SongReader:
@@ -522,7 +638,7 @@ class SongReader:
 
     def _gen(self) -> Iterator[Song]:
         for shard in self.shards:
-            for raw in iter_raw(shard):
+            for raw in iter_raw(shard, keep_corrupt=self.skip_bad):
                 try:
                     song = decode_song(raw, code_size=self.code_size, shard=shard)
                 except ShardError as e:

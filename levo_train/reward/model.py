@@ -22,7 +22,9 @@ Export folder (``levo-train recipe=reward`` writes it to ``RUN/export``):
 * ``config.yaml``: the trunk's LeLM config (truncated layer counts), in the released layout;
 * ``reward.pt``: the :class:`RewardModel` state dict (tensors only: loads with ``weights_only``);
 * ``reward.json``: ``{"format": 1, "dimensions", "overall", "pooling", "policy_code_size",
-  "targets", "source", ...}``.
+  "targets", "source", ...}``;
+* ``checksums.json``: the size and checksum of the three (:mod:`levo_infer.integrity`), written
+  last and checked on every load: a corrupted export is refused naming the file.
 
 Targets are the raw scores (the toy world's are in [0, 1]); nothing is standardised, so an
 exported RM's numbers are on the data's own scale.
@@ -208,10 +210,12 @@ def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[
     fields to ``reward.json`` (e.g. ``source``)."""
     from levo_infer.checkpoint import atomic_torch_save
     from levo_infer.config import save_config
+    from levo_infer.integrity import remove_manifest, write_manifest
     from levo_train.data.shards import write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_manifest(folder)
     sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).cpu().contiguous()
           for k, v in model.state_dict().items()}
     atomic_torch_save(sd, folder / WEIGHTS_FILE)
@@ -221,6 +225,7 @@ def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[
             "layers": model.config.lm.num_layers, "layers_sub": model.config.lm.num_layers_sub,
             "targets": "raw", **info}
     write_json_atomic(folder / INFO_FILE, meta)
+    write_manifest(folder, [WEIGHTS_FILE, CONFIG_FILE, INFO_FILE])
     return folder
 
 
@@ -233,6 +238,13 @@ def read_reward_info(export_dir: str | os.PathLike) -> dict[str, Any]:
     missing = [n for n in (INFO_FILE, WEIGHTS_FILE, CONFIG_FILE) if not (folder / n).is_file()]
     if missing:
         raise RewardModelError(f"{folder}: not a reward-model export, it lacks {', '.join(missing)}")
+    from levo_infer.integrity import IntegrityError, verify_folder, verify_torch_zip
+
+    try:  # every file against checksums.json (when there is one), reward.pt's own CRCs always
+        verify_folder(folder)
+        verify_torch_zip(folder / WEIGHTS_FILE)
+    except IntegrityError as e:
+        raise RewardModelError(str(e)) from None
     p = folder / INFO_FILE
     try:
         info = json.loads(p.read_text())

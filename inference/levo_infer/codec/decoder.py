@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..integrity import IntegrityError, verify_torch_zip
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 48000
@@ -265,7 +267,11 @@ def _load_septoken(path: Path, *, heads: int, dtype: torch.dtype) -> tuple[Any, 
                 raise CodecError(f"{path}: missing tensor {k!r} (expected shape {tuple(t.shape)})")
             if shapes[k] != tuple(t.shape):
                 raise CodecError(f"{path}: tensor {k!r} has shape {shapes[k]}, expected {tuple(t.shape)}")
-            state[k] = f.get_tensor(k).to(dtype if t.dtype.is_floating_point else t.dtype)
+            x = f.get_tensor(k)
+            if x.is_floating_point() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+                # a released file carries no checksum: NaN/inf is what a corrupted one shows
+                raise CodecError(f"{path}: tensor {k!r} holds non-finite values (NaN or inf): the file is corrupted")
+            state[k] = x.to(dtype if t.dtype.is_floating_point else t.dtype)
     flow.load_state_dict(state, strict=True, assign=True)  # the meta-device module takes the file's tensors
     return flow.eval(), len(shapes) - len(want)
 
@@ -278,6 +284,10 @@ def _load_vae(json_path: Path, ckpt_path: Path, *, dtype: torch.dtype) -> tuple[
         cfg = VAEConfig.from_json(json_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CodecError(str(e) if str(json_path) in str(e) else f"{json_path}: {e}") from None
+    try:  # the CRC-32 of every record torch wrote into the file (released files too)
+        verify_torch_zip(ckpt_path)
+    except IntegrityError as e:
+        raise CodecError(str(e)) from None
     ck = torch_load(ckpt_path, error=CodecError)  # weights_only, memory-mapped; every error names the file
     sd = ck.get("state_dict") if isinstance(ck, dict) else None
     if not isinstance(sd, dict):
@@ -299,7 +309,9 @@ def load_decoder(ckpt_dir: str | os.PathLike, *, device: str | torch.device = "c
     released 20). Every tensor decoding reads is checked (missing or misshaped: :class:`CodecError`
     naming it); the others (MusicFM encoder, training heads, the VAE encoder) are ignored and
     counted. The pickle is read ``weights_only`` and memory-mapped; safetensors are read lazily.
-    Latent statistics with fewer than 1e5 counts (the released code would still be updating them)
+    Released codec files carry no checksum of ours: the VAE checkpoint's own zip CRC-32s are
+    checked, and a flow tensor holding NaN or inf is refused (a corrupted byte elsewhere in the
+    safetensors file cannot be detected). Latent statistics with fewer than 1e5 counts (the released code would still be updating them)
     give a warning, or an error with ``strict_statistics``."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
