@@ -117,10 +117,12 @@ def strict_fp32() -> Iterator[None]:
     restored on exit.
 
     Both PyTorch APIs are set together (``torch.set_float32_matmul_precision`` and
-    ``cudnn.allow_tf32``, then ``fp32_precision`` of ``cuda.matmul`` and ``cudnn.conv``), so that
-    code reading either sees a consistent state. The flags are process-wide: a concurrent thread's
-    CUDA work runs with them too while the block lasts."""
-    m, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    ``cudnn.allow_tf32``, then, where PyTorch has it (2.9+), ``fp32_precision`` of ``cuda.matmul`` and
+    ``cudnn.conv``), so that code reading either sees a consistent state. The flags are process-wide: a
+    concurrent thread's CUDA work runs with them too while the block lasts."""
+    m = torch.backends.cuda.matmul
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = hasattr(m, "fp32_precision") and hasattr(conv, "fp32_precision")
     try:
         legacy_mm: str | None = torch.get_float32_matmul_precision()
     except RuntimeError:  # the caller mixed the legacy and new APIs: restore the new one only
@@ -129,10 +131,11 @@ def strict_fp32() -> Iterator[None]:
         legacy_conv: bool | None = bool(torch.backends.cudnn.allow_tf32)
     except RuntimeError:
         legacy_conv = None
-    new = (m.fp32_precision, conv.fp32_precision)
+    new = (m.fp32_precision, conv.fp32_precision) if new_api else None
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
-    m.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+    if new_api:
+        m.fp32_precision, conv.fp32_precision = "ieee", "ieee"
     try:
         yield
     finally:
@@ -140,7 +143,8 @@ def strict_fp32() -> Iterator[None]:
             torch.set_float32_matmul_precision(legacy_mm)
         if legacy_conv is not None:
             torch.backends.cudnn.allow_tf32 = legacy_conv
-        m.fp32_precision, conv.fp32_precision = new
+        if new is not None:
+            m.fp32_precision, conv.fp32_precision = new
 
 
 def crossfade_join(parts: list[torch.Tensor], fade: int = CROSSFADE) -> torch.Tensor:
