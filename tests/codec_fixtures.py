@@ -40,11 +40,14 @@ def vae_json(channels: int, c_mults: list[int], strides: list[int], latent_dim: 
                       "io_channels": 2}}
 
 
-def tiny_flow(seed: int = 0, *, layers: int = 2, rvq_dim: int = 24, heads: int = 20, counts: float = 1e6) -> FlowDecoder:
-    """A random tiny flow decoder with trained-looking latent statistics (counts >= 1e5)."""
+def tiny_flow(seed: int = 0, *, layers: int = 2, rvq_dim: int = 24, heads: int = 20, counts: float = 1e6,
+              mlp_width: int | None = None) -> FlowDecoder:
+    """A random tiny flow decoder with trained-looking latent statistics (counts >= 1e5); the MLP
+    width is the released 2x the width unless given."""
     g = torch.Generator().manual_seed(seed)
     width = 24 + 64 + 2 * rvq_dim + 64
-    flow = FlowDecoder(layers=layers, width=width, heads=heads, rvq_dim=rvq_dim, codebook_size=16384)
+    flow = FlowDecoder(layers=layers, width=width, heads=heads, rvq_dim=rvq_dim, codebook_size=16384,
+                       mlp_width=mlp_width)
     with torch.no_grad():
         for name, p in flow.named_parameters():
             if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):

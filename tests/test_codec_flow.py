@@ -378,7 +378,7 @@ def test_sizes_from_shapes_recovers_the_real_sizes():
     shapes = {t["key"]: tuple(t["shape"]) for t in lay["tensors"]}
     sizes = FlowDecoder.sizes_from_shapes(shapes)
     assert sizes == dict(layers=16, width=2200, rvq_dim=1024, codebook_size=16384, codebook_dim=32, latent_dim=64,
-                         mask_dim=24, max_positions=1000, time_freqs=256)
+                         mask_dim=24, max_positions=1000, time_freqs=256, mlp_width=4400)
     del shapes["normfeat.sum_x"]
     with pytest.raises(KeyError, match="normfeat.sum_x"):
         FlowDecoder.sizes_from_shapes(shapes)

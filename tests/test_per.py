@@ -87,8 +87,39 @@ def test_strip_structure_and_normalize_released_lines(g2p):
     assert g2p.normalize(song) == "hold me close until the night we're free free"
     # canonical and compact spellings of the checker's format read the same
     assert g2p.normalize(normalize_lyrics(song)) == g2p.normalize(normalize_lyrics(song, compact=True))
-    assert g2p.strip_structure("[verse] it costs 3.5 . ok") == "it costs 3.5 ok"  # a decimal point stays
+    # in the released format every '.' separates sentences (the lyric checker's parse); a transcript keeps decimals
+    assert g2p.strip_structure("[verse] it costs 3.5 . ok") == "it costs 3 5 ok"
+    assert g2p.strip_structure("it costs 3.5. ok", decimals=True) == "it costs 3.5 ok"
     assert g2p.normalize("[verse] 我们有12个 . 2024年 ; [chorus] 50%的人") == "我们有十二个 二零二四年 百分之五十的人"
+
+
+def test_normaliser_gaps_of_issue_20(g2p):
+    """Each gap failed before: Whisper's (...) and *...* annotations were scored as sung words; a
+    released-format '2019.3 years' read as a decimal; full-width tags and ';' stayed; ß ø ł æ failed the
+    whole song; '90s' and 'nineties' differed."""
+    from levo_eval.per import score
+
+    # annotations (transcripts only: a lyric's parentheses are sung backing vocals)
+    assert g2p.normalize("(upbeat music) Hello *laughs* world (la (la))", transcript=True) == "hello world"
+    assert g2p.normalize("（音乐）你好 ♪", transcript=True) == "你好"
+    assert g2p.normalize("[verse] (oh) yeah") == "oh yeah"
+    assert score("[verse] hello world", "(soft music) Hello, *sighs* world.", "en")["per"] == 0.0
+    # the released '.'-joined sentences: no decimal in a lyric; a transcript's 3.5 is one
+    assert g2p.normalize("[verse] born in 2019.3 years later") == "born in twenty nineteen three years later"
+    assert g2p.normalize("it costs 3.5", transcript=True) == "it costs three point five"
+    # width normalised before the tags and separators are stripped
+    assert g2p.strip_structure("［verse］ 你好；［chorus］ world．ok") == "你好 world ok"
+    assert g2p.normalize("［verse］ 你好；［chorus］ world") == "你好 world"
+    # Latin letters without an accent to drop: spelled in ASCII, the song stays scorable
+    assert g2p.fold("Straße, smørrebrød, Łódź, Æther, œuvre, Þór") == "strasse smorrebrod lodz aether oeuvre thor"
+    assert g2p.to_phones("[verse] Straße", strict=True) == g2p.to_phones("[verse] strasse", strict=True)
+    assert score("[verse] søren æble", "soren aeble", "en")["per"] == 0.0
+    # decades and other plural numbers
+    assert g2p.en_number("90", plural=True) == "nineties" and g2p.en_number("1990", plural=True) == "nineteen nineties"
+    assert g2p.en_number("1900", plural=True) == "nineteen hundreds" and g2p.en_number("6", plural=True) == "sixes"
+    assert g2p.normalize("[verse] back in the 90s") == g2p.normalize("back in the nineties") == "back in the nineties"
+    assert g2p.normalize("the 1990s, '80s and 70’s kids") == "the nineteen nineties eighties and seventies kids"
+    assert g2p.normalize("in 2s and 3s, 90sec, the 1st") == "in twos and threes ninety sec the first"
 
 
 def test_fold_case_width_punctuation_apostrophes(g2p):
@@ -171,6 +202,28 @@ def test_score_and_corpus(g2p):
     assert (u["edits"], u["edits_no_tone"]) == (1, 0)
     c = corpus({"a": s, "b": u})
     assert c["corpus_per"] == 1 / 23 and c["corpus_per_no_tone"] == 0 and c["n_songs"] == 2
+    assert c["no_lyric"] == {"n_songs": 0, "hyp_words": 0, "songs_with_words": 0, "hallucinated_word_rate": None}
+
+
+def test_songs_without_lyric_phones_are_counted_apart(g2p):
+    """An instrumental or empty lyric has no reference phones: whatever Whisper writes for it ("You"
+    on 4 s of silence) is hallucinated and used to inflate the corpus PER (to 1.14); it is counted
+    apart (songs, words, hallucinated words per song) and left out of corpus_per."""
+    from levo_eval.per import corpus, score, table
+
+    sung = score(LINE, "你好 World, la la, two hearts!", "en")
+    inst = score("[intro-short] ; [inst-medium] ; [outro-short]", " You", "en")
+    empty = score("", "", "en")
+    assert inst["per"] is None and inst["no_lyric"] and inst["ref_phones"] == 0 and inst["hyp_words"] == 1
+    assert empty["hyp_words"] == 0 and not sung["no_lyric"] and sung["hyp_words"] == 7  # 你 好 + 5 words
+    c = corpus({"a": sung, "i": inst, "e": empty})
+    assert c == {**corpus({"a": sung}), "no_lyric": {"n_songs": 2, "hyp_words": 1, "songs_with_words": 1,
+                                                     "hallucinated_word_rate": 0.5}}
+    assert c["corpus_per"] == 0.0 and c["n_songs"] == 1 and c["ref_phones"] == 19
+    res = {**c, "lang": "en", "songs": {"a": sung, "i": inst}, "failed": {}}
+    text = table(res)
+    assert "no lyric: 1 word(s) hallucinated" in text and "| corpus (1 songs) |" in text
+    assert "| no lyric (2 songs, not in the corpus PER) | en | 0 | | 0.500 hallucinated words per song" in text
 
 
 # ---------------------------------------------------------------------------- models, audio
@@ -352,6 +405,45 @@ def test_per_folder_of_20_english_songs_resume_and_reproduce(en_songs, tiny_en, 
     out.write_text(json.dumps(kept))
     third, _, err = run_per(capsys, [*argv, "--batch", "2"])
     assert "3 transcribed" in err and third == res
+
+
+def test_per_an_instrumental_song_beside_a_sung_one(en_songs, tiny_en, tmp_path, capsys):
+    """End to end: 4 s of quiet tones with an instrumental lyric next to a sung song; the instrumental
+    is transcribed and reported apart, the corpus PER is the sung song's alone."""
+    d, rows = en_songs
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "s05.wav").write_bytes((d / "s05.wav").read_bytes())
+    t = np.arange(4 * 16000) / 16000
+    sf.write(audio / "inst.wav", (0.02 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    lyrics = write_jsonl(tmp_path / "lyrics.jsonl", [rows[5], {"idx": "inst", "gt_lyric": "[inst-medium]"}])
+    res, stdout, _ = run_per(capsys, ["--audio", str(audio), "--lyrics", str(lyrics), "--asr", str(tiny_en)])
+    sung, inst = res["songs"]["s05"], res["songs"]["inst"]
+    assert inst["no_lyric"] and inst["per"] is None and inst["ref_phones"] == 0
+    assert res["corpus_per"] == sung["per"] and res["n_songs"] == 1 and res["ref_phones"] == sung["ref_phones"]
+    assert res["no_lyric"]["n_songs"] == 1 and res["no_lyric"]["hyp_words"] == inst["hyp_words"]
+    assert "| no lyric (1 songs, not in the corpus PER) |" in stdout
+
+
+def test_per_refuses_audio_outside_the_audio_folder(g2p, tmp_path, capsys, monkeypatch):
+    """With --audio DIR an idx such as '../x' or an absolute path used to read that file; such a song
+    now fails without anything being read or transcribed."""
+    need(have("faster_whisper"), "faster-whisper missing")
+    from levo_eval import per
+
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "outside.wav", np.zeros(1600, np.float32), 16000)
+    asr = tmp_path / "asr"  # never loaded: no song is left to transcribe
+    asr.mkdir()
+    for name in ("model.bin", "config.json", "tokenizer.json"):
+        (asr / name).write_text("")
+    monkeypatch.setattr(per, "read_audio", lambda *a, **k: pytest.fail("audio outside --audio was read"))
+    lyrics = write_jsonl(tmp_path / "lyrics.jsonl", [{"idx": "../outside", "gt_lyric": "[verse] hello"},
+                                                     {"idx": str(tmp_path / "outside"), "gt_lyric": "[verse] hi"}])
+    res, _, _ = run_per(capsys, ["--audio", str(tmp_path / "audio"), "--lyrics", str(lyrics), "--asr", str(asr)], rc=1)
+    assert res["songs"] == {} and set(res["failed"]) == {"../outside", str(tmp_path / "outside")}
+    assert all("not a plain file name" in m and "outside --audio" in m for m in res["failed"].values())
+    assert per.find_audio(tmp_path / "audio", ["../outside"])[0] == {"../outside": None}
 
 
 def test_per_jsonl_audio_shuffled_lyrics_and_failures(en_songs, tiny_en, tmp_path, capsys):

@@ -229,3 +229,55 @@ def test_frechet_on_toy_samples_and_command(toy_sft_export, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["tokens", "--ref", str(ref_dir), "--gen", str(hot_dir), "--rm", str(tmp_path)]) == 2
     assert "not a reward-model export" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- levo-infer output folders
+def test_single_stream_modes_leave_out_their_silent_stream_and_an_output_folder_is_read(tmp_path, capsys):
+    """A --mode vocal song's file holds bgm = 9670 throughout, a --mode bgm song's vocal = 3142: those
+    streams are the silent substitutes levo-infer wrote, not the model's output, and are left out of
+    that stream's metrics (the records say the mode); a levo-infer output folder is read through its
+    tokens/. Before: the substitute counted as a stream that never changes, and OUT_DIR was refused."""
+    rng = np.random.default_rng(0)
+
+    def write_run(out: Path, songs: dict[str, tuple[str, np.ndarray]]) -> None:
+        (out / "tokens").mkdir(parents=True)
+        (out / "jsonl").mkdir()
+        for idx, (_, t) in songs.items():
+            torch.save(torch.as_tensor(t, dtype=torch.long), out / "tokens" / f"{idx}.pt")
+        (out / "jsonl" / "in.jsonl").write_text("".join(json.dumps(
+            {"idx": idx, "status": "ok", "lyric": "[verse] la", "style": "pop",
+             "settings": {"mode": mode, "max_frames": 100}}) + "\n" for idx, (mode, _) in songs.items()))
+
+    def song(mode: str, n: int) -> np.ndarray:
+        t = rng.integers(0, 50, size=(3, n))
+        if mode == "vocal":
+            t[2] = 9670
+        if mode == "bgm":
+            t[1] = 3142
+        return t
+
+    mixed = {"v": ("vocal", song("vocal", 40)), "b": ("bgm", song("bgm", 30)), "m": ("mixed", song("mixed", 50))}
+    write_run(tmp_path / "run1", mixed)
+    write_run(tmp_path / "run2", {"v1": ("vocal", song("vocal", 20)), "v2": ("vocal", song("vocal", 25))})
+    assert main(["tokens", "--ref", str(tmp_path / "run1"), "--gen", str(tmp_path / "run2")]) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out.strip().splitlines()[-1])
+    r, g = res["ref"], res["gen"]
+    assert r["path"] == str(tmp_path / "run1" / "tokens") and r["n"] == 3 and r["unconditioned"] == 0
+    assert r["substituted"] == {"vocal": 1, "bgm": 1} and "silent code" in r["note"]
+    toks = {k: t for k, (_, t) in mixed.items()}
+    want = stream_stats([toks["b"], toks["m"], toks["v"]], 16384)  # every stream of every song (the old figures)
+    assert r["streams"]["mixed"] == want["mixed"]
+    assert r["streams"]["vocal"] == stream_stats([toks["m"], toks["v"]], 16384)["vocal"]  # b's 3142 left out
+    assert r["streams"]["bgm"] == stream_stats([toks["b"], toks["m"]], 16384)["bgm"]  # v's 9670 left out
+    assert r["streams"]["bgm"]["songs"] == 2 and r["streams"]["bgm"]["codes_used"] < want["bgm"]["codes_used"]
+    assert r["frame_repeat_rate"] == repeat_rates([toks["b"], toks["m"], toks["v"]])[1]  # whole frames: all songs
+    assert g["substituted"] == {"vocal": 0, "bgm": 2} and g["streams"]["bgm"] == {
+        "songs": 0, "codes_used": None, "usage": None, "entropy_bits": None, "entropy_norm": None, "repeat_rate": None}
+    assert "silent code" in cap.err and "bgm of 2 song(s)" in cap.out
+    # separate-mode extra files alone: <idx>_vocal.pt is vocal output, <idx>_bgm.pt bgm output
+    sep = tmp_path / "sep"
+    write_run(sep, {"s_vocal": ("", song("vocal", 30)), "s_bgm": ("", song("bgm", 30))})
+    (sep / "jsonl" / "in.jsonl").write_text(json.dumps({"idx": "s", "settings": {"mode": "separate"}}) + "\n")
+    assert main(["tokens", "--ref", str(sep), "--gen", str(tmp_path / "run1")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ref"]["substituted"] == {"vocal": 1, "bgm": 1}

@@ -3,12 +3,15 @@ projection for the real size from timed pieces of it (random weights in the rele
 
 * tiny: ``tests/codec_fixtures.py`` files (2 estimator layers of width 200, 4-channel VAE), a
   1100-frame song (44 s, two windows), 10 Euler steps with CFG as released, fp32.
+* grouped songs: ``--songs`` songs of one window each (lengths 100-900 frames, each its own seed) decoded
+  one at a time (``Decoder.decode``) vs together (``Decoder.decode_batch``, the songs with one window count
+  in one batch): songs per second, and whether each song's audio is bit for bit the same both ways.
 * real size, projected: one estimator layer at width 2200 over 1000 frames, batch 2 (CFG), timed and
   scaled to 16 layers x 10 steps, plus the real VAE decoding 128 latent frames (one chunk), scaled to a
   window's 10 chunks. A song of T frames takes ``(T'-250)/750`` windows (``T'`` tiled), each giving
   30 s of new audio beyond the first window's 40 s.
 
-    OMP_NUM_THREADS=1 python eval/bench/bench_codec.py [--skip-real]
+    OMP_NUM_THREADS=1 python eval/bench/bench_codec.py [--songs 4] [--skip-real] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +43,28 @@ def tiny(frames: int) -> dict:
     return {"frames": frames, "windows": n_windows(frames), "audio_s": secs, "decode_s": dt, "rtf": dt / secs}
 
 
+def grouped(songs: int) -> dict:
+    """Songs per second one at a time vs grouped (one batch of ``songs`` one-window songs)."""
+    from codec_fixtures import write_tiny_codec
+
+    from levo_infer.codec.decoder import load_decoder
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(100, 900, (songs,), generator=g).tolist()
+    tokens = [torch.randint(0, 16384, (3, t), generator=g) for t in lengths]
+    with tempfile.TemporaryDirectory() as tmp:
+        dec = load_decoder(write_tiny_codec(tmp))
+        t0 = time.perf_counter()
+        one = [dec.decode(t[None], generator=torch.Generator().manual_seed(i))[0][0] for i, t in enumerate(tokens)]
+        single_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        both = dec.decode_batch(tokens, generators=[torch.Generator().manual_seed(i) for i in range(songs)])
+        batch_s = time.perf_counter() - t0
+    return {"songs": songs, "frames": lengths, "one_at_a_time_s": single_s, "grouped_s": batch_s,
+            "one_at_a_time_songs_per_s": songs / single_s, "grouped_songs_per_s": songs / batch_s,
+            "speedup": single_s / batch_s, "bit_identical": all(torch.equal(a, b) for a, b in zip(one, both))}
+
+
 def real_projection() -> dict:
     from levo_infer.codec.flow import FlowEstimator
     from levo_infer.codec.vae import OobleckDecoder, VAEConfig
@@ -67,6 +92,7 @@ def real_projection() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1100)
+    ap.add_argument("--songs", type=int, default=4, help="one-window songs for the grouped-decode row")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
@@ -75,6 +101,11 @@ def main() -> None:
     print(f"tiny decoder: {r['frames']} frames ({r['audio_s']:.1f} s of audio, {r['windows']} windows) in "
           f"{r['decode_s']:.2f} s: real-time factor {r['rtf']:.3f}")
     out = {"tiny": r}
+    if a.songs > 0:
+        gr = out["grouped"] = grouped(a.songs)
+        print(f"grouped decode, {gr['songs']} one-window songs: one at a time {gr['one_at_a_time_songs_per_s']:.3f} "
+              f"songs/s, together {gr['grouped_songs_per_s']:.3f} songs/s ({gr['speedup']:.2f}x); bit-identical: "
+              f"{gr['bit_identical']}")
     if not a.skip_real:
         p = out["real_projection"] = real_projection()
         print(f"real size (random weights): one estimator layer over 1000 frames x 2 (CFG) {p['estimator_layer_s']:.2f} s, "

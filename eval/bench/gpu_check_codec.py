@@ -2,7 +2,10 @@
 decoder with random weights in the released layout, written to disk and loaded back through
 ``load_decoder`` (so the loader's real-size path runs too), decoding at batch 1 and 8 with the
 solver under fp16 autocast as released (VAE fp32): seconds, real-time factor, peak GPU memory, and
-the fp16 output's distance from an fp32 decode of the same noise.
+the fp16 output's distance from an fp32 decode of the same noise; then 8 one-window songs of different
+lengths decoded one at a time vs grouped (``decode_batch``): songs per second and the largest
+difference between the two; and the VAE's output with TF32 allowed vs the decoder's TF32-off
+(``strict_fp32``) run.
 
     python eval/bench/gpu_check_codec.py        # writes $OUT/gpu_check_codec.json
     DEV=cpu SMALL=1 python eval/bench/gpu_check_codec.py   # dry run of the code path on CPU
@@ -90,6 +93,45 @@ def main() -> None:
             res[f"b{batch}_t{frames}"] = r
             print(f"batch {batch}, {frames} frames:", json.dumps(r), flush=True)
             (OUT / "gpu_check_codec.json").write_text(json.dumps(res, indent=1))
+    grouped(dec, res)
+    (OUT / "gpu_check_codec.json").write_text(json.dumps(res, indent=1))
+
+
+def grouped(dec, res: dict) -> None:  # noqa: ANN001 - a levo_infer.codec.decoder.Decoder
+    """One at a time vs decode_batch for 8 one-window songs; TF32 on vs off for the VAE."""
+    from levo_infer.codec.decoder import strict_fp32
+
+    dec.autocast = torch.float16 if CUDA else None
+    g = torch.Generator().manual_seed(5)
+    n = 2 if SMALL else 8
+    songs = [torch.randint(0, 16384, (3, int(t)), generator=g) for t in torch.randint(100, 900, (n,), generator=g)]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(n)]  # noqa: E731
+    sync()
+    t0 = time.perf_counter()
+    one = [dec.decode(s[None], generator=gi)[0][0] for s, gi in zip(songs, gens())]
+    sync()
+    single_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    both = dec.decode_batch(songs, generators=gens())
+    sync()
+    batch_s = time.perf_counter() - t0
+    diff = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(one, both))
+    res["grouped"] = {"songs": n, "one_at_a_time_songs_per_s": round(n / single_s, 3),
+                      "grouped_songs_per_s": round(n / batch_s, 3), "speedup": round(single_s / batch_s, 2),
+                      "max_rel_diff": diff, "bit_identical": all(torch.equal(a, b) for a, b in zip(one, both))}
+    print("grouped:", json.dumps(res["grouped"]), flush=True)
+    lat = torch.randn(1, 64, 128, generator=torch.Generator().manual_seed(2)).to(dec.device)
+    with torch.no_grad():
+        with strict_fp32():
+            ref = dec.vae.decode(lat)
+        prev = torch.backends.cudnn.conv.fp32_precision
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        try:
+            tf32 = dec.vae.decode(lat)
+        finally:
+            torch.backends.cudnn.conv.fp32_precision = prev
+    res["vae_tf32_vs_fp32_rel"] = float((tf32 - ref).abs().max() / ref.abs().max())
+    print("VAE TF32 vs fp32:", res["vae_tf32_vs_fp32_rel"], flush=True)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,12 @@ def rows_codec(r: dict) -> list[Row]:
     t = r["tiny"]
     out = [(f"codec decoder, tiny released-layout files, {t['audio_s']:.0f} s of audio ({t['windows']} windows)",
             f"{t['decode_s']:.1f} s: real-time factor {t['rtf']:.2f}", "—")]
+    g = r.get("grouped")
+    if g:
+        out.append((f"codec decoder, tiny files, {g['songs']} one-window songs grouped (`decode_batch`)",
+                    f"{g['grouped_songs_per_s']:.3f} songs/s ({g['speedup']:.2f}×)",
+                    f"one at a time: {g['one_at_a_time_songs_per_s']:.3f} songs/s; same audio bit for bit: "
+                    f"{'yes' if g['bit_identical'] else 'no'}"))
     p = r.get("real_projection")
     if p:
         out.append(("codec decoder at the real size (random weights), projected from timed pieces",
@@ -184,7 +190,8 @@ def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
         Bench("lora_memory", ["eval/bench/bench_lora_memory.py", *(["--dim", "256"] if q else [])], rows_lora),
         Bench("sdpo", ["eval/bench/bench_sdpo.py", "--init", sdpo_init or "{sft_export}",
                        *(["--prompts", "60", "--sync-every", "10"] if q else [])], rows_sdpo),
-        Bench("codec", ["eval/bench/bench_codec.py", "--json", "{json}"], rows_codec, json_flag=True),
+        Bench("codec", ["eval/bench/bench_codec.py", *(["--songs", "2"] if q else []), "--json", "{json}"], rows_codec,
+              json_flag=True),
         Bench("encode", ["eval/bench/bench_encode.py", *(["--seconds", "60"] if q else []), "--json", "{json}"],
               rows_encode, json_flag=True),
         Bench("per", ["eval/bench/bench_per.py", "--json", "{json}"], rows_per, json_flag=True),

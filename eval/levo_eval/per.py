@@ -5,7 +5,9 @@
 
 * Songs are the lines of ``--lyrics`` (released-format JSONL with ``idx`` and ``gt_lyric``); a song's
   audio is ``DIR/<idx>.wav`` or ``DIR/<idx>.flac``, or the ``path`` of the ``{"idx", "path"}`` line of
-  an ``--audio`` JSONL (relative paths from the JSONL's folder).
+  an ``--audio`` JSONL (relative paths from the JSONL's folder). With ``--audio DIR`` an idx that is not
+  a plain file name (``/``, ``\\``, NUL, ``.`` or ``..``: ``../x``, an absolute path) fails that song
+  without reading anything: audio is only read inside ``DIR``.
 * ASR: faster-whisper (CTranslate2) from the local model folder ``--asr`` only (``HF_HUB_OFFLINE=1``,
   ``local_files_only``; nothing is downloaded), int8 on CPU / float16 on CUDA, beam 5, temperature 0
   without fallback, no initial prompt and ``condition_on_previous_text=False`` (a prompt made Whisper
@@ -15,14 +17,21 @@
 * ``--batch N``: N files transcribed at once (N CTranslate2 workers); each file is decoded alone, so
   results do not depend on N.
 * Output: a table per song, then as the LAST stdout line one JSON object ``{"corpus_per",
-  "corpus_per_no_tone", "songs": {idx: {"per", "per_no_tone", "ref_phones", "edits", "hyp", ...}},
-  "failed": {idx: message}, ...}``. ``--out FILE.json`` holds the same object, rewritten after every
-  song; on a rerun a song already scored there (same settings, same lyric) is not transcribed again.
+  "corpus_per_no_tone", "n_songs", "no_lyric": {...}, "songs": {idx: {"per", "per_no_tone",
+  "ref_phones", "edits", "hyp", "hyp_words", ...}}, "failed": {idx: message}, ...}``. ``--out FILE.json``
+  holds the same object, rewritten after every song; on a rerun a song already scored there (same
+  settings, same lyric) is not transcribed again, its stored transcript is scored again.
+* Songs without reference phones (an instrumental or empty lyric) have no PER: anything Whisper
+  writes for them (``You`` on 4 s of silence) is hallucinated, and counted apart under ``no_lyric``
+  (``n_songs``, ``hyp_words``, ``songs_with_words``, ``hallucinated_word_rate`` = hallucinated words per
+  such song), never in ``corpus_per`` (whose ``n_songs``, ``ref_phones`` and ``edits`` are over the songs
+  with a lyric).
 * A song whose audio is missing or unreadable fails with its path named; the others go on and the
   exit status is 1. Bad settings (model folder, ``--separate``, lyrics file) stop at once with 2.
 
 PER is defined in :mod:`levo_eval.phonemes`: edits between the phones of the normalised lyric and of
-the transcript over the lyric's phone count; the corpus PER sums both over the songs.
+the normalised transcript (Whisper's ``(...)`` / ``*...*`` annotations dropped) over the lyric's phone
+count; the corpus PER sums both over the songs with a lyric.
 """
 
 from __future__ import annotations
@@ -83,13 +92,24 @@ def read_lyrics(path: str | Path) -> dict[str, str]:
     return out
 
 
+def is_file_name(idx: str) -> bool:
+    """Whether ``idx`` names a file inside a folder: no ``/``, ``\\`` or NUL, not empty, ``.`` or ``..``
+    (the rule levo-infer applies to the idx it writes)."""
+    return idx not in ("", ".", "..") and not any(c in idx for c in "/\\\0")
+
+
 def find_audio(spec: str | Path, idxs: list[str]) -> tuple[dict[str, Path | None], list[str]]:
     """Audio path of each idx (``None`` when there is none) and the listed/found idxs that have no
-    lyric. ``spec`` is a folder (``<idx>.wav``, then ``<idx>.flac``) or a JSONL of ``{"idx", "path"}``."""
+    lyric. ``spec`` is a folder (``<idx>.wav``, then ``<idx>.flac``; an idx that is not a plain file name,
+    :func:`is_file_name`, finds nothing: no file outside the folder is looked at) or a JSONL of
+    ``{"idx", "path"}``."""
     p = Path(spec)
     if p.is_dir():
         found: dict[str, Path | None] = {}
         for idx in idxs:
+            if not is_file_name(idx):
+                found[idx] = None
+                continue
             cands = [p / f"{idx}{ext}" for ext in (".wav", ".flac")]
             found[idx] = next((c for c in cands if c.is_file()), None)
         wanted = set(idxs)
@@ -212,26 +232,46 @@ class Transcriber:
 
 
 # ---------------------------------------------------------------------------- scoring
+def count_words(text: str, lang: str) -> int:
+    """Words of a normalised transcript: English (Latin) words, Han characters (a sung syllable each),
+    and runs of another script's letters."""
+    n = 0
+    for script, tok in phonemes.split_script(phonemes.normalize(text, lang, transcript=True)):
+        n += len(tok) if script == "zh" else (1 if script == "en" or any(c.isalpha() for c in tok) else 0)
+    return n
+
+
 def score(lyric: str, hyp: str, lang: str) -> dict[str, Any]:
-    """Per-song result: PER with and without tones, phone counts, the transcript and the normalised
-    reference. Raises :class:`phonemes.UnsupportedScriptError` for a lyric the G2P cannot read."""
+    """Per-song result: PER with and without tones, phone counts, the transcript, its word count
+    (``hyp_words``) and the normalised reference; a lyric without phones (instrumental) has ``per``
+    None and ``no_lyric`` true. Raises :class:`phonemes.UnsupportedScriptError` for a lyric the G2P
+    cannot read."""
     ref_t = phonemes.to_phones(lyric, lang, tones=True, strict=True)
     ref_n = phonemes.to_phones(lyric, lang, tones=False, strict=True)
-    hyp_t = phonemes.to_phones(hyp, lang, tones=True)
-    hyp_n = phonemes.to_phones(hyp, lang, tones=False)
+    hyp_t = phonemes.to_phones(hyp, lang, tones=True, transcript=True)
+    hyp_n = phonemes.to_phones(hyp, lang, tones=False, transcript=True)
     e_t, e_n = phonemes.edit_distance(ref_t, hyp_t), phonemes.edit_distance(ref_n, hyp_n)
     return {"per": e_t / len(ref_t) if ref_t else None, "per_no_tone": e_n / len(ref_n) if ref_n else None,
             "ref_phones": len(ref_t), "hyp_phones": len(hyp_t), "edits": e_t, "edits_no_tone": e_n,
-            "lang": lang, "hyp": hyp, "ref": phonemes.normalize(lyric, lang)}
+            "lang": lang, "hyp": hyp, "hyp_words": count_words(hyp, lang), "no_lyric": not ref_t,
+            "ref": phonemes.normalize(lyric, lang)}
 
 
 def corpus(songs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Corpus PER: summed edits over summed reference phones (with and without tones)."""
-    n = sum(s["ref_phones"] for s in songs.values())
-    e_t = sum(s["edits"] for s in songs.values())
-    e_n = sum(s["edits_no_tone"] for s in songs.values())
+    """Corpus PER: summed edits over summed reference phones (with and without tones), over the songs
+    with reference phones. Songs without any (instrumental or empty lyric) are counted apart under
+    ``no_lyric``: their number, the words Whisper wrote for them (all hallucinated), how many songs
+    got any, and ``hallucinated_word_rate``, hallucinated words per such song."""
+    sung = {k: s for k, s in songs.items() if s["ref_phones"] > 0}
+    n = sum(s["ref_phones"] for s in sung.values())
+    e_t = sum(s["edits"] for s in sung.values())
+    e_n = sum(s["edits_no_tone"] for s in sung.values())
+    silent = [s for s in songs.values() if s["ref_phones"] == 0]
+    words = [int(s.get("hyp_words", s["hyp_phones"] > 0)) for s in silent]
     return {"corpus_per": e_t / n if n else None, "corpus_per_no_tone": e_n / n if n else None,
-            "ref_phones": n, "edits": e_t, "n_songs": len(songs)}
+            "ref_phones": n, "edits": e_t, "n_songs": len(sung),
+            "no_lyric": {"n_songs": len(silent), "hyp_words": sum(words), "songs_with_words": sum(w > 0 for w in words),
+                         "hallucinated_word_rate": sum(words) / len(silent) if silent else None}}
 
 
 def _fmt(x: float | None) -> str:
@@ -243,10 +283,16 @@ def table(res: dict[str, Any]) -> str:
     lines = ["| idx | lang | ref phones | edits | PER | PER no tone | transcript |", "|---|---|---|---|---|---|---|"]
     for idx, s in res["songs"].items():
         hyp = s["hyp"] if len(s["hyp"]) <= 60 else s["hyp"][:57] + "..."
-        lines.append(f"| {idx} | {s['lang']} | {s['ref_phones']} | {s['edits']} | {_fmt(s['per'])} | "
+        per = _fmt(s["per"]) if s["ref_phones"] else f"no lyric: {s.get('hyp_words', '?')} word(s) hallucinated"
+        lines.append(f"| {idx} | {s['lang']} | {s['ref_phones']} | {s['edits']} | {per} | "
                      f"{_fmt(s['per_no_tone'])} | {hyp.replace('|', '/')} |")
     lines.append(f"| corpus ({res['n_songs']} songs) | {res['lang']} | {res['ref_phones']} | {res['edits']} | "
                  f"{_fmt(res['corpus_per'])} | {_fmt(res['corpus_per_no_tone'])} | |")
+    nl = res["no_lyric"]
+    if nl["n_songs"]:
+        lines.append(f"| no lyric ({nl['n_songs']} songs, not in the corpus PER) | {res['lang']} | 0 | | "
+                     f"{_fmt(nl['hallucinated_word_rate'])} hallucinated words per song | | "
+                     f"{nl['songs_with_words']} of {nl['n_songs']} with words |")
     for idx, msg in res["failed"].items():
         lines.append(f"FAILED {idx}: {msg}")
     return "\n".join(lines)
@@ -302,9 +348,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     todo = []
     resumed = 0
     for idx, ly in lyrics.items():
+        if Path(args.audio).is_dir() and not is_file_name(idx):
+            failed[idx] = (f"idx {idx!r} is not a plain file name (no '/', '\\', NUL; not '.' or '..'): its audio "
+                           f"would be read outside --audio {args.audio}; refused")
+            continue
         p = prev.get(idx)
-        if p is not None and p.get("ref") == phonemes.normalize(ly, langs[idx]) and p.get("lang") == langs[idx]:
-            songs[idx] = p
+        if (isinstance(p, dict) and isinstance(p.get("hyp"), str) and p.get("lang") == langs[idx]
+                and p.get("ref") == phonemes.normalize(ly, langs[idx])):
+            songs[idx] = {**p, **score(ly, p["hyp"], langs[idx])}  # the stored transcript, scored anew
             resumed += 1
             continue
         try:
@@ -395,5 +446,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per file (default: OMP_NUM_THREADS, else CTranslate2's default)")
 
 
-__all__ = ["PerError", "Transcriber", "add_arguments", "check_model_dir", "cmd_per", "corpus", "find_audio",
-           "load_separator", "read_audio", "read_lyrics", "require_eval_extra", "run", "score", "table"]
+__all__ = ["PerError", "Transcriber", "add_arguments", "check_model_dir", "cmd_per", "corpus", "count_words",
+           "find_audio", "is_file_name", "load_separator", "read_audio", "read_lyrics", "require_eval_extra", "run",
+           "score", "table"]

@@ -1,7 +1,8 @@
 """Normalisation, G2P and phone edit distance behind ``levo-eval per`` (pure functions).
 
 A lyric in the released format and a Whisper transcript go through the same steps, so that only
-what was *sung* differently counts:
+what was *sung* differently counts (a transcript first loses Whisper's annotations,
+:func:`strip_annotations`, and keeps its decimal points):
 
 1. :func:`strip_structure` drops structure tags, ``;`` section and ``.`` sentence separators;
 2. :func:`spell_numbers` writes digits out (English or Chinese, from the neighbouring script);
@@ -27,6 +28,7 @@ __all__ = [
     "SUPPORTED_LANGS",
     "UnsupportedScriptError",
     "strip_structure",
+    "strip_annotations",
     "spell_numbers",
     "en_number",
     "zh_number",
@@ -48,9 +50,16 @@ UNK = "<unk>"
 _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
 _HAN_RE = re.compile(f"[{_HAN}]")
 _TAG_RE = re.compile(r"\[[^\[\]]*\]")
-# a '.' that is not a decimal point (digit.digit) separates sentences
+# in a transcript, a '.' that is not a decimal point (digit.digit) ends a sentence
 _SENT_DOT_RE = re.compile(r"(?<!\d)\.|\.(?!\d)")
-_NUM_RE = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(st|nd|rd|th)?(%)?", re.IGNORECASE)
+# Whisper's annotations: (music), (upbeat music), *laughs* (innermost parentheses first)
+_PAREN_RE = re.compile(r"\([^()]*\)")
+_STAR_RE = re.compile(r"\*[^*\n]*\*")
+# a number, its decimals, an ordinal or plural suffix (1st, 90s, 80's: no letter after it), a percent sign
+_NUM_RE = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(st|nd|rd|th|['\u2019]?s(?![a-z]))?(%)?", re.IGNORECASE)
+# Latin letters without a decomposition into a base letter + accent, written as ASCII letters
+_LATIN_LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "ł": "l", "đ": "d", "ð": "d", "þ": "th",
+                                "ı": "i", "ħ": "h", "ŧ": "t", "ŋ": "ng", "ĸ": "k"})
 _TOKEN_RE = re.compile(f"[{_HAN}]+|[a-z]+(?:'[a-z]+)*'?|[^\\s{_HAN}a-z]+")
 
 
@@ -59,27 +68,46 @@ class UnsupportedScriptError(ValueError):
 
 
 # ---------------------------------------------------------------------------- structure, folding
-def strip_structure(text: str) -> str:
+def strip_structure(text: str, *, decimals: bool = False) -> str:
     """Drop what the released lyric format adds around the sung words.
 
-    Rules: every ``[...]`` (structure tags such as ``[verse]``, ``[intro-short]``) becomes a space;
-    ``;`` (sections) becomes a space; ``.`` (sentences) becomes a space unless it stands between two
-    digits (a decimal point, ``3.5``). Whitespace is collapsed.
+    Rules: the width is normalised first (NFKC: full-width ``［verse］``, ``；`` and ``．`` are
+    ``[verse]``, ``;`` and ``.``); every ``[...]`` (structure tags such as ``[verse]``,
+    ``[intro-short]``; Whisper's ``[Music]``) becomes a space; ``;`` (sections) becomes a space;
+    ``.`` (sentences) becomes a space. In the released lyric format every ``.`` separates sentences
+    (``a b.c d``; the lyric checker reads ``2019.3 years`` as the sentences ``2019`` and ``3 years``), so
+    a lyric has no decimals; with ``decimals`` (a transcript: Whisper writes ``3.5``) a ``.`` between
+    two digits stays a decimal point. Whitespace is collapsed.
     """
-    text = _TAG_RE.sub(" ", text).replace(";", " ")
-    return " ".join(_SENT_DOT_RE.sub(" ", text).split())
+    text = _TAG_RE.sub(" ", unicodedata.normalize("NFKC", text)).replace(";", " ")
+    return " ".join((_SENT_DOT_RE.sub(" ", text) if decimals else text.replace(".", " ")).split())
+
+
+def strip_annotations(text: str) -> str:
+    """Drop Whisper's annotations from a transcript: ``(...)`` (``(upbeat music)``, ``(laughs)``; nested
+    ones from the innermost) and ``*...*`` (``*sighs*``) become a space, after width normalisation
+    (``（音乐）``). Only for transcripts: a lyric's parentheses (backing vocals) are sung."""
+    text = unicodedata.normalize("NFKC", text)
+    while True:
+        out = _PAREN_RE.sub(" ", text)
+        if out == text:
+            break
+        text = out
+    return _STAR_RE.sub(" ", text)
 
 
 def fold(text: str) -> str:
     """Fold case, width, accents and punctuation so that spelling differences don't count.
 
     Rules: NFKC (full-width letters and digits become ASCII); lower case; accents on Latin letters
-    dropped (``café`` -> ``cafe``); curly apostrophes become ``'``; every other character that is
+    dropped (``café`` -> ``cafe``); Latin letters that have no accent to drop are spelled in ASCII
+    (``ß`` ss, ``æ`` ae, ``œ`` oe, ``ø`` o, ``ł`` l, ``đ`` ``ð`` d, ``þ`` th, ``ı`` i, ``ħ`` h, ``ŧ`` t,
+    ``ŋ`` ng, ``ĸ`` k), so ``Straße`` reads ``strasse``; curly apostrophes become ``'``; every other character that is
     not a letter, digit, ``'`` or whitespace (punctuation, symbols, dashes, CJK punctuation) becomes a
     space; a word-final ``in'`` is sung ``ing`` (``lovin'`` -> ``loving``); an apostrophe not between
     two Latin letters (``'cause``, ``dreamers'``) becomes a space.
     """
-    text = unicodedata.normalize("NFKC", text).lower()
+    text = unicodedata.normalize("NFKC", text).lower().translate(_LATIN_LETTERS)
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
     out: list[str] = []
     for ch in text:
@@ -130,14 +158,23 @@ def _en_cardinal(n: int) -> list[str]:
     return words + (_en_below_1000(n) if n else [])
 
 
-def en_number(digits: str, *, ordinal: bool = False, year_ok: bool = True) -> str:
+def _en_plural(word: str) -> str:
+    """``ninety`` -> ``nineties``, ``six`` -> ``sixes``, ``hundred`` -> ``hundreds``."""
+    if word.endswith("y"):
+        return word[:-1] + "ies"
+    return word + ("es" if word.endswith("x") else "s")
+
+
+def en_number(digits: str, *, ordinal: bool = False, year_ok: bool = True, plural: bool = False) -> str:
     """English words for a digit string.
 
     Rules: cardinal American style without "and" (``120`` -> ``one hundred twenty``); a leading zero
     or more than 15 digits is read digit by digit (``007`` -> ``zero zero seven``); with ``year_ok``
     a 4-digit number 1100-1999 or 2010-2099 is read as a year (``1999`` -> ``nineteen ninety nine``,
     ``1900`` -> ``nineteen hundred``, ``1905`` -> ``nineteen oh five``); ``ordinal`` turns the last word
-    into its ordinal (``21st`` -> ``twenty first``, ``12th`` -> ``twelfth``, ``20th`` -> ``twentieth``).
+    into its ordinal (``21st`` -> ``twenty first``, ``12th`` -> ``twelfth``, ``20th`` -> ``twentieth``);
+    ``plural`` into its plural, the decades (``90s`` -> ``nineties``, ``1990s`` -> ``nineteen nineties``,
+    ``1900s`` -> ``nineteen hundreds``, ``2s`` -> ``twos``).
     """
     n = int(digits)
     if (len(digits) > 1 and digits[0] == "0") or len(digits) > 15:
@@ -162,6 +199,8 @@ def en_number(digits: str, *, ordinal: bool = False, year_ok: bool = True) -> st
         else:
             last += "th"
         words[-1] = last
+    elif plural:
+        words[-1] = _en_plural(words[-1])
     return " ".join(words)
 
 
@@ -236,7 +275,8 @@ def spell_numbers(text: str, lang: str = "en") -> str:
     """Write numbers out in words, in the language of the neighbouring script.
 
     Rules: ``1,000`` thousand separators are dropped; ``3.5`` reads ``three point five`` /
-    ``三点五``; ``1st`` ``2nd`` ``3rd`` ``4th`` are English ordinals; ``%`` reads ``percent`` /
+    ``三点五``; ``1st`` ``2nd`` ``3rd`` ``4th`` are English ordinals; ``90s`` / ``80's`` (an ``s`` with no
+    letter after it, no decimals) are English plurals, ``nineties``, ``eighties``; ``%`` reads ``percent`` /
     ``百分之``; a number directly before ``年`` is read digit by digit (a year); the language is
     that of the next letter after the number, else of the letter before it, else ``lang``. Run on
     full-width-folded text (NFKC) so that ``２`` counts as a digit.
@@ -245,7 +285,11 @@ def spell_numbers(text: str, lang: str = "en") -> str:
     out, pos = [], 0
     for m in _NUM_RE.finditer(text):
         intpart, frac, suffix, pct = m.group(1).replace(",", ""), m.group(2), m.group(3), m.group(4)
-        lg = "en" if suffix else _digit_lang(text, m.start(), m.end(), lang)
+        plural = bool(suffix) and suffix.lower().endswith("s")
+        end = m.end()
+        if plural and frac:  # "3.5s": not a plural; the s (and what follows) stays text
+            suffix, plural, pct, end = None, False, None, m.start(3)
+        lg = "en" if suffix else _digit_lang(text, m.start(), end, lang)
         if lg == "zh":
             year = not frac and not pct and text[m.end():m.end() + 1] == "年"
             words = zh_number(intpart, digit_by_digit=year)
@@ -254,23 +298,26 @@ def spell_numbers(text: str, lang: str = "en") -> str:
             if pct:
                 words = "百分之" + words
         else:
-            words = en_number(intpart, ordinal=bool(suffix) and not frac,
+            words = en_number(intpart, ordinal=bool(suffix) and not plural and not frac, plural=plural,
                               year_ok=not (frac or pct or "," in m.group(1)))
             if frac:
                 words += " point " + " ".join(_EN_ONES[int(d)] for d in frac[1:])
             if pct:
                 words += " percent"
         out += [text[pos:m.start()], words if lg == "zh" else f" {words} "]
-        pos = m.end()
+        pos = end
     out.append(text[pos:])
     return "".join(out)
 
 
-def normalize(text: str, lang: str = "en") -> str:
+def normalize(text: str, lang: str = "en", *, transcript: bool = False) -> str:
     """A lyric or transcript as space-separated English words and Chinese runs (steps 1-3 of the
     module docstring): ``"[verse] 你好 world . la la ; [chorus] 2 hearts"`` ->
-    ``"你好 world la la two hearts"``."""
-    return fold(spell_numbers(strip_structure(text), lang))
+    ``"你好 world la la two hearts"``. ``transcript``: Whisper's output, whose annotations are dropped
+    (:func:`strip_annotations`) and whose ``3.5`` is a decimal."""
+    if transcript:
+        text = strip_annotations(text)
+    return fold(spell_numbers(strip_structure(text, decimals=transcript), lang))
 
 
 # ---------------------------------------------------------------------------- scripts, language
@@ -412,10 +459,11 @@ def chinese_phones(run: str, *, tones: bool = True) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- phones, distance
-def to_phones(text: str, lang: str = "en", *, tones: bool = True, strict: bool = False) -> list[str]:
-    """Phones of a lyric or transcript (:func:`normalize`, :func:`split_script`, then the G2P of each
-    piece's script whatever ``lang``; ``lang`` only decides how a number between two non-letters
-    reads).
+def to_phones(text: str, lang: str = "en", *, tones: bool = True, strict: bool = False,
+              transcript: bool = False) -> list[str]:
+    """Phones of a lyric or transcript (:func:`normalize`, with ``transcript`` for Whisper's output;
+    :func:`split_script`, then the G2P of each piece's script whatever ``lang``; ``lang`` only decides
+    how a number between two non-letters reads).
 
     Letters of another script (kana, Hangul, Cyrillic ...) raise :class:`UnsupportedScriptError`
     with ``strict`` (the reference lyric), else count one ``<unk>`` phone each (a transcript).
@@ -423,7 +471,7 @@ def to_phones(text: str, lang: str = "en", *, tones: bool = True, strict: bool =
     if lang not in SUPPORTED_LANGS:
         raise ValueError(f"language {lang!r} is not supported by the G2P; supported: {', '.join(SUPPORTED_LANGS)}")
     phones: list[str] = []
-    for script, tok in split_script(normalize(text, lang)):
+    for script, tok in split_script(normalize(text, lang, transcript=transcript)):
         if script == "en":
             phones += english_phones(tok)
         elif script == "zh":

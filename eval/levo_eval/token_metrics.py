@@ -5,11 +5,20 @@
 
 A set (``--ref``, ``--gen``) is a folder of ``*.pt`` token files as levo-infer writes them
 (``tokens/<idx>.pt``, LongTensor ``[3, T]``: mixed, vocal, bgm; ``<idx>_vocal.pt`` / ``<idx>_bgm.pt``
-of ``--mode separate`` are skipped when ``<idx>.pt`` is there) or a song shard folder (``index.json``
-or ``*.tar``, :mod:`levo_train.data.shards`). For token files, each song's lyric, style and length
-cap come from levo-infer's records (``*.jsonl`` in the folder or in ``../jsonl/``, matched by
-``idx``; ``lyric``, ``style``, ``settings.max_frames``); a song without a record is scored by the
-reward model with an empty lyric and style (counted as ``unconditioned``).
+of ``--mode separate`` are skipped when ``<idx>.pt`` is there), a levo-infer output folder (its
+``tokens/`` is read), or a song shard folder (``index.json`` or ``*.tar``,
+:mod:`levo_train.data.shards`). For token files, each song's lyric, style, length cap and output mode
+come from levo-infer's records (``*.jsonl`` in the folder or in ``../jsonl/``, matched by ``idx``;
+``lyric``, ``style``, ``settings.max_frames``, ``settings.mode``); a song without a record is scored
+by the reward model with an empty lyric and style (counted as ``unconditioned``).
+
+Single-stream output: a ``--mode vocal`` song's file holds the bgm stream replaced by the silent
+code 9670, a ``--mode bgm`` song's the vocal stream replaced by 3142 (and a separate-mode
+``<idx>_vocal.pt`` / ``<idx>_bgm.pt`` likewise). Such a substituted stream is not the model's output:
+it is left out of that stream's metrics (``streams.<name>.songs`` counts the songs measured, the
+metrics are null when none is left), and ``substituted`` counts the songs left out per stream.
+``frame_repeat_rate`` and ``ngram_repeat_rate`` compare whole frames, which a constant stream does not
+change, so they keep every song.
 
 Metrics per set (pooled over its songs; T = a song's frames):
 
@@ -18,10 +27,11 @@ Metrics per set (pooled over its songs; T = a song's frames):
   the frames before the earliest EOS, so a song that never emitted EOS has ``T == cap``). The cap is
   ``--max-frames`` or, per song, its record's ``settings.max_frames``; ``eos_rate`` is over the songs
   with a known cap (``eos_known``) and null without any.
-* per stream (``mixed``, ``vocal``, ``bgm``): ``codes_used`` (distinct codes), ``usage`` (codes_used
-  / code size), ``entropy_bits`` (Shannon entropy of the set's code histogram, base 2),
-  ``entropy_norm`` (entropy / log2(code size)) and ``repeat_rate`` (the share of frames t >= 1 whose
-  code equals the code at t - 1, over all songs: Σ repeats / Σ (T - 1)).
+* per stream (``mixed``, ``vocal``, ``bgm``): ``songs`` (the songs whose stream is measured: all but
+  the single-stream substitutes above), ``codes_used`` (distinct codes), ``usage`` (codes_used / code
+  size), ``entropy_bits`` (Shannon entropy of the set's code histogram, base 2), ``entropy_norm``
+  (entropy / log2(code size)) and ``repeat_rate`` (the share of frames t >= 1 whose code equals the
+  code at t - 1, over those songs: Σ repeats / Σ (T - 1)).
 * ``frame_repeat_rate``: the same for whole frames (all streams equal the previous frame: a held
   frame); ``ngram_repeat_rate``: the share of n-frame windows (n = ``--ngram``, 4; whole frames)
   that repeat a window seen earlier in the same song, Σ (windows - distinct windows) / Σ windows.
@@ -61,6 +71,11 @@ STREAMS = ("mixed", "vocal", "bgm")
 DEFAULT_CODE_SIZE = 16384
 FRAME_RATE = 25
 SEPARATE_SUFFIXES = ("_vocal", "_bgm")
+#: the stream a levo-infer output mode replaces by its silent code (levo_infer.generate.mode_tokens)
+SUBSTITUTED = {"vocal": "bgm", "bgm": "vocal"}
+SUBSTITUTED_NOTE = ("single-stream output (levo-infer --mode vocal / bgm, and separate's _vocal / _bgm files) holds "
+                    "the other stream replaced by its silent code (bgm 9670, vocal 3142): left out of that stream's "
+                    "metrics")
 
 
 class UsageError(ValueError):
@@ -154,20 +169,29 @@ def ngram_repeat_rate(tokens: Sequence[np.ndarray], n: int = 4) -> float | None:
     return repeated / total if total else None
 
 
-def stream_stats(tokens: Sequence[np.ndarray], code_size: int) -> dict[str, dict[str, Any]]:
-    """Per stream: ``codes_used``, ``usage``, ``entropy_bits``, ``entropy_norm``, ``repeat_rate``."""
+def stream_stats(tokens: Sequence[np.ndarray], code_size: int,
+                 substituted: Sequence[str | None] | None = None) -> dict[str, dict[str, Any]]:
+    """Per stream: ``songs``, ``codes_used``, ``usage``, ``entropy_bits``, ``entropy_norm``,
+    ``repeat_rate``; ``substituted[j]`` names song j's stream that is a silent substitute (left out of
+    that stream), if any. A stream no song is measured in has null metrics."""
     k = tokens[0].shape[0] if tokens else len(STREAMS)
     names = STREAMS if k == len(STREAMS) else tuple(f"s{i}" for i in range(k))
-    rep, _ = repeat_rates(tokens)
-    out = {}
+    sub = list(substituted) if substituted is not None else [None] * len(tokens)
+    out: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
+        rows = [t[i:i + 1] for t, x in zip(tokens, sub) if x != name]
+        if not rows:
+            out[name] = {"songs": 0, "codes_used": None, "usage": None, "entropy_bits": None, "entropy_norm": None,
+                         "repeat_rate": None}
+            continue
         counts = np.zeros(code_size, dtype=np.int64)
-        for t in tokens:
-            counts += np.bincount(t[i], minlength=code_size)[:code_size]
+        for r in rows:
+            counts += np.bincount(r[0], minlength=code_size)[:code_size]
         h = entropy_bits(counts)
         used = int((counts > 0).sum())
-        out[name] = {"codes_used": used, "usage": used / code_size, "entropy_bits": h,
-                     "entropy_norm": h / math.log2(code_size) if code_size > 1 else None, "repeat_rate": rep[i]}
+        out[name] = {"songs": len(rows), "codes_used": used, "usage": used / code_size, "entropy_bits": h,
+                     "entropy_norm": h / math.log2(code_size) if code_size > 1 else None,
+                     "repeat_rate": repeat_rates(rows)[0][0]}
     return out
 
 
@@ -195,6 +219,11 @@ class TokenSet:
     unconditioned: int = 0
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    modes: list[str | None] = field(default_factory=list)  # each song's levo-infer mode (None: unknown)
+
+    def substituted(self) -> list[str | None]:
+        """Each song's stream that its mode replaced by a silent code (None: every stream is real)."""
+        return [SUBSTITUTED.get(m or "") for m in self.modes] if self.modes else [None] * len(self.songs)
 
 
 def _records(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -224,6 +253,22 @@ def _records(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
     return out, bad
 
 
+def _mode(recs: dict[str, dict[str, Any]], stem: str) -> str | None:
+    """The levo-infer mode a token file was written in, from its record's ``settings.mode``; a
+    separate-mode ``<idx>_vocal`` / ``<idx>_bgm`` file is a vocal / bgm one."""
+    def mode_of(rec: dict[str, Any] | None) -> str | None:
+        settings = rec.get("settings") if isinstance(rec, dict) else None
+        m = settings.get("mode") if isinstance(settings, dict) else None
+        return m if isinstance(m, str) else None
+
+    if stem in recs:
+        return mode_of(recs[stem])
+    for sfx in SEPARATE_SUFFIXES:
+        if stem.endswith(sfx) and mode_of(recs.get(stem[: -len(sfx)])) == "separate":
+            return sfx[1:]
+    return None
+
+
 def _cond(rec: dict[str, Any] | None) -> tuple[str, str, int | None] | None:
     if rec is None:
         return None
@@ -244,13 +289,17 @@ def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenS
     if not p.is_dir():
         raise UsageError(f"{p}: no such folder")
     pts = sorted(p.glob("*.pt"))
+    if not pts and (p / "tokens").is_dir() and any((p / "tokens").glob("*.pt")):  # a levo-infer output folder
+        p = p / "tokens"
+        pts = sorted(p.glob("*.pt"))
     if not pts:
         try:
             index = read_index(p)
         except ShardError as e:
             raise UsageError(str(e)) from None
         if index is None and not any(p.glob("*.tar")):
-            raise UsageError(f"{p}: neither *.pt token files nor a song shard folder (index.json / *.tar)")
+            raise UsageError(f"{p}: neither *.pt token files, a levo-infer output folder (tokens/*.pt) nor a song "
+                             "shard folder (index.json / *.tar)")
         cs = int((index or {}).get("code_size") or DEFAULT_CODE_SIZE)
         try:
             songs = list(iter_songs(str(p), code_size=cs))
@@ -288,6 +337,7 @@ def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenS
         lyric, style, cap = rec or ("", "", None)
         ts.songs.append(Song(f.stem, arr, lyric, style, None, {}))
         ts.caps.append(max_frames if max_frames is not None else cap)
+        ts.modes.append(_mode(recs, f.stem))
     if not ts.songs:
         raise UsageError(f"{p}: no readable token files" + (f" ({ts.errors[0]})" if ts.errors else ""))
     if len({s.tokens.shape[0] for s in ts.songs}) != 1:
@@ -305,10 +355,15 @@ def set_metrics(ts: TokenSet, *, code_size: int, ngram: int = 4, frame_rate: flo
         raise UsageError(f"{ts.path}: codes up to {top}, but the code size is {code_size}: pass --code-size "
                          f"{top + 1} or more (or --rm with the export the songs belong to)")
     _, frame_rep = repeat_rates(toks)
-    return {"path": ts.path, "kind": ts.kind, "n": len(toks), "skipped": len(ts.skipped),
-            "unconditioned": ts.unconditioned, "length": length_stats([t.shape[1] for t in toks], ts.caps, frame_rate),
-            "streams": stream_stats(toks, code_size), "frame_repeat_rate": frame_rep,
-            "ngram_repeat_rate": ngram_repeat_rate(toks, ngram)}
+    sub = ts.substituted()
+    out = {"path": ts.path, "kind": ts.kind, "n": len(toks), "skipped": len(ts.skipped),
+           "unconditioned": ts.unconditioned, "length": length_stats([t.shape[1] for t in toks], ts.caps, frame_rate),
+           "streams": stream_stats(toks, code_size, sub), "frame_repeat_rate": frame_rep,
+           "ngram_repeat_rate": ngram_repeat_rate(toks, ngram),
+           "substituted": {name: sum(x == name for x in sub) for name in ("vocal", "bgm")}}
+    if any(sub):
+        out["note"] = SUBSTITUTED_NOTE
+    return out
 
 
 def rm_embedder(model: Any, batch_size: int = 64) -> Callable[[Sequence[Any]], np.ndarray]:
@@ -371,9 +426,13 @@ def describe_set(label: str, m: dict[str, Any]) -> str:
              f"frames {ln['frames_mean']:.1f} ± {ln['frames_std']:.1f} [{ln['frames_min']}, {ln['frames_max']}]",
              f"EOS before cap {_fmt(ln['eos_rate'])}",
              "usage " + "/".join(_fmt(s["usage"]) for s in st.values()),
-             "entropy bits " + "/".join(f"{s['entropy_bits']:.2f}" for s in st.values()),
+             "entropy bits " + "/".join("n/a" if s["entropy_bits"] is None else f"{s['entropy_bits']:.2f}"
+                                        for s in st.values()),
              "repeat " + "/".join(_fmt(s["repeat_rate"]) for s in st.values()),
              f"held frames {_fmt(m['frame_repeat_rate'])}", f"repeated n-grams {_fmt(m['ngram_repeat_rate'])}"]
+    sub = {k: v for k, v in m.get("substituted", {}).items() if v}
+    if sub:
+        parts.append("silent substitutes left out: " + ", ".join(f"{k} of {v} song(s)" for k, v in sub.items()))
     if "rm" in m:
         parts.append("RM " + ", ".join(f"{k} {v:.3f}" for k, v in m["rm"].items()))
     return "; ".join(parts)
@@ -419,6 +478,9 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         if model is not None and ts.unconditioned:
             print(f"levo-eval tokens: warning: {ts.unconditioned} song(s) of {ts.path} have no levo-infer record "
                   "(lyric, style): the reward model scores them with an empty lyric and style", file=sys.stderr)
+    for key in ("ref", "gen"):
+        if "note" in res[key]:
+            print(f"levo-eval tokens: note: {res[key]['path']}: {res[key]['note']}", file=sys.stderr)
     res["errors"] = errors
     res["seconds"] = round(time.time() - t0, 2)
     print(describe_set("ref", res["ref"]))
@@ -436,8 +498,10 @@ def add_tokens_parser(sub: Any) -> None:
     """Add the ``tokens`` subcommand to a ``levo-eval`` subparsers object."""
     t = sub.add_parser("tokens", help="length, EOS, codebook, repetition and reward-model metrics of token sets, "
                                       "and their Fréchet distance")
-    t.add_argument("--ref", required=True, help="reference set: folder of *.pt token files or a song shard folder")
-    t.add_argument("--gen", required=True, help="generated set: folder of *.pt token files or a song shard folder")
+    t.add_argument("--ref", required=True, help="reference set: folder of *.pt token files, a levo-infer output folder "
+                                                "or a song shard folder")
+    t.add_argument("--gen", required=True, help="generated set: folder of *.pt token files, a levo-infer output folder "
+                                                "or a song shard folder")
     t.add_argument("--rm", default=None, metavar="EXPORT", help="reward-model export: scores per dimension and the "
                                                                 "Fréchet distance over its pooled features")
     t.add_argument("--embed", default=None, metavar="MODULE:FUNCTION",

@@ -4,7 +4,7 @@
                [--not-use-flash-attn] [--batch-size N] [--duration S] [--cfg-coef X] [--top-k K]
                [--temperature T] [--seed N] [--codec CODEC_DIR | --tokens-only]
                [--auto-prompt-file PATH] [--device ...] [--lyrics check|normalize|raw] [--strict]
-    levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR [--device ...] [--seed N]
+    levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR [--device ...] [--seed N] [--batch-size N]
 
 The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``, ``--separate``,
 ``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
@@ -96,6 +96,9 @@ class Codec(Protocol):
     def decode(self, tokens: Any, seed: int | None = None) -> Any:
         """[3, T] tokens (mixed, vocal, bgm) -> waveform [channels, samples] (float tensor); the
         decoder's noise drawn from ``seed``."""
+
+    def decode_batch(self, tokens: Sequence[Any], seeds: Sequence[int | None]) -> list[Any]:
+        """Songs of the same window count decoded together, each as ``decode(tokens[i], seeds[i])``."""
 
 
 def load_codec(codec_dir: str | os.PathLike, device: str) -> Codec:
@@ -551,7 +554,7 @@ class Runner:
         for i, s in enumerate(batch):
             n = int(lengths[i])
             try:  # each song on its own: a failed write fails this song alone
-                files, audios = self.write_song(s, codes[i, :, :n].clone())
+                files, audios, clipped = self.write_song(s, codes[i, :, :n].clone())
             except SongOutputError as e:
                 self.fail(s.line, s.idx, f"idx {s.idx!r}: {e}")
                 continue
@@ -560,20 +563,20 @@ class Runner:
                 "prompt": s.prompt_info, "seed": s.seed, "frames": n,
                 "audio_seconds": n / m.cfg.frame_rate, "ended_with_eos": n < self.max_frames,
                 "seconds": seconds / len(batch), "batch_seconds": seconds, "batch_songs": len(batch),
-                "tokens": files, "audios": audios, "settings": self.settings,
+                "tokens": files, "audios": audios, "clipped_samples": clipped, "settings": self.settings,
             }
             if s.warnings:
                 record["warnings"] = s.warnings
             self.records.append(record)
 
-    def write_song(self, s: Song, toks: Any) -> tuple[list[str], list[str]]:
-        """Write one song's token files (and audio files with a codec); on failure remove what this
-        song wrote and raise :class:`SongOutputError` naming the file."""
+    def write_song(self, s: Song, toks: Any) -> tuple[list[str], list[str], list[int]]:
+        """Write one song's token files (and audio files with a codec, with each one's clipped-sample
+        count); on failure remove what this song wrote and raise :class:`SongOutputError` naming the file."""
         from .checkpoint import atomic_torch_save
         from .generate import mode_tokens
 
         written: list[Path] = []
-        files, audios = [], []
+        files, audios, clipped = [], [], []
         target = self.out / "tokens"
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -584,7 +587,8 @@ class Runner:
                 files.append(str(target))
                 if self.codec is not None:
                     target = self.out / "audios" / f"{s.idx}{sfx}.flac"
-                    audios.append(self.write_audio(t, target, s.seed))
+                    clipped.append(self.write_audio(t, target, s.seed))
+                    audios.append(str(target))
                     written.append(target)
         except Exception as e:  # noqa: BLE001 - reported for this song, the others go on
             for p in written:
@@ -592,9 +596,12 @@ class Runner:
             what = f"cannot write {target}" if isinstance(e, OSError) else f"cannot make {target}"
             detail = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
             raise SongOutputError(f"{what}: {detail}") from e
-        return files, audios
+        return files, audios, clipped
 
-    def write_audio(self, tokens: Any, path: Path, seed: int | None = None) -> str:
+    def write_audio(self, tokens: Any, path: Path, seed: int | None = None) -> int:
+        """Decode and write one FLAC file (atomic, fsynced); returns its clipped-sample count."""
+        from .codec.dsp import write_flac
+
         assert self.codec is not None
         return write_flac(self.codec.decode(tokens, seed=seed), int(self.codec.sample_rate), path)
 
@@ -640,26 +647,14 @@ class Runner:
         return 1 if n_bad else 0
 
 
-def write_flac(wav: Any, sample_rate: int, path: Path) -> str:
-    """``wav [channels, samples]`` -> a FLAC file (24-bit), written to a temp name and renamed."""
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        sf.write(str(tmp), wav.detach().float().cpu().numpy().T, sample_rate, format="FLAC", subtype="PCM_24")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return str(path)
-
-
 def decode_main(argv: Sequence[str]) -> int:
     """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt`` [3, T] as
     levo-infer writes them, ``*.npy`` as ``levo-data encode`` writes them) -> ``OUT_DIR/<name>.flac``.
     A file that cannot be decoded is reported and skipped (exit status 1); the others are written."""
     import numpy as np
     import torch
+
+    from .codec import song_groups, write_flac
 
     ap = argparse.ArgumentParser(prog="levo-infer decode", description=decode_main.__doc__.splitlines()[0])
     ap.add_argument("tokens_dir", help="folder of token files (OUT_DIR/tokens of an earlier levo-infer run, or the "
@@ -668,7 +663,12 @@ def decode_main(argv: Sequence[str]) -> int:
     ap.add_argument("--codec", required=True, metavar="CODEC_DIR", help="codec folder (model_septoken/, vae/)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed; file i (sorted) uses seed + i (default 0)")
+    ap.add_argument("--batch-size", type=int, default=1, metavar="N",
+                    help="decode up to N songs with the same number of 40 s windows together (default 1); each "
+                         "keeps its seed, the audio equals one-at-a-time decoding up to float rounding")
     a = ap.parse_args(list(argv))
+    if a.batch_size < 1:
+        ap.error(f"--batch-size {a.batch_size}: must be >= 1")
     src, out = Path(a.tokens_dir), Path(a.out_dir)
     files = sorted([*src.glob("*.pt"), *src.glob("*.npy")]) if src.is_dir() else []
     if not files:
@@ -681,19 +681,47 @@ def decode_main(argv: Sequence[str]) -> int:
         print(f"levo-infer decode: error: {e}", file=sys.stderr)
         return 2
     failed = 0
+    songs: list[tuple[int, Path, Any]] = []  # (file number, file, tokens)
     for i, f in enumerate(files):
         try:
             if f.suffix == ".npy":
                 toks = torch.from_numpy(np.load(f, allow_pickle=False))
             else:
                 toks = torch.load(f, map_location="cpu", weights_only=True)
-            if not isinstance(toks, torch.Tensor):
+            if not isinstance(toks, torch.Tensor) or toks.dim() < 1:
                 raise ValueError(f"holds a {type(toks).__name__}, expected a LongTensor [3, T]")
-            path = write_flac(codec.decode(toks, seed=a.seed + i), int(codec.sample_rate), out / f"{f.stem}.flac")
-            print(f"levo-infer decode: {f} -> {path}", file=sys.stderr)
+            songs.append((i, f, toks))
         except Exception as e:  # noqa: BLE001 - one bad file fails alone
             failed += 1
             print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def write(f: Path, wav: Any) -> None:
+        path = out / f"{f.stem}.flac"
+        clipped = write_flac(wav, int(codec.sample_rate), path)
+        note = f" ({clipped} sample(s) beyond full scale, clipped)" if clipped else ""
+        print(f"levo-infer decode: {f} -> {path}{note}", file=sys.stderr)
+
+    for group in song_groups([int(t.shape[-1]) for _, _, t in songs], a.batch_size):
+        batch = [songs[j] for j in group]
+        if len(batch) > 1:
+            try:
+                wavs = codec.decode_batch([t for _, _, t in batch], [a.seed + i for i, _, _ in batch])
+            except Exception:  # noqa: BLE001 - decode them one at a time below, so that a bad file fails alone
+                wavs = None
+            if wavs is not None:
+                for (_, f, _), wav in zip(batch, wavs):
+                    try:
+                        write(f, wav)
+                    except Exception as e:  # noqa: BLE001
+                        failed += 1
+                        print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+        for i, f, toks in batch:
+            try:
+                write(f, codec.decode(toks, seed=a.seed + i))
+            except Exception as e:  # noqa: BLE001 - one bad file fails alone
+                failed += 1
+                print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"levo-infer decode: {len(files) - failed} of {len(files)} file(s) decoded -> {out}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -15,6 +15,7 @@ user's SongGeneration checkout.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,7 +29,9 @@ from .decoder import (
     is_codec_dir,
     load_decoder,
     output_samples,
+    song_groups,
 )
+from .dsp import write_flac
 from .encoder import Encoder, EncoderError, NativeEncoder, frames_for, load_encoder
 
 
@@ -46,10 +49,16 @@ class SongCodec:
         wav, _ = self.decoder.decode(tokens[None] if tokens.dim() == 2 else tokens, "mixed", generator=g)
         return wav[0]
 
+    def decode_batch(self, tokens: Sequence[torch.Tensor], seeds: Sequence[int | None]) -> list[torch.Tensor]:
+        """Songs ``[3,T_i]`` of the same window count (:func:`song_groups`) decoded together, each with
+        the noise of its own seed: ``decode(tokens[i], seeds[i])`` for each, up to float rounding."""
+        gens = [torch.Generator().manual_seed(int(s)) if s is not None else None for s in seeds]
+        return self.decoder.decode_batch(list(tokens), "mixed", generators=gens)
+
 
 def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Any:
     """:class:`SongCodec` over the codec folder ``ckpt_dir``; on CUDA the solver runs under fp16
-    autocast as released (the VAE in fp32)."""
+    autocast as released (the VAE in fp32, TF32 off: :func:`~levo_infer.codec.decoder.strict_fp32`)."""
     dec = load_decoder(ckpt_dir, device=device)
     if torch.device(device).type == "cuda":
         dec.autocast = torch.float16
@@ -58,4 +67,4 @@ def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Any:
 
 __all__ = ["DECODE_MODES", "SAMPLE_RATE", "CodecError", "Decoder", "Encoder", "EncoderError", "NativeEncoder",
            "SongCodec", "find_codec_dir", "frames_for", "is_codec_dir", "load_codec", "load_decoder", "load_encoder",
-           "output_samples"]
+           "output_samples", "song_groups", "write_flac"]

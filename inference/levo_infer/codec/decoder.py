@@ -19,6 +19,16 @@ Noise: the released code never seeds it, so ``decode`` takes the windows' ``x0``
 (``noise=[x0_window0, x0_window1, ...]``), or draws them from ``generator`` in the released order
 (placeholder, ``x0`` of window 0, then per later window its pad and its ``x0``), so that a CPU
 torch generator replays the released draws.
+
+Groups of songs: ``decode_batch(songs)`` decodes songs of different lengths but the same window
+count together, each with its own noise (its own generator, or its own ``x0`` list) drawn exactly
+as a one-song ``decode`` draws it; :func:`song_groups` sorts a list of songs into such groups.
+
+Precision: fp32 by default, and truly so on GPU: the whole decode runs with TF32 off for cuBLAS
+matmuls and cuDNN convolutions (:func:`strict_fp32`; PyTorch lets cuDNN convolutions use TF32 on
+Ampere and later by default, the released code disables cuDNN instead). ``autocast`` (fp16/bf16)
+applies to the flow solver only, in one autocast scope per decode so that each weight is cast
+once; the VAE always runs in its own weight dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +97,56 @@ def tile_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def n_windows(frames: int) -> int:
+    """Windows a song of ``frames`` frames is decoded in (``(tiled_length - 250) / 750``)."""
     return (tiled_length(frames) - CONTEXT) // HOP
+
+
+def song_groups(frames: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of songs (by their frame counts) in groups that :meth:`Decoder.decode_batch` decodes
+    together: the same window count, at most ``batch_size`` songs, groups in the order of their first
+    song, songs in input order within a group."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    by_windows: dict[int, list[int]] = {}
+    for i, t in enumerate(frames):
+        by_windows.setdefault(n_windows(int(t)), []).append(i)
+    return [idx[j:j + batch_size] for idx in by_windows.values() for j in range(0, len(idx), batch_size)]
+
+
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block; the previous settings are
+    restored on exit.
+
+    Both PyTorch APIs are set together (``torch.set_float32_matmul_precision`` and
+    ``cudnn.allow_tf32``, then, where PyTorch has it (2.9+), ``fp32_precision`` of ``cuda.matmul`` and
+    ``cudnn.conv``), so that code reading either sees a consistent state. The flags are process-wide: a
+    concurrent thread's CUDA work runs with them too while the block lasts."""
+    m = torch.backends.cuda.matmul
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = hasattr(m, "fp32_precision") and hasattr(conv, "fp32_precision")
+    try:
+        legacy_mm: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed the legacy and new APIs: restore the new one only
+        legacy_mm = None
+    try:
+        legacy_conv: bool | None = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        legacy_conv = None
+    new = (m.fp32_precision, conv.fp32_precision) if new_api else None
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    if new_api:
+        m.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        if legacy_mm is not None:
+            torch.set_float32_matmul_precision(legacy_mm)
+        if legacy_conv is not None:
+            torch.backends.cudnn.allow_tf32 = legacy_conv
+        if new is not None:
+            m.fp32_precision, conv.fp32_precision = new
 
 
 def crossfade_join(parts: list[torch.Tensor], fade: int = CROSSFADE) -> torch.Tensor:
@@ -116,7 +177,7 @@ class Decoder:
     cfg: float = 1.5
     vae_chunk: int = 128
     vae_overlap: int = 32
-    autocast: torch.dtype | None = None  # fp16/bf16 for the solver on GPU (as released); the VAE stays fp32
+    autocast: torch.dtype | None = None  # fp16/bf16 for the solver on GPU (as released); never the VAE
     ignored: dict[str, int] = field(default_factory=dict)  # tensors of each file that decoding does not read
 
     @property
@@ -173,6 +234,56 @@ class Decoder:
             out.append(torch.randn(batch, WINDOW, D, generator=generator, device=dev))
         return out
 
+    def _streams(self, tokens: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded streams ``(vocal, bgm)`` of checked tokens ``[B,3,T]``, the other stream pinned to its
+        silent code in a single-stream mode, each tiled to the window layout."""
+        cv, cb = tokens[:, 1], tokens[:, 2]
+        if mode == "vocal":
+            cb = torch.full_like(cb, SILENT_BGM)
+        elif mode == "bgm":
+            cv = torch.full_like(cv, SILENT_VOCAL)
+        return tile_codes(cv), tile_codes(cb)
+
+    def _check_noise(self, noise: Sequence[torch.Tensor], B: int, K: int, what: str) -> None:
+        D = int(self.flow.latent_dim)
+        if len(noise) != K:
+            raise CodecError(f"{what} is decoded in {K} window(s) of {WINDOW} frames, got {len(noise)} noise "
+                             "tensor(s)")
+        for k, x0 in enumerate(noise):
+            if tuple(x0.shape) != (B, WINDOW, D):
+                raise CodecError(f"{what}: noise[{k}] has shape {tuple(x0.shape)}, expected {(B, WINDOW, D)}")
+
+    def _decode_tiled(self, cv: torch.Tensor, cb: torch.Tensor, noise: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Tiled codes ``[B, 250+750K]`` and K noise tensors -> each song's joined waveform ``[1,2,·]`` (not
+        yet cut).
+
+        All windows are solved first, batched, in one autocast scope (weights cast once per decode); then
+        the VAE turns each song's window latents into samples, outside that scope (fp32, or the VAE's own
+        dtype), one song at a time: convolution kernels pick other algorithms for other batch sizes, and
+        the solver's numbers do not depend on the batch (its time embedding is computed once for all
+        rows), so on CPU a song's audio is bit for bit the same whatever songs are decoded beside it."""
+        B, D = cv.shape[0], int(self.flow.latent_dim)
+        K = (cv.shape[-1] - CONTEXT) // HOP
+        amp = (torch.autocast(device_type=self.device.type, dtype=self.autocast) if self.autocast is not None
+               else nullcontext())
+        latents: list[torch.Tensor] = []
+        with amp:
+            prev = None
+            for k in range(K):
+                sl = slice(HOP * k, HOP * k + WINDOW)
+                x0 = noise[k].to(self.device, torch.float32)
+                if prev is None:
+                    Z, n_ctx = None, 0
+                else:  # the previous window's last 250 de-normalised latent frames, then nothing (masked away)
+                    ctx = prev[..., -CONTEXT:].transpose(1, 2)
+                    Z, n_ctx = torch.cat([ctx, ctx.new_zeros(B, HOP, D)], dim=1), CONTEXT
+                prev = self.flow.solve_window(cv[:, sl], cb[:, sl], Z, n_ctx, x0, steps=self.steps, cfg=self.cfg,
+                                              autocast=self.autocast).float()
+                latents.append(prev)
+        return [crossfade_join([self.vae.decode_chunked(lat[b:b + 1], chunk=self.vae_chunk,
+                                                        overlap=self.vae_overlap).float() for lat in latents])
+                for b in range(B)]
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, mode: str = "mixed", *, noise: list[torch.Tensor] | None = None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
@@ -182,37 +293,60 @@ class Decoder:
         drawn from ``generator`` (a fresh unseeded draw without one, as released)."""
         tokens = self.check_tokens(tokens, mode)
         B, _, T = tokens.shape
-        cv, cb = tokens[:, 1], tokens[:, 2]
-        if mode == "vocal":
-            cb = torch.full_like(cb, SILENT_BGM)
-        elif mode == "bgm":
-            cv = torch.full_like(cv, SILENT_VOCAL)
-        cv, cb = tile_codes(cv), tile_codes(cb)
+        cv, cb = self._streams(tokens, mode)
         K = (cv.shape[-1] - CONTEXT) // HOP
-        D = int(self.flow.latent_dim)
         if noise is None:
             noise = self.window_noise(B, K, generator)
-        if len(noise) != K:
-            raise CodecError(f"noise: a song of {T} frames is decoded in {K} window(s) of {WINDOW} frames, "
-                             f"got {len(noise)} noise tensor(s)")
-        for k, x0 in enumerate(noise):
-            if tuple(x0.shape) != (B, WINDOW, D):
-                raise CodecError(f"noise[{k}] has shape {tuple(x0.shape)}, expected {(B, WINDOW, D)}")
-        parts, prev = [], None
-        for k in range(K):
-            sl = slice(HOP * k, HOP * k + WINDOW)
-            x0 = noise[k].to(self.device, torch.float32)
-            if prev is None:
-                Z, n_ctx = None, 0
-            else:  # the previous window's last 250 de-normalised latent frames, then nothing (masked away)
-                ctx = prev[..., -CONTEXT:].transpose(1, 2)
-                Z, n_ctx = torch.cat([ctx, ctx.new_zeros(B, HOP, D)], dim=1), CONTEXT
-            latent = self.flow.solve_window(cv[:, sl], cb[:, sl], Z, n_ctx, x0, steps=self.steps, cfg=self.cfg,
-                                            autocast=self.autocast)
-            prev = latent.float()
-            parts.append(self.vae.decode_chunked(prev, chunk=self.vae_chunk, overlap=self.vae_overlap).float())
-        wav = crossfade_join(parts)[..., :output_samples(T)]
+        self._check_noise(noise, B, K, f"a song of {T} frames")
+        with strict_fp32():
+            wav = torch.cat(self._decode_tiled(cv, cb, noise))[..., :output_samples(T)]
         return wav.contiguous(), self.sample_rate
+
+    @torch.no_grad()
+    def decode_batch(self, songs: Sequence[torch.Tensor], mode: str = "mixed", *,
+                     generators: Sequence[torch.Generator | None] | None = None,
+                     noise: Sequence[Sequence[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """Songs ``[3,T_i]`` of the same window count (:func:`song_groups`), decoded together ->
+        their waveforms ``[2, int(T_i/100*4*48000)]`` float32, in order.
+
+        Each song keeps its own noise: ``noise[i]`` (its windows' ``x0 [1,1000,64]``), else drawn from
+        ``generators[i]`` in the released order, exactly the draws of ``decode(songs[i][None],
+        generator=generators[i])``, so the result is that of decoding the songs one at a time: bit
+        for bit on CPU (tested); on GPU up to float rounding, cuBLAS choosing its kernels by matrix size."""
+        n = len(songs)
+        if n == 0:
+            return []
+        if generators is not None and len(generators) != n:
+            raise CodecError(f"{n} songs but {len(generators)} generators")
+        if noise is not None and len(noise) != n:
+            raise CodecError(f"{n} songs but noise for {len(noise)}")
+        checked = []
+        for i, song in enumerate(songs):
+            try:
+                t = self.check_tokens(song, mode)
+            except CodecError as e:
+                raise CodecError(f"song {i}: {e}") from None
+            if t.shape[0] != 1:
+                raise CodecError(f"song {i}: expected one song [3,T], got shape {tuple(song.shape)}")
+            checked.append(t)
+        frames = [int(t.shape[-1]) for t in checked]
+        K = n_windows(frames[0])
+        if any(n_windows(f) != K for f in frames):
+            raise CodecError(f"decode_batch needs songs of the same window count; frames {frames} give windows "
+                             f"{[n_windows(f) for f in frames]} (group them with song_groups)")
+        per_song = []
+        for i, f in enumerate(frames):
+            x0s = list(noise[i]) if noise is not None else self.window_noise(
+                1, K, generators[i] if generators is not None else None)
+            self._check_noise(x0s, 1, K, f"song {i} ({f} frames)")
+            per_song.append(x0s)
+        streams = [self._streams(t, mode) for t in checked]
+        cv = torch.cat([s[0] for s in streams])
+        cb = torch.cat([s[1] for s in streams])
+        batch_noise = [torch.cat([p[k].to(self.device, torch.float32) for p in per_song]) for k in range(K)]
+        with strict_fp32():
+            wavs = self._decode_tiled(cv, cb, batch_noise)
+        return [w[0, :, :output_samples(f)].contiguous() for w, f in zip(wavs, frames)]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -271,7 +405,10 @@ def _load_septoken(path: Path, *, heads: int, dtype: torch.dtype) -> tuple[Any, 
             if x.is_floating_point() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
                 # a released file carries no checksum: NaN/inf is what a corrupted one shows
                 raise CodecError(f"{path}: tensor {k!r} holds non-finite values (NaN or inf): the file is corrupted")
-            state[k] = x.to(dtype if t.dtype.is_floating_point else t.dtype)
+            # weights in ``dtype``; the latent statistics stay fp32 whatever it is (fp16 turns counts of
+            # 1e6 into inf, bf16 moves a std by up to 5 %)
+            want_dtype = torch.float32 if k.startswith("normfeat.") else dtype
+            state[k] = x.to(want_dtype if t.dtype.is_floating_point else t.dtype)
     flow.load_state_dict(state, strict=True, assign=True)  # the meta-device module takes the file's tensors
     return flow.eval(), len(shapes) - len(want)
 
@@ -305,8 +442,11 @@ def load_decoder(ckpt_dir: str | os.PathLike, *, device: str | torch.device = "c
     """The decoder from a released runtime folder (``model_septoken/model_2.safetensors``,
     ``vae/stable_audio_1920_vae.json``, ``vae/autoencoder_music_1320k.ckpt``).
 
-    Sizes come from the tensor shapes and the VAE json (``heads``: the estimator's head count,
-    released 20). Every tensor decoding reads is checked (missing or misshaped: :class:`CodecError`
+    Sizes come from the tensor shapes (the estimator's layers, width, MLP width, positions, code and
+    latent sizes; a file with another MLP width than the released 2x is built with its own, as the
+    released GPT-2 config's ``n_inner`` allows) and the VAE json (``heads``: the estimator's head count,
+    which no shape holds, released 20). ``dtype``: the weights' dtype; the latent statistics stay fp32
+    whatever it is. Every tensor decoding reads is checked (missing or misshaped: :class:`CodecError`
     naming it); the others (MusicFM encoder, training heads, the VAE encoder) are ignored and
     counted. The pickle is read ``weights_only`` and memory-mapped; safetensors are read lazily.
     Released codec files carry no checksum of ours: the VAE checkpoint's own zip CRC-32s are
@@ -330,4 +470,4 @@ def load_decoder(ckpt_dir: str | os.PathLike, *, device: str | torch.device = "c
 
 __all__ = ["CONTEXT", "CROSSFADE", "DECODE_MODES", "HOP", "SAMPLE_RATE", "SILENT_BGM", "SILENT_VOCAL", "WINDOW",
            "CodecError", "Decoder", "crossfade_join", "find_codec_dir", "is_codec_dir", "load_decoder", "n_windows",
-           "output_samples", "tile_codes", "tiled_length"]
+           "output_samples", "song_groups", "strict_fp32", "tile_codes", "tiled_length"]

@@ -1,4 +1,5 @@
-"""Signal processing of the encode path: sinc resampling, the log-mel front end, reading audio files.
+"""Signal processing of the encode path: sinc resampling, the log-mel front end, reading audio files
+(and writing the decoder's FLAC files).
 
 Written from the formulas of ``encoder_facts.md`` §2.3–2.4, which are what torchaudio 2.6 (pinned
 by the released runtime) computes; torchaudio itself is not a dependency (it cannot be installed
@@ -192,6 +193,30 @@ def load_stereo_48k(path: str | os.PathLike) -> torch.Tensor:
     return check_waveform(x, str(path))
 
 
+def write_flac(wav: torch.Tensor, sample_rate: int, path: str | os.PathLike) -> int:
+    """``wav [channels, samples]`` (float, nominally within [-1, 1]) -> a 24-bit FLAC file at ``path``,
+    written like every other output: to a temp file in the same folder, fsynced, then renamed over
+    ``path``. Returns the clipped-sample count: the sample values (each channel counted) beyond full
+    scale, ``|x| > 1``, which the 24-bit file holds at full scale instead. A waveform with NaN or
+    infinite samples is refused (:class:`AudioError` naming the first), nothing is written."""
+    import soundfile as sf
+
+    path = Path(path)
+    x = check_waveform(wav.detach().cpu(), str(path), stereo=False)
+    clipped = int((x.abs() > 1.0).sum())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            sf.write(f, x.numpy().T, int(sample_rate), format="FLAC", subtype="PCM_24")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return clipped
+
+
 __all__ = ["HOP", "MAX_KERNEL_TAPS", "MUSICFM_RATE", "N_FFT", "N_MELS", "SAMPLE_RATE", "AudioError", "ResampleError",
            "check_waveform", "hann_window", "load_stereo_48k", "log_mel", "mel_filterbank", "read_audio", "resample",
-           "resampled_length", "sinc_resample_kernel"]
+           "resampled_length", "sinc_resample_kernel", "write_flac"]

@@ -135,12 +135,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """``c_proj(gelu_new(c_fc(x)))`` with a 2× hidden width."""
+    """``c_proj(gelu_new(c_fc(x)))``; the hidden width is the file's (released: 4400 = 2 × 2200)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.c_fc = Conv1D(width, 2 * width)
-        self.c_proj = Conv1D(2 * width, width)
+        self.c_fc = Conv1D(width, hidden)
+        self.c_proj = Conv1D(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(gelu_new(self.c_fc(x)))
@@ -149,13 +149,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block modulated by AdaLN-single (shift, scale, gate per sub-layer)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_width: int) -> None:
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.zeros(6, width))
         self.ln_1 = nn.LayerNorm(width, eps=1e-5)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=1e-5)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, mlp_width)
 
     def forward(self, h: torch.Tensor, m: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         mod = (self.scale_shift_table[None] + m).unsqueeze(2)  # [N, 6, 1, W]
@@ -188,20 +188,25 @@ class FlowEstimator(nn.Module):
     """The velocity network (§3): ``forward(x [N,L,W], t [N]) -> [N,L,W]``, non-causal.
 
     Parameter names are the released ones under ``cfm_wrapper.estimator.`` except ``wte`` (the
-    token embedding, which decoding never reads)."""
+    token embedding, which decoding never reads). ``mlp_width``: the MLP's hidden width, a setting
+    of the released GPT-2 config (``n_inner``, 4400 there); default ``2·width``, the released ratio."""
 
-    def __init__(self, layers: int, width: int, heads: int, max_positions: int = 1000, time_freqs: int = 256) -> None:
+    def __init__(self, layers: int, width: int, heads: int, max_positions: int = 1000, time_freqs: int = 256,
+                 mlp_width: int | None = None) -> None:
         super().__init__()
+        mlp_width = 2 * width if mlp_width is None else mlp_width
+        if mlp_width < 1:
+            raise ValueError(f"estimator MLP width must be positive, got {mlp_width}")
         if heads <= 0 or width % heads:
             raise ValueError(f"estimator width {width} is not divisible by {heads} heads")
         if (width // heads) % 2:
             raise ValueError(f"estimator head_dim {width // heads} (width {width} / {heads} heads) must be even "
                              "for the interleaved RoPE pairs")
-        self.layers, self.width, self.heads = layers, width, heads
+        self.layers, self.width, self.heads, self.mlp_width = layers, width, heads, mlp_width
         self.head_dim = width // heads
         self.max_positions, self.time_freqs = max_positions, time_freqs
         self.wpe = nn.Embedding(max_positions, width)
-        self.h = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.h = nn.ModuleList(Block(width, heads, mlp_width) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width, eps=1e-5)
         self.scale_shift_table = nn.Parameter(torch.zeros(2, width))
         self.proj_out = nn.Linear(width, width)
@@ -220,6 +225,8 @@ class FlowEstimator(nn.Module):
         return e, m
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Velocity-network output ``[N,L,W]`` for input ``x [N,L,W]`` at flow times ``t [N]`` (or one
+        time for all rows, a 0-dim tensor or a float)."""
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise ValueError(f"estimator input must be [N, L, {self.width}], got {tuple(x.shape)}")
         N, L, _ = x.shape
@@ -228,12 +235,18 @@ class FlowEstimator(nn.Module):
                              f"{self.max_positions} per window")
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
-            t = t.expand(N)
-        if t.shape != (N,):
-            raise ValueError(f"flow times must be [N={N}], got {tuple(t.shape)}")
+            # one time for every row, embedded once and shared, so that no row's numbers depend on N
+            # (BLAS kernels differ by matrix size, and even equal rows of one product can round apart);
+            # computed as two equal rows, because a one-row product takes a path whose rounding depends
+            # on the weights' memory alignment
+            e, m = self.time_embedding(t.reshape(1).expand(2))
+            e, m = e[:1].expand(N, -1), m[:1].expand(N, -1)
+        elif t.shape != (N,):
+            raise ValueError(f"flow times must be [N={N}] or one time, got {tuple(t.shape)}")
+        else:
+            e, m = self.time_embedding(t)
         h = x.to(self.wpe.weight.dtype) + self.wpe.weight[:L]  # weights stored in bf16/fp16: run in it
-        e, m = self.time_embedding(t)
-        m = m.view(N, 6, self.width)
+        m = m.reshape(N, 6, self.width)
         cos, sin = rope_tables(L, self.head_dim, x.device)
         for block in self.h:
             h = block(h, m, cos, sin)
@@ -255,13 +268,25 @@ class _ResidualVQ(nn.Module):
 
 
 class _NormFeat(nn.Module):
-    """The released running latent statistics (read-only here)."""
+    """The released running latent statistics (read-only here), kept in fp32 whatever dtype the
+    decoder is cast to: ``counts`` (about 1e6 and more) overflows fp16 (inf, then NaN audio), and bf16
+    rounds the sums enough to move a de-normalised std by up to 5 %. Device moves apply."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("counts", torch.zeros(1))
         self.register_buffer("sum_x", torch.zeros(dim))
         self.register_buffer("sum_x2", torch.zeros(dim))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def] - nn.Module's hook, typed there
+        for key, buf in self._buffers.items():
+            if buf is None:
+                continue
+            moved = fn(buf)
+            if moved.dtype != buf.dtype:  # a dtype cast (module.half(), .to(bf16)): move, keep the dtype
+                moved = torch.empty_like(buf, device=moved.device) if buf.is_meta else buf.to(moved.device)
+            self._buffers[key] = moved
+        return self
 
 
 _BLOCK_KEY = re.compile(r"^cfm_wrapper\.estimator\.h\.(\d+)\.")
@@ -276,7 +301,7 @@ class FlowDecoder(nn.Module):
 
     def __init__(self, *, layers: int, width: int, heads: int = 20, rvq_dim: int, codebook_size: int,
                  codebook_dim: int = 32, latent_dim: int = 64, mask_dim: int = 24, max_positions: int = 1000,
-                 time_freqs: int = 256) -> None:
+                 time_freqs: int = 256, mlp_width: int | None = None) -> None:
         super().__init__()
         need = mask_dim + latent_dim + 2 * rvq_dim + latent_dim
         if width != need:
@@ -285,7 +310,7 @@ class FlowDecoder(nn.Module):
         self.layers, self.width, self.heads = layers, width, heads
         self.rvq_dim, self.codebook_size, self.codebook_dim = rvq_dim, codebook_size, codebook_dim
         self.latent_dim, self.mask_dim, self.max_positions = latent_dim, mask_dim, max_positions
-        self.cfm_wrapper = _CFMWrapper(FlowEstimator(layers, width, heads, max_positions, time_freqs))
+        self.cfm_wrapper = _CFMWrapper(FlowEstimator(layers, width, heads, max_positions, time_freqs, mlp_width))
         self.rvq_bestrq_emb = _ResidualVQ(RVQDecode(codebook_size, codebook_dim, rvq_dim))
         self.rvq_bestrq_bgm_emb = _ResidualVQ(RVQDecode(codebook_size, codebook_dim, rvq_dim))
         self.mask_emb = nn.Embedding(3, mask_dim)
@@ -299,7 +324,8 @@ class FlowDecoder(nn.Module):
     # -- sizes ------------------------------------------------------------------------
     @classmethod
     def sizes_from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> dict:
-        """Constructor kwargs (all but ``heads``) from a released file's ``{key: shape}``.
+        """Constructor kwargs (all but ``heads``, which no shape holds) from a released file's ``{key: shape}``:
+        every size, the MLP width included, comes from the tensor shapes.
 
         Raises KeyError naming a missing key, ValueError for inconsistent shapes."""
 
@@ -320,13 +346,17 @@ class FlowDecoder(nn.Module):
         t_width, freq_dim = shape("cfm_wrapper.estimator.adaln_single.emb.timestep_embedder.linear_1.weight", 2)
         if t_width != width or freq_dim % 2:
             raise ValueError(f"time embedding linear_1 has shape {(t_width, freq_dim)}, expected ({width}, 2·freqs)")
+        fc_in, mlp_width = shape("cfm_wrapper.estimator.h.0.mlp.c_fc.weight", 2)
+        if fc_in != width:
+            raise ValueError(f"tensor 'cfm_wrapper.estimator.h.0.mlp.c_fc.weight' has shape {(fc_in, mlp_width)}, "
+                             f"expected ({width}, MLP width)")
         codebook_size, codebook_dim = shape("rvq_bestrq_emb.quantizers.0.codebook.weight", 2)
         rvq_dim = shape("rvq_bestrq_emb.quantizers.0.out_proj.weight_v", 3)[0]
         (latent_dim,) = shape("normfeat.sum_x", 1)
         mask_dim = shape("mask_emb.weight", 2)[1]
         return dict(layers=len(blocks), width=width, rvq_dim=rvq_dim, codebook_size=codebook_size,
                     codebook_dim=codebook_dim, latent_dim=latent_dim, mask_dim=mask_dim,
-                    max_positions=max_positions, time_freqs=freq_dim // 2)
+                    max_positions=max_positions, time_freqs=freq_dim // 2, mlp_width=mlp_width)
 
     # -- latent statistics (§5) ---------------------------------------------------------
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,38 +418,40 @@ class FlowDecoder(nn.Module):
                              f"{None if Z is None else tuple(Z.shape)}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        # one autocast scope for the whole window (and the caller's, Decoder.decode, spans all windows):
+        # autocast keeps its fp16 copy of each weight for as long as the outermost scope lasts, so the
+        # weights are cast once per decode, not at every Euler step
         amp = (torch.autocast(device_type=dev.type, dtype=autocast) if autocast is not None else nullcontext())
         x0 = x0.to(dev, torch.float32)
         with amp:
             mu = torch.cat([self.rvq_bestrq_emb.quantizers[0](cv.to(dev)),
                             self.rvq_bestrq_bgm_emb.quantizers[0](cb.to(dev))], dim=-1)
-        ctx = torch.zeros(B, Lw, D, device=dev)
-        if n_ctx:
-            ctx[:, :n_ctx] = self.normalise(Z[:, :n_ctx].to(dev))
-        mask = torch.full((Lw,), 2, dtype=torch.long, device=dev)
-        mask[:n_ctx] = 1
-        # estimator input [uncond ; cond]: [E | ctx | codes (zeros for uncond) | x]
-        inp = torch.zeros(2 * B, Lw, self.width, device=dev)
-        M = self.mask_dim
-        inp[:, :, :M] = self.mask_emb.weight.float()[mask]
-        inp[:, :, M:M + D] = ctx.repeat(2, 1, 1)
-        inp[B:, :, M + D:M + D + 2 * R] = mu.float()
-        t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
-        dt = t[1:] - t[:-1]
-        t, dt = t.to(dev), dt.to(dev)
-        x = x0.clone()
-        est = self.estimator
-        for i in range(steps):
-            ti = t[i]
+            ctx = torch.zeros(B, Lw, D, device=dev)
             if n_ctx:
-                x[:, :n_ctx] = (1 - (1 - sigma_min) * ti) * x0[:, :n_ctx] + ti * ctx[:, :n_ctx]
-            inp[:B, :, -D:] = x
-            inp[B:, :, -D:] = x
-            with amp:
-                v = est(inp, ti.expand(2 * B))[..., -D:]
+                ctx[:, :n_ctx] = self.normalise(Z[:, :n_ctx].to(dev))
+            mask = torch.full((Lw,), 2, dtype=torch.long, device=dev)
+            mask[:n_ctx] = 1
+            # estimator input [uncond ; cond]: [E | ctx | codes (zeros for uncond) | x]
+            inp = torch.zeros(2 * B, Lw, self.width, device=dev)
+            M = self.mask_dim
+            inp[:, :, :M] = self.mask_emb.weight.float()[mask]
+            inp[:, :, M:M + D] = ctx.repeat(2, 1, 1)
+            inp[B:, :, M + D:M + D + 2 * R] = mu.float()
+            t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
+            dt = t[1:] - t[:-1]
+            t, dt = t.to(dev), dt.to(dev)
+            x = x0.clone()
+            est = self.estimator
+            for i in range(steps):
+                ti = t[i]
+                if n_ctx:
+                    x[:, :n_ctx] = (1 - (1 - sigma_min) * ti) * x0[:, :n_ctx] + ti * ctx[:, :n_ctx]
+                inp[:B, :, -D:] = x
+                inp[B:, :, -D:] = x
+                v = est(inp, ti)[..., -D:]  # one flow time for all rows (time embedded once)
                 v_u, v_c = v[:B], v[B:]
                 v = v_u + cfg * (v_c - v_u)
-            x = x + dt[i] * v
+                x = x + dt[i] * v  # the solver state stays fp32 (x fp32 + fp16 v -> fp32)
         x[:, :n_ctx] = ctx[:, :n_ctx]
         return self.denormalise(x).transpose(1, 2)
 
