@@ -4,6 +4,11 @@ unpickled, planted into each kind of file a user can hand us.
 Each ``plant_*`` keeps the file loadable by the unchecked reader it targets (``torch.load`` with
 ``weights_only=False``, ``pickle.load``): were the payload unpickled, the marker would appear and
 the load would go on. The originals read here are our own test files (trusted).
+
+A hostile user controls every file of what they hand us, the checksums included: each ``plant_*``
+re-signs what it changed (:func:`resign`: the folder's ``checksums.json`` or completion marker, a
+shard record's ``sha256`` member), so the defence under test is the loader's own, not the digest
+that would otherwise refuse the edited file first.
 """
 
 from __future__ import annotations
@@ -15,6 +20,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def resign(path: Path) -> None:
+    """Make the checksums that cover ``path`` match its new bytes, as an attacker would: the
+    ``checksums.json`` of its folder (an export, a reward export, adapters) or the completion
+    marker of the sharded checkpoint folder it lies in (DCP, ZeRO). Nothing when none covers it."""
+    import json
+
+    from levo_infer.integrity import MANIFEST, clear_memo, manifest_entries, write_manifest
+    from levo_train.strategies import COMPLETE
+
+    path = Path(path)
+    for folder in [path if path.is_dir() else path.parent, *path.parents]:
+        if (folder / MANIFEST).is_file():
+            doc = json.loads((folder / MANIFEST).read_text())
+            write_manifest(folder, doc["files"])
+            break
+        if (folder / COMPLETE).is_file():
+            marker = json.loads((folder / COMPLETE).read_text())
+            if "checksums" in marker:
+                marker["checksums"] = manifest_entries(folder, marker["checksums"])
+            (folder / COMPLETE).write_text(json.dumps(marker, indent=1))
+            break
+    clear_memo()
+
+
+def resign_tar(tar: Path) -> None:
+    """Recompute the ``sha256`` member of every record of a webdataset shard that has one."""
+    import tarfile
+
+    from levo_train.data.shards import DIGEST_MEMBER, record_digest
+
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()]  # type: ignore[union-attr]
+    records: dict[str, dict[str, bytes]] = {}
+    for m, data in members:
+        key, _, ext = m.name.partition(".")
+        if data is not None:
+            records.setdefault(key, {})[ext] = data
+    with tarfile.open(tar, "w") as t:
+        for m, data in members:
+            key, _, ext = m.name.partition(".")
+            if ext == DIGEST_MEMBER:
+                data = record_digest(key, records[key]).encode()
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data) if data is not None else None)
 
 
 class Payload:
@@ -40,6 +91,7 @@ def plant_in_torch_file(path: Path, marker: str | Path) -> None:
     obj = dict(obj) if isinstance(obj, dict) else {"original": obj}
     obj["__payload__"] = Payload(marker)
     torch.save(obj, path)
+    resign(path)
 
 
 def plant_in_dcp_metadata(folder: Path, marker: str | Path) -> None:
@@ -50,6 +102,7 @@ def plant_in_dcp_metadata(folder: Path, marker: str | Path) -> None:
         md = pickle.load(f)
     md.storage_meta.modules = [Payload(marker)]
     p.write_bytes(pickle.dumps(md))
+    resign(p)
 
 
 def plant_in_dcp_shard(folder: Path, marker: str | Path, shard: str, *, key: str | None = None) -> str:
@@ -72,6 +125,7 @@ def plant_in_dcp_shard(folder: Path, marker: str | Path, shard: str, *, key: str
     with open(target, "ab") as f:
         f.write(data)
     p.write_bytes(pickle.dumps(md))
+    resign(p)
     return key
 
 
@@ -91,6 +145,7 @@ def plant_in_yaml(path: Path, key: str, value: str) -> None:
     cfg = OmegaConf.load(path)
     OmegaConf.update(cfg, key, value, force_add=True)
     path.write_text(OmegaConf.to_yaml(cfg))
+    resign(path)
 
 
 def python_object_yaml(marker: str | Path) -> str:
@@ -123,4 +178,5 @@ def plant_in_shard(tar: Path, member_suffix: str, marker: str | Path) -> str:
                 data = payload_npy(marker)
                 m.size = len(data)
             t.addfile(m, io.BytesIO(data) if data is not None else None)
+    resign_tar(tar)
     return name

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from payloads import resign_tar
 
 from levo_infer.jsonio import NonFiniteJSONError, dumps, write_json_atomic
 from levo_train.data.pairs import REF_LOGPS_FORMAT, PairDataModule, PairWriter, read_ref_logps
@@ -84,6 +85,7 @@ def _rewrite_scores(tar: Path, scores: dict[str, str]) -> None:
                 data = scores[key].encode()
                 m.size = len(data)
             t.addfile(m, io.BytesIO(data))
+    resign_tar(tar)  # a writer that digests what it wrote: the NaN must be refused as a score, not as corruption
 
 
 def test_levo_data_pairs_refuses_nan_scores(tmp_path, capsys):
@@ -121,7 +123,8 @@ def test_non_finite_reference_logps_are_refused_naming_the_pair(tmp_path):
     model = LeLM(tiny_config())
     model.init_weights(std=0.2)
     good = compute_ref_logps(model, tmp_path / "pairs")
-    data = {"format": REF_LOGPS_FORMAT, "model": "fp", "stream_weights": [1.0, 1.0, 1.0],
+    # what an older levo-train wrote (format 2: no sha256 of its own)
+    data = {"format": REF_LOGPS_FORMAT - 1, "model": "fp", "stream_weights": [1.0, 1.0, 1.0],
             "logps": {k: [c, r, d] for k, (c, r, d) in good.items()}}
     data["logps"]["p001"][1] = float("nan")
     # what an older levo-train wrote: Python's json.dumps puts a bare NaN there
