@@ -85,3 +85,21 @@ def toy_sft_export(toy_cache_dir, tmp_path_factory) -> Path:
     assert main(["recipe=sft", f"run_dir={rd}", f"data.toy.cache_dir={toy_cache_dir}", *TINY, "trainer.max_steps=600",
                  "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "optim.lr=3e-3"]) == 0
     return rd / "export"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_state():
+    """A test that runs a command in-process under a distributed strategy (e.g. ``strategy=fsdp2`` on
+    one rank, refused after Lightning set up its process group) must not leave that group, or the
+    ``MASTER_ADDR``/``MASTER_PORT`` Lightning exported, to the tests after it: the port stays bound by
+    this process, and every later multi-rank subprocess inheriting ``MASTER_PORT`` fails with
+    EADDRINUSE. Destroys a leftover default group and restores the environment."""
+    env = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k in set(os.environ) - set(env):
+        del os.environ[k]
+    os.environ.update(env)
