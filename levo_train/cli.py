@@ -24,8 +24,6 @@ from levo_train.locking import launch_rank
 from levo_train.settings import UsageError, check_init_path
 from levo_train.toy.world import ToyWorld
 
-log = logging.getLogger("levo_train")
-
 MAIN_OVERRIDES = """\
 main overrides:
   recipe=NAME                 which recipe to run (required)

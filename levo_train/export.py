@@ -22,7 +22,6 @@ that fails as one that does not load.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,6 @@ from levo_train.checkpointing import COMPLETE, META, verify_checkpoint
 from levo_train.lora import ADAPTER_DIR, LoraSpec, apply_lora, merged_copy, save_adapters
 from levo_train.parallel import plain_name
 from levo_train.zero import is_zero_checkpoint, read_zero_meta, zero_fp32_state_dict
-
-log = logging.getLogger(__name__)
 
 #: the Lightning module's attribute that holds the policy
 POLICY = "model."

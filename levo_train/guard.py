@@ -56,7 +56,7 @@ class NonFiniteError(RuntimeError):
 
     def __init__(self, step: int, what: str, detail: str) -> None:
         self.step, self.what, self.detail = step, what, detail
-        self.advice = ""  # what to do next (levo_train.cli adds where the last finite checkpoint is)
+        self.advice = ""  # what to do next (levo_train.run adds where the last finite checkpoint is)
         super().__init__(f"non-finite {what} at step {step} ({detail}); the step was not applied")
 
 

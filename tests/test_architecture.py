@@ -127,3 +127,12 @@ def test_an_added_cycle_or_upward_import_breaks_the_repository_contracts(options
                             contract_options={k: v for k, v in layers_opts.items() if k not in ("id", "name")})
     assert layers.check(real, verbose=False).kept
     assert not layers.check(graph, verbose=False).kept
+
+
+def test_the_run_never_branches_on_a_method_name():
+    """Methods live in levo_train/methods/ (one class each); the face and the run only look them up."""
+    import re
+
+    for rel in ("levo_train/cli.py", "levo_train/run.py"):
+        src = (REPO / rel).read_text()
+        assert not re.search(r"method\s*==|method\s*!=|method\s+in\s|\.name\s*==", src), rel

@@ -159,7 +159,7 @@ class LeLMTrainModule(L.LightningModule):
             "init_fingerprint": getattr(self, "init_fingerprint", None),
             # the LoRA adapters the state dict holds (levo_train.lora), None without
             "lora": self.lora.identity() if getattr(self, "lora", None) is not None else None,
-            # the LR schedule this run follows: a resume continues it (levo_train.cli.resolve_schedule)
+            # the LR schedule this run follows: a resume continues it (levo_train.resume.resolve_schedule)
             "schedule": {"lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
                          "min_lr_ratio": self.min_lr_ratio},
         }
