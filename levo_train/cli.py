@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -148,8 +149,6 @@ def _export_args(argv: list[str]) -> dict[str, str] | str:
 def export_command(argv: list[str]) -> int:
     """``levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=NAME]``: consolidate a run's newest
     complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
-    import torch
-
     from levo_train import export, resume  # lightning: a slow import that --help does not need
 
     args = _export_args(argv)
