@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as torch_dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import filesystem as fs
+from torch.distributed.checkpoint import metadata as md
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.futures import Future
 
@@ -49,9 +53,6 @@ SHARD_RE = re.compile(r"^__\d+_\d+\.distcp$")
 def metadata_globals() -> dict[tuple[str, str], Any]:
     """Every global a DCP ``.metadata`` pickle of torch 2.x holds: DCP's metadata dataclasses, the
     file reader's storage info, ``torch.Size``, torch's dtypes and layouts, the checkpoint id's path."""
-    from torch.distributed.checkpoint import filesystem as fs
-    from torch.distributed.checkpoint import metadata as md
-
     allowed: dict[tuple[str, str], Any] = {}
     for obj in (md.Metadata, md.TensorStorageMetadata, md.BytesStorageMetadata, md.ChunkStorageMetadata,
                 md.TensorProperties, md.MetadataIndex, md.StorageMeta, md._MEM_FORMAT_ENCODING, fs._StorageInfo,
@@ -70,9 +71,6 @@ def _bad(path: Path, what: str) -> CheckpointError:
 def read_metadata(folder: str | os.PathLike) -> Any:
     """``folder/.metadata`` read without running code and checked: the DCP ``Metadata`` whose every
     storage item lies inside a shard file of this folder; :class:`CheckpointError` naming the file."""
-    from torch.distributed.checkpoint import filesystem as fs
-    from torch.distributed.checkpoint import metadata as md
-
     folder = Path(folder)
     p = folder / METADATA
     if not p.is_file():
@@ -127,13 +125,11 @@ class SafeReader(FileSystemReader):
         self._metadata = metadata
 
     def read_metadata(self) -> Any:  # type: ignore[override]
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         if self._metadata is None:
             self._metadata = read_metadata(self.folder)
         meta = self._metadata
         if meta.storage_meta is None:
-            meta.storage_meta = StorageMeta()
+            meta.storage_meta = md.StorageMeta()
         meta.storage_meta.load_id = self.load_id
         return meta
 
@@ -177,11 +173,9 @@ def check_folder(folder: str | os.PathLike) -> Any:
     """Everything of a DCP folder that could run code or point elsewhere, checked without reading a
     tensor: :func:`read_metadata` (shards present, byte ranges inside them) and every non-tensor
     item unpickled ``weights_only``. Returns the metadata; :class:`CheckpointError` naming the file."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     folder = Path(folder)
     meta = read_metadata(folder)
-    byte_keys = {k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    byte_keys = {k for k, v in meta.state_dict_metadata.items() if isinstance(v, md.BytesStorageMetadata)}
     handles: dict[str, Any] = {}
     try:
         for idx, info in meta.storage_data.items():
@@ -205,12 +199,9 @@ def load(state: dict[str, Any], folder: str | os.PathLike, *, no_dist: bool = Fa
     """``torch.distributed.checkpoint.load(state, ...)`` from ``folder`` through :class:`SafeReader`
     and :class:`SafePlanner` (collective unless ``no_dist``). A failure on any rank is the
     :class:`CheckpointError` naming the file, on every rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
     reader = SafeReader(folder, check_folder(folder))
     try:
-        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=no_dist)
+        torch_dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=no_dist)
     except CheckpointException as e:
         for exc, _ in e.failures.values():
             if isinstance(exc, CheckpointError):

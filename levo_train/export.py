@@ -13,7 +13,8 @@ both come here. A checkpoint is one of:
 Whatever the kind, the result is the same ``model.pt`` + ``config.yaml`` (``levo_infer`` reads it),
 with LoRA adapters merged (and written alone to ``adapters/``) when the run trained them.
 
-Every checkpoint is checked byte for byte before it is used (:func:`verify_checkpoint`): a file
+Every checkpoint is checked byte for byte before it is used
+(:func:`levo_train.checkpointing.verify_checkpoint`): a file
 through the CRC-32 torch stores for each of its records, a folder through the sizes and checksums
 its completion marker lists (a missing rank file is named). Resume and export treat a checkpoint
 that fails as one that does not load.
@@ -21,17 +22,23 @@ that fails as one that does not load.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from levo_train.strategies import COMPLETE, META
-
-log = logging.getLogger(__name__)
+from levo_infer.checkpoint import save_released
+from levo_infer.config import config_from_omegaconf
+from levo_infer.model import LeLM
+from levo_infer.safe_load import torch_load
+from levo_train import dcp
+from levo_train.checkpointing import COMPLETE, META, verify_checkpoint
+from levo_train.lora import ADAPTER_DIR, LoraSpec, apply_lora, merged_copy, save_adapters
+from levo_train.parallel import plain_name
+from levo_train.zero import is_zero_checkpoint, read_zero_meta, zero_fp32_state_dict
 
 #: the Lightning module's attribute that holds the policy
 POLICY = "model."
@@ -49,8 +56,6 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     if p.is_dir():
         if (p / META).is_file() or (p / ".metadata").is_file():
             return "dcp"
-        from levo_train.zero import is_zero_checkpoint
-
         if is_zero_checkpoint(p):
             return "zero"
         raise ExportError(f"{p} is a folder but neither a torch distributed checkpoint (no {META} / .metadata) "
@@ -59,8 +64,6 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def _load_meta_file(path: Path) -> dict[str, Any]:
-    from levo_infer.safe_load import torch_load
-
     ck = torch_load(path, error=ExportError)
     if not isinstance(ck, dict):
         raise ExportError(f"{path}: not a levo-train checkpoint (a {type(ck).__name__}, expected a Lightning "
@@ -68,52 +71,11 @@ def _load_meta_file(path: Path) -> dict[str, Any]:
     return ck
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Check every byte of a checkpoint against the checksums written with it; :class:`ExportError`
-    naming the file that fails. A file: the CRC-32 of each zip record (every tensor and the pickled
-    rest). A folder: every file :data:`COMPLETE` lists is there, with its size and checksum (sha256,
-    or a torch file's own CRCs); a marker of an older levo-train without checksums: every file it
-    lists is there and its torch files pass their CRCs. Each file is read once per process."""
-    from levo_infer.integrity import IntegrityError, verify_entries, verify_torch_zip
-
-    p = Path(path)
-    try:
-        if p.is_file():
-            if not verify_torch_zip(p):
-                log.warning("%s carries no checksums (torch's legacy format, or saved with CRC-32s turned off): "
-                            "its bytes cannot be verified", p)
-            return
-        marker = p / COMPLETE
-        if not marker.is_file():
-            raise ExportError(f"incomplete sharded checkpoint: no {COMPLETE} (a rank did not finish writing it)")
-        try:
-            doc = json.loads(marker.read_text())
-            files = doc["files"]
-            sums = doc.get("checksums")
-            if not isinstance(files, list) or not (sums is None or isinstance(sums, dict)):
-                raise TypeError("`files` must be a list, `checksums` an object")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ExportError(f"{marker}: unreadable completion marker ({e})") from None
-        if sums is not None:
-            verify_entries(p, sums, listed_in=str(marker))
-            return
-        log.warning("%s: written by an older levo-train without checksums: only the presence of its files and "
-                    "the CRC-32s of its torch files are checked", p)
-        for rel in files:
-            f = p / str(rel)
-            if not f.is_file():
-                raise IntegrityError(f"{f} is missing: {marker} lists it as part of this checkpoint")
-            if f.suffix == ".pt":  # meta.pt, DeepSpeed's *_states.pt: torch.save files
-                verify_torch_zip(f)
-    except IntegrityError as e:
-        raise ExportError(str(e)) from None
-
-
 def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
     """The checkpoint's Lightning dict without running code (``weights_only``): for a file the
     whole dict (memory-mapped), for a folder its non-tensor part (``global_step``, ``levo``, ...).
-    A folder counts only when complete (:data:`levo_train.strategies.COMPLETE`, written last).
-    ``verify``: check every byte first (:func:`verify_checkpoint`); ``False`` reads only the
+    A folder counts only when complete (:data:`levo_train.checkpointing.COMPLETE`, written last).
+    ``verify``: check every byte first (:func:`~levo_train.checkpointing.verify_checkpoint`); ``False`` reads only the
     metadata (cheap), for choosing among checkpoints before the chosen one is verified."""
     p = Path(path)
     try:
@@ -130,8 +92,6 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
         target = p if kind == "file" else p / META
         try:
             if kind == "dcp":
-                from levo_train import dcp
-
                 dcp.check_folder(p)  # before anything reads a shard: .metadata and every non-tensor item, no code run
             return _load_meta_file(target)
         except ValueError as e:
@@ -140,19 +100,13 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
             if str(p) in str(e):
                 raise ExportError(str(e)) from None
             raise ExportError(f"{target}: {e}") from None
-    from levo_train.zero import read_zero_meta  # also checks that every rank's files are there
-
     try:
-        return read_zero_meta(p)
+        return read_zero_meta(p)  # also checks that every rank's files are there
     except ValueError as e:
         raise ExportError(str(e)) from None
 
 
 def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from levo_train import dcp
-
     md = dcp.read_metadata(path)
     pre = "state_dict." + POLICY
     want = {k[len("state_dict."):]: torch.empty(m.size, dtype=m.properties.dtype)
@@ -168,8 +122,6 @@ def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
 def policy_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The policy's full weights (plain LeLM names, with LoRA adapter keys if it had them) and the
     checkpoint's ``levo`` section, from a checkpoint of any kind."""
-    from levo_train.parallel import plain_name
-
     p = Path(path)
     meta = read_checkpoint(p)
     levo = meta.get("levo")
@@ -183,8 +135,6 @@ def policy_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     elif kind == "dcp":
         raw = _dcp_policy_state(p)
     else:
-        from levo_train.zero import zero_fp32_state_dict
-
         try:
             raw = {POLICY + k: v for k, v in zero_fp32_state_dict(p).items()}
         except ValueError as e:
@@ -198,13 +148,6 @@ def policy_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``folder/model.pt`` + ``config.yaml`` (and ``adapters/`` for a LoRA run) from ``path``."""
-    from omegaconf import OmegaConf
-
-    from levo_infer.checkpoint import save_released
-    from levo_infer.config import config_from_omegaconf
-    from levo_infer.model import LeLM
-    from levo_train.lora import ADAPTER_DIR, LoraSpec, apply_lora, merged_copy, save_adapters
-
     sd, levo = policy_state_dict(path)
     model = LeLM(config_from_omegaconf(OmegaConf.create(levo["model_config"]), where=f"{path} levo.model_config"))
     lora = levo.get("lora")
@@ -224,5 +167,4 @@ def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike, dtype:
     return folder
 
 
-__all__ = ["ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict", "read_checkpoint",
-           "verify_checkpoint"]
+__all__ = ["ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict", "read_checkpoint"]

@@ -42,6 +42,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from levo_train.slurm import next_hpc_path, prune_hpc_checkpoints, requeue_job
+
 log = logging.getLogger("levo_train")
 
 NONFINITE_MODES = ("stop", "skip")
@@ -54,7 +56,7 @@ class NonFiniteError(RuntimeError):
 
     def __init__(self, step: int, what: str, detail: str) -> None:
         self.step, self.what, self.detail = step, what, detail
-        self.advice = ""  # what to do next (levo_train.cli adds where the last finite checkpoint is)
+        self.advice = ""  # what to do next (levo_train.run adds where the last finite checkpoint is)
         super().__init__(f"non-finite {what} at step {step} ({detail}); the step was not applied")
 
 
@@ -221,8 +223,6 @@ class StepGuard(Callback):
             return
         signum, self._act = self._act, None
         if signum == self.requeue_signal:
-            from levo_train.slurm import next_hpc_path, prune_hpc_checkpoints, requeue_job
-
             path = trainer.strategy.broadcast(str(next_hpc_path(trainer.default_root_dir)))
             log.info("signal %s: saving %s at step %d and requeueing", signum, path, trainer.global_step)
             trainer.save_checkpoint(path, weights_only=False)  # full state for an exact resume

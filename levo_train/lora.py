@@ -17,6 +17,7 @@ loaded, and freezes every other parameter. The model file knows nothing of it:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from levo_infer.integrity import remove_manifest, verify_folder, write_manifest
+from levo_infer.jsonio import write_json_atomic
+from levo_infer.model import LeLM
+from levo_train.parallel import plain_name
 
 #: every projection of the decoder layers of both stacks
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -68,7 +76,7 @@ class LoraSpec:
 
 
 def _tuner_layers(model: nn.Module) -> list[tuple[str, Any]]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft: optional extra (lora), slow import
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
@@ -92,7 +100,7 @@ def check_targets(model: nn.Module, spec: LoraSpec) -> None:
 def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Inject LoRA adapters into ``model`` in place and freeze everything else; a target list that
     matches no linear layer is a ``ValueError`` naming ``train.lora.targets`` and the candidates."""
-    try:
+    try:  # peft: optional extra (lora), slow import
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise ValueError(f"train.lora.r={spec.r} needs the peft package ({e}): pip install 'levo-train[lora]'") from None
@@ -126,8 +134,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         out[k.replace(".base_layer.", ".")] = v
-    from levo_train.parallel import plain_name
-
     for name, layer in _tuner_layers(model):
         key = f"{plain_name(name)}.weight"
         with torch.no_grad():
@@ -138,8 +144,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A new LeLM (no adapters) holding the merged weights: what the export writes."""
-    from levo_infer.model import LeLM
-
     plain = LeLM(model.cfg)  # type: ignore[attr-defined]
     plain.load_state_dict(merged_state_dict(model), strict=True)
     return plain.to(next(model.parameters()).device)
@@ -148,11 +152,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
 def save_adapters(model: nn.Module, folder: str | os.PathLike, spec: LoraSpec, *,
                   base_fingerprint: str | None = None) -> Path:
     """The adapters alone: ``adapter_model.safetensors`` (peft's key names) and ``adapter_config.json``."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from levo_infer.integrity import remove_manifest, write_manifest
-    from levo_train.data.shards import write_json_atomic
+    from peft import get_peft_model_state_dict  # peft: optional extra (lora), slow import
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,12 +172,6 @@ def read_adapters(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """(adapter tensors under peft's names, ``adapter_config.json``) of an adapters folder, after
     checking both files against its ``checksums.json``; ``ValueError`` naming the file otherwise
     (a folder without checksums, written by another tool, is read unchecked)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from levo_infer.integrity import verify_folder
-
     folder = Path(folder)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (folder / name).is_file():
@@ -196,8 +190,6 @@ def read_adapters(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def lora_spec(cfg: Any) -> LoraSpec:
     """``train.lora`` of a composed config (absent: off)."""
-    from omegaconf import OmegaConf
-
     lo = cfg.train.get("lora") if cfg.train is not None else None
     if lo is None:
         return LoraSpec()

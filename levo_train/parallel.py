@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed.fsdp as fsdp
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
 WRAPPED = "_checkpoint_wrapped_module."
 
@@ -40,11 +42,6 @@ def decoder_layers(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Wrap every decoder layer of both stacks (idempotent)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointWrapper,
-        checkpoint_wrapper,
-    )
-
     for layers, i in decoder_layers(model):
         if not isinstance(layers[i], CheckpointWrapper):
             layers[i] = checkpoint_wrapper(layers[i], checkpoint_fn=_checkpoint_when_grad)
@@ -52,8 +49,6 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def is_checkpointed(model: nn.Module) -> bool:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
     return any(isinstance(layers[i], CheckpointWrapper) for layers, i in decoder_layers(model))
 
 
@@ -67,9 +62,7 @@ MIXED_PRECISION = {None: None, "bf16": "bfloat16", "fp16": "float16"}
 
 def is_sharded(model: nn.Module) -> bool:
     """True when FSDP2 has sharded ``model`` (its parameters are DTensors)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    return isinstance(model, fsdp.FSDPModule)
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: str | None = None,
@@ -83,8 +76,6 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: str | None = Non
     own policy (weights gathered and computed in bf16, gradients reduced in fp32, fp32 master
     weights and optimizer state); leave it ``None`` with Lightning's ``bf16-mixed`` autocast.
     """
-    import torch.distributed.fsdp as fsdp
-
     if is_sharded(model):
         return model
     if mixed_precision not in MIXED_PRECISION:

@@ -29,9 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from levo_infer.codec import CodecError, load_decoder
 from levo_train.data.shards import Song
+from levo_train.reward.model import RewardScorer
 from levo_train.rollout import Scorer, check_scores
+from levo_train.toy.scorer import ToyOracleScorer
 
 SPEC_FORMS = (
     "toy (the toy world's hidden oracle, world seed 0)",
@@ -235,8 +239,6 @@ class AudioScorer:
         self.name = name or f"audio({self.fn_name})"
 
     def _decode(self, songs: Sequence[Song]) -> list[tuple[np.ndarray, int]]:
-        import torch
-
         toks = torch.as_tensor(np.stack([s.tokens for s in songs]), dtype=torch.long)
         res = self.codec.decode(toks, mode=self.mode)
         if not (isinstance(res, tuple) and len(res) == 2):
@@ -249,7 +251,7 @@ class AudioScorer:
                              f"{list(wav.shape)} for {len(songs)} songs, expected [B, C, N]")
         sr = int(sr)
         if self.sample_rate is not None and sr != self.sample_rate:
-            try:
+            try:  # torchaudio: optional, only to resample
                 import torchaudio.functional as taf
             except ImportError as e:
                 raise ValueError(f"the codec decodes at {sr} Hz but the audio scorer wants {self.sample_rate} Hz "
@@ -301,8 +303,6 @@ def load_codec_factory(spec: str | None, *, device: str = "cpu", setting: str = 
                          "MODULE:FACTORY, a factory returning an object with decode(tokens [B,3,T], mode=...) -> "
                          "(waveform [B,2,N], sample_rate)")
     if Path(spec).is_dir():
-        from levo_infer.codec import CodecError, load_decoder
-
         try:
             return load_decoder(spec, device=device)
         except CodecError as e:
@@ -366,8 +366,6 @@ def load_scorer(spec: str, *, device: str = "cpu", world_seed: int = 0, setting:
     kind, _, rest = spec.partition(":")
     kw = {"device": device, "world_seed": world_seed, "codec": codec, "batch_size": batch_size}
     if kind == "toy":
-        from levo_train.toy.scorer import ToyOracleScorer
-
         if rest and not rest.lstrip("-").isdigit():
             raise ValueError(f"{setting} {spec!r}: toy:SEED needs an integer world seed")
         return ToyOracleScorer(int(rest) if rest else world_seed)
@@ -376,11 +374,6 @@ def load_scorer(spec: str, *, device: str = "cpu", world_seed: int = 0, setting:
             raise ValueError(f"{setting} {spec!r}: expected rm:EXPORT_DIR (a reward-model export folder)")
         if not Path(rest).exists():
             raise ValueError(f"{setting} {spec!r}: reward-model export {rest} not found")
-        try:
-            from levo_train.reward.model import RewardScorer
-        except ImportError as e:
-            raise ValueError(f"{setting} {spec!r}: the reward-model scorer (levo_train.reward.model.RewardScorer) "
-                             f"is not available in this install ({e})") from e
         return RewardScorer(rest, device=device, batch_size=batch_size)
     if kind == "audio":
         if codec is None or isinstance(codec, str):

@@ -10,6 +10,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from levo_train.checkpointing import remove_checkpoint_path
+
 log = logging.getLogger("levo_train")
 
 #: a requeue checkpoint (Lightning's name); temp files of a killed write (``.hpc_ckpt_3.ckpt.tmp123``) never match
@@ -31,8 +33,6 @@ def next_hpc_path(run_dir: str | os.PathLike) -> Path:
 
 def prune_hpc_checkpoints(run_dir: str | os.PathLike, keep: Path) -> list[Path]:
     """Remove the requeue checkpoints older than ``keep`` (just written, complete); returns them."""
-    from levo_train.strategies import remove_checkpoint_path
-
     old = [p for p in hpc_checkpoints(run_dir) if p != keep]
     for p in old:
         remove_checkpoint_path(p)  # a file, or a sharded checkpoint's folder

@@ -38,6 +38,10 @@ from typing import Any
 
 import torch
 
+from levo_infer.checkpoint import CheckpointError
+from levo_infer.safe_load import torch_load
+from levo_train.parallel import plain_name
+
 log = logging.getLogger(__name__)
 
 #: DeepSpeed's own entries of a model-states file (everything else is the client state)
@@ -163,7 +167,7 @@ def deepspeed_globals() -> list[Any]:
     """The DeepSpeed classes its checkpoint files hold beside tensors and plain data (the optimizer
     states' loss scaler, ZeRO stage enum and ZeRO-2 fragment addresses): the exact allowlist they
     are read with (``weights_only=True``); DeepSpeed itself would unpickle them unchecked."""
-    try:
+    try:  # deepspeed: optional extra, heavy
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
@@ -173,9 +177,6 @@ def deepspeed_globals() -> list[Any]:
 
 
 def _load_states(f: Path) -> dict[str, Any]:
-    from levo_infer.checkpoint import CheckpointError
-    from levo_infer.safe_load import torch_load
-
     sd = torch_load(f, allow=deepspeed_globals(), error=CheckpointError)
     if not isinstance(sd, dict) or "module" not in sd or "dp_world_size" not in sd:
         raise ValueError(f"{f}: not a DeepSpeed model-states file (no `module` / `dp_world_size` entries)")
@@ -194,9 +195,6 @@ def check_states_files(d: Path) -> None:
     added (memory-mapped: the tensors are not read), so that nothing DeepSpeed then unpickles can
     run code; :class:`~levo_infer.checkpoint.CheckpointError` naming the first file that holds
     anything else or does not load."""
-    from levo_infer.checkpoint import CheckpointError
-    from levo_infer.safe_load import torch_load
-
     allow = deepspeed_globals()
     for f in states_files(d):
         torch_load(f, allow=allow, error=CheckpointError)
@@ -213,9 +211,6 @@ class _CheckedLoads:
         return getattr(self._inner, name)
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        from levo_infer.checkpoint import CheckpointError
-        from levo_infer.safe_load import torch_load
-
         return torch_load(path, allow=deepspeed_globals(), error=CheckpointError)
 
 
@@ -296,8 +291,6 @@ def policy_name(name: str) -> str | None:
     """A consolidated parameter name -> the plain LeLM state-dict name, or None when it is not the
     policy's (a DPO reference copy's ``ref.*``). Strips the wrapper prefixes, then the module's
     ``model.`` attribute, then the activation-checkpoint wrapper's segment."""
-    from levo_train.parallel import plain_name
-
     name = _unwrap(name)
     if name.startswith(REF_PREFIX):
         return None
@@ -312,7 +305,7 @@ def zero_fp32_state_dict(path: str | os.PathLike, tag: str | None = None) -> dic
     is not a complete ZeRO checkpoint."""
     d = _tag_dir(path, tag)
     _check_complete(d)
-    try:
+    try:  # deepspeed: optional extra, heavy
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
         raise ValueError(f"{path}: consolidating a ZeRO checkpoint needs DeepSpeed: pip install -e '.[deepspeed]'"

@@ -317,8 +317,8 @@ def run(args: argparse.Namespace) -> None:
     engine.save_checkpoint(str(ckpt), tag="checkpoint",
                            client_state={"levo": ck["levo"], "global_step": args.steps, "epoch": 0})
     dist.barrier()
-    if rank == 0:  # what levo-train's DeepSpeed strategy writes last (levo_train.strategies.save_folder_atomically)
-        from levo_train.strategies import write_complete_marker
+    if rank == 0:  # what levo-train's DeepSpeed strategy writes last (levo_train.checkpointing.save_folder_atomically)
+        from levo_train.checkpointing import write_complete_marker
 
         write_complete_marker(ckpt, fmt="deepspeed", world_size=world, global_step=args.steps)
     save_s = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def install() -> None:
     if kind == "step":
         from lightning.pytorch.callbacks import Callback
 
-        import levo_train.cli as cli
+        import levo_train.run as run_mod
 
         n, phase = int(rest[0]), rest[1]
 
@@ -56,14 +56,14 @@ def install() -> None:
                 if phase == "end" and trainer.global_step == n:
                     die()
 
-        build = cli.build_trainer
+        build = run_mod.build_trainer
 
         def build_trainer(cfg, run_dir):
             trainer = build(cfg, run_dir)
             trainer.callbacks.append(KillAtStep())  # after ModelCheckpoint: "end" follows the step's writes
             return trainer
 
-        cli.build_trainer = build_trainer
+        run_mod.build_trainer = build_trainer
     elif kind in ("write", "enospc"):
         import levo_train.checkpointing as ckio
 

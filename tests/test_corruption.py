@@ -89,8 +89,8 @@ def _damage_largest_tensor(path: Path, data: bytes, *, xor: bool = False) -> Non
 # ----------------------------------------------------------------------------- checkpoints
 def test_one_file_checkpoint(run, tmp_path):
     """Lightning's one-file checkpoint, read as resume and export read it."""
-    from levo_train.cli import read_checkpoint_state
     from levo_train.export import policy_state_dict
+    from levo_train.resume import read_checkpoint_state
 
     def read(p: Path):
         rp = read_checkpoint_state(p)

@@ -98,7 +98,8 @@ def toy_export(tmp_path_factory) -> Path:
     """An untrained export of the toy-sized tiny model (what TINY trains): commands load it."""
     from levo_infer.checkpoint import save_released
     from levo_infer.model import LeLM
-    from levo_train.cli import build_model_config, compose_config
+    from levo_train.cli import compose_config
+    from levo_train.settings import build_model_config
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("exp") / "export"

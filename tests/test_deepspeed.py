@@ -137,8 +137,8 @@ def test_zero_run_trains_saves_consolidates_and_matches_one_process(tmp_path, st
     # export: a truncation or a flipped byte is refused naming the file (issue #18)
     from corruption_kit import sweep
 
-    from levo_train.cli import read_checkpoint_state
     from levo_train.export import policy_state_dict
+    from levo_train.resume import read_checkpoint_state
 
     def read(p: Path):
         rp = read_checkpoint_state(p)

@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from levo_train.cli import main, run_checkpoints
+from levo_train.cli import main
+from levo_train.resume import run_checkpoints
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 STEPS, EVERY = 18, 3

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from levo_train.strategies import COMPLETE
+from levo_train.checkpointing import COMPLETE
 
 DDP_VS_FSDP2_TOL = 1e-6   # export weights, max abs (measured 7.5e-9)
 ONE_RANK_TOL = 5e-3       # export weights, max abs after 6 steps on 1 rank vs 2 (measured 2.7e-4)
@@ -142,8 +142,9 @@ def test_sharded_checkpoint_errors(tmp_path, toy_cache_dir, capsys):
     # anywhere (each rank's shard, DCP's .metadata, meta.pt, the marker) is refused naming the file
     from corruption_kit import N_PER_KIND, sweep
 
-    from levo_train.cli import main, read_checkpoint_state
+    from levo_train.cli import main
     from levo_train.export import policy_state_dict
+    from levo_train.resume import read_checkpoint_state
 
     marker = json.loads((ck / "last.ckpt" / COMPLETE).read_text())
     files = ["__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"]
@@ -194,7 +195,7 @@ def test_fsdp2_combines_with_accumulation_bf16_and_activation_checkpointing(tmp_
     rd = tmp_path / "r"
     _run(rd, toy_cache_dir, "recipe=sft", "trainer.max_steps=4", *FSDP2, "trainer.accumulate_grad_batches=2",
          "trainer.precision=bf16-mixed", "train.activation_checkpointing=true", "strategy.mixed_precision=bf16")
-    from levo_train.cli import read_checkpoint_state
+    from levo_train.resume import read_checkpoint_state
 
     rp = read_checkpoint_state(rd / "checkpoints" / "last.ckpt")
     assert rp.step == 4 and rp.levo["samples_seen"] == 4 * 2 * (2 * 4)  # steps x micro-batches x global batch

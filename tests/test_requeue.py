@@ -17,6 +17,7 @@ from conftest import TINY
 from lightning.pytorch.callbacks import Callback
 
 import levo_train.cli as cli
+import levo_train.run as run_mod
 import levo_train.slurm as slurm_mod
 from levo_train.slurm import hpc_checkpoints, next_hpc_path
 
@@ -57,14 +58,14 @@ def fake_slurm(monkeypatch):
 
 
 def with_signal_at(monkeypatch, k: int) -> None:
-    build = cli.build_trainer
+    build = run_mod.build_trainer
 
     def patched(cfg, run_dir):
         trainer = build(cfg, run_dir)
         trainer.callbacks.append(SignalAt(k))
         return trainer
 
-    monkeypatch.setattr(cli, "build_trainer", patched)
+    monkeypatch.setattr(run_mod, "build_trainer", patched)
 
 
 def export_weights(rd: Path) -> dict[str, torch.Tensor]:

@@ -168,7 +168,7 @@ def test_bad_exports_are_clear_errors(tmp_path):
 
 
 def test_songs_without_scores_name_shard_and_key(tmp_path):
-    from levo_train.reward.data import RewardDataModule
+    from levo_train.data.scored import RewardDataModule
 
     with ShardWriter(tmp_path / "d", code_size=16) as w:
         for s in _songs(3):

@@ -76,8 +76,8 @@ def test_cli_does_not_branch_on_method_names():
     """Methods live in the registry (levo_train/methods.py), not in the CLI."""
     src = (Path(__file__).parents[1] / "levo_train" / "cli.py").read_text()
     assert not re.search(r"method\s*==|method\s*!=|method\s+in\s", src)
-    from levo_train.cli import UsageError
     from levo_train.methods import METHODS, get_method
+    from levo_train.settings import UsageError
 
     assert {"lm", "dpo"} <= set(METHODS)
     with pytest.raises(UsageError) as e:
@@ -110,13 +110,15 @@ def test_toy_pairs_ranked_by_another_scorer(tmp_path, monkeypatch, toy_sft_expor
     """data.toy_pairs.scorer: the same sampled candidates, ranked by the given scorer (here one that
     inverts the oracle), with the hidden scores kept beside; the cache key follows the scorer."""
     from levo_train.data.pairs import PairDataModule
+    from levo_train.scorers import load_scorer
     from levo_train.toy.pairs import ToyPairSpec, toy_pairs_name, write_toy_pairs
 
     (tmp_path / "anti_scorer_mod.py").write_text(ANTI_SCORER)
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = ToyPairSpec(n_train=16, n_val=0, n_candidates=3, max_frames=40, min_margin=0.0,
                        scorer="callable:anti_scorer_mod:make")
-    stats = write_toy_pairs(tmp_path / "p", spec, model=toy_sft_export, device="cpu")
+    stats = write_toy_pairs(tmp_path / "p", spec, model=toy_sft_export, device="cpu",
+                            make_scorer=lambda device: load_scorer(spec.scorer, device=device))
     assert stats["train"]["pairs"] >= 8 and stats["train"]["scorer"] == "anti"
     assert stats["train"]["mean_score"] == pytest.approx(-stats["train"]["mean_quality"], abs=1e-6)
     dm = PairDataModule(train=str(tmp_path / "p" / "train"), val=None, batch_size=64, val_batch_size=64,

@@ -21,7 +21,7 @@ import torch
 from conftest import TINY
 from lightning.pytorch.callbacks import Callback
 
-import levo_train.cli as cli
+import levo_train.run as run_mod
 from levo_train.cli import main
 from levo_train.train.lm import LMModule
 
@@ -143,14 +143,14 @@ def test_sigint_checkpoints_at_the_step_boundary(tmp_path, cache, capsys, monkey
     """Ctrl-C in micro-batch 3 (second half of step 2, accumulation 2): the step finishes, last.ckpt
     holds step 2 with the data position of whole cycles, exit 130; the handler is gone afterwards."""
     rd = tmp_path / "run"
-    build = cli.build_trainer
+    build = run_mod.build_trainer
 
     def patched(cfg, run_dir):
         trainer = build(cfg, run_dir)
         trainer.callbacks.append(SignalAt(3, signal.SIGINT))
         return trainer
 
-    monkeypatch.setattr(cli, "build_trainer", patched)
+    monkeypatch.setattr(run_mod, "build_trainer", patched)
     before = signal.getsignal(signal.SIGINT)
     assert main(sft(cache, rd, "trainer.max_steps=6", "trainer.accumulate_grad_batches=2")) == 130
     err = capsys.readouterr().err

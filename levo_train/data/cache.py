@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_train.fingerprint import file_digest
 
 PROVENANCE = "derived_from.json"
 
@@ -73,8 +74,6 @@ def _normal(obj: Any) -> Any:
 
 def write_provenance(folder: Path, derived_from: dict[str, Any]) -> None:
     """Record the inputs of a finished build and the digest of every file it wrote."""
-    from levo_train.fingerprint import file_digest
-
     files = {rel: file_digest(folder / rel) for rel in _files(folder)}
     (folder / PROVENANCE).write_text(strict_dumps({"derived_from": _normal(derived_from), "files": files}, indent=1,
                                                 sort_keys=True))
@@ -82,8 +81,6 @@ def write_provenance(folder: Path, derived_from: dict[str, Any]) -> None:
 
 def check_provenance(folder: Path, derived_from: dict[str, Any]) -> None:
     """Refuse a cache folder built from other inputs or changed since (see the module doc)."""
-    from levo_train.fingerprint import file_digest
-
     p = folder / PROVENANCE
     try:
         rec = json.loads(p.read_text())

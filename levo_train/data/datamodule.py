@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from levo_infer.model import LyricFit, LyricTooLong
 from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards, shard_sizes
 
-__all__ = ["SongDataModule", "collate_songs", "epoch_order"]
+__all__ = ["SongDataModule", "append_eos", "collate_songs", "epoch_order"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ def collate_songs(songs: Sequence[Song], code_size: int) -> dict[str, Any]:
         "keys": [s.key for s in songs],
         "meta": [s.meta for s in songs],
     }
+
+
+def append_eos(codes: torch.Tensor, lengths: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
+    """[B, K, T] padded frames (a :func:`collate_songs` batch) -> [B, K, T+1] with EOS at each
+    song's length and pad after it: the targets an LM reads and predicts."""
+    B, K, T = codes.shape
+    out = torch.cat([codes, codes.new_full((B, K, 1), pad)], dim=2)
+    t = torch.arange(T + 1, device=codes.device)[None, None, :]
+    ln = lengths.to(codes.device)[:, None, None]
+    out = torch.where(t < ln, out, torch.full_like(out, pad))
+    return torch.where(t == ln, torch.full_like(out, eos), out)
 
 
 def epoch_order(

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from levo_infer.integrity import json_digest
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.data.datamodule import SongDataModule, _SongStream, collate_songs
 from levo_train.data.shards import (
@@ -271,8 +272,6 @@ def pair_digest(pair: Pair) -> str:
 
 def read_ref_logps(pairs_dir: str | os.PathLike) -> dict[str, Any] | None:
     """``ref_logps.json`` of a pair folder (None when there is none), entries as :data:`RefEntry`."""
-    from levo_infer.integrity import json_digest
-
     p = Path(pairs_dir) / REF_LOGPS_NAME
     if not p.is_file():
         return None
@@ -416,8 +415,6 @@ def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[
                     stream_weights: Sequence[float]) -> Path:
     """Write ``ref_logps.json`` (atomically): ``{key: (chosen, rejected, pair digest)}`` under the
     model ``fingerprint`` and the stream weights they were summed with."""
-    from levo_infer.integrity import json_digest
-
     p = Path(pairs_dir) / REF_LOGPS_NAME
     doc = {"format": REF_LOGPS_FORMAT, "model": fingerprint, "stream_weights": [float(w) for w in stream_weights],
            "logps": {k: [float(c), float(r), str(d)] for k, (c, r, d) in sorted(logps.items())}}

@@ -46,6 +46,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.jsonio import write_json_atomic as strict_write_json
 from levo_infer.lyrics import LyricError, split_sections
 
 __all__ = [
@@ -270,9 +271,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Fa
     """``obj`` as strict json at ``path``, all or nothing: written to a per-process temp file beside
     it, then renamed (so several ranks may write the same file); NaN/Infinity are refused
     (:func:`levo_infer.jsonio.write_json_atomic`)."""
-    from levo_infer.jsonio import write_json_atomic as strict
-
-    strict(path, obj, sort_keys=sort_keys)
+    strict_write_json(path, obj, sort_keys=sort_keys)
 
 
 def read_index(directory: str | os.PathLike) -> dict[str, Any] | None:

@@ -13,6 +13,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from levo_train.reward.metrics import ranking_metrics
+from levo_train.reward.model import OVERALL, RewardModelError, RewardScorer
+from levo_train.rollout import Sampling, sample_and_score
+from levo_train.toy.pairs import heldout_prompts, load_toy_model
+from levo_train.toy.scorer import ToyOracleScorer
+
 TIER_MODES = ("both", "top", "none")
 
 
@@ -21,12 +27,6 @@ def reward_eval(rm: str | os.PathLike, policy: str | os.PathLike, *, n: int = 51
                 device: str = "cpu") -> dict[str, Any]:
     """``{"overall": {lcc, srcc, ktau, pair_acc}, <dim>: {...}, ...}`` and, under ``"_info"``, the
     sample count and mean hidden quality (the caller pops it before printing the contract JSON)."""
-    from levo_train.reward.metrics import ranking_metrics
-    from levo_train.reward.model import OVERALL, RewardModelError, RewardScorer
-    from levo_train.rollout import Sampling, sample_and_score
-    from levo_train.toy.pairs import heldout_prompts, load_toy_model
-    from levo_train.toy.scorer import ToyOracleScorer
-
     if tier not in TIER_MODES:
         raise ValueError(f"--tier {tier!r}: expected one of {TIER_MODES}")
     if n < 2:

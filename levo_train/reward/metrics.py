@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
 
 METRICS = ("lcc", "srcc", "ktau", "pair_acc")
 #: the true-score gap a pair needs to count towards pair accuracy
@@ -33,8 +34,6 @@ def pair_accuracy(pred: torch.Tensor, target: torch.Tensor, margin: float = PAIR
 def ranking_metrics(pred: Any, target: Any, margin: float = PAIR_MARGIN) -> dict[str, float]:
     """``{"lcc", "srcc", "ktau", "pair_acc"}`` of predictions against true scores (1-D); NaN where
     undefined (fewer than two songs, or a constant side)."""
-    from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
-
     p = torch.as_tensor(pred, dtype=torch.float64).flatten()
     t = torch.as_tensor(target, dtype=torch.float64).flatten()
     if p.shape != t.shape:

@@ -42,13 +42,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from levo_infer.config import ModelConfig
+from levo_infer.checkpoint import atomic_torch_save
+from levo_infer.config import ModelConfig, load_config, save_config
+from levo_infer.integrity import (
+    IntegrityError,
+    remove_manifest,
+    verify_folder,
+    verify_torch_zip,
+    write_manifest,
+)
+from levo_infer.jsonio import write_json_atomic
 from levo_infer.model import Conditions, LeLM
+from levo_infer.safe_load import torch_load
+from levo_train.data.datamodule import append_eos, collate_songs
+from levo_train.data.scored import OVERALL
 from levo_train.data.shards import Song
-from levo_train.train.logps import append_eos
 
 EXPORT_FORMAT = 1
-OVERALL = "overall"
 POOLINGS = ("mean", "attn", "mean_logp")
 #: per-stream token log-prob statistics of ``mean_logp``: mean, share below LOW_LOGP, minimum
 LOGP_STATS = 3
@@ -178,8 +188,6 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score_songs(self, songs: Sequence[Song], batch_size: int = 64) -> torch.Tensor:
         """Scores [N, D + 1] of songs (eval mode, no grad), in the given order."""
-        from levo_train.data.datamodule import collate_songs
-
         out = []
         for i in range(0, len(songs), batch_size):
             b = collate_songs(songs[i:i + batch_size], self.config.lm.code_size)
@@ -193,8 +201,6 @@ class RewardModel(nn.Module):
         over frames + EOS of the main-stack state concatenated with the mean sub-stack state, the
         ``mean`` features every pooling's head reads (what ``levo-eval tokens`` takes Fréchet
         distances over). Call ``eval()`` first for deterministic features."""
-        from levo_train.data.datamodule import collate_songs
-
         out = []
         for i in range(0, len(songs), batch_size):
             b = collate_songs(songs[i:i + batch_size], self.config.lm.code_size)
@@ -208,11 +214,6 @@ def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[
                       dtype: torch.dtype | None = None) -> Path:
     """Write the export folder (``config.yaml``, ``reward.pt``, ``reward.json``); ``info`` adds
     fields to ``reward.json`` (e.g. ``source``)."""
-    from levo_infer.checkpoint import atomic_torch_save
-    from levo_infer.config import save_config
-    from levo_infer.integrity import remove_manifest, write_manifest
-    from levo_train.data.shards import write_json_atomic
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_manifest(folder)
@@ -238,8 +239,6 @@ def read_reward_info(export_dir: str | os.PathLike) -> dict[str, Any]:
     missing = [n for n in (INFO_FILE, WEIGHTS_FILE, CONFIG_FILE) if not (folder / n).is_file()]
     if missing:
         raise RewardModelError(f"{folder}: not a reward-model export, it lacks {', '.join(missing)}")
-    from levo_infer.integrity import IntegrityError, verify_folder, verify_torch_zip
-
     try:  # every file against checksums.json (when there is one), reward.pt's own CRCs always
         verify_folder(folder)
         verify_torch_zip(folder / WEIGHTS_FILE)
@@ -265,9 +264,6 @@ def read_reward_info(export_dir: str | os.PathLike) -> dict[str, Any]:
 def load_reward_model(export_dir: str | os.PathLike, device: str | torch.device = "cpu"
                       ) -> tuple[RewardModel, dict[str, Any]]:
     """(model in eval mode, fp32, on ``device``; its ``reward.json``) of an export folder."""
-    from levo_infer.config import load_config
-    from levo_infer.safe_load import torch_load
-
     folder = Path(export_dir)
     info = read_reward_info(folder)
     config = load_config(folder / CONFIG_FILE)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,20 @@ from typing import Any
 import numpy as np
 
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_train.data.cache import build_once
 from levo_train.data.pairs import build_pairs
 from levo_train.data.shards import Song
-from levo_train.fingerprint import model_fingerprint
-from levo_train.rollout import Prompt
+from levo_train.fingerprint import file_digest, model_fingerprint
+from levo_train.rollout import Prompt, Sampling, Scorer, sample_and_score
+from levo_train.toy.scorer import ToyOracleScorer
+from levo_train.toy.world import (
+    CORRUPTION,
+    DIMENSIONS,
+    TOY_CODE_SIZE,
+    TOY_WORLD_VERSION,
+    ToyWorld,
+    style_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +74,6 @@ class ToyPairSpec:
                                    # levo_train.scorers spec such as rm:EXPORT (a reward model)
 
     def __post_init__(self) -> None:
-        from levo_train.toy.world import DIMENSIONS
-
         if self.source not in SOURCES:
             raise ValueError(f"toy pair source {self.source!r}: expected one of {SOURCES}")
         if self.dimension != "quality" and self.dimension not in DIMENSIONS:
@@ -98,8 +107,6 @@ def toy_candidates(world: Any, n_prompts: int, n_candidates: int, *, seed: int, 
     corrupted at rates from 0 (the first candidate) up to the data set's range — minimal pairs that
     differ only in what the preference is about.
     """
-    from levo_train.toy.world import CORRUPTION, style_text
-
     rng = np.random.default_rng([seed, 90210])
     out: list[Song] = []
     for i in range(n_prompts):
@@ -131,8 +138,6 @@ def _scored_song(world: Any, key: str, tokens: np.ndarray, lyric: str, style: st
 
 def toy_prompts(world: Any, n_prompts: int, *, seed: int, tier: Any = "top") -> list[Prompt]:
     """``n_prompts`` toy training conditions as rollout prompts, the style tier cycled over ``tier``."""
-    from levo_train.toy.world import style_text
-
     rng = np.random.default_rng([seed, 0x5A3])
     conds = [world.sample_condition(rng) for _ in range(n_prompts)]
     return [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(tier, i))) for i, c in enumerate(conds)]
@@ -141,8 +146,6 @@ def toy_prompts(world: Any, n_prompts: int, *, seed: int, tier: Any = "top") -> 
 def heldout_prompts(world: Any, n: int, *, seed: int, tier: Any = "top") -> list[Prompt]:
     """``n`` held-out toy conditions (``world.heldout_conditions(n, seed)``) as rollout prompts, the
     style tier cycled over ``tier``: what evaluations sample."""
-    from levo_train.toy.world import style_text
-
     return [Prompt(c.lyric, style_text(c.style_base, tier_of_prompt(tier, i)))
             for i, c in enumerate(world.heldout_conditions(n, seed))]
 
@@ -155,9 +158,6 @@ def sample_candidates(model: Any, world: Any, n_prompts: int, n_candidates: int,
     conditions, scored by the world's hidden scores (:func:`levo_train.rollout.sample_and_score`)
     and, when ``scorer`` is given, ranked by it (see :func:`_scored_song`). Returns (songs, number
     of empty samples dropped)."""
-    from levo_train.rollout import Sampling, sample_and_score
-    from levo_train.toy.scorer import ToyOracleScorer
-
     prompts = toy_prompts(world, n_prompts, seed=seed, tier=tier)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef, max_frames=max_frames,
                         batch_size=batch_size)
@@ -182,12 +182,12 @@ def split_seeds(spec: ToyPairSpec, world_seed: int) -> dict[str, int]:
 
 def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(), *, world_seed: int = 0,
                     model: str | os.PathLike | None = None, device: str | None = None,
-                    batch_size: int = 128) -> dict[str, Any]:
+                    batch_size: int = 128, make_scorer: Callable[[str], Scorer] | None = None) -> dict[str, Any]:
     """Write toy pair shards ``out_dir/train`` and ``out_dir/val`` (none when ``n_val`` is 0);
-    ``model`` (an export folder of a toy-sized model) is required for ``source="model"``.
+    ``model`` (an export folder of a toy-sized model) is required for ``source="model"``, and
+    ``make_scorer(device)`` when ``spec.scorer`` is not ``toy``: the scorer that spec names (e.g.
+    through :func:`levo_train.scorers.load_scorer`) on the device the model samples on.
     Returns per-split stats (pairs, prompts, and for sampled candidates their mean quality)."""
-    from levo_train.toy.world import TOY_CODE_SIZE, ToyWorld
-
     world = ToyWorld(world_seed)
     lelm = None
     if spec.source == "model":
@@ -196,10 +196,10 @@ def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(
         lelm = load_toy_model(model, device)
     scorer, dimension = None, spec.dimension
     if spec.scorer != "toy":
-        from levo_train.scorers import load_scorer
-
-        scorer = load_scorer(spec.scorer, device=str(lelm.device) if lelm is not None else "cpu",
-                             world_seed=world_seed, setting="data.toy_pairs.scorer")
+        if make_scorer is None:
+            raise ValueError(f"toy pairs ranked by scorer {spec.scorer!r}: pass make_scorer, which loads it (e.g. "
+                             "with levo_train.scorers.load_scorer)")
+        scorer = make_scorer(str(lelm.device) if lelm is not None else "cpu")
         dimension = scorer.overall
     t0 = time.time()
     seeds = split_seeds(spec, world_seed)
@@ -246,8 +246,6 @@ def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
 def toy_pairs_key(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -> dict[str, Any]:
     """Everything a toy pair set is derived from: the spec, the world (seed and rules version) and,
     for ``source="model"``, the content fingerprint of the model it was sampled from."""
-    from levo_train.toy.world import TOY_WORLD_VERSION
-
     sd = dataclasses.asdict(spec)
     if spec.scorer == "toy":
         del sd["scorer"]  # the hidden oracle: keys as before the option existed
@@ -261,14 +259,10 @@ def scorer_identity(spec: str) -> str:
     """A scorer spec with a reward-model export replaced by its content hash (``rm:sha256:...``), so
     a cache keyed by it follows the weights, not the path."""
     if spec.startswith("rm:"):
-        import hashlib as _h
-
-        from levo_train.fingerprint import file_digest
-
         folder = Path(spec[3:])
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
             if folder.is_dir() else []
-        h = _h.sha256()
+        h = hashlib.sha256()
         for p in files:
             h.update(f"{p.name}:{file_digest(p)};".encode())
         return f"rm:sha256:{h.hexdigest()}"
@@ -284,13 +278,12 @@ def toy_pairs_name(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) 
 
 def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(), *, world_seed: int = 0,
                      model: str | os.PathLike | None = None, device: str | None = None,
-                     fingerprint: str | None = None) -> Path:
+                     fingerprint: str | None = None, make_scorer: Callable[[str], Scorer] | None = None) -> Path:
     """Toy pair shards (``train/``, ``val/``) built once under ``root``; ``done.json`` holds the spec,
     the model's fingerprint and the build stats, ``derived_from.json`` the inputs and file digests,
     checked on every reuse (:func:`levo_train.data.cache.build_once`). Concurrent callers (DDP
-    ranks) wait for one build. ``fingerprint``: ``model``'s, when the caller has it already."""
-    from levo_train.data.cache import build_once
-
+    ranks) wait for one build. ``fingerprint``: ``model``'s, when the caller has it already.
+    ``make_scorer``: as :func:`write_toy_pairs` takes it, called only when the pairs are built."""
     fp = None
     if spec.source == "model" and model is not None:
         fp = fingerprint or model_fingerprint(model)
@@ -298,7 +291,8 @@ def ensure_toy_pairs(root: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(),
 
     def build(tmp: Path) -> None:
         log.info("building toy pairs %s (source=%s%s)", name, spec.source, f", model {model}" if fp else "")
-        stats = write_toy_pairs(tmp, spec, world_seed=world_seed, model=model, device=device)
+        stats = write_toy_pairs(tmp, spec, world_seed=world_seed, model=model, device=device,
+                                make_scorer=make_scorer)
         info = {"spec": dataclasses.asdict(spec), "model": str(model) if fp else None, "model_fingerprint": fp,
                 **stats}
         (tmp / "done.json").write_text(strict_dumps(info, indent=1))

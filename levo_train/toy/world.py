@@ -68,6 +68,8 @@ import numpy as np
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.lyrics import INSTRUMENTAL_TAGS, format_sections, split_sections
 from levo_infer.tokenizer import MUSICALITY_TAGS
+from levo_train.data.cache import build_once
+from levo_train.data.shards import ShardWriter
 
 __all__ = [
     "TOY_CODE_SIZE",
@@ -842,8 +844,6 @@ def write_toy_dataset(
     Returns the summary (counts, mean quality, per-dimension means clean vs corrupted, tier
     correlations) that is also stored in ``toy_world.json``.
     """
-    from levo_train.data.shards import ShardWriter
-
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -881,8 +881,6 @@ def ensure_toy_dataset(
     build is reused only when its recorded inputs (world rules version, seed, sizes) and file
     digests still match, concurrent callers wait for one build, a crashed build leaves nothing
     under the final name (:func:`levo_train.data.cache.build_once`)."""
-    from levo_train.data.cache import build_once
-
     inputs = {"world": "levo-toy", "version": TOY_WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val}
     return build_once(root, toy_dataset_name(seed, n_train, n_val), "toy_world.json",
                       lambda tmp: write_toy_dataset(tmp, seed=seed, n_train=n_train, n_val=n_val, overwrite=True),

@@ -16,8 +16,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from levo_infer.checkpoint import UNUSED_KEYS
 from levo_infer.config import ModelConfig
 from levo_infer.model import LeLM
+from levo_train.parallel import parallelize
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,6 @@ class LeLMTrainModule(L.LightningModule):
         self.freeze_prefixes = list(freeze)
         self._apply_freeze()
         # parameters kept only for the released layout never get gradients (DDP would complain)
-        from levo_infer.checkpoint import UNUSED_KEYS
-
         for n, p in self.model.named_parameters():
             if n in UNUSED_KEYS:
                 p.requires_grad_(False)
@@ -97,8 +97,6 @@ class LeLMTrainModule(L.LightningModule):
         checkpointing per decoder layer and, under ``strategy=fsdp2``, FSDP2 sharding of the policy
         and of a frozen reference copy (sharded like the policy; it has no gradients or optimizer
         state). Idempotent (Lightning calls it for validate and again for fit)."""
-        from levo_train.parallel import parallelize
-
         strategy = self.trainer.strategy if self._trainer is not None else None
         mesh, opts = None, {}
         if getattr(strategy, "shards_model", False):
@@ -161,7 +159,7 @@ class LeLMTrainModule(L.LightningModule):
             "init_fingerprint": getattr(self, "init_fingerprint", None),
             # the LoRA adapters the state dict holds (levo_train.lora), None without
             "lora": self.lora.identity() if getattr(self, "lora", None) is not None else None,
-            # the LR schedule this run follows: a resume continues it (levo_train.cli.resolve_schedule)
+            # the LR schedule this run follows: a resume continues it (levo_train.resume.resolve_schedule)
             "schedule": {"lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
                          "min_lr_ratio": self.min_lr_ratio},
         }

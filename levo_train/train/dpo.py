@@ -50,6 +50,16 @@ def pair_logps(model: LeLM, batch: dict[str, Any], cond2: Conditions | None = No
     return sequence_logps(model, codes, lengths, cond2, stream_weights=stream_weights)
 
 
+#: where the DPO reference log-probs come from: a frozen copy of the init, or ref_logps.json beside the pairs
+REFERENCES = ("model", "precomputed")
+
+
+def check_reference(reference: str) -> None:
+    """Raise ``ValueError`` for a reference that is not one of :data:`REFERENCES`."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be 'model' or 'precomputed', got {reference!r}")
+
+
 def check_loss_config(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None, beta: float,
                       label_smoothing: float) -> None:
     """Raise ``ValueError`` now (not at the first step) for an unknown loss type or bad settings."""
@@ -77,8 +87,7 @@ class DPOModule(LeLMTrainModule):
     ) -> None:
         kw.setdefault("init_weights", False)
         super().__init__(model_config, **kw)
-        if reference not in ("model", "precomputed"):
-            raise ValueError(f"reference must be 'model' or 'precomputed', got {reference!r}")
+        check_reference(reference)
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
         self.loss_type = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else None

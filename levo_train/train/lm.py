@@ -18,9 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from levo_infer.config import ModelConfig
 from levo_infer.model import Conditions
+from levo_train.data.datamodule import append_eos
 
 from .base import LeLMTrainModule
-from .logps import append_eos
 
 STREAM_NAMES = ("mixed", "vocal", "bgm")
 

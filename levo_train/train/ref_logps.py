@@ -19,8 +19,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from levo_infer.model import LeLM, LyricTooLong
+from levo_train.data.shards import ShardError, iter_raw, resolve_shards
+
 if TYPE_CHECKING:
-    from levo_infer.model import LeLM
     from levo_train.data.pairs import Pair, RefEntry
 
 
@@ -35,8 +39,8 @@ def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
 
 def iter_pairs(folder: str | os.PathLike, *, code_size: int) -> Iterator[Pair]:
     """Validated pair records of every shard of ``folder`` in file order."""
+    # the pair modules import lightning (slow), and levo-data imports this module at its start
     from levo_train.data.pairs import decode_pair
-    from levo_train.data.shards import iter_raw, resolve_shards
 
     for sh in resolve_shards(os.fspath(folder)):
         for raw in iter_raw(sh):
@@ -59,11 +63,8 @@ def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int
     """``{key: (chosen, rejected, pair digest)}``: summed reference log-probs of every pair in
     ``folder``, computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in
     eval mode without gradients."""
-    import torch
-
-    from levo_infer.model import LyricTooLong
+    # lightning, through the pair and DPO modules: slow, see iter_pairs
     from levo_train.data.pairs import collate_pairs, pair_digest
-    from levo_train.data.shards import ShardError
     from levo_train.train.dpo import pair_logps
 
     model.eval()
@@ -95,8 +96,6 @@ def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int
 def _auto_device(device: str | None) -> str:
     if device:
         return device
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from levo_infer.model import Conditions, LeLM
+from levo_train.lora import adapters_disabled, has_lora
 
 KINDS = ("model", "precomputed")
 
@@ -52,8 +53,6 @@ class AdaptersOff:
     name = "model.init = the policy with its adapters off"
 
     def logps(self, module: Any, batch: dict[str, Any], cond2: Conditions) -> torch.Tensor:
-        from levo_train.lora import adapters_disabled
-
         with torch.no_grad(), adapters_disabled(module.model):
             return module.pair_logps(module.model, batch, cond2)[0]
 
@@ -81,8 +80,6 @@ def frozen_copy(model: LeLM) -> LeLM:
 
 def make_reference(kind: str, module: Any) -> Reference:
     """The reference of ``dpo.reference=kind`` for ``module`` (sets ``module.ref`` for a frozen copy)."""
-    from levo_train.lora import has_lora
-
     if kind == "precomputed":
         return Precomputed()
     if kind != "model":

@@ -43,6 +43,16 @@ UNUSED_TRUNK = ("transformer.lm_head.", "transformer2.lm_head.", "linears.", "ou
                 "transformer.model.embed_tokens.", "transformer2.model.embed_tokens.")
 
 
+def check_reward_settings(*, loss: str, rank_loss: str, rank_weight: float, rank_margin: float) -> None:
+    """Raise ``ValueError`` naming the ``reward.*`` setting that cannot work."""
+    if loss not in LOSSES:
+        raise ValueError(f"reward.loss={loss!r}: expected one of {LOSSES}")
+    if rank_loss not in RANK_LOSSES:
+        raise ValueError(f"reward.rank_loss={rank_loss!r}: expected one of {RANK_LOSSES}")
+    if rank_weight < 0 or rank_margin < 0:
+        raise ValueError(f"reward.rank_weight={rank_weight} and reward.rank_margin={rank_margin} must be >= 0")
+
+
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Mean over songs and outputs of the per-output regression loss."""
     if kind == "mse":
@@ -125,12 +135,7 @@ class RewardModule(LeLMTrainModule):
     def __init__(self, model_config: ModelConfig, *, dimensions: Sequence[str], pooling: str = "mean",
                  layers: int | None = None, layers_sub: int | None = None, loss: str = "mse",
                  rank_loss: str = "none", rank_weight: float = 0.0, rank_margin: float = 0.05, **kw: Any) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"reward.loss={loss!r}: expected one of {LOSSES}")
-        if rank_loss not in RANK_LOSSES:
-            raise ValueError(f"reward.rank_loss={rank_loss!r}: expected one of {RANK_LOSSES}")
-        if rank_weight < 0 or rank_margin < 0:
-            raise ValueError(f"reward.rank_weight={rank_weight} and reward.rank_margin={rank_margin} must be >= 0")
+        check_reward_settings(loss=loss, rank_loss=rank_loss, rank_weight=rank_weight, rank_margin=rank_margin)
         super().__init__(model_config, **kw)
         self.dimensions = tuple(dimensions)
         self.outputs = (*self.dimensions, OVERALL)
@@ -246,5 +251,6 @@ class RewardModule(LeLMTrainModule):
             m.reset()
 
 
-__all__ = ["LOSSES", "RANK_LOSSES", "RANK_SCALE", "RewardModule", "bt_loss", "listmle_loss", "pair_bt_loss",
+__all__ = ["LOSSES", "RANK_LOSSES", "RANK_SCALE", "RewardModule", "bt_loss", "check_reward_settings",
+           "listmle_loss", "pair_bt_loss",
            "pair_labels", "regression_loss", "reward_loss"]

@@ -79,6 +79,13 @@ def check_sdpo_settings(*, sync_every: int, per_prompt: int, prompts_per_round: 
             raise ValueError(f"sdpo.{name}={value}: expected {want}")
 
 
+def check_sdpo_reference(reference: str) -> None:
+    """Raise ``ValueError`` unless the reference is a model (``dpo.reference=model``)."""
+    if reference != "model":
+        raise ValueError("semi-online DPO needs dpo.reference=model (its pairs are new every round, so there are "
+                         "no precomputed reference log-probs)")
+
+
 def _pair_record(best: Candidate, worst: Candidate, key: str, oracle: str | None) -> dict[str, Any]:
     """One buffer entry (plain tensors and strings: a checkpoint loads it with ``weights_only``)."""
     s = best.song
@@ -126,9 +133,7 @@ class SemiOnlineDPOModule(DPOModule):
     ) -> None:
         kw.setdefault("reference", "model")
         super().__init__(model_config, **kw)
-        if self.reference != "model":
-            raise ValueError("semi-online DPO needs dpo.reference=model (its pairs are new every round, so there are "
-                             "no precomputed reference log-probs)")
+        check_sdpo_reference(self.reference)
         check_sdpo_settings(sync_every=sync_every, per_prompt=per_prompt, prompts_per_round=prompts_per_round,
                             buffer_rounds=buffer_rounds, ref_sync_every=ref_sync_every, min_margin=min_margin)
         self.prompts: list[Prompt] = []
@@ -337,7 +342,7 @@ class SemiOnlineDPOModule(DPOModule):
 
 def plot_rounds(history: Sequence[dict[str, Any]], path: Path, *, scorer: str, oracle: str | None) -> None:
     """PNG of the scorer's mean and (when known) the hidden quality of the same samples per round."""
-    import matplotlib
+    import matplotlib  # slow import, needed only for this plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -377,5 +382,6 @@ class RoundDataModule(L.LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(_Ticks(), batch_size=None)
 
-__all__ = ["PLOT_NAME", "ROUNDS_NAME", "RoundDataModule", "SemiOnlineDPOModule", "check_sdpo_settings",
+__all__ = ["PLOT_NAME", "ROUNDS_NAME", "RoundDataModule", "SemiOnlineDPOModule", "check_sdpo_reference",
+           "check_sdpo_settings",
            "collate_buffer", "plot_rounds"]

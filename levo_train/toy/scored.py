@@ -1,18 +1,13 @@
-"""Training data of the reward model: scored song shards, and the toy default built from the init.
+"""The toy reward data: what ``recipe=reward`` trains on when no ``data.train`` is given.
 
-A training song is an ordinary song record (:mod:`levo_train.data.shards`) whose json carries
-``scores``: one value per dimension, and the overall score as ``scores["overall"]`` or, for toy
-world songs, the top-level ``quality``. :class:`RewardDataModule` is the song datamodule (same
-deterministic, exactly resumable stream) whose batches add ``targets`` [B, D + 1] (dimensions in
-order, then overall); a song without them is a :class:`ShardError` naming its shard and key.
-
-Toy default (no ``data.train``): :func:`ensure_toy_reward_data` samples songs from ``model.init``
-with :func:`levo_train.rollout.sample_and_score` at several temperatures for toy training
-conditions (styles with the top tier tag and untagged, alternating), adds the world's own
-corrupted renderings (a wide spread of quality, including near-perfect songs), scores everything
-with the hidden oracle (:class:`~levo_train.toy.scorer.ToyOracleScorer`) and holds out songs sampled
-for held-out conditions (``world.heldout_conditions``) as the validation split. Built once and
-cached, keyed by every setting, the init's fingerprint and the world version.
+:func:`ensure_toy_reward_data` samples songs from ``model.init`` with
+:func:`levo_train.rollout.sample_and_score` at several temperatures for toy training conditions
+(styles with the top tier tag and untagged, alternating), adds the world's own corrupted renderings
+(a wide spread of quality, including near-perfect songs), scores everything with the hidden oracle
+(:class:`~levo_train.toy.scorer.ToyOracleScorer`) and holds out songs sampled for held-out
+conditions (``world.heldout_conditions``) as the validation split: scored song shards in the format
+of :mod:`levo_train.data.scored`. Built once and cached, keyed by every setting, the init's
+fingerprint and the world version.
 """
 
 from __future__ import annotations
@@ -29,100 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from levo_infer.jsonio import dumps as strict_dumps
-from levo_train.data.datamodule import SongDataModule, _SongStream
-from levo_train.data.shards import ShardError, Song, iter_songs, resolve_shards
+from levo_train.data.cache import build_once
+from levo_train.data.shards import ShardWriter, Song
+from levo_train.rollout import Sampling, sample_and_score
+from levo_train.toy.pairs import heldout_prompts, load_toy_model, toy_candidates, toy_prompts
+from levo_train.toy.scorer import ToyOracleScorer
+from levo_train.toy.world import DIMENSIONS, TOY_CODE_SIZE, TOY_WORLD_VERSION, ToyWorld
 
 log = logging.getLogger(__name__)
 
-OVERALL = "overall"
-#: where the stream leaves each song's targets between decoding and collation
-_TARGETS = "__reward_targets__"
 
-
-def song_targets(song: Song, dimensions: Sequence[str]) -> list[float]:
-    """The targets of one song: ``scores[d]`` for each dimension, then the overall score
-    (``scores["overall"]``, else the toy world's ``quality``). :class:`ShardError` when missing."""
-    scores = song.meta.get("scores")
-    if not isinstance(scores, dict):
-        raise ShardError("its json has no `scores` object: reward-model training needs per-dimension scores "
-                         f"({', '.join(dimensions)}) and an overall score (scores.overall or quality)",
-                         shard=song.shard or None, key=song.key)
-    out = []
-    for d in dimensions:
-        v = scores.get(d)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ShardError(f"scores.{d} is {v!r}: reward.dimensions asks for {list(dimensions)}, the song's scores "
-                             f"hold {sorted(scores)}", shard=song.shard or None, key=song.key)
-        out.append(float(v))
-    overall = scores.get(OVERALL, song.meta.get("quality"))
-    if not isinstance(overall, (int, float)) or isinstance(overall, bool):
-        raise ShardError("no overall score: expected scores.overall or a top-level quality in its json",
-                         shard=song.shard or None, key=song.key)
-    out.append(float(overall))
-    if not np.all(np.isfinite(out)):
-        raise ShardError(f"non-finite score in {dict(zip([*dimensions, OVERALL], out))}", shard=song.shard or None,
-                         key=song.key)
-    return out
-
-
-class RewardStream(_SongStream):
-    """The song stream whose batches also hold ``targets`` [B, D + 1] float32."""
-
-    def __init__(self, *, dimensions: Sequence[str], **kw: Any) -> None:
-        super().__init__(**kw)
-        self.dimensions = tuple(dimensions)
-
-    def _decode(self, raw: dict, position: int) -> Song | None:
-        song = super()._decode(raw, position)
-        if song is None:
-            return None
-        try:
-            song.meta[_TARGETS] = song_targets(song, self.dimensions)
-        except ShardError as e:
-            self._skip_bad(e)
-            return None
-        return song
-
-    def _batch(self, raws: list[tuple[int, dict]]) -> dict[str, Any] | None:
-        batch = super()._batch(raws)
-        if batch is not None:
-            batch["targets"] = torch.tensor([m.pop(_TARGETS) for m in batch["meta"]], dtype=torch.float32)
-        return batch
-
-
-class RewardDataModule(SongDataModule):
-    """:class:`SongDataModule` whose batches carry ``targets`` for ``dimensions`` + overall."""
-
-    stream_cls = RewardStream
-
-    def __init__(self, *args: Any, dimensions: Sequence[str], **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.dimensions = tuple(dimensions)
-
-    def stream_kwargs(self, train: bool) -> dict[str, Any]:
-        return {"dimensions": self.dimensions}
-
-
-def data_dimensions(spec: Any, code_size: int) -> tuple[str, ...]:
-    """The dimensions the first song of a shard set is scored on (its ``scores`` keys but
-    ``overall``), for ``reward.dimensions: null``; :class:`ShardError` when it has none."""
-    shards = resolve_shards(spec)
-    if not shards:
-        raise ShardError(f"no shards found for {spec}")
-    for song in iter_songs(shards[0], code_size=code_size):
-        scores = song.meta.get("scores")
-        dims = tuple(k for k in scores if k != OVERALL) if isinstance(scores, dict) else ()
-        if not dims:
-            raise ShardError("its json has no per-dimension `scores`: reward-model training needs them (or set "
-                             "reward.dimensions)", shard=song.shard or shards[0], key=song.key)
-        return dims
-    raise ShardError("holds no songs", shard=shards[0])
-
-
-# ----------------------------------------------------------------------------- toy default
 @dataclass(frozen=True)
 class ToyRewardSpec:
     """What the toy reward data set is built from (all of it keys the cache)."""
@@ -147,16 +60,11 @@ class ToyRewardSpec:
 
 
 def toy_reward_key(spec: ToyRewardSpec, world_seed: int, fingerprint: str) -> dict[str, Any]:
-    from levo_train.toy.world import TOY_WORLD_VERSION
-
     return {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
             "model": fingerprint, "format": 1}
 
 
 def _write_split(out: Path, songs: Sequence[Song]) -> dict[str, Any]:
-    from levo_train.data.shards import ShardWriter
-    from levo_train.toy.world import TOY_CODE_SIZE
-
     with ShardWriter(out, code_size=TOY_CODE_SIZE) as w:
         for s in songs:
             w.write_song(s.key, s.tokens, s.lyric, s.style, s.meta)
@@ -166,8 +74,6 @@ def _write_split(out: Path, songs: Sequence[Song]) -> dict[str, Any]:
 
 
 def _song_of(key: str, song: Song, scores: dict[str, float], **extra: Any) -> Song:
-    from levo_train.toy.world import DIMENSIONS
-
     meta = {"scores": {d: round(float(scores[d]), 6) for d in DIMENSIONS}, "quality": round(float(scores["quality"]), 6),
             "language": "toy", **extra}
     return Song(key, np.ascontiguousarray(song.tokens, dtype=np.int64), song.lyric, song.style, None, meta)
@@ -176,11 +82,6 @@ def _song_of(key: str, song: Song, scores: dict[str, float], **extra: Any) -> So
 def write_toy_reward_data(out_dir: str | os.PathLike, spec: ToyRewardSpec, *, model: str | os.PathLike,
                           world_seed: int = 0, device: str | None = None) -> dict[str, Any]:
     """Write ``out_dir/train`` and ``out_dir/val`` song shards (see the module docstring)."""
-    from levo_train.rollout import Sampling, sample_and_score
-    from levo_train.toy.pairs import heldout_prompts, load_toy_model, toy_candidates, toy_prompts
-    from levo_train.toy.scorer import ToyOracleScorer
-    from levo_train.toy.world import ToyWorld
-
     t0 = time.time()
     world = ToyWorld(world_seed)
     oracle = ToyOracleScorer(world=world)
@@ -224,8 +125,6 @@ def ensure_toy_reward_data(root: str | os.PathLike, spec: ToyRewardSpec, *, mode
                            fingerprint: str, world_seed: int = 0, device: str | None = None) -> Path:
     """The toy reward data (``train/``, ``val/``) built once under ``root``; ``done.json`` holds the
     spec and build stats, ``derived_from.json`` the inputs (checked on every reuse)."""
-    from levo_train.data.cache import build_once
-
     key = toy_reward_key(spec, world_seed, fingerprint)
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = f"reward-s{world_seed}-n{spec.n_train_prompts}x{spec.per_prompt}x{len(spec.temperatures)}-{h}"
@@ -239,5 +138,4 @@ def ensure_toy_reward_data(root: str | os.PathLike, spec: ToyRewardSpec, *, mode
     return build_once(root, name, "done.json", build, derived_from=key)
 
 
-__all__ = ["RewardDataModule", "RewardStream", "ToyRewardSpec", "data_dimensions", "ensure_toy_reward_data",
-           "song_targets", "toy_reward_key", "write_toy_reward_data"]
+__all__ = ["ToyRewardSpec", "ensure_toy_reward_data", "toy_reward_key", "write_toy_reward_data"]

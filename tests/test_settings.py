@@ -1,0 +1,72 @@
+"""The typed settings of the training methods: each read and validated once, a bad value refused naming
+its key (exit 2, before anything is built); semi-online DPO's scorer keys (reward.*) read into their own
+class, apart from the reward recipe's settings; the usage error is a ValueError the CLI turns into 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from levo_train.cli import compose_config, main
+from levo_train.methods import (
+    METHODS,
+    DPOSettings,
+    RewardSettings,
+    SDPOScorerSettings,
+    SDPOSettings,
+    get_method,
+)
+from levo_train.settings import UsageError
+
+
+def test_usage_error_is_a_value_error_not_an_exit():
+    e = UsageError("x.y=1: expected z")
+    assert isinstance(e, ValueError) and not isinstance(e, SystemExit)
+    assert e.msg == str(e) == "x.y=1: expected z"
+
+
+def test_every_recipe_method_reads_its_settings():
+    for recipe, cls in (("sft", "LMSettings"), ("dpo", "DPOSettings"), ("reward", "RewardSettings"),
+                        ("sdpo", "SDPOSettings")):
+        cfg = compose_config([f"recipe={recipe}", "reward.ckpt=RM" if recipe == "sdpo" else "seed=0"])
+        assert type(get_method(str(cfg.method)).settings(cfg)).__name__ == cls
+    assert set(METHODS) == {"lm", "dpo", "reward", "sdpo"}
+
+
+def test_sdpo_scorer_keys_are_their_own_settings():
+    """recipe=sdpo's reward.ckpt / reward.scorer / reward.key / reward.dimensions / reward.device (the
+    README's keys) describe the scorer; recipe=reward's reward.* describe the model it trains."""
+    cfg = compose_config(["recipe=sdpo", "reward.ckpt=RM/export", "reward.key=lyrics", "reward.device=cpu",
+                          "reward.dimensions=[lyrics,mix]"])
+    s = SDPOSettings.from_cfg(cfg)
+    assert s.scorer == SDPOScorerSettings(setting="reward.ckpt", value="RM/export", spec="rm:RM/export",
+                                          key="lyrics", dimensions=("lyrics", "mix"), device="cpu")
+    assert s.dpo == DPOSettings(beta=0.5, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
+                                reference="model")
+    toy = SDPOSettings.from_cfg(compose_config(["recipe=sdpo", "reward.scorer=toy"])).scorer
+    assert (toy.setting, toy.spec, toy.key, toy.dimensions, toy.device) == ("reward.scorer", "toy", None, None, None)
+    r = RewardSettings.from_cfg(compose_config(["recipe=reward", "reward.dimensions=[lyrics]", "reward.layers=1"]))
+    assert (r.dimensions, r.layers, r.pooling, r.rank_loss) == (("lyrics",), 1, "mean_logp", "bt")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["recipe=dpo", "dpo.beta=abc"], "dpo.beta=abc: expected a number > 0"),
+    (["recipe=dpo", "dpo.loss_type=nope"], "dpo: unknown DPO loss_type 'nope'"),
+    (["recipe=dpo", "dpo.reference=other"], "dpo: reference must be 'model' or 'precomputed', got 'other'"),
+    (["recipe=reward", "reward.pooling=max"], "reward.pooling='max': expected one of"),
+    (["recipe=reward", "reward.rank_loss=x"], "reward.rank_loss='x': expected one of"),
+    (["recipe=sdpo", "reward.scorer=toy", "sdpo.per_prompt=1"], "sdpo.per_prompt=1: expected >= 2"),
+    (["recipe=sdpo", "reward.scorer=toy", "sdpo.sync_every=2.5"], "sdpo.sync_every=2.5: expected an integer"),
+    (["recipe=sdpo", "reward.scorer=toy", "sdpo.oracle=always"], "sdpo.oracle=always: expected one of auto, none"),
+    (["recipe=sdpo", "reward.scorer=toy", "dpo.reference=precomputed"], "sdpo: semi-online DPO needs dpo.reference"),
+    (["recipe=sdpo", "reward.scorer=toy", "reward.ckpt=RM"], "give reward.ckpt=EXPORT (a reward model) or reward"),
+    (["recipe=sdpo"], "recipe=sdpo needs a reward"),
+])
+def test_a_bad_setting_is_refused_naming_its_key(tmp_path, capsys, overrides, message):
+    """Refused when the plan is resolved: before model.init is even read (here it does not exist)."""
+    rd = tmp_path / "run"
+    assert main([*overrides, f"model.init={tmp_path / 'no-such-init'}", f"run_dir={rd}", "logger=none"]) == 2
+    err = capsys.readouterr().err
+    assert f"levo-train: error: {message}" in err, err[-2000:]
+    assert not (Path(rd) / "checkpoints").exists()
