@@ -29,7 +29,7 @@ def resign(path: Path) -> None:
     import json
 
     from levo_infer.integrity import MANIFEST, clear_memo, manifest_entries, write_manifest
-    from levo_train.strategies import COMPLETE
+    from levo_train.checkpointing import COMPLETE
 
     path = Path(path)
     for folder in [path if path.is_dir() else path.parent, *path.parents]:
