@@ -311,6 +311,7 @@ def test_levo_infer_writes_flac_of_the_right_length_for_every_mode(tmp_path, cod
     sf = pytest.importorskip("soundfile")
     from conftest import TINY_WORDS  # noqa: F401 - the tiny LM's vocabulary
 
+    from levo_infer.checkpoint import save_released
     from levo_infer.cli import main
     from levo_infer.config import make_config
     from levo_infer.model import LeLM
@@ -321,7 +322,7 @@ def test_levo_infer_writes_flac_of_the_right_length_for_every_mode(tmp_path, cod
     torch.manual_seed(0)
     m = LeLM(cfg)
     m.init_weights()
-    m.save(str(tmp_path / "lm"))
+    save_released(m, str(tmp_path / "lm"))
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"idx": "a", "gt_lyric": "[verse] la da"}) + "\n")
     for mode, names in [("mixed", ["a"]), ("vocal", ["a"]), ("bgm", ["a"]), ("separate", ["a", "a_bgm", "a_vocal"])]:

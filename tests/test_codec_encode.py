@@ -35,7 +35,7 @@ from levo_infer.codec.dsp import (
 )
 from levo_infer.codec.encoder import (
     MIXED_FILE,
-    STREAMS,
+    STREAM_SOURCES,
     EncoderError,
     NativeEncoder,
     chunks_needed,
@@ -248,7 +248,7 @@ def test_every_step_matches_a_float64_recomputation_of_the_facts(enc):
     cases = [("mixed", long_full, [0, 1], out[0][0]), ("vocal", vocal, [0], out[1][1]), ("bgm", bgm, [0], out[1][2])]
     worst: dict[str, float] = {}
     for stream, x, rows, codes in cases:
-        _, layer, q = STREAMS[stream]
+        _, layer, q = STREAM_SOURCES[stream]
         tok = enc.tokenizer(stream)
         sd = {k: v.detach().double() for k, v in tok.state_dict().items()}
         ref = ref_stream(x.double().numpy(), sd, layer, q, tok.heads)

@@ -11,16 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from levo_infer.model import Conditions, LeLM
-
-
-def append_eos(codes: torch.Tensor, lengths: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
-    """[B, K, T] padded frames -> [B, K, T+1] with EOS at each song's length and pad after it."""
-    B, K, T = codes.shape
-    out = torch.cat([codes, codes.new_full((B, K, 1), pad)], dim=2)
-    t = torch.arange(T + 1, device=codes.device)[None, None, :]
-    ln = lengths.to(codes.device)[:, None, None]
-    out = torch.where(t < ln, out, torch.full_like(out, pad))
-    return torch.where(t == ln, torch.full_like(out, eos), out)
+from levo_infer.tokens import append_eos  # the EOS rule of the token format; lm.py imports it from here
 
 
 def sequence_logps(
