@@ -277,9 +277,7 @@ def test_real_size_layout_through_the_loader(monkeypatch):
             return self.t[k]
 
     def run(sep_tensors: dict, vae_tensors: dict) -> Decoder:
-        import safetensors
-
-        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: FakeSafe(sep_tensors))
+        monkeypatch.setattr(D, "safe_open", lambda *a, **k: FakeSafe(sep_tensors))
         monkeypatch.setattr(D.torch, "load", lambda *a, **k: {"state_dict": vae_tensors})
         monkeypatch.setattr(D, "verify_torch_zip", lambda path: True)  # no file behind the stand-in load
         flow, n1 = D._load_septoken(Path("model_2.safetensors"), heads=20, dtype=torch.float32)

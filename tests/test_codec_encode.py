@@ -378,8 +378,6 @@ def test_real_size_layout_through_the_loader(monkeypatch):
     if not ENCODER_LAYOUT.is_file():
         pytest.skip(f"{ENCODER_LAYOUT} is not available (set LEVO_SHARED_DIR)")
     layout = json.loads(ENCODER_LAYOUT.read_text())
-    import safetensors
-
     import levo_infer.codec.encoder as E
 
     asked: set[str] = set()
@@ -408,7 +406,7 @@ def test_real_size_layout_through_the_loader(monkeypatch):
                 "bestrq.model.preprocessor_melspec_2048.mel_stft.mel_scale.fb",
                 "bestrq.model.conformer.embed_positions.inv_freq", "rsq48tobestrq.kernel"}
     def serve(tensors: dict) -> None:
-        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: FakeSafe(tensors))
+        monkeypatch.setattr(E, "safe_open", lambda *a, **k: FakeSafe(tensors))
 
     plan = file_plan()
     for name, entry in (("mixed", layout["1rvq"]), ("separate", layout["septoken"])):

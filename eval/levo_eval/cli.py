@@ -183,7 +183,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _sampling_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--n", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
-
     t.add_argument("--tier", default="top", choices=TIER_CHOICES,
                    help="style tier tag (default: top, as released inference; none: no tag)")
     t.add_argument("--world-seed", type=int, default=0, help="seed of the toy world the model was trained on")
