@@ -4,7 +4,8 @@
 whole: a missing folder, no audio files, a bad ``--requested`` or ``--lyrics`` file, a scorer or
 reward model that does not load, an unknown tier. A ``levo-eval`` command turns it into one
 ``error:`` line and exit status 2 (``levo-eval per`` raises it as :class:`~levo_eval.per.PerError`).
-Library code never raises ``SystemExit``.
+A lyric the G2P cannot read is one too (:class:`~levo_eval.phonemes.UnsupportedScriptError`), which
+``levo-eval per`` reports for that song alone. Library code never raises ``SystemExit``.
 """
 
 from __future__ import annotations

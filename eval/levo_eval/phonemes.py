@@ -24,6 +24,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from .errors import UsageError
+
 __all__ = [
     "SUPPORTED_LANGS",
     "UnsupportedScriptError",
@@ -63,8 +65,9 @@ _LATIN_LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "
 _TOKEN_RE = re.compile(f"[{_HAN}]+|[a-z]+(?:'[a-z]+)*'?|[^\\s{_HAN}a-z]+")
 
 
-class UnsupportedScriptError(ValueError):
-    """Text holds letters of a script the G2P does not cover (neither Latin nor Han)."""
+class UnsupportedScriptError(UsageError):
+    """Text holds letters of a script the G2P does not cover (neither Latin nor Han); ``levo-eval per``
+    fails that song."""
 
 
 # ---------------------------------------------------------------------------- structure, folding
