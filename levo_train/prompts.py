@@ -1,15 +1,14 @@
 """Prompt records for rollouts: what ``levo-data sample`` and semi-online DPO generate songs for.
 
 * the released JSONL input (``idx``, ``gt_lyric``, ``descriptions``, optional ``prompt_audio_path``
-  / ``auto_prompt_audio_type``), validated and formatted exactly as ``levo-infer`` does (its own
-  line parser; lyric findings are errors here: shards only hold lyrics that follow the released
-  rules), or
+  / ``auto_prompt_audio_type``), validated and formatted exactly as ``levo-infer`` does (the request
+  parser :mod:`levo_infer.request`; lyric findings are errors here: shards only hold lyrics that
+  follow the released rules), or
 * song/pair shards: each distinct lyric, style and prompt once, keyed by its first record's key.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +26,13 @@ def _prompt_key(idx: str) -> str:
 def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None = None,
                        setting: str = "--prompts") -> list[Prompt]:
     """Prompts of a released-format JSONL file, read by the one JSONL reader and parsed by levo-infer's
-    own line parser (lyric findings and lyrics longer than the model's lyric conditioner are errors);
+    request parser (lyric findings and lyrics longer than the model's lyric conditioner are errors);
     audio prompts cut/padded to the model's prompt length."""
     import numpy as np
 
-    from levo_infer.cli import LineError, UsageError, parse_song, read_lines
-    from levo_infer.jsonl import JsonlError
+    from levo_infer.jsonl import JsonlError, jsonl_lines
     from levo_infer.prompts import AutoPromptLibrary, PromptError
+    from levo_infer.request import RequestError, RequestOptions, parse_request
 
     if not path.is_file():
         raise FileNotFoundError(f"{setting} {path}: not found")
@@ -44,21 +43,21 @@ def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None =
                                              code_size=model.cfg.lm.code_size)
         except PromptError as e:
             raise ValueError(f"auto prompt file {auto_prompt_file}: {e}") from e
-    args = argparse.Namespace(mode="mixed", lyrics="check", strict=True, input_jsonl=str(path))
+    options = RequestOptions(mode="mixed", lyrics="check", strict=True, truncate_lyrics=None, input_dir=path.parent)
     P, pad = model.cfg.prompt_frames, model.pad_id
     out: list[Prompt] = []
     seen: dict[str, int] = {}
     keys: dict[str, int] = {}
     try:
-        lines = read_lines(path)
-    except UsageError as e:
+        lines = list(jsonl_lines(path))
+    except ValueError as e:
         raise ValueError(f"{setting} {e}") from None
     for n, line in lines:
         if isinstance(line, JsonlError):
             raise ValueError(str(line))
         try:
-            s = parse_song(n, line, args=args, model=model, library=library, base_seed=0, seen=seen)
-        except LineError as e:
+            s = parse_request(n, line, model=model, options=options, base_seed=0, seen=seen, library=library)
+        except RequestError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
         seen[s.idx] = n
         key = _prompt_key(s.idx)

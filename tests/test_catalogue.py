@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from levo_data.catalogue import CRASH_ENV, UsageError, build_shards, script_of, split_of
+from levo_data.catalogue import CRASH_ENV, build_shards, script_of, split_of
 from levo_data.cli import main
+from levo_data.errors import UsageError
 from levo_train.data.shards import iter_songs, read_index
 
 CS = 16384

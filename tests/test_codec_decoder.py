@@ -277,9 +277,7 @@ def test_real_size_layout_through_the_loader(monkeypatch):
             return self.t[k]
 
     def run(sep_tensors: dict, vae_tensors: dict) -> Decoder:
-        import safetensors
-
-        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: FakeSafe(sep_tensors))
+        monkeypatch.setattr(D, "safe_open", lambda *a, **k: FakeSafe(sep_tensors))
         monkeypatch.setattr(D.torch, "load", lambda *a, **k: {"state_dict": vae_tensors})
         monkeypatch.setattr(D, "verify_torch_zip", lambda path: True)  # no file behind the stand-in load
         flow, n1 = D._load_septoken(Path("model_2.safetensors"), heads=20, dtype=torch.float32)
@@ -311,6 +309,7 @@ def test_levo_infer_writes_flac_of_the_right_length_for_every_mode(tmp_path, cod
     sf = pytest.importorskip("soundfile")
     from conftest import TINY_WORDS  # noqa: F401 - the tiny LM's vocabulary
 
+    from levo_infer.checkpoint import save_released
     from levo_infer.cli import main
     from levo_infer.config import make_config
     from levo_infer.model import LeLM
@@ -321,7 +320,7 @@ def test_levo_infer_writes_flac_of_the_right_length_for_every_mode(tmp_path, cod
     torch.manual_seed(0)
     m = LeLM(cfg)
     m.init_weights()
-    m.save(str(tmp_path / "lm"))
+    save_released(m, str(tmp_path / "lm"))
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"idx": "a", "gt_lyric": "[verse] la da"}) + "\n")
     for mode, names in [("mixed", ["a"]), ("vocal", ["a"]), ("bgm", ["a"]), ("separate", ["a", "a_bgm", "a_vocal"])]:

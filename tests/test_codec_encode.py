@@ -35,7 +35,7 @@ from levo_infer.codec.dsp import (
 )
 from levo_infer.codec.encoder import (
     MIXED_FILE,
-    STREAMS,
+    STREAM_SOURCES,
     EncoderError,
     NativeEncoder,
     chunks_needed,
@@ -248,7 +248,7 @@ def test_every_step_matches_a_float64_recomputation_of_the_facts(enc):
     cases = [("mixed", long_full, [0, 1], out[0][0]), ("vocal", vocal, [0], out[1][1]), ("bgm", bgm, [0], out[1][2])]
     worst: dict[str, float] = {}
     for stream, x, rows, codes in cases:
-        _, layer, q = STREAMS[stream]
+        _, layer, q = STREAM_SOURCES[stream]
         tok = enc.tokenizer(stream)
         sd = {k: v.detach().double() for k, v in tok.state_dict().items()}
         ref = ref_stream(x.double().numpy(), sd, layer, q, tok.heads)
@@ -378,8 +378,6 @@ def test_real_size_layout_through_the_loader(monkeypatch):
     if not ENCODER_LAYOUT.is_file():
         pytest.skip(f"{ENCODER_LAYOUT} is not available (set LEVO_SHARED_DIR)")
     layout = json.loads(ENCODER_LAYOUT.read_text())
-    import safetensors
-
     import levo_infer.codec.encoder as E
 
     asked: set[str] = set()
@@ -408,7 +406,7 @@ def test_real_size_layout_through_the_loader(monkeypatch):
                 "bestrq.model.preprocessor_melspec_2048.mel_stft.mel_scale.fb",
                 "bestrq.model.conformer.embed_positions.inv_freq", "rsq48tobestrq.kernel"}
     def serve(tensors: dict) -> None:
-        monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: FakeSafe(tensors))
+        monkeypatch.setattr(E, "safe_open", lambda *a, **k: FakeSafe(tensors))
 
     plan = file_plan()
     for name, entry in (("mixed", layout["1rvq"]), ("separate", layout["septoken"])):

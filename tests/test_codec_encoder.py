@@ -81,6 +81,7 @@ def test_encoder_spec_and_checkout_errors(checkout, tmp_path):
 
 def test_levo_infer_encodes_an_audio_prompt_with_the_checkout(checkout, tmp_path, capsys):
     root, cfg = checkout
+    from levo_infer.checkpoint import save_released
     from levo_infer.cli import main
     from levo_infer.config import make_config
     from levo_infer.model import LeLM
@@ -90,7 +91,7 @@ def test_levo_infer_encodes_an_audio_prompt_with_the_checkout(checkout, tmp_path
                          delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=40,
                          text_words=["<unk>", ".", ",", ";", "la", "da", "rock"]))
     m.init_weights()
-    m.save(str(tmp_path / "lm"))
+    save_released(m, str(tmp_path / "lm"))
     with open(tmp_path / "lm" / "config.yaml", "a") as f:  # a released config names the tokenizer checkpoints
         f.write(cfg.read_text())
     (tmp_path / "lm" / "checksums.json").unlink()  # edited by hand, as a released folder (which has none)

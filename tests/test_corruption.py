@@ -138,7 +138,7 @@ def test_export_cli_refuses_a_corrupted_checkpoint(run, tmp_path):
 
 def test_export_model_pt_and_config_yaml(run, tmp_path):
     """An export as levo-infer, model.init and the DPO reference load it (load_model)."""
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
 
     def read(folder: Path):
         m = load_model(folder, build_tokenizers=False)
@@ -166,7 +166,8 @@ def test_model_init_with_an_edited_config_is_refused_before_anything_is_built(ru
 def test_released_folder_without_checksums_still_loads_and_its_model_pt_is_crc_checked(run, tmp_path):
     """A released SongGeneration folder has no checksums.json: it loads; its model.pt is still
     checked through the CRC-32s torch wrote into it."""
-    from levo_infer.checkpoint import CheckpointError, load_model
+    from levo_infer import load_model
+    from levo_infer.checkpoint import CheckpointError
 
     rel = tmp_path / "released"
     shutil.copytree(run / "export", rel)

@@ -58,7 +58,8 @@ def _run_ranks(out: Path, stage: int, *extra: str) -> dict:
 def test_zero_run_trains_saves_consolidates_and_matches_one_process(tmp_path, stage, extra):
     from deepspeed_runner import build_module, parse_args, reference_run
 
-    from levo_infer.checkpoint import load_model, load_weights
+    from levo_infer import load_model
+    from levo_infer.checkpoint import load_weights
     from levo_infer.model import LeLM
 
     r = _run_ranks(tmp_path, stage, *extra)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from conftest import TINY, tiny_config
 
 from levo_data.prefs import compute_ref_logps, merge_exports, register
-from levo_infer.checkpoint import load_model, load_weights, save_released
+from levo_infer import load_model
+from levo_infer.checkpoint import load_weights, save_released
 from levo_infer.config import load_config
 from levo_infer.model import LeLM
 from levo_train.cli import main

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from levo_eval.cli import main, toy_samples
-from levo_infer.checkpoint import load_model, save_released
+from levo_infer import load_model
+from levo_infer.checkpoint import save_released
 from levo_train.toy.world import ToyWorld
 
 

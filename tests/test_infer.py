@@ -17,16 +17,12 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from levo_infer.generate import (
-    SILENT_BGM_CODE,
-    SILENT_VOCAL_CODE,
-    generate,
-    mode_tokens,
-    null_styles,
-    released_style,
-)
+from levo_infer.api import SongLM
+from levo_infer.generate import generate
 from levo_infer.model import LeLM, LyricTooLong
 from levo_infer.offload import enable_layer_offload
+from levo_infer.styles import null_styles, released_style
+from levo_infer.tokens import SILENT_BGM_CODE, SILENT_VOCAL_CODE, mode_tokens
 
 LYRICS = ["[verse] la da love . night la ; [chorus] love love", None, "[verse] rock pop", "[chorus] sad happy . la",
           "[bridge] night", "[verse] da da da", "[intro-short] ; [verse] love", "[chorus] pop . rock . la"]
@@ -307,7 +303,8 @@ def test_stop_at_cut_keeps_the_cut_output(model):
 
 
 def test_model_generate_method_and_greedy_switches(model):
-    m = model
+    m = SongLM(model.cfg).eval()  # what load_model returns: an LeLM with .generate
+    m.load_state_dict(model.state_dict())
     a = m.generate(LYRICS[:3], STYLES[:3], max_frames=8, top_k=1)
     b = m.generate(LYRICS[:3], STYLES[:3], max_frames=8, temperature=0.0, seed=5)
     assert a.codes.shape == (3, 3, 8) and torch.equal(a.codes, b.codes)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_infer import make_model
 
-from levo_infer import cli
-from levo_infer.checkpoint import CheckpointError, load_model, released_state_dict, save_released
+from levo_infer import cli, load_model
+from levo_infer.checkpoint import CheckpointError, released_state_dict, save_released
 from levo_infer.config import ConfigError, load_config
 from levo_infer.model import LeLM
 from levo_infer.prompts import AutoPromptLibrary, PromptError, language_of, load_prompt_tokens
@@ -120,7 +120,7 @@ def released(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("exp") / "export"
-    make_model().save(str(folder), dtype=torch.bfloat16)
+    save_released(make_model(), str(folder), dtype=torch.bfloat16)
     return folder
 
 
@@ -525,7 +525,7 @@ def test_duration_beyond_max_positions_is_a_usage_error(tmp_path, capsys):
     cfg.lm.max_position_embeddings = cfg.prefix_len + max(cfg.delays) + 10  # 10 frames fit
     m = LeLM(cfg)
     m.init_weights(std=0.2)
-    m.save(str(folder))
+    save_released(m, str(folder))
     src = write_jsonl(tmp_path / "in.jsonl", [{"idx": "a", "gt_lyric": "[verse] la"}])
     rc, err = run_cli(capsys, folder, src, tmp_path / "o1", "--duration", "0.4", "--tokens-only")  # 10 frames
     assert rc == 0, err

@@ -110,13 +110,14 @@ def tiny_export(tmp_path_factory) -> Path:
     """A tiny random model (64 codes, word-level text vocabulary, 24 lyric positions) as an export."""
     from conftest import tiny_config
 
+    from levo_infer.checkpoint import save_released
     from levo_infer.model import LeLM
 
     torch.manual_seed(0)
     m = LeLM(tiny_config(code_size=CODE_SIZE, lyric_max_len=LIMIT))
     m.init_weights(std=0.2)
     folder = tmp_path_factory.mktemp("export") / "export"
-    m.save(str(folder))
+    save_released(m, str(folder))
     return folder
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from levo_infer.checkpoint import load_model
+from levo_infer import load_model
 from levo_train.cli import main
 from levo_train.lora import LoraSpec, adapters_disabled, apply_lora, merged_copy
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import released_config_path, tiny_config
 
+from levo_infer import load_model
 from levo_infer.checkpoint import (
     CheckpointError,
-    load_model,
     load_weights,
     released_state_dict,
     save_released,

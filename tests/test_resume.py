@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from levo_infer.checkpoint import load_model, save_released
+from levo_infer import load_model
+from levo_infer.checkpoint import save_released
 from levo_train.cli import main
 
 

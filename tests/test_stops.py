@@ -78,7 +78,7 @@ def test_diverging_run_stops_at_the_first_non_finite_step(tmp_path, cache, capsy
     assert steps == {"last.ckpt": step - 1, **{f"step{s:07d}.ckpt": s for s in range(1, step)}}
     # the last finite checkpoint exports and loads
     assert main(["export", f"run_dir={rd}", f"out={tmp_path / 'exp'}"]) == 0
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
 
     assert all_finite(load_model(tmp_path / "exp").state_dict())
     # a resume asking for a sane LR is refused (the schedule is the run's own)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from levo_infer.checkpoint import atomic_torch_save, load_model
+from levo_infer import load_model
+from levo_infer.checkpoint import atomic_torch_save
 from levo_train.cli import main
 
 

@@ -68,17 +68,37 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 
+from levo_infer.codec.encoder import Encoder, EncoderError, load_encoder
+from levo_infer.commands import Command
 from levo_infer.jsonio import jsonl_text
+from levo_infer.jsonl import JsonlError, jsonl_lines, parse_json_line
+from levo_infer.lyrics import VOCAL_TAGS, LyricError, format_sections, split_sections
+from levo_infer.prompts import AUDIO_SUFFIXES
+from levo_infer.tokens import CODE_SIZE, FRAME_RATE, STREAMS
+from levo_train.data.cache import settings_file_differences
+from levo_train.data.shards import (
+    INDEX_NAME,
+    SCHEMA_VERSION,
+    SONG_FORMAT,
+    ShardError,
+    ShardWriter,
+    _check_key,
+    _check_meta,
+    _check_range,  # the shard reader's own rule, not a copy
+    write_json_atomic,
+)
 from levo_train.locking import locks_output
 
-if TYPE_CHECKING:
-    from levo_infer.codec.encoder import Encoder
+from .errors import UsageError
+from .offline import resolve_device
+from .outputs import check_output_folder
 
-__all__ = ["CATALOGUE_COMMANDS", "Rejection", "UsageError", "build_shards", "format_table", "parse_shard_size",
+__all__ = ["CATALOGUE_COMMANDS", "Rejection", "build_shards", "format_table", "parse_shard_size",
            "script_of", "split_of"]
 
 FORMAT = "levo-catalogue-1"
@@ -88,8 +108,6 @@ REJECTED_NAME = "rejected.jsonl"
 PROGRESS_DIR = "progress"
 PARTIAL_DIR = ".partial"
 SPLITS = ("train", "val")
-STREAMS = ("mixed", "vocal", "bgm")
-FRAME_RATE = 25
 HIST_BINS = 32
 PROMPT_FRAMES = 250
 #: test hook: hard-exit (no clean-up, like a kill) once this many shards were finished in this run
@@ -100,10 +118,6 @@ _SOURCE_KEYS = ("tokens", "audio", "path")
 _CONSUMED = frozenset({"idx", *_SOURCE_KEYS, "gt_lyric", "lyric", "descriptions", "style", "prompt",
                        "prompt_audio_path"})
 _MAX_PRINTED = 200
-
-
-class UsageError(ValueError):
-    """Arguments or an output folder that cannot be used (exit status 2)."""
 
 
 class _Bad(Exception):
@@ -235,8 +249,6 @@ class _Options:
 
 
 def _file_kind(value: Any, field_name: str, opts: _Options) -> tuple[Path, str]:
-    from levo_infer.prompts import AUDIO_SUFFIXES
-
     if not isinstance(value, str) or not value.strip():
         raise _Bad("bad_source", f"{field_name!r} must be a non-empty path string, found {value!r}")
     p = Path(value)
@@ -267,10 +279,6 @@ def _one_of(rec: dict[str, Any], names: tuple[str, ...], reason: str) -> tuple[s
 
 def _parse_line(text: str, line: int, seen: dict[str, int], opts: _Options) -> _Entry:
     """The cheap checks of one line (JSON, idx, duplicates, lyric, style, paths, metadata)."""
-    from levo_infer.jsonl import parse_json_line
-    from levo_infer.lyrics import VOCAL_TAGS, LyricError, format_sections, split_sections
-    from levo_train.data.shards import _check_key, _check_meta
-
     try:
         rec = parse_json_line(text)
     except ValueError as e:
@@ -340,7 +348,6 @@ def _check_codes(arr: Any, what: str, code_size: int, allow_none: bool) -> np.nd
         arr = arr[0]
     if arr.ndim != 2 or arr.shape[0] != 3 or arr.shape[1] < 1:
         raise _Bad("bad_shape", f"{what} has shape {list(arr.shape)}, expected [3, T] (mixed, vocal, bgm), T >= 1")
-    from levo_train.data.shards import _check_range  # the shard reader's own rule, not a copy
 
     try:
         return _check_range(arr.astype(np.int64), f"{what}:", code_size=code_size, allow_none=allow_none)
@@ -362,8 +369,6 @@ def _load_codes(path: Path, kind: str, what: str, opts: _Options, *, allow_none:
         if path.suffix.lower() == ".npy":
             obj: Any = np.load(path, allow_pickle=False)
         else:
-            import torch
-
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, torch.Tensor):
                 raise _Bad("bad_shape", f"{what} {path}: holds a {type(obj).__name__}, expected a tensor [3, T]")
@@ -435,8 +440,6 @@ class _Split:
         return self.out / PARTIAL_DIR / f"{self.name}-{self.number:06d}"
 
     def _open(self) -> None:
-        from levo_train.data.shards import ShardWriter
-
         tmp = self._tmp_dir()
         shutil.rmtree(tmp, ignore_errors=True)
         self.writer = ShardWriter(tmp, prefix=self.name, max_records=2**62, code_size=self.code_size)
@@ -449,8 +452,6 @@ class _Split:
 
     def add(self, e: _Entry, cand: int, tokens: np.ndarray, prompt: np.ndarray | None) -> None:
         """Write one song (closing shards by the size rule); raises _Bad if the writer refuses it."""
-        from levo_train.data.shards import ShardError
-
         meta = dict(e.meta)
         meta.setdefault("duration", tokens.shape[1] / FRAME_RATE)
         meta.setdefault("language", "unknown")
@@ -492,8 +493,6 @@ class _Split:
 
     def finish(self, end: int) -> None:
         """Close the open shard, rename it into place and record it in its progress file."""
-        from levo_train.data.shards import write_json_atomic
-
         if self.writer is None:
             return
         if self.records == 0:  # every song offered to it was refused: no shard, its rejections stay pending
@@ -533,15 +532,8 @@ def _our_paths(out: Path) -> list[Path]:
 
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Create ``out`` or check that it holds a run with the same settings (``--overwrite``: start afresh)."""
-    from levo_train.data.cache import settings_file_differences
-    from levo_train.data.shards import write_json_atomic
-
-    from .outputs import OutputFolderError, check_output_folder
-
-    try:  # another kind of data is refused even with --overwrite (which replaces only our own files)
-        check_output_folder(out, "catalogue", command="shards")
-    except OutputFolderError as e:
-        raise UsageError(str(e)) from None
+    # another kind of data is refused even with --overwrite (which replaces only our own files): a UsageError
+    check_output_folder(out, "catalogue", command="shards")
     if overwrite:
         for p in _our_paths(out):
             if p.is_dir():
@@ -610,7 +602,7 @@ def _sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------- the command
 @locks_output("levo-data shards", lambda a: [a["out"]])
 def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_size: str | int = 2000,
-                 val_fraction: float = 0.01, code_size: int = 16384, lyrics: str = "check",
+                 val_fraction: float = 0.01, code_size: int = CODE_SIZE, lyrics: str = "check",
                  require_vocal: bool = False, root: str | os.PathLike | None = None, encoder: Encoder | None = None,
                  encoder_spec: str | None = None, overwrite: bool = False,
                  report: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -619,9 +611,6 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
     Returns the stats (also written to ``out/stats.json``). ``report`` receives one line per rejected
     line and per finished shard (default: stderr). Raises :class:`UsageError` for unusable settings.
     """
-    from levo_infer.jsonl import JsonlError, jsonl_lines
-    from levo_train.data.shards import INDEX_NAME, SCHEMA_VERSION, SONG_FORMAT, write_json_atomic
-
     t_start = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
     say = report or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -811,7 +800,7 @@ def _shards_args(p: argparse.ArgumentParser) -> None:
                    help="songs per shard (e.g. 2000, default) or a target size (e.g. 256MB; KB/MB/GB are SI)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="share of songs in val/, chosen by a hash of idx (default 0.01; 0: no val split)")
-    p.add_argument("--code-size", type=int, default=16384, help="codes must be in [0, code_size) (default 16384)")
+    p.add_argument("--code-size", type=int, default=CODE_SIZE, help=f"codes must be in [0, code_size) (default {CODE_SIZE})")
     p.add_argument("--lyrics", choices=("check", "normalize"), default="check",
                    help="check: store lyrics as written; normalize: store the canonical form. Both reject lines "
                         "that break the lyric rules (shard readers refuse such records)")
@@ -838,9 +827,6 @@ def _shards_run(args: argparse.Namespace) -> int:
                          "which names the tokenizer checkpoints)")
         if not Path(args.model_config).is_file():
             return usage(f"--model-config {args.model_config}: file not found")
-        from levo_infer.codec.encoder import EncoderError, load_encoder
-
-        from .offline import resolve_device
 
         try:
             encoder = load_encoder(args.codec_encoder, config=args.model_config, device=resolve_device(args.device))
@@ -862,8 +848,8 @@ def _shards_run(args: argparse.Namespace) -> int:
     return 1 if stats["rejected"]["total"] else 0
 
 
-#: name -> (help, add_arguments, run)
-CATALOGUE_COMMANDS: dict[str, tuple[str, Any, Any]] = {
-    "shards": ("turn a song catalogue (JSONL manifest of token/audio files, lyrics, styles) into train/val "
-               "song shards; resumable, with stats and rejected lines", _shards_args, _shards_run),
+#: ``levo-data shards`` (part of its command table)
+CATALOGUE_COMMANDS: dict[str, Command] = {
+    "shards": Command("turn a song catalogue (JSONL manifest of token/audio files, lyrics, styles) into train/val "
+                      "song shards; resumable, with stats and rejected lines", _shards_args, _shards_run),
 }

@@ -1,8 +1,8 @@
 """``levo-data``: data tools (toy world, shard validation, ...).
 
-Subcommands live in :data:`COMMANDS` (name -> :class:`Command`); to add one, write an
-``add_arguments(parser)`` and a ``run(args) -> exit code`` function and add an entry.
-Heavy imports happen inside ``run`` so ``levo-data --help`` stays fast.
+Subcommands live in :data:`COMMANDS` (name -> :class:`~levo_infer.commands.Command`, the command
+table idiom of every levo tool); to add one, write an ``add_arguments(parser)`` and a ``run(args) ->
+exit code`` function and add an entry (a module with several commands exports its part of the table).
 """
 
 from __future__ import annotations
@@ -10,23 +10,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from levo_data.catalogue import CATALOGUE_COMMANDS
 from levo_data.encode import ENCODE_COMMANDS
 from levo_data.offline import OFFLINE_COMMANDS
+from levo_data.outputs import OutputFolderError, check_output_folder
 from levo_data.prefs import PREF_COMMANDS
+from levo_infer.commands import Command, add_commands, run_command
 from levo_infer.jsonio import dumps as strict_dumps
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: its help line, argument setup and runner (returns the exit code)."""
-
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+from levo_infer.tokens import CODE_SIZE
+from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards, shard_sizes
+from levo_train.toy.world import write_toy_dataset
 
 
 # ---------------------------------------------------------------------------- toy
@@ -41,9 +36,6 @@ def _toy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _toy_run(args: argparse.Namespace) -> int:
-    from levo_data.outputs import OutputFolderError, check_output_folder
-    from levo_train.toy.world import write_toy_dataset
-
     try:
         check_output_folder(args.out, "toy", command="toy")
     except OutputFolderError as e:
@@ -69,7 +61,7 @@ def _toy_run(args: argparse.Namespace) -> int:
 def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="song or pair shard directories, .tar files or brace/glob patterns")
     p.add_argument(
-        "--code-size", type=int, default=16384, help="codes must be in [0, code_size) (default 16384)"
+        "--code-size", type=int, default=CODE_SIZE, help=f"codes must be in [0, code_size) (default {CODE_SIZE})"
     )
     p.add_argument(
         "--all",
@@ -82,15 +74,13 @@ def _validate_run(args: argparse.Namespace) -> int:
     """Every record decoded and its digest checked, every tar read to its end-of-archive blocks,
     record counts compared with index.json, and a pair folder's ref_logps.json checked. Records
     without a digest (shards written by another tool) are counted as ``unverified`` and reported."""
-    from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards, shard_sizes
-
     report: dict = {"shards": 0, "records": 0, "bad": 0, "verified": 0, "unverified": 0, "per_shard": {}}
     errors: list[str] = []
     try:
         shards = resolve_shards(args.paths)
         for d in dict.fromkeys(os.path.dirname(os.path.abspath(s)) for s in shards):
             if os.path.isfile(os.path.join(d, "ref_logps.json")):
-                from levo_train.data.pairs import read_ref_logps
+                from levo_train.data.pairs import read_ref_logps  # imports Lightning: only for pair folders
 
                 read_ref_logps(d)  # checks its embedded digest
                 report.setdefault("ref_logps", []).append(d)
@@ -103,8 +93,8 @@ def _validate_run(args: argparse.Namespace) -> int:
                 if "__corrupt__" not in raw:  # a corrupted one is counted as bad below
                     report["verified" if raw["__verified__"] else "unverified"] += 1
                 try:
-                    if "chosen.npy" in raw:  # a pair record (levo_train.data.pairs imports Lightning: only then)
-                        from levo_train.data.pairs import decode_pair
+                    if "chosen.npy" in raw:  # a pair record
+                        from levo_train.data.pairs import decode_pair  # imports Lightning: only then
 
                         decode_pair(raw, code_size=args.code_size, shard=shard)
                     else:
@@ -141,30 +131,23 @@ COMMANDS: dict[str, Command] = {
     "validate": Command(
         "validate song or pair shards (schema, record digests, whole tars); print counts or the first error", _validate_args, _validate_run
     ),
+    **PREF_COMMANDS,  # preference data: pairs, ref-logps, merge (levo_data.prefs)
+    **OFFLINE_COMMANDS,  # offline candidates at scale: sample, score (levo_data.offline)
+    **CATALOGUE_COMMANDS,  # catalogue -> training shards: shards (levo_data.catalogue)
+    **ENCODE_COMMANDS,  # audio -> token files with the native codec encoder: encode (levo_data.encode)
 }
-# preference data: pairs, ref-logps, merge (levo_data.prefs)
-COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in PREF_COMMANDS.items()})
-# offline candidates at scale: sample, score (levo_data.offline)
-COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in OFFLINE_COMMANDS.items()})
-# catalogue -> training shards: shards (levo_data.catalogue)
-COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in CATALOGUE_COMMANDS.items()})
-# audio -> token files with the native codec encoder: encode (levo_data.encode)
-COMMANDS.update({name: Command(help_, add, run) for name, (help_, add, run) in ENCODE_COMMANDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="levo-data", description="LeVo data tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
+    add_commands(sub, COMMANDS, help_as_description=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``levo-data``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    return COMMANDS[args.command].run(args)
+    return run_command(COMMANDS, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

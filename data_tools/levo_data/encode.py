@@ -45,6 +45,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from levo_infer.codec.decoder import CodecError
+from levo_infer.codec.dsp import SAMPLE_RATE, ResampleError, load_stereo_48k, resampled_length
+from levo_infer.codec.encoder import ENCODER_FILES, frames_for, load_native_encoder
+from levo_infer.codec.separate import DemucsSeparator, SeparatorError, bundle_demucs_dir, stems
+from levo_infer.commands import Command
+from levo_infer.prompts import AUDIO_SUFFIXES
+from levo_infer.tokens import CODE_SIZE, STREAMS
+from levo_train.data.cache import settings_file_differences
+from levo_train.data.shards import _check_key, write_json_atomic
+from levo_train.scorers import load_callable
+
+from .errors import UsageError
+from .offline import resolve_device
 
 __all__ = ["ENCODE_COMMANDS", "encode_songs"]
 
@@ -52,10 +67,6 @@ FORMAT = "levo-encode-1"
 SETTINGS_NAME, MANIFEST_NAME, ERRORS_NAME = "encode.json", "manifest.jsonl", "errors.jsonl"
 _PATH_FIELDS = ("audio", "path", "vocal", "bgm")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-/]+")
-
-
-class UsageError(ValueError):
-    """Arguments, a codec folder or an output folder that cannot be used (exit status 2)."""
 
 
 @dataclass
@@ -78,8 +89,6 @@ class Item:
 
 # ----------------------------------------------------------------------------- input
 def _folder_items(folder: Path) -> list[Item]:
-    from levo_infer.prompts import AUDIO_SUFFIXES
-
     items, seen = [], {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
@@ -95,8 +104,6 @@ def _folder_items(folder: Path) -> list[Item]:
 
 
 def _catalogue_items(path: Path, root: Path) -> list[Item]:
-    from levo_train.data.shards import _check_key
-
     items: list[Item] = []
     seen: dict[str, int] = {}
     with open(path, "rb") as f:
@@ -153,10 +160,7 @@ def _catalogue_items(path: Path, root: Path) -> list[Item]:
 
 def _expected_frames(path: Path) -> int | None:
     """Frames the song in ``path`` encodes to (from its header), or None when it cannot be read."""
-    import soundfile as sf
-
-    from levo_infer.codec.dsp import SAMPLE_RATE, ResampleError, resampled_length
-    from levo_infer.codec.encoder import frames_for
+    import soundfile as sf  # soundfile (libsndfile): only when audio is read
 
     try:
         info = sf.info(str(path))
@@ -199,11 +203,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def resolve_separator(spec: str | None, ckpt: str | None, codec: Path, device: str) -> tuple[Any, str]:
     """The separator and its description for the settings: ``module:function`` (a class is built
     once), else htdemucs from ``ckpt`` or the runtime bundle beside ``codec``; UsageError otherwise."""
-    from levo_infer.codec.separate import DemucsSeparator, SeparatorError, bundle_demucs_dir
-
     if spec:
-        from levo_train.scorers import load_callable
-
         try:
             fn = load_callable(spec, setting="--separator")
         except ValueError as e:
@@ -226,15 +226,6 @@ def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str |
 
     Raises :class:`UsageError` for unusable settings; a song that fails is recorded in
     ``errors.jsonl`` (and the summary) and the others go on."""
-    import torch
-
-    from levo_infer.codec.decoder import CodecError
-    from levo_infer.codec.dsp import load_stereo_48k
-    from levo_infer.codec.encoder import ENCODER_FILES, load_native_encoder
-    from levo_infer.codec.separate import stems
-    from levo_train.data.cache import settings_file_differences
-    from levo_train.data.shards import write_json_atomic
-
     t0 = time.perf_counter()
     say = report or (lambda s: print(s, file=sys.stderr, flush=True))
     source, codec, out = Path(source), Path(codec), Path(out)
@@ -257,11 +248,11 @@ def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str |
     if missing:
         raise UsageError(f"--codec {codec}: no {' and no '.join(missing)} (the encoder reads the released runtime's "
                          f"{' and '.join(str(r) for r in ENCODER_FILES.values())})")
-    code_size = 16384
+    code_size = CODE_SIZE
     settings = {"format": FORMAT, "codec": {str(rel): (codec / rel).stat().st_size for rel in ENCODER_FILES.values()},
                 "dtype": dtype, "separator": separator or (f"htdemucs:{Path(separator_ckpt).resolve()}" if separator_ckpt
                                                            else "htdemucs:bundle"),
-                "rows": ["mixed", "vocal", "bgm"], "dtype_on_disk": "int16"}
+                "rows": list(STREAMS), "dtype_on_disk": "int16"}
     out.mkdir(parents=True, exist_ok=True)
     spath = out / SETTINGS_NAME
     if spath.is_file() and not overwrite:
@@ -386,8 +377,6 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _encode_run(args: argparse.Namespace) -> int:
-    from .offline import resolve_device
-
     try:
         summary = encode_songs(args.source, args.codec, args.out, separator=args.separator,
                                separator_ckpt=args.separator_ckpt, batch=args.batch, chunk_batch=args.chunk_batch,
@@ -400,8 +389,8 @@ def _encode_run(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
-#: name -> (help, add_arguments, run)
-ENCODE_COMMANDS: dict[str, tuple[str, Any, Any]] = {
-    "encode": ("audio songs (a folder or a JSONL catalogue) -> [3, T] token files with the native codec encoder; "
-               "resumable, per-song errors", _encode_args, _encode_run),
+#: ``levo-data encode`` (part of its command table)
+ENCODE_COMMANDS: dict[str, Command] = {
+    "encode": Command("audio songs (a folder or a JSONL catalogue) -> [3, T] token files with the native codec "
+                      "encoder; resumable, per-song errors", _encode_args, _encode_run),
 }

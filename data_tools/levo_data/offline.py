@@ -45,13 +45,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from levo_infer import load_model
+from levo_infer.checkpoint import resolve_dtype
+from levo_infer.commands import Command
 from levo_infer.jsonio import dumps as strict_dumps
-from levo_train.data.shards import write_json_atomic as _write_json
+from levo_infer.jsonio import write_json_atomic as _write_json
+from levo_infer.tokens import CODE_SIZE
+from levo_train.data.cache import settings_file_differences
+from levo_train.data.shards import (
+    INDEX_NAME,
+    SCHEMA_VERSION,
+    SONG_FORMAT,
+    ShardError,
+    ShardWriter,
+    iter_raw,
+    iter_songs,
+    read_index,
+    resolve_shards,
+)
+from levo_train.fingerprint import model_fingerprint
 from levo_train.locking import locks_output
 from levo_train.prompts import read_prompts
+from levo_train.rollout import Sampling, check_scores, sample_and_score
+from levo_train.scorers import load_scorer
 
+from .errors import guarded
 from .outputs import check_output_folder
-from .prefs import guarded
 
 log = logging.getLogger("levo_data.offline")
 
@@ -91,8 +113,6 @@ def _local_rank() -> int:
 
 def resolve_device(device: str | None) -> str:
     """``auto``/None: this rank's GPU (local rank modulo the GPUs) when CUDA is available, else cpu."""
-    import torch
-
     if device not in (None, "auto"):
         return str(device)
     if torch.cuda.is_available():
@@ -103,8 +123,6 @@ def resolve_device(device: str | None) -> str:
 # ----------------------------------------------------------------------------- prompts
 def prompts_digest(prompts: Sequence[Any]) -> str:
     """sha256 over every prompt's key, lyric, style and audio-prompt tokens, in order."""
-    import numpy as np
-
     h = hashlib.sha256()
     for p in prompts:
         h.update(json.dumps([p.key, p.lyric, p.style]).encode())
@@ -137,8 +155,6 @@ def _done_chunks(out: Path) -> dict[str, dict[str, Any]]:
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Create ``OUT/sample.json`` (exclusively) or check a rerun's settings against it."""
-    from levo_train.data.cache import settings_file_differences
-
     path = out / SETTINGS_NAME
     if not path.is_file():
         tmp = out / f".{SETTINGS_NAME}.{os.getpid()}.tmp"
@@ -158,8 +174,6 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
 
 def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], code_size: int) -> dict[str, Any] | None:
     """Write ``index.json`` and ``done.json`` when every prompt is in a finished chunk."""
-    from levo_train.data.shards import INDEX_NAME, SCHEMA_VERSION, SONG_FORMAT
-
     done = _done_chunks(out)
     covered = {i for c in done.values() for i in c["prompts"]}
     if len(covered) < n_prompts:
@@ -186,32 +200,24 @@ def _scored_folders(a: dict[str, Any]) -> list[str]:
     """Where ``levo-data score`` writes: ``--out``, else the folders of the candidate shards (in place)."""
     if a["out"] is not None:
         return [os.fspath(a["out"])]
-    from levo_train.data.shards import ShardError, resolve_shards
 
     try:
         return sorted({os.path.dirname(os.path.abspath(s)) for s in resolve_shards(list(a["candidates"]))})
     except (ShardError, OSError, ValueError):
-        return []  # score_candidates reports unusable candidates itself
+        return []  # score_candidate_shards reports unusable candidates itself
 
 
 # every rank of a launch locks its own files (they finish independently); a second launch is refused
 @locks_output("levo-data sample", lambda a: [a["out"]], per_rank=_sample_rank)
-def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | os.PathLike, *, per_prompt: int,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, cfg_coef: float | None = None,
-                      max_frames: int | None = None, compat: bool = False, batch_size: int = 64, seed: int = 0,
-                      device: str | None = None, dtype: str | None = None, records_per_shard: int = 1000,
-                      auto_prompt_file: str | None = None, rank: int | None = None,
-                      world: int | None = None) -> dict[str, Any]:
+def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: str | os.PathLike, *,
+                            per_prompt: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                            cfg_coef: float | None = None, max_frames: int | None = None, compat: bool = False,
+                            batch_size: int = 64, seed: int = 0, device: str | None = None, dtype: str | None = None,
+                            records_per_shard: int = 1000, auto_prompt_file: str | None = None,
+                            rank: int | None = None, world: int | None = None) -> dict[str, Any]:
     """Sample ``per_prompt`` songs per prompt into candidate shards under ``out`` (this rank's part,
     resumable; see the module docstring). Returns this rank's summary (and the set's when it
     completed it)."""
-    import torch
-
-    from levo_infer.checkpoint import load_model, resolve_dtype
-    from levo_train.data.shards import INDEX_NAME, ShardWriter
-    from levo_train.fingerprint import model_fingerprint
-    from levo_train.rollout import Sampling, sample_and_score
-
     if per_prompt < 1:
         raise ValueError(f"--per-prompt must be >= 1, got {per_prompt}")
     out = Path(out)
@@ -303,31 +309,19 @@ def sample_candidates(model_path: str, prompt_paths: Sequence[str], out: str | o
 def _code_size_of(shards: Sequence[str], given: int | None) -> int:
     if given is not None:
         return given
-    from levo_train.data.shards import read_index
 
     for d in dict.fromkeys(os.path.dirname(os.path.abspath(s)) for s in shards):
         idx = read_index(d)
         if idx and "code_size" in idx:
             return int(idx["code_size"])
-    return 16384
+    return CODE_SIZE
 
 
 @locks_output("levo-data score", _scored_folders)
-def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | os.PathLike | None = None,
-                     batch_size: int = 64, device: str | None = None, code_size: int | None = None,
-                     world_seed: int = 0, codec: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: str | os.PathLike | None = None,
+                           batch_size: int = 64, device: str | None = None, code_size: int | None = None,
+                           world_seed: int = 0, codec: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Score every record of candidate song shards (see the module docstring); resumable per shard."""
-    from levo_train.data.shards import (
-        INDEX_NAME,
-        SCHEMA_VERSION,
-        SONG_FORMAT,
-        ShardWriter,
-        iter_songs,
-        resolve_shards,
-    )
-    from levo_train.rollout import check_scores
-    from levo_train.scorers import load_scorer
-
     for c in candidates:  # a levo-data sample folder must be complete (else *.tar is only a part of it)
         if (Path(c) / SETTINGS_NAME).is_file() and not (Path(c) / DONE_NAME).is_file():
             raise ValueError(f"{c}: levo-data sample has not finished there (no {DONE_NAME}); rerun the sample "
@@ -422,8 +416,6 @@ def score_candidates(candidates: Sequence[str], scorer_spec: str, *, out: str | 
 
 def candidates_overall_key(candidates: Sequence[str]) -> str | None:
     """``score_overall_key`` of the first candidate record (what ``levo-data score`` wrote), or None."""
-    from levo_train.data.shards import iter_raw, resolve_shards
-
     try:
         first = resolve_shards(list(candidates))[0]
         raw = next(iter(iter_raw(first)), None)
@@ -461,11 +453,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_run(args: argparse.Namespace) -> int:
-    res = sample_candidates(args.model, args.prompts, args.out, per_prompt=args.per_prompt,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            cfg_coef=args.cfg_coef, max_frames=args.max_frames, compat=args.compat,
-                            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
-                            records_per_shard=args.records_per_shard, auto_prompt_file=args.auto_prompt_file)
+    res = sample_candidate_shards(args.model, args.prompts, args.out, per_prompt=args.per_prompt,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  cfg_coef=args.cfg_coef, max_frames=args.max_frames, compat=args.compat,
+                                  batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+                                  records_per_shard=args.records_per_shard, auto_prompt_file=args.auto_prompt_file)
     print(strict_dumps(res, indent=1))
     return 0
 
@@ -479,27 +471,27 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                         "data than scored songs is refused")
     p.add_argument("--batch-size", type=int, default=64, help="songs per scorer call")
     p.add_argument("--device", default="auto", help="default: cuda when available, else cpu")
-    p.add_argument("--code-size", type=int, default=None, help="default: the candidates' index.json, else 16384")
+    p.add_argument("--code-size", type=int, default=None, help=f"default: the candidates' index.json, else {CODE_SIZE}")
     p.add_argument("--world-seed", type=int, default=0, help="toy world of the 'toy' scorer")
     p.add_argument("--codec", default=None, metavar="MODULE:FACTORY", help="audio: scorers: the codec factory")
     p.add_argument("--overwrite", action="store_true", help="rescore shards scored with another scorer")
 
 
 def _score_run(args: argparse.Namespace) -> int:
-    res = score_candidates(args.candidates, args.scorer, out=args.out, batch_size=args.batch_size,
-                           device=args.device, code_size=args.code_size, world_seed=args.world_seed,
-                           codec=args.codec, overwrite=args.overwrite)
+    res = score_candidate_shards(args.candidates, args.scorer, out=args.out, batch_size=args.batch_size,
+                                 device=args.device, code_size=args.code_size, world_seed=args.world_seed,
+                                 codec=args.codec, overwrite=args.overwrite)
     print(strict_dumps(res, indent=1))
     return 0
 
 
-#: name -> (help, add_arguments, run)
-OFFLINE_COMMANDS: dict[str, tuple[str, Any, Any]] = {
-    "sample": ("sample N candidate songs per prompt from a model export into song shards (ranks from "
-               "torchrun/srun, resumable)", _sample_args, guarded(_sample_run)),
-    "score": ("score candidate song shards with a scorer spec (toy, rm:EXPORT, audio:..., weighted:...), "
-              "resumable per shard", _score_args, guarded(_score_run)),
+#: offline-pipeline subcommands of ``levo-data`` (part of its command table)
+OFFLINE_COMMANDS: dict[str, Command] = {
+    "sample": Command("sample N candidate songs per prompt from a model export into song shards (ranks from "
+                      "torchrun/srun, resumable)", _sample_args, guarded(_sample_run)),
+    "score": Command("score candidate song shards with a scorer spec (toy, rm:EXPORT, audio:..., weighted:...), "
+                     "resumable per shard", _score_args, guarded(_score_run)),
 }
 
-__all__ = ["OFFLINE_COMMANDS", "candidates_overall_key", "check_settings", "prompts_digest", "rank_world", "read_prompts", "sample_candidates",
-           "score_candidates"]
+__all__ = ["OFFLINE_COMMANDS", "candidates_overall_key", "check_settings", "prompts_digest", "rank_world", "read_prompts",
+           "sample_candidate_shards", "score_candidate_shards"]

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
+
 __all__ = ["KINDS", "FolderContents", "OutputFolderError", "check_output_folder", "folder_contents"]
 
 #: writer kind -> what its folders hold (in messages)
@@ -34,7 +36,7 @@ _MARKERS: tuple[tuple[str, str], ...] = (("sample.json", "candidates"), ("catalo
 _EXPORT_FILES = ("model.pt", "model.safetensors", "reward.pt", "config.yaml")
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(UsageError):
     """An output folder that holds data of another kind (a usage error: exit status 2)."""
 
 

@@ -31,18 +31,30 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from levo_infer import load_model
+from levo_infer.checkpoint import StateSource, find_weights, resolve_dtype, save_released
+from levo_infer.commands import Command, add_commands
+from levo_infer.config import config_differences, load_config
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.tokens import CODE_SIZE
+from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards
+from levo_train.locking import locks_output
+from levo_train.train.ref_logps import (  # reference log-probs: the DPO step's own definition
+    compute_ref_logps,
+    iter_pairs,
+    pair_dirs,
+    ref_logps,
+)
 
-# reference log-probs are computed by the training package (the DPO step's own definition)
-from levo_train.locking import FolderLockedError, locks_output
-from levo_train.train.ref_logps import compute_ref_logps, iter_pairs, pair_dirs, ref_logps
-
-from .outputs import OutputFolderError, check_output_folder
+from .errors import guarded
+from .offline import candidates_overall_key
+from .outputs import check_output_folder
 
 __all__ = ["compute_ref_logps", "iter_pairs", "merge_exports", "pair_dirs", "pairs_from_candidates", "ref_logps",
            "register", "toy_pairs"]
@@ -50,12 +62,11 @@ __all__ = ["compute_ref_logps", "iter_pairs", "merge_exports", "pair_dirs", "pai
 log = logging.getLogger("levo_data.prefs")
 
 
-
 # ----------------------------------------------------------------------------- pairs
 @locks_output("levo-data pairs", lambda a: [a["out"]])
 def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                           dimensions: Sequence[str] = ("quality",), require_all: bool = False,
-                          min_margin: float = 0.05, code_size: int = 16384, records_per_shard: int = 2000,
+                          min_margin: float = 0.05, code_size: int = CODE_SIZE, records_per_shard: int = 2000,
                           origin: str = "candidates") -> dict[str, Any]:
     """Scored candidate song shards -> best-vs-worst pair shards in ``out``.
 
@@ -63,7 +74,7 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
     selected per condition group (:func:`levo_train.data.pairs.select_pair`). Pass 2 re-reads the
     shards and writes each pair as soon as both of its songs have been seen.
     """
-    from levo_train.data.pairs import (
+    from levo_train.data.pairs import (  # imports Lightning: only when pairs are built
         PairWriter,
         condition_key,
         pair_meta,
@@ -71,7 +82,6 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
         song_score,
         song_scores,
     )
-    from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards
 
     dims = [str(d) for d in dimensions]
     if not dims:
@@ -140,7 +150,7 @@ def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.Pa
     """Toy pairs into ``out/train`` and ``out/val``: world renderings (``model`` None) or the
     model's own samples, scored by the hidden scores. Keywords are :class:`ToyPairSpec` fields
     (None: the default)."""
-    from levo_train.toy.pairs import ToyPairSpec, write_toy_pairs
+    from levo_train.toy.pairs import ToyPairSpec, write_toy_pairs  # imports Lightning: only for toy pairs
 
     check_output_folder(out, "pairs", command="pairs")
     fields = {k: v for k, v in kw.items() if v is not None}
@@ -153,8 +163,6 @@ def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.Pa
 # ----------------------------------------------------------------------------- merge
 def config_difference(a: Any, b: Any) -> str | None:
     """Dotted name and both values of the first differing (compared) config field, or None."""
-    from levo_infer.config import config_differences
-
     diffs = config_differences(a, b)
     if not diffs:
         return None
@@ -168,11 +176,6 @@ def merge_exports(exports: Sequence[str | os.PathLike], weights: Sequence[float]
     config. Configs must be identical; weights must match the exports in number and sum to 1
     (``normalize`` divides them by their sum instead). ``dtype``: of the written weights (default:
     the first export's floating dtype)."""
-    import torch
-
-    from levo_infer.checkpoint import StateSource, find_weights, load_model, resolve_dtype, save_released
-    from levo_infer.config import load_config
-
     if len(exports) < 1:
         raise ValueError("merge needs at least one export")
     w = [float(x) for x in weights]
@@ -244,7 +247,7 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-all", action="store_true",
                    help="chosen must beat rejected by the margin on every listed dimension")
     p.add_argument("--min-margin", type=float, default=None, help="minimum score margin (default 0.05)")
-    p.add_argument("--code-size", type=int, default=16384, help="--candidates: codes are in [0, code_size)")
+    p.add_argument("--code-size", type=int, default=CODE_SIZE, help="--candidates: codes are in [0, code_size)")
     p.add_argument("--records-per-shard", type=int, default=2000)
     toy = p.add_argument_group("toy world (--toy, --from-model; defaults as levo-train's data.toy_pairs)")
     toy.add_argument("--world-seed", type=int, default=0)
@@ -268,8 +271,6 @@ def _pairs_args(p: argparse.ArgumentParser) -> None:
 def _pairs_run(args: argparse.Namespace) -> int:
     dims = args.dimension or ["quality"]
     if args.candidates and not args.dimension:  # scored by levo-data score: its overall score
-        from levo_data.offline import candidates_overall_key
-
         dims = [candidates_overall_key(args.candidates) or "quality"]
     tier = None if args.tier is None else tuple(t.strip() for t in args.tier.split(","))
     if args.candidates:
@@ -320,42 +321,19 @@ def _merge_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def guarded(fn: Any) -> Any:
-    """Run a command; data/model errors become one ``error:`` line and exit status 1, an output
-    folder of another kind exit status 2."""
-    def run(args: argparse.Namespace) -> int:
-        from levo_infer.checkpoint import CheckpointError
-        from levo_infer.config import ConfigError
-        from levo_train.data.shards import ShardError
-
-        try:
-            return fn(args)
-        except OutputFolderError as e:
-            print(f"levo-data {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        except (ShardError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError,
-                FolderLockedError) as e:
-            print(f"levo-data {args.command}: error: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-#: name -> (help, add_arguments, run)
-PREF_COMMANDS: dict[str, tuple[str, Any, Any]] = {
-    "pairs": ("build preference-pair shards (best vs worst of N per prompt) from scored candidates, "
-              "the toy world, or a toy model's own samples", _pairs_args, guarded(_pairs_run)),
-    "ref-logps": ("precompute reference log-probs of pair shards (ref_logps.json beside them)", _ref_args,
-                  guarded(_ref_run)),
-    "merge": ("interpolate the weights of exports of one config into a new export", _merge_args,
-              guarded(_merge_run)),
+#: preference-data subcommands of ``levo-data`` (part of its command table)
+PREF_COMMANDS: dict[str, Command] = {
+    "pairs": Command("build preference-pair shards (best vs worst of N per prompt) from scored candidates, "
+                     "the toy world, or a toy model's own samples", _pairs_args, guarded(_pairs_run)),
+    "ref-logps": Command("precompute reference log-probs of pair shards (ref_logps.json beside them)", _ref_args,
+                         guarded(_ref_run)),
+    "merge": Command("interpolate the weights of exports of one config into a new export", _merge_args,
+                     guarded(_merge_run)),
 }
 
 
 def register(subparsers: Any) -> None:
     """Add ``pairs``, ``ref-logps`` and ``merge`` to ``subparsers`` (from ``add_subparsers``); each
     parser sets ``command`` and ``func`` (``args.func(args)`` -> exit code)."""
-    for name, (help_, add_arguments, run) in PREF_COMMANDS.items():
-        p = subparsers.add_parser(name, help=help_, description=help_)
-        add_arguments(p)
-        p.set_defaults(func=run, command=name)
+    for name, p in add_commands(subparsers, PREF_COMMANDS, help_as_description=True).items():
+        p.set_defaults(func=PREF_COMMANDS[name].run, command=name)

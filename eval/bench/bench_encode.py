@@ -71,7 +71,7 @@ def _time(fn, repeats: int = 1) -> float:
 def real_projection(song_s: float) -> dict:
     from codec_fixtures import tiny_tokenizer
 
-    from levo_infer.codec.encoder import STREAMS, chunks_needed
+    from levo_infer.codec.encoder import STREAM_SOURCES, chunks_needed
 
     tok = tiny_tokenizer(0, depth=1, **REAL)
     chunk = _song(40, 2).mean(0)[None]
@@ -84,7 +84,7 @@ def real_projection(song_s: float) -> dict:
          "conv_front_end_s": _time(lambda: tok.features(mel)),
          "conformer_block_s": _time(lambda: tok.embed(feats, 1)),
          "rvq_s": _time(lambda: q(emb))}
-    blocks = sum(v[1] for v in STREAMS.values())
+    blocks = sum(v[1] for v in STREAM_SOURCES.values())
     per_chunk_streams = 3 * (p["resample_mel_s"] + p["conv_front_end_s"] + p["rvq_s"]) + blocks * p["conformer_block_s"]
     K = chunks_needed(int(song_s * 48000))
     p.update({"song_s": song_s, "chunks_per_stream": K, "song_encode_s": K * per_chunk_streams,

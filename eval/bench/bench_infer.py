@@ -107,7 +107,7 @@ CHILD = textwrap.dedent("""
             if line.startswith('VmHWM:'):
                 return int(line.split()[1]) * 1024
     mode, folder = sys.argv[1], sys.argv[2]
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
     from levo_infer.config import load_config
     from levo_infer.model import LeLM
     cfg = load_config(folder)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from levo_infer.checkpoint import load_model
+from levo_infer import load_model
+from levo_infer.checkpoint import save_released
 from levo_infer.config import make_config
 from levo_infer.generate import generate
 from levo_infer.model import LeLM
@@ -34,7 +35,7 @@ torch.manual_seed(0)
 m = LeLM(cfg)
 m.init_weights(std=0.02)
 folder = Path("/tmp/levo_gpu_ckpt")
-m.save(str(folder), dtype=torch.bfloat16)
+save_released(m, str(folder), dtype=torch.bfloat16)
 del m
 L = ["[verse] la da love . night la ; [chorus] love love", "[verse] rock pop", "[chorus] sad happy . la", None]
 S = ["[Musicality-very-high], rock, sad", "pop", None, "[Musicality-very-high], ."]

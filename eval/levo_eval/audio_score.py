@@ -38,9 +38,15 @@ from typing import Any
 
 import numpy as np
 
+from levo_infer.codec.decoder import SAMPLE_RATE, output_samples
+from levo_infer.commands import Command
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonio import write_json_atomic
 from levo_infer.jsonl import jsonl_rows
+from levo_infer.tokens import SEPARATE_SUFFIXES
+from levo_train.scorers import load_audio_fn
+
+from .errors import UsageError
 
 AUDIO_EXTS = (".wav", ".flac")
 BUILTIN = "levo_eval.audio_score:basic"
@@ -53,7 +59,6 @@ SILENCE_FRAME_S = 0.05
 DB_FLOOR = -120.0
 LUFS_FLOOR = -70.0
 BLOCK_S, HOP_S = 0.4, 0.1
-SEPARATE_SUFFIXES = ("_vocal", "_bgm")
 
 
 # ----------------------------------------------------------------------------- loudness
@@ -179,10 +184,6 @@ def basic(waveform: np.ndarray, sample_rate: int, song: Any = None, *, requested
 
 
 # ----------------------------------------------------------------------------- inputs
-class UsageError(ValueError):
-    """A problem with the command's inputs as a whole (exit status 2)."""
-
-
 def audio_files(path: str | Path) -> list[Path]:
     """The ``*.wav`` / ``*.flac`` files of a folder (sorted), or ``[path]`` for one such file."""
     p = Path(path)
@@ -215,8 +216,6 @@ def read_requested(path: str | Path) -> dict[str, dict[str, float]]:
             item["requested_s"] = float(dur)
         frames = rec.get("frames")
         if isinstance(frames, int) and not isinstance(frames, bool) and frames >= 0:
-            from levo_infer.codec.decoder import SAMPLE_RATE, output_samples
-
             item["expected_s"] = output_samples(frames) / SAMPLE_RATE
         if not item:
             raise UsageError(f"--requested {p}:{n}: idx {rec['idx']!r} has neither `duration` (or "
@@ -236,7 +235,7 @@ def _match(stem: str, requested: Mapping[str, dict[str, float]]) -> dict[str, fl
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
     """(float32 waveform [C, N], sample rate) of an audio file; ValueError naming it otherwise."""
-    import soundfile as sf
+    import soundfile as sf  # soundfile (libsndfile): only when audio is read
 
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -265,8 +264,6 @@ def check_result(res: Any, where: str) -> dict[str, float]:
 def load_scorers(specs: list[str] | None) -> dict[str, Callable[..., Any]]:
     """``{spec: function}`` through :func:`levo_train.scorers.load_audio_fn` (``basic`` and no spec
     at all mean :data:`BUILTIN`); UsageError naming a spec that does not load."""
-    from levo_train.scorers import load_audio_fn
-
     out: dict[str, Callable[..., Any]] = {}
     for spec in specs or [BUILTIN]:
         spec = BUILTIN if spec == "basic" else spec
@@ -360,9 +357,8 @@ def cmd_audio_score(args: argparse.Namespace) -> int:
     return 1 if res["errors"] else 0
 
 
-def add_audio_score_parser(sub: Any) -> None:
-    """Add the ``audio-score`` subcommand to a ``levo-eval`` subparsers object."""
-    a = sub.add_parser("audio-score", help="run audio scorer functions (module:function) over a folder of audio")
+def add_audio_score_arguments(a: argparse.ArgumentParser) -> None:
+    """The ``audio-score`` subcommand's options."""
     a.add_argument("--audio", required=True, help="folder of *.wav / *.flac files (or one file)")
     a.add_argument("--scorer", action="append", default=None, metavar="MODULE:FUNCTION",
                    help=f"fn(waveform [C, N], sample_rate) -> {{dimension: score}}; repeatable; default and "
@@ -370,9 +366,14 @@ def add_audio_score_parser(sub: Any) -> None:
     a.add_argument("--requested", default=None, metavar="JSONL",
                    help="requested seconds per idx: `idx` + `duration` (or levo-infer's settings.duration)")
     a.add_argument("--out", default=None, metavar="FILE.json", help="also write the result JSON here")
-    a.set_defaults(func=cmd_audio_score)
 
 
-__all__ = ["BUILTIN", "UsageError", "add_audio_score_parser", "audio_files", "basic", "check_result",
+#: ``levo-eval audio-score`` (part of its command table)
+AUDIO_SCORE_COMMANDS: dict[str, Command] = {
+    "audio-score": Command("run audio scorer functions (module:function) over a folder of audio",
+                           add_audio_score_arguments, cmd_audio_score),
+}
+
+__all__ = ["AUDIO_SCORE_COMMANDS", "BUILTIN", "add_audio_score_arguments", "audio_files", "basic", "check_result",
            "cmd_audio_score", "integrated_loudness", "k_weighting", "k_weighted", "load_scorers", "read_audio",
            "read_requested", "score_audio"]

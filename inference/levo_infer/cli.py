@@ -10,13 +10,13 @@ The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``,
 ``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
 ``--generate_type``) are accepted too.
 
-Input: one JSON object per line with ``idx`` (output name), ``gt_lyric``, optional ``descriptions``
-and optional ``prompt_audio_path`` (a prompt token file, see :mod:`levo_infer.prompts`, or an audio
-file with ``--codec-encoder songgeneration:PATH``) or ``auto_prompt_audio_type`` (needs
-``--auto-prompt-file``). A bad
+Input: one JSON object per line (the released request, :mod:`levo_infer.request`) with ``idx``
+(output name), ``gt_lyric``, optional ``descriptions`` and optional ``prompt_audio_path`` (a prompt
+token file, see :mod:`levo_infer.prompts`, or an audio file with ``--codec-encoder
+songgeneration:PATH``) or ``auto_prompt_audio_type`` (needs ``--auto-prompt-file``). A bad
 line is reported with its line number and the broken rule; the other songs are still generated
 and the exit status is 1 (also when the file holds no song at all). ``idx`` must fit a file name:
-at most :data:`IDX_MAX_BYTES` bytes in UTF-8.
+at most :data:`levo_infer.request.IDX_MAX_BYTES` bytes in UTF-8.
 
 Lyrics: the model is fed what the released ``generate.py`` feeds it, ``gt_lyric`` with double
 spaces collapsed, whatever the lyric checker (:mod:`levo_infer.lyrics`) finds; a finding is a
@@ -59,32 +59,34 @@ Each song's seed is ``--seed`` + its line index, so results do not depend on ``-
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import random
-import re
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+import torch
+
+from . import codec as song_codec
+from .api import load_model
+from .checkpoint import CheckpointError, atomic_torch_save, resolve_dtype
+from .codec.encoder import EncoderError, load_encoder
+from .commands import Command, parse_command
+from .config import ConfigError, ConfigWarning
+from .errors import LevoInferError
+from .generate import RELEASED_PENALTY, RELEASED_TEMPERATURE, RELEASED_TOP_K, RELEASED_WINDOW, generate
 from .jsonio import jsonl_text, write_text_atomic
-from .jsonl import JsonlError, jsonl_lines, parse_json_line
-
-LYRIC_POLICIES = ("check", "normalize", "raw")
-_SAFE_IDX = re.compile(r"^[^/\\\x00]+$")
-#: Bytes per file name on common filesystems (ext4, xfs, btrfs, zfs).
-MAX_NAME_BYTES = 255
-#: Longest ``idx`` in UTF-8 bytes: room for the longest suffix and extension levo-infer appends
-#: (``_vocal.flac``) and the atomic writer's temp name ``.{name}.tmp{pid}`` (pid up to 10 digits).
-IDX_MAX_BYTES = MAX_NAME_BYTES - len("." + "_vocal" + ".flac" + ".tmp") - 10
+from .jsonl import JsonlError, jsonl_lines
+from .prompts import AutoPromptLibrary, PromptError
+from .request import LYRIC_POLICIES, RequestError, RequestOptions, SongRequest, line_idx, parse_request
+from .tokens import MODES, mode_tokens
 
 
-class UsageError(Exception):
+class UsageError(LevoInferError):
     """A problem with the command line or the model folder (exit status 2)."""
 
 
@@ -104,17 +106,14 @@ class Codec(Protocol):
 def load_codec(codec_dir: str | os.PathLike, device: str) -> Codec:
     """The audio codec of a codec folder (:func:`levo_infer.codec.load_codec`); ``UsageError``
     naming the file and the problem when the folder cannot be used."""
-    mod = importlib.import_module("levo_infer.codec")
     try:
-        return mod.load_codec(codec_dir, device)
-    except mod.CodecError as e:
+        return song_codec.load_codec(codec_dir, device)
+    except song_codec.CodecError as e:
         raise UsageError(f"--codec {codec_dir}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import MODES, RELEASED_PENALTY, RELEASED_TEMPERATURE, RELEASED_TOP_K, RELEASED_WINDOW
-
     ap = argparse.ArgumentParser(
         prog="levo-infer",
         description="Generate songs (tokens, and 48 kHz audio with a codec folder) from a released SongGeneration "
@@ -211,27 +210,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- input
-@dataclass
-class Song:
-    """One valid input line, ready to generate."""
-
-    line: int
-    idx: str
-    item: dict[str, Any]
-    lyric: str | None
-    style: str | None
-    seed: int
-    prompt: Any = None  # LongTensor [K, T] or None
-    prompt_info: dict[str, Any] | None = None
-    outputs: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-class LineError(Exception):
-    """A bad input line (reported with its line number; the run goes on)."""
-
-
-class SongOutputError(Exception):
+class SongOutputError(LevoInferError):
     """One song's output could not be written (that song fails; the run goes on)."""
 
 
@@ -243,102 +222,6 @@ def read_lines(path: Path) -> list[tuple[int, str | JsonlError]]:
         return list(jsonl_lines(path))
     except (JsonlError, ValueError) as e:
         raise UsageError(str(e)) from None
-
-
-def parse_song(n: int, line: str, *, args: argparse.Namespace, model: Any, library: Any, base_seed: int,
-               seen: dict[str, int], encoder: Any = None) -> Song:
-    """Validate one JSONL line and build its :class:`Song` (raises :class:`LineError`)."""
-    from .generate import released_style
-    from .lyrics import LyricError, normalize_lyrics
-    from .model import LyricTooLong
-    from .prompts import AUDIO_SUFFIXES, PromptError, check_prompt_tokens, load_prompt_tokens
-
-    try:
-        item = parse_json_line(line)
-    except ValueError as e:
-        raise LineError(str(e)) from None
-    if not isinstance(item, dict):
-        raise LineError(f"expected a JSON object, got {type(item).__name__}")
-    if "idx" not in item or item["idx"] in (None, ""):
-        raise LineError("missing 'idx' (the output name)")
-    idx = str(item["idx"])
-    if not _SAFE_IDX.match(idx) or idx in (".", ".."):
-        raise LineError(f"idx {idx!r} cannot be a file name (no '/', '\\' or NUL; not '.' or '..')")
-    n_bytes = len(idx.encode("utf-8", "surrogatepass"))
-    if n_bytes > IDX_MAX_BYTES:
-        raise LineError(f"idx {idx!r} is {n_bytes} bytes in UTF-8; at most {IDX_MAX_BYTES} bytes fit a file name "
-                        f"({MAX_NAME_BYTES} bytes per name, less the suffix, extension and temp-file part levo-infer "
-                        "adds): shorten it")
-    if idx in seen:
-        raise LineError(f"idx {idx!r} was already used on line {seen[idx]}; outputs would overwrite each other")
-    where = f"idx {idx!r}"
-    mode, version = args.mode, model.cfg.version
-    desc = item.get("descriptions")
-    if desc is not None and not isinstance(desc, str):
-        raise LineError(f"{where}: 'descriptions' must be a string, got {type(desc).__name__}")
-    lyric_in = item.get("gt_lyric")
-    lyric_warnings: list[str] = []
-    if mode == "bgm":  # released: instrumental generation ignores the lyric
-        lyric = "."
-    else:
-        if lyric_in is None:
-            raise LineError(f"{where}: missing 'gt_lyric'")
-        if not isinstance(lyric_in, str):
-            raise LineError(f"{where}: 'gt_lyric' must be a string, got {type(lyric_in).__name__}")
-        lyric = lyric_in.replace("  ", " ")  # all the released generate.py does before the tokenizer
-        if args.lyrics != "raw":
-            try:
-                canonical = normalize_lyrics(lyric_in, compact=True)
-            except LyricError as e:
-                if args.strict:
-                    raise LineError(f"{where}: {e}") from e
-                lyric_warnings.append(f"{where}: {e}; fed to the model as written, as the released code does "
-                                      "(--strict makes this an error)")
-            else:
-                if args.lyrics == "normalize":
-                    lyric = canonical
-    truncate = getattr(args, "truncate_lyrics", None)  # None: the caller has no such option (levo-data prompts)
-    try:
-        cut = model.lyric_fit(truncate=bool(truncate)).check(lyric, where, None if truncate is None else
-                                                            "--truncate-lyrics")
-    except LyricTooLong as e:
-        raise LineError(str(e)) from None
-    if cut:
-        lyric_warnings.append(cut)
-    has_path, has_auto = item.get("prompt_audio_path") is not None, item.get("auto_prompt_audio_type") is not None
-    if has_path and has_auto:
-        raise LineError(f"{where}: both 'prompt_audio_path' and 'auto_prompt_audio_type' are given; use one "
-                        "(the released generator refuses this too)")
-    seed = base_seed + n - 1
-    song = Song(n, idx, item, lyric, released_style(desc, version, mode), seed, warnings=lyric_warnings)
-    K, code_size = model.code_depth, model.cfg.lm.code_size
-    try:
-        if has_path:
-            p = Path(str(item["prompt_audio_path"]))
-            if not p.is_absolute() and not p.exists():
-                alt = Path(args.input_jsonl).parent / p
-                p = alt if alt.exists() else p
-            if encoder is not None and p.suffix.lower() in AUDIO_SUFFIXES:
-                if not p.is_file():
-                    raise PromptError(f"prompt_audio_path {p}: file not found")
-                song.prompt = check_prompt_tokens(encoder.encode_file(p)[0], code_depth=K, code_size=code_size,
-                                                  source=f"prompt_audio_path {p} (encoded by --codec-encoder)")
-            else:
-                song.prompt = load_prompt_tokens(p, code_depth=K, code_size=code_size)
-            song.prompt_info = {"source": "prompt_audio_path", "path": str(p), "frames": int(song.prompt.shape[1])}
-        elif has_auto:
-            kind = item["auto_prompt_audio_type"]
-            if not isinstance(kind, str):
-                raise PromptError(f"'auto_prompt_audio_type' must be a string, got {type(kind).__name__}")
-            if library is None:
-                raise PromptError(f"auto_prompt_audio_type {kind!r} needs the released prompt library: pass "
-                                  "--auto-prompt-file PATH (tools/new_auto_prompt.pt for v2, ckpt/prompt.pt for v1)")
-            toks, info = library.pick(kind, lyric_in if isinstance(lyric_in, str) else None, random.Random(seed))
-            song.prompt = toks
-            song.prompt_info = {"source": "auto_prompt_audio_type", **info, "file": library.source}
-    except PromptError as e:
-        raise LineError(f"{where}: {e}") from e
-    return song
 
 
 # ----------------------------------------------------------------------------- run
@@ -362,7 +245,7 @@ class _PlainBar:
 
 def progress_bar(total: int, *, disable: bool) -> Any:
     """A tqdm bar over songs (updated per batch, with the step in the postfix), or plain lines."""
-    try:
+    try:  # tqdm: optional for the inference package
         from tqdm import tqdm
     except ImportError:
         return _PlainBar(total, disable)
@@ -382,13 +265,6 @@ class Runner:
 
     # -- setup ------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
-
-        from .checkpoint import CheckpointError, load_model, resolve_dtype
-        from .config import ConfigError, ConfigWarning
-        from .generate import RELEASED_PENALTY, RELEASED_WINDOW
-        from .prompts import AutoPromptLibrary, PromptError
-
         a = self.args
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
         try:
@@ -438,8 +314,6 @@ class Runner:
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
         self.encoder = None
         if a.codec_encoder:
-            from .codec.encoder import EncoderError, load_encoder
-
             try:
                 self.encoder = load_encoder(a.codec_encoder, config=Path(a.ckpt_dir) / "config.yaml",
                                             device=str(self.device))
@@ -447,9 +321,7 @@ class Runner:
                 raise UsageError(str(e)) from None
         self.codec = None
         if not a.tokens_only:
-            from .codec import find_codec_dir
-
-            codec_dir = a.codec or find_codec_dir(a.ckpt_dir)
+            codec_dir = a.codec or song_codec.find_codec_dir(a.ckpt_dir)
             if codec_dir is None:
                 print(f"levo-infer: no audio codec: no --codec CODEC_DIR given and no codec folder (model_septoken/ and "
                       f"vae/) beside {a.ckpt_dir}; writing tokens only to {self.out / 'tokens'} (--tokens-only "
@@ -477,31 +349,24 @@ class Runner:
         print(f"levo-infer: {self.input}:{line}: {msg}", file=sys.stderr)
 
     def token_paths(self, idx: str) -> dict[str, Path]:
-        import torch
-
-        from .generate import mode_tokens
-
         suffixes = mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode)
         return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in suffixes}
 
-    def read_songs(self, lines: list[tuple[int, str | JsonlError]]) -> list[Song]:
-        songs: list[Song] = []
+    def read_songs(self, lines: list[tuple[int, str | JsonlError]]) -> list[SongRequest]:
+        a = self.args
+        options = RequestOptions(mode=a.mode, lyrics=a.lyrics, strict=a.strict, truncate_lyrics=a.truncate_lyrics,
+                                 input_dir=Path(a.input_jsonl).parent)
+        songs: list[SongRequest] = []
         seen: dict[str, int] = {}
         for n, line in lines:
             if isinstance(line, JsonlError):
                 self.fail(n, None, line.message)
                 continue
-            idx = None
             try:
-                obj = json.loads(line)
-                idx = str(obj["idx"]) if isinstance(obj, dict) and obj.get("idx") not in (None, "") else None
-            except json.JSONDecodeError:
-                pass
-            try:
-                song = parse_song(n, line, args=self.args, model=self.model, library=self.library,
-                                  base_seed=self.base_seed, seen=seen, encoder=self.encoder)
-            except LineError as e:
-                self.fail(n, idx, str(e))
+                song = parse_request(n, line, model=self.model, options=options, base_seed=self.base_seed,
+                                     seen=seen, library=self.library, encoder=self.encoder)
+            except RequestError as e:
+                self.fail(n, line_idx(line), str(e))
                 continue
             for w in song.warnings:
                 print(f"levo-infer: warning: {self.input}:{n}: {w}", file=sys.stderr)
@@ -520,11 +385,7 @@ class Runner:
         return ok, bad
 
     # -- generation -------------------------------------------------------------------
-    def generate_batch(self, batch: list[Song], bar: Any) -> None:
-        import torch
-
-        from .generate import RELEASED_PENALTY, generate
-
+    def generate_batch(self, batch: list[SongRequest], bar: Any) -> None:
         a, m = self.args, self.model
         P, pad = m.cfg.prompt_frames, m.pad_id
         prompt = None
@@ -569,12 +430,9 @@ class Runner:
                 record["warnings"] = s.warnings
             self.records.append(record)
 
-    def write_song(self, s: Song, toks: Any) -> tuple[list[str], list[str], list[int]]:
+    def write_song(self, s: SongRequest, toks: Any) -> tuple[list[str], list[str], list[int]]:
         """Write one song's token files (and audio files with a codec, with each one's clipped-sample
         count); on failure remove what this song wrote and raise :class:`SongOutputError` naming the file."""
-        from .checkpoint import atomic_torch_save
-        from .generate import mode_tokens
-
         written: list[Path] = []
         files, audios, clipped = [], [], []
         target = self.out / "tokens"
@@ -600,10 +458,8 @@ class Runner:
 
     def write_audio(self, tokens: Any, path: Path, seed: int | None = None) -> int:
         """Decode and write one FLAC file (atomic, fsynced); returns its clipped-sample count."""
-        from .codec.dsp import write_flac
-
         assert self.codec is not None
-        return write_flac(self.codec.decode(tokens, seed=seed), int(self.codec.sample_rate), path)
+        return song_codec.write_flac(self.codec.decode(tokens, seed=seed), int(self.codec.sample_rate), path)
 
     def run(self) -> int:
         if not self.input.is_file():
@@ -630,8 +486,6 @@ class Runner:
                             continue
                         self.fail(s.line, s.idx, f"idx {s.idx!r}: generation failed: {type(e).__name__}: {e}{hint}")
                     if self.model.device.type == "cuda":
-                        import torch
-
                         torch.cuda.empty_cache()
                 bar.update(len(batch))
                 self.write_jsonl()
@@ -647,16 +501,8 @@ class Runner:
         return 1 if n_bad else 0
 
 
-def decode_main(argv: Sequence[str]) -> int:
-    """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt`` [3, T] as
-    levo-infer writes them, ``*.npy`` as ``levo-data encode`` writes them) -> ``OUT_DIR/<name>.flac``.
-    A file that cannot be decoded is reported and skipped (exit status 1); the others are written."""
-    import numpy as np
-    import torch
-
-    from .codec import song_groups, write_flac
-
-    ap = argparse.ArgumentParser(prog="levo-infer decode", description=decode_main.__doc__.splitlines()[0])
+# ----------------------------------------------------------------------------- levo-infer decode
+def _decode_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("tokens_dir", help="folder of token files (OUT_DIR/tokens of an earlier levo-infer run, or the "
                                        "<idx>.npy files of levo-data encode)")
     ap.add_argument("out_dir", help="folder for the .flac files")
@@ -666,9 +512,16 @@ def decode_main(argv: Sequence[str]) -> int:
     ap.add_argument("--batch-size", type=int, default=1, metavar="N",
                     help="decode up to N songs with the same number of 40 s windows together (default 1); each "
                          "keeps its seed, the audio equals one-at-a-time decoding up to float rounding")
-    a = ap.parse_args(list(argv))
-    if a.batch_size < 1:
-        ap.error(f"--batch-size {a.batch_size}: must be >= 1")
+
+
+def _decode_check(a: argparse.Namespace) -> str | None:
+    return f"--batch-size {a.batch_size}: must be >= 1" if a.batch_size < 1 else None
+
+
+def decode(a: argparse.Namespace) -> int:
+    """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt`` [3, T] as
+    levo-infer writes them, ``*.npy`` as ``levo-data encode`` writes them) -> ``OUT_DIR/<name>.flac``.
+    A file that cannot be decoded is reported and skipped (exit status 1); the others are written."""
     src, out = Path(a.tokens_dir), Path(a.out_dir)
     files = sorted([*src.glob("*.pt"), *src.glob("*.npy")]) if src.is_dir() else []
     if not files:
@@ -697,11 +550,11 @@ def decode_main(argv: Sequence[str]) -> int:
 
     def write(f: Path, wav: Any) -> None:
         path = out / f"{f.stem}.flac"
-        clipped = write_flac(wav, int(codec.sample_rate), path)
+        clipped = song_codec.write_flac(wav, int(codec.sample_rate), path)
         note = f" ({clipped} sample(s) beyond full scale, clipped)" if clipped else ""
         print(f"levo-infer decode: {f} -> {path}{note}", file=sys.stderr)
 
-    for group in song_groups([int(t.shape[-1]) for _, _, t in songs], a.batch_size):
+    for group in song_codec.song_groups([int(t.shape[-1]) for _, _, t in songs], a.batch_size):
         batch = [songs[j] for j in group]
         if len(batch) > 1:
             try:
@@ -726,10 +579,18 @@ def decode_main(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+#: levo-infer's subcommands (the plain form ``levo-infer CKPT_DIR INPUT.jsonl OUT_DIR`` is not one)
+SUBCOMMANDS: dict[str, Command] = {
+    "decode": Command("turn token files into audio with a codec folder", _decode_args, decode,
+                      description=decode.__doc__.splitlines()[0], check=_decode_check),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "decode":
-        return decode_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        cmd = SUBCOMMANDS[argv[0]]
+        return cmd.run(parse_command(f"levo-infer {argv[0]}", cmd, argv[1:]))
     args = parse_args(argv)
     try:
         return Runner(args).run()

@@ -19,23 +19,28 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.basecontainer import BaseContainer
+from omegaconf.errors import GrammarParseError
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+from omegaconf.grammar_parser import parse as parse_interpolation
+
+from .errors import LevoInferError
+from .lyrics import STRUCTURE_TAGS
+from .styles import STYLE_TAGS_V2
+from .tokenizer import CONTROL_TOKENS, QWEN2_BASE_VOCAB, TextTokenizer, build_text_tokenizer
+from .tokens import CODE_SIZE, FRAME_RATE, STREAMS, eos_id, pad_id
 
 log = logging.getLogger(__name__)
 
-LYRIC_TAGS_DEFAULT = (
-    "[verse]", "[chorus]", "[bridge]", "[intro-short]", "[intro-medium]", "[intro-long]",
-    "[outro-short]", "[outro-medium]", "[outro-long]", "[inst-short]", "[inst-medium]",
-    "[inst-long]", "[silence]",
-)
 KNOWN_VERSIONS = ("v1", "v2")
 
 
-class ConfigError(ValueError):
+class ConfigError(LevoInferError):
     """A model config is malformed or inconsistent; the message names the file and key."""
 
 
@@ -81,14 +86,14 @@ RELEASED_IGNORED_KEYS: frozenset[str] = frozenset({
 #: Optional keys whose default changes what the model computes or how it trains/samples: a file
 #: without one gets a warning naming the default taken (an error under ``strict``).
 MATH_DEFAULTS: dict[str, Any] = {
-    "lm.code_depth": 3, "lm.code_size": 16384,
+    "lm.code_depth": len(STREAMS), "lm.code_size": CODE_SIZE,
     "lm.max_position_embeddings": 10000, "lm.max_position_embeddings_sub": 10000,
     "lm.rope_theta": 500000.0, "lm.rope_theta_sub": 500000.0,
     "codebooks_pattern.delay.delays": [0, 250, 250],
     "classifier_free_guidance.training_dropout": 0.15, "classifier_free_guidance.inference_coef": 1.5,
     "attribute_dropout.text.description": 0.0, "attribute_dropout.text.type_info": 0.2,
     "attribute_dropout.audio.prompt_audio": 0.5,
-    "conditioners.description.QwTokenizer.add_token_list": list(LYRIC_TAGS_DEFAULT),
+    "conditioners.description.QwTokenizer.add_token_list": list(STRUCTURE_TAGS),
 }
 PREPEND_ORDER = ["description", "prompt_audio", "type_info"]
 CONDITIONER_MODELS = {"prompt_audio": "qt_embedding", "description": "QwTokenizer", "type_info": "QwTextTokenizer"}
@@ -210,28 +215,24 @@ def _load_yaml(folder: Path | None, rel: Any) -> Any:
             return data
     if PurePosixPath(r).as_posix().removeprefix("./") == BUNDLED_VOCAB:
         log.info("load_yaml:%s is not in the config's folder; using the bundled (released) lyric tag list", r)
-        return list(LYRIC_TAGS_DEFAULT)
+        return list(STRUCTURE_TAGS)
     raise ConfigError(f"`load_yaml:{r}`: no such file in {folder if folder is not None else 'the config'} (only "
                       f"files inside the config's folder, or {BUNDLED_VOCAB} for the lyric tag list)")
 
 
 def _resolver_calls(value: str, where: str, key: str) -> list[str]:
     """The resolver names an OmegaConf string calls (OmegaConf's own grammar; nested calls too)."""
-    from omegaconf.errors import GrammarParseError
-    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as G
-    from omegaconf.grammar_parser import parse
-
     try:
-        tree = parse(value)
+        tree = parse_interpolation(value)
     except GrammarParseError as e:
         raise ConfigError(f"{where}: `{key}` = {value!r} is not a valid interpolation ({e})") from None
     names: list[str] = []
     stack: list[Any] = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, G.InterpolationResolverContext):
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
             rn = node.resolverName()
-            if any(isinstance(c, G.InterpolationContext) for c in rn.children or []):
+            if any(isinstance(c, OmegaConfGrammarParser.InterpolationContext) for c in rn.children or []):
                 raise ConfigError(f"{where}: `{key}` = {value!r}: a resolver named by an interpolation is refused")
             names.append(rn.getText())
         stack.extend(getattr(node, "children", None) or [])
@@ -257,8 +258,6 @@ _RESOLVE_LOCK = threading.Lock()
 @contextlib.contextmanager
 def _only_file_resolvers(folder: Path | None) -> Iterator[None]:
     """OmegaConf's resolver table holds exactly :data:`FILE_RESOLVERS` (ours) meanwhile."""
-    from omegaconf.basecontainer import BaseContainer
-
     with _RESOLVE_LOCK:
         saved = BaseContainer._resolvers
         BaseContainer._resolvers = {}
@@ -308,8 +307,8 @@ class LMConfig:
     num_heads: int
     num_layers: int
     num_layers_sub: int
-    code_depth: int = 3
-    code_size: int = 16384
+    code_depth: int = len(STREAMS)
+    code_size: int = CODE_SIZE
     max_position_embeddings: int = 10000
     max_position_embeddings_sub: int = 10000
     rope_theta: float = 500000.0
@@ -323,12 +322,13 @@ class LMConfig:
 
     @property
     def eos_id(self) -> int:
-        return self.code_size
+        """The end-of-song code (:func:`levo_infer.tokens.eos_id`)."""
+        return eos_id(self.code_size)
 
     @property
     def pad_id(self) -> int:
-        """The special/pad code (never predicted)."""
-        return self.code_size + 1
+        """The special/pad code, never predicted (:func:`levo_infer.tokens.pad_id`)."""
+        return pad_id(self.code_size)
 
 
 @dataclass
@@ -345,7 +345,7 @@ class ModelConfig:
     lyric_max_len: int = 600
     style_max_len: int = 100
     prompt_max_len: int = 252
-    frame_rate: int = 25
+    frame_rate: int = FRAME_RATE
     sample_rate: int = 48000
     max_dur: int = 270
     cfg_dropout: float = 0.15
@@ -353,7 +353,7 @@ class ModelConfig:
     attribute_dropout: dict[str, float] = field(
         default_factory=lambda: {"description": 0.0, "type_info": 0.2, "prompt_audio": 0.5}
     )
-    lyric_tags: list[str] = field(default_factory=lambda: list(LYRIC_TAGS_DEFAULT))
+    lyric_tags: list[str] = field(default_factory=lambda: list(STRUCTURE_TAGS))
     text_words: list[str] | None = None
     tokenizer_path: str | None = None
     raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -375,6 +375,24 @@ class ModelConfig:
                 return str(b / p)
         log.info("tokenizer folder %s not found; building the Qwen2 tokenizer offline", tp)
         return None
+
+    def text_table_sizes(self) -> tuple[int, int, int]:
+        """Rows of the lyric table, the style table, and the pad id of both: the tokenizers' id layout
+        (base vocabulary, the control tokens, then the added tags: :class:`~levo_infer.tokenizer.TextTokenizer`)."""
+        base = len(self.text_words) if self.text_words is not None else QWEN2_BASE_VOCAB
+        style_tags = STYLE_TAGS_V2 if self.version == "v2" else ()
+        return base + len(CONTROL_TOKENS) + len(self.lyric_tags), base + len(CONTROL_TOKENS) + len(style_tags), base
+
+    def text_tokenizers(self) -> tuple[TextTokenizer, TextTokenizer]:
+        """The (lyric, style) tokenizers this config names (Qwen2 from ``tokenizer_path`` or rebuilt
+        offline, or the word-level ``text_words``), checked against the model's text tables."""
+        kw = {"version": self.version, "token_path": self.resolve_tokenizer_path(), "words": self.text_words}
+        lyr, sty = build_text_tokenizer("lyrics", **kw), build_text_tokenizer("style", **kw)
+        want_l, want_s, _ = self.text_table_sizes()
+        if (lyr.vocab_size, sty.vocab_size) != (want_l, want_s):
+            raise ConfigError(f"tokenizer vocab sizes {(lyr.vocab_size, sty.vocab_size)} do not match the "
+                              f"model's text tables {(want_l, want_s)}")
+        return lyr, sty
 
     @property
     def prompt_frames(self) -> int:
@@ -516,8 +534,8 @@ def _check_contradictions(cfg: DictConfig, lm: LMConfig, where: str) -> None:
     expect(f"{q}.code_size", lambda v: v == lm.code_size, f"lm.code_size = {lm.code_size} (the prompt tables have "
            "code_size + 2 rows, as the LM's input tables)")
     expect(f"{q}.code_depth", lambda v: v == lm.code_depth, f"lm.code_depth = {lm.code_depth}")
-    expect("conditioners.description.QwTokenizer.add_token_list", lambda v: v == list(LYRIC_TAGS_DEFAULT),
-           f"the 13 released structure tags in their released order {list(LYRIC_TAGS_DEFAULT)}")
+    expect("conditioners.description.QwTokenizer.add_token_list", lambda v: v == list(STRUCTURE_TAGS),
+           f"the 13 released structure tags in their released order {list(STRUCTURE_TAGS)}")
 
 
 def _report(findings: list[str], where: str, strict: bool) -> None:
@@ -587,7 +605,7 @@ def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Pat
         lyric_max_len=_read(cfg, "conditioners.description.QwTokenizer.max_len", where, int),
         style_max_len=_read(cfg, "conditioners.type_info.QwTextTokenizer.max_len", where, int),
         prompt_max_len=_read(cfg, "conditioners.prompt_audio.qt_embedding.max_len", where, int),
-        frame_rate=_read(cfg, "audio_tokenizer_frame_rate", where, int, 25),
+        frame_rate=_read(cfg, "audio_tokenizer_frame_rate", where, int, FRAME_RATE),
         sample_rate=_read(cfg, "sample_rate", where, int, 48000),
         max_dur=_read(cfg, "max_dur", where, int, 270),
         cfg_dropout=_read(cfg, "classifier_free_guidance.training_dropout", where, float,
@@ -595,7 +613,7 @@ def config_from_omegaconf(cfg: DictConfig, *, where: str = "config", folder: Pat
         cfg_coef=_read(cfg, "classifier_free_guidance.inference_coef", where, float,
                        d["classifier_free_guidance.inference_coef"]),
         attribute_dropout=attr_d,
-        lyric_tags=[str(t) for t in tags] if tags is not None else list(LYRIC_TAGS_DEFAULT),
+        lyric_tags=[str(t) for t in tags] if tags is not None else list(STRUCTURE_TAGS),
         text_words=[str(w) for w in words] if words is not None else None,
         tokenizer_path=str(tok_path) if tok_path is not None else None,
         raw=OmegaConf.to_container(source, resolve=False) if isinstance(source, DictConfig) else copy.deepcopy(source),
@@ -637,7 +655,7 @@ def _released_template() -> dict[str, Any]:
         "min_dur": 30,
         "prompt_len": 10,
         "pad_to_max": True,
-        "audio_tokenizer_frame_rate": 25,
+        "audio_tokenizer_frame_rate": FRAME_RATE,
         "audio_tokenizer_code_depth": 1,
         "sample_rate": 48000,
         "lm": {"lm_type": "Llama"},
@@ -651,8 +669,8 @@ def _released_template() -> dict[str, Any]:
         "use_text_training": True,
         "fuser": {"sum": [], "prepend": ["description", "prompt_audio", "type_info"]},
         "conditioners": {
-            "prompt_audio": {"model": "qt_embedding", "qt_embedding": {"code_size": 16384, "code_depth": 3, "max_len": 252}},
-            "description": {"model": "QwTokenizer", "QwTokenizer": {"token_path": None, "max_len": 600, "add_token_list": list(LYRIC_TAGS_DEFAULT)}},
+            "prompt_audio": {"model": "qt_embedding", "qt_embedding": {"code_size": CODE_SIZE, "code_depth": len(STREAMS), "max_len": 252}},
+            "description": {"model": "QwTokenizer", "QwTokenizer": {"token_path": None, "max_len": 600, "add_token_list": list(STRUCTURE_TAGS)}},
             "type_info": {"model": "QwTextTokenizer", "QwTextTokenizer": {"token_path": None, "max_len": 100}},
         },
     }
@@ -736,11 +754,9 @@ def save_config(mc: ModelConfig, path: str | os.PathLike) -> Path:
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Every compared leaf field where two configs (nested dataclasses) differ, as
     ``(dotted name, a's value, b's value)``."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+    if is_dataclass(a) and is_dataclass(b):
         out: list[tuple[str, Any, Any]] = []
-        for f in dataclasses.fields(a):
+        for f in fields(a):
             if f.compare:
                 out += config_differences(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
         return out
@@ -754,7 +770,7 @@ def make_config(
     num_layers: int,
     num_layers_sub: int,
     intermediate_size: int | None = None,
-    code_size: int = 16384,
+    code_size: int = CODE_SIZE,
     delays: list[int] | None = None,
     lyric_max_len: int = 600,
     style_max_len: int = 100,

@@ -29,82 +29,17 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import Conditions, KVCache, LeLM
-from .tokenizer import MUSICALITY_TAGS, STYLE_TAGS_V2
+from .styles import null_styles
 
-VERY_HIGH = MUSICALITY_TAGS[0]
-NEGATIVE_STYLE_V2 = f"{MUSICALITY_TAGS[-1]}, ."
-PURE_MUSIC = STYLE_TAGS_V2[-1]
 RELEASED_PENALTY = 1.1
 RELEASED_WINDOW = 50
 RELEASED_TOP_K = 5000
 RELEASED_TEMPERATURE = 0.8
-# silent codes the released decoder substitutes for the other stream in the vocal / bgm modes
-SILENT_BGM_CODE = 9670
-SILENT_VOCAL_CODE = 3142
-#: output modes of levo-infer (which token sets the codec decodes, see :func:`mode_tokens`)
-MODES = ("mixed", "vocal", "bgm", "separate")
 
 ProgressFn = Callable[[int, int, int], None]  # (step, total steps, songs still running)
-
-
-# ----------------------------------------------------------------------------- caller formatting
-def null_styles(styles: Sequence[str | None], version: str) -> list[str | None]:
-    """The unconditional style for CFG: v2 uses the negative prompt when the style asks for the
-    top musicality tier, otherwise no style at all."""
-    if version != "v2":
-        return [None] * len(styles)
-    return [NEGATIVE_STYLE_V2 if (s is not None and VERY_HIGH in s) else None for s in styles]
-
-
-def _lower_keep_tags(text: str) -> str:
-    """Lower-case ``text`` except the v2 style tags (matched case-insensitively, kept canonical)."""
-    out = text.lower()
-    for tag in STYLE_TAGS_V2:
-        out = out.replace(tag.lower(), tag)
-    return out
-
-
-def released_style(description: str | None, version: str, mode: str = "mixed") -> str | None:
-    """The style text the released front end hands to the model for a JSONL ``descriptions``.
-
-    v2: lower-cased, prefixed with ``[Musicality-very-high], `` (``.`` alone when there is no
-    description); mode ``bgm`` adds ``[Pure-Music], `` after the tier tag. v1: lower-cased, ``None``
-    when absent. Extension: style tags the user wrote are kept in their canonical spelling, and a
-    description that already names a musicality tier is not given a second one.
-    """
-    desc = description.strip() if isinstance(description, str) else None
-    if version != "v2":
-        return desc.lower() if desc else None
-    body = _lower_keep_tags(desc) if desc else "."
-    tags: list[str] = []
-    if "[Musicality-" not in body:
-        tags.append(VERY_HIGH)
-    if mode == "bgm" and PURE_MUSIC not in body:
-        tags.append(PURE_MUSIC)
-    return ", ".join([*tags, body])
-
-
-def mode_tokens(codes: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
-    """Token sets the codec decodes for an output mode, keyed by file-name suffix (``""``, ``"_vocal"``,
-    ``"_bgm"``). ``codes`` [K, T] or [B, K, T] (mixed, vocal, bgm). vocal: bgm replaced by the silent
-    code 9670; bgm: vocal replaced by 3142; separate: all three files. The mixed stream is kept."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-
-    def replaced(row: int, value: int) -> torch.Tensor:
-        out = codes.clone()
-        out[..., row, :] = value
-        return out
-
-    if mode == "mixed":
-        return {"": codes}
-    if mode == "vocal":
-        return {"": replaced(2, SILENT_BGM_CODE)}
-    if mode == "bgm":
-        return {"": replaced(1, SILENT_VOCAL_CODE)}
-    return {"": codes, "_vocal": replaced(2, SILENT_BGM_CODE), "_bgm": replaced(1, SILENT_VOCAL_CODE)}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -197,8 +132,6 @@ def attention_backends(device: torch.device) -> AbstractContextManager:
     from run to run; with these kernels it is (and ``--low-mem`` gives the same tokens)."""
     if device.type != "cuda":
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .errors import LevoInferError
+
 #: the manifest of an export / reward export / adapter folder
 MANIFEST = "checksums.json"
 MANIFEST_FORMAT = "levo-checksums"
@@ -44,7 +46,7 @@ THREADS = max(1, min(8, os.cpu_count() or 1))
 _verified: set[tuple[str, int, int, int, int]] = set()
 
 
-class IntegrityError(ValueError):
+class IntegrityError(LevoInferError):
     """A file does not match the checksum written with it (corrupted, truncated, missing or edited);
     the message names the file."""
 

@@ -26,10 +26,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import LevoInferError
+
 NONFINITE_MODES = ("error", "null")
 
 
-class NonFiniteJSONError(ValueError):
+class NonFiniteJSONError(LevoInferError):
     """A value to be written as JSON is NaN or infinite; ``where`` is its path in the object."""
 
     def __init__(self, value: float, where: str, what: str | None = None) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import LevoInferError
+
 __all__ = ["DEFAULT_MAX_LINE_BYTES", "MAX_LINE_ENV", "JsonlError", "jsonl_lines", "jsonl_rows", "max_line_bytes",
            "parse_json_line"]
 
@@ -30,7 +32,7 @@ _JSON_WHITESPACE = " \t\r\n"
 _SKIP_CHUNK = 1 << 16
 
 
-class JsonlError(ValueError):
+class JsonlError(LevoInferError):
     """A JSONL file or line that cannot be read: ``path``, ``line`` (1-based; None for the whole
     file), ``message`` and ``reason`` (``unreadable``, ``line_too_long``, ``not_utf8`` or
     ``invalid_json``); ``str()`` is ``path:line: message``."""

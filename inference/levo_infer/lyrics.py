@@ -15,12 +15,15 @@ Canonical form (what :func:`normalize_lyrics` returns)::
 * words are whitespace-separated and kept verbatim (case, commas and apostrophes untouched).
 
 The released demo writes sentences as ``"a b.c d"``; ``format_sections(..., compact=True)``
-produces that spelling from the same parse. This module depends on the standard library only.
+produces that spelling from the same parse. :data:`STRUCTURE_TAGS` is the one list of the tags (the
+lyric tokenizer and the model config take it from here). This module depends on the standard library only.
 """
 
 from __future__ import annotations
 
 import re
+
+from .errors import LevoInferError
 
 __all__ = [
     "STRUCTURE_TAGS",
@@ -60,7 +63,7 @@ _ALIASES = {"[intro]": "[intro-short]", "[inst]": "[inst-short]", "[outro]": "[o
 Sections = list[tuple[str, list[list[str]]]]
 
 
-class LyricError(ValueError):
+class LyricError(LevoInferError):
     """A lyric breaks a rule.
 
     Attributes:

@@ -8,6 +8,12 @@ in front of both stacks. Streams are interleaved with a delay pattern (:mod:`lev
 
 Unlike the released forward, training asks only for hidden states (:meth:`LeLM.frame_hidden`) and
 projects through the 16385-way heads only where a loss needs them (:meth:`LeLM.head`).
+
+This module imports only its config and the delay pattern (and the package's error base):
+generation (:func:`levo_infer.generate.generate`), saving (:func:`levo_infer.checkpoint.save_released`)
+and the request format (:mod:`levo_infer.request`) are functions of their own modules, and
+:func:`levo_infer.load_model` returns :class:`levo_infer.api.SongLM`, an LeLM that also has
+``.generate`` and ``.save``.
 """
 
 from __future__ import annotations
@@ -21,11 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import LevoInferError
 from .pattern import build_delayed, revert_steps
-from .tokenizer import STYLE_TAGS_V2
 
 STRUCTURE_TABLE_ROWS = 200
-QWEN2_BASE_VOCAB = 151643
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore[import-not-found]
@@ -33,11 +38,11 @@ except Exception:  # pragma: no cover - not installable on CPU machines
     _flash_attn_func = None
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(LevoInferError):
     """A forward or a generation needs more positions than the config's ``max_position_embeddings``."""
 
 
-class LyricTooLong(ValueError):
+class LyricTooLong(LevoInferError):
     """A lyric needs more tokens than the model's lyric conditioner has positions (``lyric_max_len``)."""
 
 
@@ -70,14 +75,6 @@ class LyricFit:
             return f"{msg}; cut to its first {self.limit} tokens ({option}): the rest of the lyric is not sung"
         fix = f", or pass {option} to cut it to its first {self.limit} tokens" if option else ""
         raise LyricTooLong(f"{msg}: shorten it{fix}")
-
-
-def text_table_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
-    """Rows of the lyric table, the style table, and the pad id of both."""
-    base = len(cfg.text_words) if cfg.text_words is not None else QWEN2_BASE_VOCAB
-    lyric_rows = base + 3 + len(cfg.lyric_tags)
-    style_rows = base + 3 + (len(STYLE_TAGS_V2) if cfg.version == "v2" else 0)
-    return lyric_rows, style_rows, base
 
 
 # ----------------------------------------------------------------------------- Llama blocks
@@ -281,7 +278,7 @@ class ConditionProvider(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         lm = cfg.lm
-        lyric_rows, style_rows, pad = text_table_sizes(cfg)
+        lyric_rows, style_rows, pad = cfg.text_table_sizes()
         self.conditioners = nn.ModuleDict({
             "description": LyricConditioner(lyric_rows, lm.dim, pad, cfg.lyric_max_len),
             "type_info": StyleConditioner(style_rows, lm.dim, pad, cfg.style_max_len),
@@ -403,18 +400,10 @@ class LeLM(nn.Module):
     # -- conditions ------------------------------------------------------------------
     @property
     def tokenizers(self):  # -> tuple[TextTokenizer, TextTokenizer]
-        """(lyric tokenizer, style tokenizer), built on first use (Qwen2 may need an offline build)."""
+        """(lyric tokenizer, style tokenizer), built on first use (Qwen2 may need an offline build):
+        :meth:`levo_infer.config.ModelConfig.text_tokenizers`."""
         if self._tokenizers is None:
-            from .tokenizer import build_text_tokenizer
-
-            c = self.cfg
-            kw = {"version": c.version, "token_path": c.resolve_tokenizer_path(), "words": c.text_words}
-            lyr, sty = build_text_tokenizer("lyrics", **kw), build_text_tokenizer("style", **kw)
-            want_l, want_s, _ = text_table_sizes(c)
-            if (lyr.vocab_size, sty.vocab_size) != (want_l, want_s):
-                raise ValueError(f"tokenizer vocab sizes {(lyr.vocab_size, sty.vocab_size)} do not match the "
-                                 f"model's text tables {(want_l, want_s)}")
-            self._tokenizers = (lyr, sty)
+            self._tokenizers = self.cfg.text_tokenizers()
         return self._tokenizers
 
     def lyric_fit(self, truncate: bool | None = None) -> LyricFit:
@@ -520,24 +509,7 @@ class LeLM(nn.Module):
         """Teacher-forced scoring API: logits [B, K, T, code_size+1] aligned with ``codes``."""
         return self(codes.to(self.device), self.prepare_conditions(lyrics, styles, prompt))
 
-    @torch.no_grad()
-    def generate(self, lyrics: Sequence[str | None], styles: Sequence[str | None],
-                 prompt: torch.Tensor | None = None, **kwargs):  # -> GenerationOutput
-        """Batched generation (KV cache, CFG, sampling rules): see :func:`levo_infer.generate.generate`
-        for the keyword arguments (``max_frames``, ``cfg_coef``, ``top_k``, ``top_p``, ``temperature``,
-        ``compat``, ``seed``, ...). Returns tokens [B, K, max_frames] plus ``lengths``."""
-        from .generate import generate
-
-        return generate(self, lyrics, styles, prompt, **kwargs)
-
     def new_caches(self, batch: int, max_len: int) -> tuple[KVCache, KVCache]:
         lm = self.cfg.lm
         mk = lambda n: KVCache(n, batch, lm.num_heads, max_len, lm.head_dim, self.device, self.dtype)  # noqa: E731
         return mk(lm.num_layers), mk(lm.num_layers_sub)
-
-    # -- persistence -----------------------------------------------------------------
-    def save(self, folder: str, *, dtype: torch.dtype | None = None) -> None:
-        """Write the released folder layout (``model.pt`` with ``audiolm.`` keys + ``config.yaml``)."""
-        from .checkpoint import save_released
-
-        save_released(self, folder, dtype=dtype)

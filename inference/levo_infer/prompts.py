@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import LevoInferError
+from .tokens import CODE_SIZE, STREAMS
+
 # v2 (facts page) and v1 (released generate.py) type names; "Auto" = any stored prompt.
 AUTO_PROMPT_TYPES = ("Pop", "Latin", "Rock", "Electronic", "Metal", "Country", "R&B/Soul", "Ballad", "Jazz",
                      "World", "Hip-Hop", "Funk", "Soundtrack", "Auto")
@@ -37,7 +40,7 @@ TOKEN_SUFFIXES = frozenset({".pt", ".pth", ".npy"})
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
-class PromptError(ValueError):
+class PromptError(LevoInferError):
     """A prompt file or prompt field is unusable; the message says which and why."""
 
 
@@ -48,7 +51,8 @@ def language_of(text: str | None) -> str:
     return "zh" if len(_CJK.findall(text)) / len(text) >= 0.2 else "en"
 
 
-def check_prompt_tokens(t: Any, *, code_depth: int = 3, code_size: int = 16384, source: str = "prompt") -> torch.Tensor:
+def check_prompt_tokens(t: Any, *, code_depth: int = len(STREAMS), code_size: int = CODE_SIZE,
+                        source: str = "prompt") -> torch.Tensor:
     """Validate prompt tokens: an integer tensor/array [K, T] or [1, K, T] -> LongTensor [K, T]."""
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(t)
@@ -69,7 +73,7 @@ def check_prompt_tokens(t: Any, *, code_depth: int = 3, code_size: int = 16384, 
     return t
 
 
-def load_prompt_tokens(path: str | os.PathLike, *, code_depth: int = 3, code_size: int = 16384) -> torch.Tensor:
+def load_prompt_tokens(path: str | os.PathLike, *, code_depth: int = len(STREAMS), code_size: int = CODE_SIZE) -> torch.Tensor:
     """Read a prompt token file (``.pt`` / ``.npy``) -> LongTensor [K, T]; see the module docstring."""
     p = Path(path)
     suffix = p.suffix.lower()
@@ -111,7 +115,8 @@ class AutoPromptLibrary:
         self.source = source
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, code_depth: int = 3, code_size: int = 16384) -> AutoPromptLibrary:
+    def load(cls, path: str | os.PathLike, *, code_depth: int = len(STREAMS), code_size: int = CODE_SIZE
+             ) -> AutoPromptLibrary:
         """Read a released prompt library (``ckpt/prompt.pt`` or ``tools/new_auto_prompt.pt``)."""
         p = Path(path)
         if not p.is_file():

@@ -29,6 +29,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .jsonio import dumps as strict_dumps
+from .lyrics import STRUCTURE_TAGS as LYRIC_TAGS  # the lyric tokenizer's added tokens are the structure tags
+from .styles import MUSICALITY_TAGS, STYLE_TAGS_V2
 
 __all__ = [
     "LYRIC_TAGS",
@@ -41,17 +43,6 @@ __all__ = [
     "qwen2_files",
 ]
 
-LYRIC_TAGS: tuple[str, ...] = (
-    "[verse]", "[chorus]", "[bridge]", "[intro-short]", "[intro-medium]", "[intro-long]",
-    "[outro-short]", "[outro-medium]", "[outro-long]", "[inst-short]", "[inst-medium]",
-    "[inst-long]", "[silence]",
-)
-STYLE_TAGS_V2: tuple[str, ...] = (
-    "[Musicality-very-high]", "[Musicality-high]", "[Musicality-medium]", "[Musicality-low]",
-    "[Musicality-very-low]", "[Pure-Music]",
-)
-#: the five musicality tier tags of v2 styles, best first (the rest of :data:`STYLE_TAGS_V2` is ``[Pure-Music]``)
-MUSICALITY_TAGS: tuple[str, ...] = STYLE_TAGS_V2[:5]
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -232,7 +232,7 @@ def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
     """An export as an fp32 LeLM in eval mode, refused unless it speaks the toy world's codes."""
     import torch
 
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
     from levo_train.toy.world import TOY_CODE_SIZE
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

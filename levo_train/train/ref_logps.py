@@ -105,7 +105,7 @@ def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_
     for the export ``model_path`` (fp32, as the DPO module holds the reference)."""
     import torch
 
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
     from levo_train.data.pairs import write_ref_logps
     from levo_train.fingerprint import model_fingerprint
 
@@ -140,7 +140,7 @@ def ensure_ref_logps(folders: Sequence[str | os.PathLike], model_path: str | os.
 
     import torch
 
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
     from levo_infer.config import load_config
     from levo_train.data.pairs import REF_LOGPS_FORMAT, read_ref_logps, write_ref_logps
     from levo_train.data.shards import ShardError

@@ -43,21 +43,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from ..errors import LevoInferError
 from ..integrity import IntegrityError, verify_torch_zip
+from ..safe_load import torch_load
+from ..tokens import DECODE_MODES, SILENT_BGM_CODE, SILENT_VOCAL_CODE  # the silent codes of codec_facts §1
+from .flow import FlowDecoder
+from .vae import OobleckDecoder, VAEConfig
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 48000
-FRAME_RATE = 25
 WINDOW = 1000         # latent frames per window (the estimator's learned positions)
 CONTEXT = 250         # in-context frames a window takes from the previous one
 HOP = WINDOW - CONTEXT
 CROSSFADE = 480_000   # samples (10 s)
-from ..generate import SILENT_BGM_CODE as SILENT_BGM  # noqa: E402 - the silent codes of codec_facts §1
-from ..generate import SILENT_VOCAL_CODE as SILENT_VOCAL  # noqa: E402
-
-DECODE_MODES = ("mixed", "vocal", "bgm")
 
 #: the released runtime layout under a codec folder
 SEPTOKEN_FILE = Path("model_septoken") / "model_2.safetensors"
@@ -65,7 +66,7 @@ VAE_JSON = Path("vae") / "stable_audio_1920_vae.json"
 VAE_CKPT = Path("vae") / "autoencoder_music_1320k.ckpt"
 
 
-class CodecError(ValueError):
+class CodecError(LevoInferError):
     """Codec files or decode input that cannot be used (which file / key / value, what was expected)."""
 
 
@@ -239,9 +240,9 @@ class Decoder:
         silent code in a single-stream mode, each tiled to the window layout."""
         cv, cb = tokens[:, 1], tokens[:, 2]
         if mode == "vocal":
-            cb = torch.full_like(cb, SILENT_BGM)
+            cb = torch.full_like(cb, SILENT_BGM_CODE)
         elif mode == "bgm":
-            cv = torch.full_like(cv, SILENT_VOCAL)
+            cv = torch.full_like(cv, SILENT_VOCAL_CODE)
         return tile_codes(cv), tile_codes(cb)
 
     def _check_noise(self, noise: Sequence[torch.Tensor], B: int, K: int, what: str) -> None:
@@ -375,10 +376,6 @@ def find_codec_dir(model_dir: str | os.PathLike) -> Path | None:
 
 
 def _load_septoken(path: Path, *, heads: int, dtype: torch.dtype) -> tuple[Any, int]:
-    from safetensors import safe_open
-
-    from .flow import FlowDecoder
-
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001 - not a safetensors file, truncated header, I/O error
@@ -414,9 +411,6 @@ def _load_septoken(path: Path, *, heads: int, dtype: torch.dtype) -> tuple[Any, 
 
 
 def _load_vae(json_path: Path, ckpt_path: Path, *, dtype: torch.dtype) -> tuple[Any, int]:
-    from ..safe_load import torch_load
-    from .vae import OobleckDecoder, VAEConfig
-
     try:
         cfg = VAEConfig.from_json(json_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -468,6 +462,6 @@ def load_decoder(ckpt_dir: str | os.PathLike, *, device: str | torch.device = "c
     return Decoder(flow=flow, vae=vae, ignored={"septoken": ign_flow, "vae": ign_vae}).to(device)
 
 
-__all__ = ["CONTEXT", "CROSSFADE", "DECODE_MODES", "HOP", "SAMPLE_RATE", "SILENT_BGM", "SILENT_VOCAL", "WINDOW",
+__all__ = ["CONTEXT", "CROSSFADE", "DECODE_MODES", "HOP", "SAMPLE_RATE", "WINDOW",
            "CodecError", "Decoder", "crossfade_join", "find_codec_dir", "is_codec_dir", "load_decoder", "n_windows",
            "output_samples", "song_groups", "strict_fp32", "tile_codes", "tiled_length"]

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import LevoInferError
+
 #: the encoder's sample rate (input) and the MusicFM rate (after 48 k -> 24 k)
 SAMPLE_RATE = 48000
 MUSICFM_RATE = 24000
@@ -33,7 +35,7 @@ N_FFT, HOP, N_MELS = 2048, 240, 128
 MAX_KERNEL_TAPS = 1 << 22
 
 
-class ResampleError(ValueError):
+class ResampleError(LevoInferError):
     """A sample rate the resampler refuses (not a positive integer, or an unreasonable ratio)."""
 
 
@@ -136,7 +138,7 @@ def log_mel(x: torch.Tensor, window: torch.Tensor, fb: torch.Tensor) -> torch.Te
 
 
 # ----------------------------------------------------------------------------- files
-class AudioError(ValueError):
+class AudioError(LevoInferError):
     """An audio file or waveform that cannot be encoded (the message names it and what is wrong)."""
 
 
@@ -164,7 +166,7 @@ def check_waveform(x: torch.Tensor, what: str, *, stereo: bool = True) -> torch.
 def read_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
     """An audio file (anything libsndfile reads: wav, flac, ogg, mp3, ...) as float32 ``[C, N]`` and its
     sample rate; :class:`AudioError` naming the file when it is not audio or holds no samples."""
-    import soundfile as sf
+    import soundfile as sf  # soundfile (libsndfile): only when audio is read or written
 
     p = Path(path)
     if not p.is_file():
@@ -199,7 +201,7 @@ def write_flac(wav: torch.Tensor, sample_rate: int, path: str | os.PathLike) -> 
     ``path``. Returns the clipped-sample count: the sample values (each channel counted) beyond full
     scale, ``|x| > 1``, which the 24-bit file holds at full scale instead. A waveform with NaN or
     infinite samples is refused (:class:`AudioError` naming the first), nothing is written."""
-    import soundfile as sf
+    import soundfile as sf  # soundfile (libsndfile): only when audio is read or written
 
     path = Path(path)
     x = check_waveform(wav.detach().cpu(), str(path), stereo=False)

@@ -53,31 +53,37 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
 
+from ..config import ConfigError, resolve_file_config
+from ..errors import LevoInferError
+from ..tokens import FRAME_RATE, STREAMS
 from . import dsp
 from .decoder import SEPTOKEN_FILE, CodecError
 from .musicfm import CHUNK, FRAMES_PER_CHUNK, MusicFMTokenizer
+from .separate import stems
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = dsp.SAMPLE_RATE
-FRAME_RATE = 25
 PEAK = 0.8
 #: the released runtime layout of the encoder's files under a codec folder (``ckpt/``)
 MIXED_FILE = Path("model_1rvq") / "model_2_fixed.safetensors"
 ENCODER_FILES = {"mixed": MIXED_FILE, "separate": SEPTOKEN_FILE}
-#: stream -> (tokenizer file, ``hidden_states`` index taken, quantizer) (``encoder_facts.md`` §2.4 step 6)
-STREAMS: dict[str, tuple[str, int, str]] = {
-    "mixed": ("mixed", 6, "rvq_bestrq_emb"),
-    "vocal": ("separate", 7, "rvq_bestrq_emb"),
-    "bgm": ("separate", 3, "rvq_bestrq_bgm_emb"),
-}
+#: stream (in :data:`~levo_infer.tokens.STREAMS` order: mixed, vocal, bgm) -> (tokenizer file,
+#: ``hidden_states`` index taken, quantizer) (``encoder_facts.md`` §2.4 step 6)
+STREAM_SOURCES: dict[str, tuple[str, int, str]] = dict(zip(STREAMS, (
+    ("mixed", 6, "rvq_bestrq_emb"),
+    ("separate", 7, "rvq_bestrq_emb"),
+    ("separate", 3, "rvq_bestrq_bgm_emb"),
+)))
 #: the released conformer's head count (``w2v2_config.json``); the files do not record it
 DEFAULT_HEADS = 16
 INV_FREQ_KEY = "bestrq.model.conformer.embed_positions.inv_freq"
 
 
-class EncoderError(ValueError):
+class EncoderError(LevoInferError):
     """An encoder spec, checkout or encode input that cannot be used."""
 
 
@@ -170,7 +176,7 @@ class NativeEncoder:
         return self
 
     def tokenizer(self, stream: str) -> MusicFMTokenizer:
-        return self.mixed if STREAMS[stream][0] == "mixed" else self.separate
+        return self.mixed if STREAM_SOURCES[stream][0] == "mixed" else self.separate
 
     # -- input ------------------------------------------------------------------------
     def check_song(self, full: torch.Tensor, vocal: torch.Tensor | None, bgm: torch.Tensor | None,
@@ -207,7 +213,7 @@ class NativeEncoder:
 
     def _encode_checked(self, checked: list[Song]) -> list[torch.Tensor]:
         rows: list[dict[str, torch.Tensor]] = [{} for _ in checked]
-        for stream, (_, layer, quantizer) in STREAMS.items():
+        for stream, (_, layer, quantizer) in STREAM_SOURCES.items():
             col = 0 if stream == "mixed" else 1 if stream == "vocal" else 2
             monos = {}
             for i, s in enumerate(checked):
@@ -227,7 +233,7 @@ class NativeEncoder:
                     codes[i].append(c)
             for i, parts in codes.items():
                 rows[i][stream] = torch.cat(parts)[: frames_for(monos[i].shape[-1])]
-        return [torch.stack([r[s] for s in STREAMS if s in r]).long() for r in rows]
+        return [torch.stack([r[s] for s in STREAM_SOURCES if s in r]).long() for r in rows]
 
     def encode(self, mix: torch.Tensor, vocal: torch.Tensor | None = None,
                bgm: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,8 +256,6 @@ class NativeEncoder:
         """An audio file (any rate libsndfile reads, resampled to 48 kHz; mono duplicated) -> ``[1, 3, T]``,
         its stems from :attr:`separator` (vocal = its output, bgm = full − vocal). ``max_seconds``:
         separate the whole file, then keep only its start (the released prompt path: 10 s -> 251 frames)."""
-        from .separate import stems
-
         if self.separator is None:
             raise EncoderError(f"{path}: encoding a file needs a separator for its vocal/bgm stems "
                                "(load_encoder(..., separator=DemucsSeparator.from_path(...)))")
@@ -268,8 +272,8 @@ def file_plan() -> dict[str, tuple[list[str], int]]:
     """Per tokenizer file: the quantizers its streams use and how many conformer blocks they need."""
     plan = {}
     for name in ENCODER_FILES:
-        streams = [s for s, v in STREAMS.items() if v[0] == name]
-        plan[name] = (list(dict.fromkeys(STREAMS[s][2] for s in streams)), max(STREAMS[s][1] for s in streams))
+        streams = [s for s, v in STREAM_SOURCES.items() if v[0] == name]
+        plan[name] = (list(dict.fromkeys(STREAM_SOURCES[s][2] for s in streams)), max(STREAM_SOURCES[s][1] for s in streams))
     return plan
 
 
@@ -277,8 +281,6 @@ def _load_tokenizer(path: Path, *, quantizers: Sequence[str], depth: int, heads:
                     dtype: torch.dtype) -> tuple[MusicFMTokenizer, int]:
     """The tokenizer of one released file with ``depth`` conformer blocks; every tensor it reads
     checked by name and shape, the others counted."""
-    from safetensors import safe_open
-
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001 - not a safetensors file, truncated header, I/O error
@@ -373,9 +375,6 @@ class SongGenerationEncoder:
         self.root = Path(root).resolve()
         if not (self.root / "codeclm").is_dir():
             raise EncoderError(f"songgeneration:{root}: not a SongGeneration checkout (no codeclm/ package)")
-        from omegaconf import OmegaConf
-
-        from ..config import ConfigError, resolve_file_config
 
         try:  # resolved here, through the bounded eval / in-folder load_yaml only (a file handed to us)
             self.cfg = resolve_file_config(OmegaConf.load(str(config)), where=str(config), folder=Path(config).parent)
@@ -445,6 +444,6 @@ def load_encoder(source: str | os.PathLike, *, device: str | torch.device = "cpu
     return load_native_encoder(spec, device=device, dtype=dtype, heads=heads, separator=separator)
 
 
-__all__ = ["DEFAULT_HEADS", "ENCODER_FILES", "FRAME_RATE", "MIXED_FILE", "PEAK", "SAMPLE_RATE", "STREAMS", "Encoder",
+__all__ = ["DEFAULT_HEADS", "ENCODER_FILES", "FRAME_RATE", "MIXED_FILE", "PEAK", "SAMPLE_RATE", "STREAM_SOURCES", "Encoder",
            "EncoderError", "NativeEncoder", "SongGenerationEncoder", "chunks_needed", "frames_for", "load_encoder",
            "load_native_encoder", "peak_normalise", "tiled_chunk"]

@@ -25,14 +25,18 @@ deterministic; the caller's ``random`` state is restored afterwards.
 from __future__ import annotations
 
 import fractions
+import inspect
 import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+import yaml
 
+from ..errors import LevoInferError
 from . import dsp
 
 PTH_NAME, YAML_NAME = "htdemucs.pth", "htdemucs.yaml"
@@ -42,7 +46,7 @@ BUNDLE_DEMUCS = Path("third_party") / "demucs" / "ckpt"
 INSTALL_HINT = "pip install 'levo-train[separate]' (the demucs-infer package: Demucs without torchaudio)"
 
 
-class SeparatorError(ValueError):
+class SeparatorError(LevoInferError):
     """A separation model that cannot be loaded, or a separator whose output is unusable."""
 
 
@@ -73,8 +77,6 @@ def stems(full: torch.Tensor, vocal: torch.Tensor | None = None, bgm: torch.Tens
             raise SeparatorError(f"{what}: the separator failed ({type(e).__name__}: {e})") from e
         if not isinstance(out, torch.Tensor):
             try:
-                import numpy as np
-
                 out = torch.from_numpy(np.array(out, dtype=np.float32))
             except (TypeError, ValueError) as e:
                 raise SeparatorError(f"{what}: the separator returned {type(out).__name__}, expected a waveform "
@@ -109,6 +111,7 @@ class _Inert:
 def _read_package(pth: Path) -> dict[str, Any]:
     """The demucs package dict, read weights-only with every global mapped to an inert stand-in
     (``fractions.Fraction``, a plain number type, is kept)."""
+    # torch >= 2.5 has these; imported here so that levo_infer loads on the torch 2.4 it supports
     from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
     try:
@@ -142,7 +145,7 @@ def _plain(value: Any) -> bool:
 
 def load_htdemucs(pth: str | os.PathLike, yaml_path: str | os.PathLike | None = None) -> Any:
     """``demucs_infer`` HTDemucs (eval mode) from a released ``htdemucs.pth`` (+ its ``htdemucs.yaml``)."""
-    try:
+    try:  # demucs-infer: the optional `separate` extra
         from demucs_infer.htdemucs import HTDemucs
     except ImportError as e:
         raise SeparatorError(f"the default separator (htdemucs) needs demucs-infer: {INSTALL_HINT} ({e})") from None
@@ -150,8 +153,6 @@ def load_htdemucs(pth: str | os.PathLike, yaml_path: str | os.PathLike | None = 
     if not pth.is_file():
         raise SeparatorError(f"{pth}: no such separation model file")
     if yaml_path is not None:
-        import yaml
-
         try:
             bag = yaml.safe_load(Path(yaml_path).read_text())
         except (OSError, yaml.YAMLError) as e:
@@ -173,7 +174,6 @@ def load_htdemucs(pth: str | os.PathLike, yaml_path: str | os.PathLike | None = 
     state = pkg["state"]
     if not isinstance(state, dict) or state.get("__quantized"):
         raise SeparatorError(f"{pth}: a quantized (diffq) or malformed state; expected a plain state dict")
-    import inspect
 
     sig = inspect.signature(HTDemucs)
     dropped = sorted(k for k in kwargs if k not in sig.parameters)
@@ -233,7 +233,7 @@ class DemucsSeparator:
 
     @torch.no_grad()
     def __call__(self, wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        from demucs_infer.apply import apply_model
+        from demucs_infer.apply import apply_model  # demucs-infer: the optional `separate` extra
 
         x = dsp.check_waveform(torch.as_tensor(wave), "separator input")
         N = x.shape[-1]

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import LevoInferError
+
 __all__ = [
     "ChunkSpan", "DecoderBlock", "OobleckDecoder", "ResidualUnit", "SnakeBeta", "VAEConfig",
     "VAEConfigError", "VAEStateError", "WNConv1d", "WNConvTranspose1d", "chunk_schedule",
@@ -46,11 +48,11 @@ SNAKE_EPS = 1e-9
 RESIDUAL_DILATIONS = (1, 3, 9)
 
 
-class VAEConfigError(ValueError):
+class VAEConfigError(LevoInferError):
     """A VAE json (or VAEConfig) that is not the Oobleck/VAE decoder implemented here."""
 
 
-class VAEStateError(ValueError):
+class VAEStateError(LevoInferError):
     """VAE weights that do not fit the decoder built from the config (names the key and the shape)."""
 
 
