@@ -14,6 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from levo_infer.jsonl import JsonlError, jsonl_lines
+from levo_infer.model import LyricTooLong
+from levo_infer.prompts import AutoPromptLibrary, PromptError
+from levo_infer.request import RequestError, RequestOptions, parse_request
+from levo_train.data.pairs import condition_key, decode_pair
+from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards
 from levo_train.rollout import Prompt
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
@@ -28,12 +36,6 @@ def prompts_from_jsonl(path: Path, model: Any, *, auto_prompt_file: str | None =
     """Prompts of a released-format JSONL file, read by the one JSONL reader and parsed by levo-infer's
     request parser (lyric findings and lyrics longer than the model's lyric conditioner are errors);
     audio prompts cut/padded to the model's prompt length."""
-    import numpy as np
-
-    from levo_infer.jsonl import JsonlError, jsonl_lines
-    from levo_infer.prompts import AutoPromptLibrary, PromptError
-    from levo_infer.request import RequestError, RequestOptions, parse_request
-
     if not path.is_file():
         raise FileNotFoundError(f"{setting} {path}: not found")
     library = None
@@ -81,10 +83,6 @@ def prompts_from_shards(paths: Sequence[str], code_size: int, *, setting: str = 
     """Each distinct (lyric, style, prompt) of song or pair shards once, keyed by its first record;
     ``lyric_fit`` (:meth:`levo_infer.model.LeLM.lyric_fit`): a lyric that does not fit the model is an
     error naming the shard and the key."""
-    from levo_infer.model import LyricTooLong
-    from levo_train.data.pairs import condition_key, decode_pair
-    from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards
-
     out: list[Prompt] = []
     seen: set[str] = set()
     keys: dict[str, str] = {}

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from levo_infer.generate import generate
 from levo_train.data.shards import Song
 
 #: the seed stride between prompts' seed blocks (a prime, so blocks of different base seeds rarely meet)
@@ -163,8 +164,6 @@ def sample_and_score(
     index in ``prompts``, so a song does not depend on the chunking. Prompts with audio prompts of
     different lengths (or none) are generated in separate batches (a batch holds one kind).
     """
-    from levo_infer.generate import generate
-
     rank, world = shard
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from levo_train.data.datamodule import SongDataModule, collate_songs, epoch_order
+from levo_train.data.batch import collate_songs
+from levo_train.data.datamodule import SongDataModule, epoch_order
 from levo_train.data.shards import ShardError, ShardWriter, Song, iter_songs
 from levo_train.toy.world import TOY_CODE_SIZE, write_toy_dataset
 

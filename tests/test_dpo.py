@@ -24,9 +24,9 @@ from levo_infer.checkpoint import load_weights, save_released
 from levo_infer.config import load_config
 from levo_infer.model import LeLM
 from levo_train.cli import main
+from levo_train.data.datamodule import PairDataModule
 from levo_train.data.pairs import (
     Pair,
-    PairDataModule,
     PairWriter,
     collate_pairs,
     decode_pair,
@@ -34,7 +34,8 @@ from levo_train.data.pairs import (
 )
 from levo_train.data.shards import ShardError, ShardWriter, Song, iter_raw
 from levo_train.fingerprint import model_fingerprint
-from levo_train.train.dpo import DPOModule, pair_logps
+from levo_train.train.dpo import DPOModule
+from levo_train.train.logps import pair_logps
 
 TOY_PAIRS = ["data.toy_pairs.n_train=200", "data.toy_pairs.n_val=64", "data.toy_pairs.max_frames=48"]
 LYRICS = ["[verse] love . night", "[verse] la da ; [chorus] happy . love", "[verse] rock , pop . sad"]

@@ -136,7 +136,7 @@ def test_reference_kinds(tiny_model):
     batch = {"chosen": torch.randint(0, 16, (2, 3, 6), generator=g), "rejected": torch.randint(0, 16, (2, 3, 5), generator=g),
              "chosen_lengths": torch.tensor([6, 4]), "rejected_lengths": torch.tensor([5, 5]),
              "lyrics": ["la da", "love"], "styles": ["rock", None], "prompts": None}
-    from levo_train.train.dpo import pair_conditions
+    from levo_train.train.logps import pair_conditions
 
     ref_full = full.reference_logps(batch, pair_conditions(full.model, batch))
     ref_lora = lora.reference_logps(batch, pair_conditions(lora.model, batch))

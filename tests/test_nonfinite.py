@@ -17,7 +17,8 @@ from conftest import tiny_config
 from payloads import resign_tar
 
 from levo_infer.jsonio import NonFiniteJSONError, dumps, write_json_atomic
-from levo_train.data.pairs import REF_LOGPS_FORMAT, PairDataModule, PairWriter, read_ref_logps
+from levo_train.data.datamodule import PairDataModule
+from levo_train.data.pairs import REF_LOGPS_FORMAT, PairWriter, read_ref_logps
 from levo_train.data.shards import ShardError, ShardWriter, Song
 
 LYRIC = "[verse] love . night"

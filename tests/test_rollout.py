@@ -109,7 +109,7 @@ def make(world_seed=0):
 def test_toy_pairs_ranked_by_another_scorer(tmp_path, monkeypatch, toy_sft_export):
     """data.toy_pairs.scorer: the same sampled candidates, ranked by the given scorer (here one that
     inverts the oracle), with the hidden scores kept beside; the cache key follows the scorer."""
-    from levo_train.data.pairs import PairDataModule
+    from levo_train.data.datamodule import PairDataModule
     from levo_train.scorers import load_scorer
     from levo_train.toy.pairs import ToyPairSpec, toy_pairs_name, write_toy_pairs
 

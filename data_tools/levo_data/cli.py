@@ -20,6 +20,7 @@ from levo_data.prefs import PREF_COMMANDS
 from levo_infer.commands import Command, add_commands, run_command
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.tokens import CODE_SIZE
+from levo_train.data.pairs import decode_pair, read_ref_logps
 from levo_train.data.shards import ShardError, decode_song, iter_raw, resolve_shards, shard_sizes
 from levo_train.toy.world import write_toy_dataset
 
@@ -80,8 +81,6 @@ def _validate_run(args: argparse.Namespace) -> int:
         shards = resolve_shards(args.paths)
         for d in dict.fromkeys(os.path.dirname(os.path.abspath(s)) for s in shards):
             if os.path.isfile(os.path.join(d, "ref_logps.json")):
-                from levo_train.data.pairs import read_ref_logps  # imports Lightning: only for pair folders
-
                 read_ref_logps(d)  # checks its embedded digest
                 report.setdefault("ref_logps", []).append(d)
         expected = shard_sizes(shards)
@@ -94,8 +93,6 @@ def _validate_run(args: argparse.Namespace) -> int:
                     report["verified" if raw["__verified__"] else "unverified"] += 1
                 try:
                     if "chosen.npy" in raw:  # a pair record
-                        from levo_train.data.pairs import decode_pair  # imports Lightning: only then
-
                         decode_pair(raw, code_size=args.code_size, shard=shard)
                     else:
                         decode_song(raw, code_size=args.code_size, shard=shard)

@@ -43,8 +43,10 @@ from levo_infer.commands import Command, add_commands
 from levo_infer.config import config_differences, load_config
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.tokens import CODE_SIZE
+from levo_train.data.pairs import PairWriter, condition_key, pair_meta, select_pair, song_score, song_scores
 from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards
 from levo_train.locking import locks_output
+from levo_train.toy.pairs import ToyPairSpec, write_toy_pairs
 from levo_train.train.ref_logps import (  # reference log-probs: the DPO step's own definition
     compute_ref_logps,
     iter_pairs,
@@ -74,15 +76,6 @@ def pairs_from_candidates(candidates: Sequence[str | os.PathLike], out: str | os
     selected per condition group (:func:`levo_train.data.pairs.select_pair`). Pass 2 re-reads the
     shards and writes each pair as soon as both of its songs have been seen.
     """
-    from levo_train.data.pairs import (  # imports Lightning: only when pairs are built
-        PairWriter,
-        condition_key,
-        pair_meta,
-        select_pair,
-        song_score,
-        song_scores,
-    )
-
     dims = [str(d) for d in dimensions]
     if not dims:
         raise ValueError("no preference dimension given")
@@ -150,8 +143,6 @@ def toy_pairs(out: str | os.PathLike, *, world_seed: int = 0, model: str | os.Pa
     """Toy pairs into ``out/train`` and ``out/val``: world renderings (``model`` None) or the
     model's own samples, scored by the hidden scores. Keywords are :class:`ToyPairSpec` fields
     (None: the default)."""
-    from levo_train.toy.pairs import ToyPairSpec, write_toy_pairs  # imports Lightning: only for toy pairs
-
     check_output_folder(out, "pairs", command="pairs")
     fields = {k: v for k, v in kw.items() if v is not None}
     spec = ToyPairSpec(source="world" if model is None else "model", **fields)

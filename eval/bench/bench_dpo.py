@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import add_model_args, bench_config, make_batch  # noqa: E402
 
-from levo_train.train.dpo import DPOModule, pair_logps  # noqa: E402
+from levo_train.train.dpo import DPOModule  # noqa: E402
 from levo_train.train.lm import LMModule  # noqa: E402
+from levo_train.train.logps import pair_logps  # noqa: E402
 
 
 def to_device(batch: dict, dev: torch.device) -> dict:

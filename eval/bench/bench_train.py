@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from levo_infer.config import make_config
 from levo_infer.model import LeLM, apply_rope, rope_cos_sin
 from levo_infer.pattern import build_delayed
+from levo_infer.tokens import append_eos
 from levo_train.train.lm import LMModule
-from levo_train.train.logps import append_eos
 
 
 def eager_stack(stack, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from levo_infer.config import ConfigError
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.reward.evaluate import reward_eval
 from levo_train.rollout import Sampling, sample_and_score
+from levo_train.toy.pairs import heldout_prompts
 from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import TIER_CHOICES
 
@@ -68,8 +69,6 @@ def toy_samples(ckpt: str, *, n: int, seed: int, tier: str = "top", world_seed: 
                 top_p: float = 0.0, cfg_coef: float | None = None, device: str = "cpu") -> list[dict[str, Any]]:
     """Generate and score ``n`` songs for held-out conditions (:func:`levo_train.rollout.sample_and_score`
     with the toy world's hidden scores); one dict per song."""
-    from levo_train.toy.pairs import heldout_prompts  # imports Lightning: only when songs are sampled
-
     if tier not in TIER_CHOICES:
         raise UsageError(f"unknown --tier {tier!r}; choose from {', '.join(TIER_CHOICES)}")
     scorer = ToyOracleScorer(world_seed)

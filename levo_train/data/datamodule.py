@@ -39,65 +39,23 @@ record and process.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from levo_infer.model import LyricFit, LyricTooLong
+from levo_train.data.batch import collate_songs
+from levo_train.data.pairs import REF_LOGPS_NAME, Pair, RefEntry, collate_pairs, decode_pair, read_ref_logps
 from levo_train.data.shards import ShardError, Song, decode_song, iter_raw, resolve_shards, shard_sizes
 
-__all__ = ["SongDataModule", "append_eos", "collate_songs", "epoch_order"]
+__all__ = ["PairDataModule", "SongDataModule", "epoch_order"]
 
 log = logging.getLogger(__name__)
-
-
-def collate_songs(songs: Sequence[Song], code_size: int) -> dict[str, Any]:
-    """Collate songs into a batch dict.
-
-    ``codes`` LongTensor [B, 3, Tmax] right-padded with ``code_size + 1``; ``lengths`` [B];
-    ``prompts`` LongTensor [B, 3, Pmax] (``code_size + 1`` padded; all ``code_size + 1`` for songs
-    without one) or None when no song has a prompt; ``lyrics``, ``styles``, ``keys``, ``meta`` lists.
-    """
-    if not songs:
-        raise ValueError("cannot collate an empty list of songs")
-    pad = code_size + 1
-    lengths = [int(s.tokens.shape[1]) for s in songs]
-    codes = torch.full((len(songs), 3, max(lengths)), pad, dtype=torch.long)
-    for i, s in enumerate(songs):
-        codes[i, :, : lengths[i]] = torch.from_numpy(np.ascontiguousarray(s.tokens, dtype=np.int64))
-    prompts = None
-    if any(s.prompt is not None for s in songs):
-        p_len = max(int(s.prompt.shape[1]) for s in songs if s.prompt is not None)
-        prompts = torch.full((len(songs), 3, p_len), pad, dtype=torch.long)
-        for i, s in enumerate(songs):
-            if s.prompt is not None:
-                prompts[i, :, : s.prompt.shape[1]] = torch.from_numpy(
-                    np.ascontiguousarray(s.prompt, dtype=np.int64)
-                )
-    return {
-        "codes": codes,
-        "lengths": torch.tensor(lengths, dtype=torch.long),
-        "lyrics": [s.lyric for s in songs],
-        "styles": [s.style for s in songs],
-        "prompts": prompts,
-        "keys": [s.key for s in songs],
-        "meta": [s.meta for s in songs],
-    }
-
-
-def append_eos(codes: torch.Tensor, lengths: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
-    """[B, K, T] padded frames (a :func:`collate_songs` batch) -> [B, K, T+1] with EOS at each
-    song's length and pad after it: the targets an LM reads and predicts."""
-    B, K, T = codes.shape
-    out = torch.cat([codes, codes.new_full((B, K, 1), pad)], dim=2)
-    t = torch.arange(T + 1, device=codes.device)[None, None, :]
-    ln = lengths.to(codes.device)[:, None, None]
-    out = torch.where(t < ln, out, torch.full_like(out, pad))
-    return torch.where(t == ln, torch.full_like(out, eos), out)
 
 
 def epoch_order(
@@ -510,3 +468,75 @@ class SongDataModule(L.LightningDataModule):
         if self.val_spec is None:
             return []
         return self._loader(self._stream(self._val_shards(), train=False, batch_size=self.val_batch_size, start=0))
+
+
+class _PairStream(_SongStream):
+    """The song stream's exact-resume machinery, decoding pair records."""
+
+    def __init__(self, *, ref: dict[str, RefEntry] | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.ref = ref
+
+    def _decode(self, raw: dict, position: int) -> Pair | None:  # type: ignore[override]
+        try:
+            pair = decode_pair(raw, code_size=self.code_size)
+        except ShardError as e:
+            self._skip_bad(e)
+            return None
+        return pair if self._lyric_fits(pair) else None
+
+    def _batch(self, raws: list[tuple[int, dict]]) -> dict[str, Any]:
+        bad_before = self.n_bad
+        pairs = [p for p in (self._decode(raw, pos) for pos, raw in raws) if p is not None]
+        if not pairs:
+            raise ShardError(f"all {len(raws)} records of a batch are bad")
+        batch = collate_pairs(pairs, self.code_size, self.ref)
+        batch["n_bad"] = self.n_bad - bad_before
+        return batch
+
+
+class PairDataModule(SongDataModule):
+    """Deterministic, exactly resumable batches of preference pairs (see :class:`SongDataModule`).
+
+    ``use_ref_logps``: attach the precomputed reference log-probs found beside the shards
+    (required; an error says how to make them when absent) and check they were computed by
+    ``ref_fingerprint`` when given.
+    """
+
+    stream_cls = _PairStream
+
+    def __init__(self, *a: Any, use_ref_logps: bool = False, ref_fingerprint: str | None = None,
+                 ref_stream_weights: Sequence[float] | None = None, **kw: Any) -> None:
+        if kw.get("max_frames") is not None:
+            raise ValueError("max_frames cropping is not allowed for pairs (it would change their log-probs)")
+        super().__init__(*a, **kw)
+        self.use_ref_logps = use_ref_logps
+        self.ref_fingerprint = ref_fingerprint
+        self.ref_stream_weights = list(ref_stream_weights) if ref_stream_weights is not None else None
+
+    def _ref_for(self, spec: Any) -> dict[str, RefEntry] | None:
+        if not self.use_ref_logps or spec is None:
+            return None
+        dirs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+        out: dict[str, RefEntry] = {}
+        for d in dirs:
+            path = Path(d) / REF_LOGPS_NAME
+            data = read_ref_logps(d)
+            if data is None:
+                raise FileNotFoundError(f"{path}: no precomputed reference log-probs; run "
+                                        f"`levo-data ref-logps --pairs {d} --model INIT_EXPORT` or use dpo.reference=model")
+            if self.ref_fingerprint is not None and data.get("model") != self.ref_fingerprint:
+                raise ShardError(f"reference log-probs were computed with model {data.get('model')!r}, but model.init "
+                                 f"is {self.ref_fingerprint!r} (another export): recompute them with `levo-data "
+                                 f"ref-logps --pairs {d} --model INIT_EXPORT`", shard=str(path))
+            have = [float(w) for w in data.get("stream_weights") or []]
+            want = self.ref_stream_weights if self.ref_stream_weights is not None else [1.0] * len(have)
+            if have and [float(w) for w in want] != have:
+                raise ShardError(f"reference log-probs were computed with stream weights {have}, training uses "
+                                 f"{want}: recompute them with `levo-data ref-logps --stream-weights ...`",
+                                 shard=str(path))
+            out.update(data["logps"])
+        return out
+
+    def stream_kwargs(self, train: bool) -> dict[str, Any]:
+        return {"ref": self._ref_for(self.train_spec if train else self.val_spec)}

@@ -37,7 +37,7 @@ import torch
 
 from levo_infer.integrity import json_digest
 from levo_infer.jsonio import dumps as strict_dumps
-from levo_train.data.datamodule import SongDataModule, _SongStream, collate_songs
+from levo_train.data.batch import collate_songs
 from levo_train.data.shards import (
     INDEX_NAME,
     ShardError,
@@ -339,78 +339,6 @@ def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, RefEntry
     return batch
 
 
-class _PairStream(_SongStream):
-    """The song stream's exact-resume machinery, decoding pair records."""
-
-    def __init__(self, *, ref: dict[str, RefEntry] | None = None, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.ref = ref
-
-    def _decode(self, raw: dict, position: int) -> Pair | None:  # type: ignore[override]
-        try:
-            pair = decode_pair(raw, code_size=self.code_size)
-        except ShardError as e:
-            self._skip_bad(e)
-            return None
-        return pair if self._lyric_fits(pair) else None
-
-    def _batch(self, raws: list[tuple[int, dict]]) -> dict[str, Any]:
-        bad_before = self.n_bad
-        pairs = [p for p in (self._decode(raw, pos) for pos, raw in raws) if p is not None]
-        if not pairs:
-            raise ShardError(f"all {len(raws)} records of a batch are bad")
-        batch = collate_pairs(pairs, self.code_size, self.ref)
-        batch["n_bad"] = self.n_bad - bad_before
-        return batch
-
-
-class PairDataModule(SongDataModule):
-    """Deterministic, exactly resumable batches of preference pairs (see :class:`SongDataModule`).
-
-    ``use_ref_logps``: attach the precomputed reference log-probs found beside the shards
-    (required; an error says how to make them when absent) and check they were computed by
-    ``ref_fingerprint`` when given.
-    """
-
-    stream_cls = _PairStream
-
-    def __init__(self, *a: Any, use_ref_logps: bool = False, ref_fingerprint: str | None = None,
-                 ref_stream_weights: Sequence[float] | None = None, **kw: Any) -> None:
-        if kw.get("max_frames") is not None:
-            raise ValueError("max_frames cropping is not allowed for pairs (it would change their log-probs)")
-        super().__init__(*a, **kw)
-        self.use_ref_logps = use_ref_logps
-        self.ref_fingerprint = ref_fingerprint
-        self.ref_stream_weights = list(ref_stream_weights) if ref_stream_weights is not None else None
-
-    def _ref_for(self, spec: Any) -> dict[str, RefEntry] | None:
-        if not self.use_ref_logps or spec is None:
-            return None
-        dirs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-        out: dict[str, RefEntry] = {}
-        for d in dirs:
-            path = Path(d) / REF_LOGPS_NAME
-            data = read_ref_logps(d)
-            if data is None:
-                raise FileNotFoundError(f"{path}: no precomputed reference log-probs; run "
-                                        f"`levo-data ref-logps --pairs {d} --model INIT_EXPORT` or use dpo.reference=model")
-            if self.ref_fingerprint is not None and data.get("model") != self.ref_fingerprint:
-                raise ShardError(f"reference log-probs were computed with model {data.get('model')!r}, but model.init "
-                                 f"is {self.ref_fingerprint!r} (another export): recompute them with `levo-data "
-                                 f"ref-logps --pairs {d} --model INIT_EXPORT`", shard=str(path))
-            have = [float(w) for w in data.get("stream_weights") or []]
-            want = self.ref_stream_weights if self.ref_stream_weights is not None else [1.0] * len(have)
-            if have and [float(w) for w in want] != have:
-                raise ShardError(f"reference log-probs were computed with stream weights {have}, training uses "
-                                 f"{want}: recompute them with `levo-data ref-logps --stream-weights ...`",
-                                 shard=str(path))
-            out.update(data["logps"])
-        return out
-
-    def stream_kwargs(self, train: bool) -> dict[str, Any]:
-        return {"ref": self._ref_for(self.train_spec if train else self.val_spec)}
-
-
 def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[str, RefEntry],
                     stream_weights: Sequence[float]) -> Path:
     """Write ``ref_logps.json`` (atomically): ``{key: (chosen, rejected, pair digest)}`` under the
@@ -423,6 +351,6 @@ def write_ref_logps(pairs_dir: str | os.PathLike, fingerprint: str, logps: dict[
     return p
 
 
-__all__ = ["PAIR_FORMAT", "REF_LOGPS_FORMAT", "REF_LOGPS_NAME", "Pair", "PairWriter", "PairDataModule", "RefEntry",
+__all__ = ["PAIR_FORMAT", "REF_LOGPS_FORMAT", "REF_LOGPS_NAME", "Pair", "PairWriter", "RefEntry",
            "build_pairs", "collate_pairs", "condition_key", "decode_pair", "pair_digest", "pair_meta", "read_ref_logps", "read_index",
            "remove_stale_ref_logps", "select_pair", "song_scores", "write_ref_logps"]

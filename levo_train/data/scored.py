@@ -17,10 +17,8 @@ import numpy as np
 import torch
 
 from levo_train.data.datamodule import SongDataModule, _SongStream
-from levo_train.data.shards import ShardError, Song, iter_songs, resolve_shards
+from levo_train.data.shards import OVERALL, ShardError, Song, iter_songs, resolve_shards
 
-#: the overall score's name: ``scores["overall"]`` of a song, the last output of a reward model
-OVERALL = "overall"
 #: where the stream leaves each song's targets between decoding and collation
 _TARGETS = "__reward_targets__"
 

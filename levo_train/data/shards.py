@@ -51,6 +51,7 @@ from levo_infer.lyrics import LyricError, split_sections
 
 __all__ = [
     "INDEX_NAME",
+    "OVERALL",
     "SONG_FORMAT",
     "REQUIRED_MEMBERS",
     "ShardError",
@@ -79,6 +80,8 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 # tarfile add a PAX header to every member.
 _TAR_MTIME = 0
 #: the member holding a record's digest (:func:`record_digest`), 64 hex digits
+#: the overall score's name: ``scores["overall"]`` in a song's json, the last output of a reward model
+OVERALL = "overall"
 DIGEST_MEMBER = "sha256"
 #: webdataset's metadata members, skipped by readers
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from levo_train.data.pairs import PairDataModule
+from levo_train.data.datamodule import PairDataModule
 from levo_train.resume import ResumePoint
 from levo_train.scorers import load_scorer
 from levo_train.settings import UsageError, to_float, to_floats, to_strings, toy_cache_root, typed

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from levo_train.data.pairs import PairDataModule
+from levo_train.data.datamodule import PairDataModule
 from levo_train.data.scored import RewardDataModule, data_dimensions
 from levo_train.data.shards import ShardError, iter_raw, resolve_shards
 from levo_train.reward.model import POOLINGS, save_reward_model

@@ -54,9 +54,9 @@ from levo_infer.integrity import (
 from levo_infer.jsonio import write_json_atomic
 from levo_infer.model import Conditions, LeLM
 from levo_infer.safe_load import torch_load
-from levo_train.data.datamodule import append_eos, collate_songs
-from levo_train.data.scored import OVERALL
-from levo_train.data.shards import Song
+from levo_infer.tokens import append_eos
+from levo_train.data.batch import collate_songs
+from levo_train.data.shards import OVERALL, Song
 
 EXPORT_FORMAT = 1
 POOLINGS = ("mean", "attn", "mean_logp")

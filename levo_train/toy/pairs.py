@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from levo_infer import load_model
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_train.data.cache import build_once
 from levo_train.data.pairs import build_pairs
@@ -230,11 +232,6 @@ def write_toy_pairs(out_dir: str | os.PathLike, spec: ToyPairSpec = ToyPairSpec(
 
 def load_toy_model(export: str | os.PathLike, device: str | None = None) -> Any:
     """An export as an fp32 LeLM in eval mode, refused unless it speaks the toy world's codes."""
-    import torch
-
-    from levo_infer import load_model
-    from levo_train.toy.world import TOY_CODE_SIZE
-
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(export, device=dev, dtype=torch.float32)
     if model.cfg.lm.code_size != TOY_CODE_SIZE:

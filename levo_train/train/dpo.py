@@ -20,35 +20,8 @@ from levo_infer.model import Conditions, LeLM
 
 from .base import LeLMTrainModule
 from .dpo_loss import combined_dpo_loss
-from .logps import sequence_logps
+from .logps import pair_conditions, pair_logps
 from .reference import Reference, make_reference
-
-
-def cat_pairs(chosen: torch.Tensor, rejected: torch.Tensor, pad: int) -> torch.Tensor:
-    """[B,K,Tc] and [B,K,Tr] -> [2B, K, max(Tc,Tr)] (chosen first), right-padded with ``pad``."""
-    T = max(chosen.shape[2], rejected.shape[2])
-    pad_to = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[2]), value=pad)  # noqa: E731
-    return torch.cat([pad_to(chosen), pad_to(rejected)], dim=0)
-
-
-def pair_conditions(model: LeLM, batch: dict[str, Any]) -> Conditions:
-    """Conditions of the concatenated ``[chosen; rejected]`` batch: each pair's shared lyric, style
-    and prompt, tokenised once and repeated for both halves. No condition dropout (policy and
-    reference must see identical conditions)."""
-    cond = model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
-    return Conditions.cat([cond, cond])
-
-
-def pair_logps(model: LeLM, batch: dict[str, Any], cond2: Conditions | None = None, *,
-               stream_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and scored-token counts, each [2B] (chosen first), of a pair batch under
-    ``model`` in one forward; the single definition used by training and ``levo-data ref-logps``."""
-    cond2 = pair_conditions(model, batch) if cond2 is None else cond2
-    dev = model.device
-    codes = cat_pairs(batch["chosen"].to(dev), batch["rejected"].to(dev), model.pad_id)
-    lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]]).to(dev)
-    return sequence_logps(model, codes, lengths, cond2, stream_weights=stream_weights)
-
 
 #: where the DPO reference log-probs come from: a frozen copy of the init, or ref_logps.json beside the pairs
 REFERENCES = ("model", "precomputed")

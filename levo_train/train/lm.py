@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from levo_infer.config import ModelConfig
 from levo_infer.model import Conditions
-from levo_train.data.datamodule import append_eos
+from levo_infer.tokens import append_eos
 
 from .base import LeLMTrainModule
 

@@ -2,7 +2,7 @@
 
 ``ref_logps.json`` beside each pair shard folder holds ``{key: [chosen, rejected, digest]}``:
 summed log-probs under the DPO init, computed exactly as the DPO module computes them
-(:func:`levo_train.train.dpo.pair_logps`: one forward over ``[chosen; rejected]``, shared
+(:func:`levo_train.train.logps.pair_logps`: one forward over ``[chosen; rejected]``, shared
 conditions, no condition dropout, eval mode, no grad, fp32), and the digest of the pair they were
 computed for (:func:`levo_train.data.pairs.pair_digest`); plus the init's fingerprint and the
 stream weights. A DPO run with another init or other weights refuses the file, and every batch
@@ -12,20 +12,32 @@ ref-logps`` and ``levo-train recipe=dpo dpo.reference=precomputed`` (on toy pair
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from levo_infer import load_model
+from levo_infer.config import load_config
 from levo_infer.model import LeLM, LyricTooLong
+from levo_train.data.pairs import (
+    REF_LOGPS_FORMAT,
+    Pair,
+    RefEntry,
+    collate_pairs,
+    decode_pair,
+    pair_digest,
+    read_ref_logps,
+    write_ref_logps,
+)
 from levo_train.data.shards import ShardError, iter_raw, resolve_shards
-
-if TYPE_CHECKING:
-    from levo_train.data.pairs import Pair, RefEntry
+from levo_train.fingerprint import model_fingerprint
+from levo_train.train.logps import pair_logps
 
 
 def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
@@ -39,9 +51,6 @@ def pair_dirs(pairs: str | os.PathLike) -> list[Path]:
 
 def iter_pairs(folder: str | os.PathLike, *, code_size: int) -> Iterator[Pair]:
     """Validated pair records of every shard of ``folder`` in file order."""
-    # the pair modules import lightning (slow), and levo-data imports this module at its start
-    from levo_train.data.pairs import decode_pair
-
     for sh in resolve_shards(os.fspath(folder)):
         for raw in iter_raw(sh):
             yield decode_pair(raw, code_size=code_size, shard=sh)
@@ -61,12 +70,8 @@ def _batches(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
 def compute_ref_logps(model: LeLM, folder: str | os.PathLike, *, batch_size: int = 16,
                       stream_weights: Sequence[float] | None = None) -> dict[str, RefEntry]:
     """``{key: (chosen, rejected, pair digest)}``: summed reference log-probs of every pair in
-    ``folder``, computed by :func:`levo_train.train.dpo.pair_logps` (what the DPO module uses) in
+    ``folder``, computed by :func:`levo_train.train.logps.pair_logps` (what the DPO module uses) in
     eval mode without gradients."""
-    # lightning, through the pair and DPO modules: slow, see iter_pairs
-    from levo_train.data.pairs import collate_pairs, pair_digest
-    from levo_train.train.dpo import pair_logps
-
     model.eval()
     out: dict[str, RefEntry] = {}
     code_size = model.cfg.lm.code_size
@@ -103,12 +108,6 @@ def ref_logps(pairs: str | os.PathLike, model_path: str | os.PathLike, *, batch_
               stream_weights: Sequence[float] | None = None, device: str | None = None) -> dict[str, Any]:
     """Write ``ref_logps.json`` beside every shard folder of ``pairs`` (see :func:`pair_dirs`)
     for the export ``model_path`` (fp32, as the DPO module holds the reference)."""
-    import torch
-
-    from levo_infer import load_model
-    from levo_train.data.pairs import write_ref_logps
-    from levo_train.fingerprint import model_fingerprint
-
     folders = pair_dirs(pairs)
     mdir = Path(model_path)
     mdir = mdir.parent if mdir.is_file() else mdir
@@ -136,15 +135,6 @@ def ensure_ref_logps(folders: Sequence[str | os.PathLike], model_path: str | os.
     it), computed only where missing, of an older format or made with another model or stream
     weights. A lock file per folder makes concurrent callers (DDP ranks) compute it once. Returns
     the folders recomputed."""
-    import fcntl
-
-    import torch
-
-    from levo_infer import load_model
-    from levo_infer.config import load_config
-    from levo_train.data.pairs import REF_LOGPS_FORMAT, read_ref_logps, write_ref_logps
-    from levo_train.data.shards import ShardError
-    from levo_train.fingerprint import model_fingerprint
 
     fp = fingerprint or model_fingerprint(model_path)
     K = load_config(model_path).lm.code_depth
