@@ -149,7 +149,7 @@ def _export_args(argv: list[str]) -> dict[str, str] | str:
 def export_command(argv: list[str]) -> int:
     """``levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=NAME]``: consolidate a run's newest
     complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
-    from levo_train import export, resume  # lightning: a slow import that --help does not need
+    from levo_train import methods, resume  # lightning: a slow import that --help does not need
 
     args = _export_args(argv)
     if isinstance(args, str):
@@ -177,7 +177,7 @@ def export_command(argv: list[str]) -> int:
         ckpt = Path(rp.path)
     out = Path(args.get("out") or (Path(args["run_dir"]) / "export" if "run_dir" in args else ckpt.parent / "export"))
     try:
-        export.export_checkpoint(ckpt, out, dtype)
+        methods.export_checkpoint(ckpt, out, dtype)
     except (ValueError, FileNotFoundError) as e:  # ExportError, CheckpointError, ConfigError: each names its file
         print(f"levo-train export: error: {e if str(ckpt) in str(e) else f'{ckpt}: {e}'}", file=sys.stderr)
         return 2

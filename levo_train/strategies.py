@@ -178,10 +178,19 @@ def strategy_name(scfg: Any, trainer_strategy: Any) -> str:
     return name if name != "auto" else str(trainer_strategy)
 
 
+def uses_meta_init(scfg: Any, name: str) -> bool:
+    """Whether the policy is built on the meta device and each rank materialises only its shards
+    (``strategy=fsdp2`` and ``deepspeed_zero3``, unless ``strategy.meta_init=false``: every rank
+    then builds the whole model on the host first, as before)."""
+    if name not in ("fsdp2", "deepspeed_zero3"):
+        return False
+    return bool(scfg.get("meta_init", True)) if scfg is not None else True
+
+
 def is_sharding(name: str) -> bool:
     """Whether strategy ``name`` shards the model (FSDP2, any DeepSpeed ZeRO stage)."""
     return name == "fsdp2" or name.startswith("deepspeed")
 
 
 __all__ = ["NAMES", "FSDP2Strategy", "LevoDeepSpeedStrategy", "StrategyError", "build_strategy",
-           "deepspeed_strategy", "is_sharding", "strategy_name"]
+           "deepspeed_strategy", "is_sharding", "strategy_name", "uses_meta_init"]
