@@ -132,10 +132,11 @@ def _is_first(group: Any) -> bool:
     return not dist.is_initialized() or dist.get_rank(group) == 0
 
 
-def _plan(names: list[str], source: Mapping[str, torch.Tensor] | None, fill_missing: Callable[..., Any] | None,
+def fill_plan(names: list[str], source: Mapping[str, torch.Tensor] | None, fill_missing: Callable[..., Any] | None,
           may_be_zero: Callable[[str], bool], group: Any) -> dict[str, str]:
-    """Rank 0 decides where each tensor comes from (``source`` / ``zero`` / ``fill``), or the error
-    every rank raises; the others learn it in one broadcast, before any tensor moves."""
+    """Rank 0 of ``group`` decides where each of ``names`` comes from (``source`` / ``zero`` /
+    ``fill``, see :func:`materialize`), or the error every rank raises; the others learn it in one
+    broadcast, before any tensor moves (so a missing key never leaves a rank waiting)."""
     plan: dict[str, str] | str = {}
     if _is_first(group):
         if source is None:
@@ -189,7 +190,7 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | None, *, 
     twins = [m.state_dict(keep_vars=True) for m in copies]
     if any(list(t) != list(state) for t in twins):
         raise ValueError("materialize: a copy does not have the model's state-dict keys")
-    plan = _plan(list(state), source, fill_missing, may_be_zero, group)
+    plan = fill_plan(list(state), source, fill_missing, may_be_zero, group)
     first = _is_first(group)
     many = dist.is_initialized() and dist.get_world_size(group) > 1
     with torch.no_grad():
@@ -256,5 +257,5 @@ def plain_name(name: str) -> str:
     return name.replace(WRAPPED, "")
 
 
-__all__ = ["apply_activation_checkpointing", "apply_fsdp", "apply_fsdp_unit", "decoder_layers", "has_meta", "is_checkpointed",
+__all__ = ["apply_activation_checkpointing", "apply_fsdp", "apply_fsdp_unit", "decoder_layers", "fill_plan", "has_meta", "is_checkpointed",
            "is_sharded", "materialize", "parallelize", "plain_name", "weight_source"]

@@ -140,8 +140,15 @@ class LevoDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 def deepspeed_strategy(**kwargs: Any) -> LevoDeepSpeedStrategy:
-    """:class:`LevoDeepSpeedStrategy` with Lightning's ``DeepSpeedStrategy`` keywords."""
-    return LevoDeepSpeedStrategy(**kwargs)
+    """:class:`LevoDeepSpeedStrategy` with Lightning's ``DeepSpeedStrategy`` keywords. With
+    ``offload_optimizer``, its config says ``zero_force_ds_cpu_optimizer: false``: the optimizer is
+    ours (``configure_optimizers``' torch AdamW, also what checkpoints hold), which DeepSpeed
+    otherwise refuses at start-up under ZeRO-Offload (it wants its own DeepSpeedCPUAdam; as in
+    :func:`levo_train.zero.deepspeed_config`)."""
+    strategy = LevoDeepSpeedStrategy(**kwargs)
+    if kwargs.get("offload_optimizer") and isinstance(strategy.config, dict):
+        strategy.config["zero_force_ds_cpu_optimizer"] = False
+    return strategy
 
 
 def build_strategy(scfg: Any, trainer_strategy: Any, accelerator: str) -> Any:

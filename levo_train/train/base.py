@@ -23,7 +23,7 @@ from torch import nn
 from levo_infer.checkpoint import UNUSED_KEYS
 from levo_infer.config import ModelConfig
 from levo_infer.model import LeLM
-from levo_train.parallel import has_meta, materialize, parallelize, plain_name, weight_source
+from levo_train.parallel import fill_plan, has_meta, materialize, parallelize, plain_name, weight_source
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ def set_rng_state(st: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, gauss = st["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(tuple(st["python"][:1]) + (tuple(st["python"][1]),) + tuple(st["python"][2:]))
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether AdamW decays this parameter: matrices do; vectors, norms and biases do not. A
+    parameter ZeRO-3 partitioned when it was built (``deepspeed.zero.Init``) has an empty local
+    shape: its full shape (``ds_shape``) decides."""
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return not (ndim < 2 or "norm" in name or name.endswith(".bias"))
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -204,19 +212,16 @@ class LeLMTrainModule(L.LightningModule):
             pairs.append((self.ref, dict(self.ref.named_parameters())))  # type: ignore[arg-type]
         first = dist.get_rank() == 0
         source = self.init_source() if first else None
+        names = [plain_name(n) for n in pairs[0][1]]
+        plan = fill_plan(names, source, self._fill_missing(), lambda n: n in UNUSED_KEYS, None)
         with torch.no_grad():
-            for name, p in pairs[0][1].items():
-                plain = plain_name(name)
+            for (name, p), plain in zip(pairs[0][1].items(), names):
                 group = [p, *(named[name] for _, named in pairs[1:])]
                 with deepspeed.zero.GatheredParameters(group, modifier_rank=0):
                     if first:
                         assert source is not None
-                        if plain in source:
-                            full = source[plain]
-                        elif plain in UNUSED_KEYS:
-                            full = torch.zeros(p.shape)
-                        else:
-                            full = self.init_missing(plain, p)
+                        full = (source[plain] if plan[plain] == "source" else torch.zeros(p.shape)
+                                if plan[plain] == "zero" else self.init_missing(plain, p))
                         for q in group:
                             q.data.copy_(full.to(q.dtype))
 
@@ -247,7 +252,7 @@ class LeLMTrainModule(L.LightningModule):
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "norm" in n or n.endswith(".bias") else decay).append(p)
+            (decay if decays(n, p) else no_decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=self.betas,

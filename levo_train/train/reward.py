@@ -33,7 +33,7 @@ from levo_train.parallel import apply_fsdp_unit
 from levo_train.reward.metrics import METRICS, ranking_metrics
 from levo_train.reward.model import OVERALL, RewardHead, RewardModel, reward_forward, truncate_trunk
 
-from .base import LeLMTrainModule, warmup_cosine
+from .base import LeLMTrainModule, decays, warmup_cosine
 
 LOSSES = ("mse", "smooth_l1")
 RANK_LOSSES = ("none", "bt", "listmle")
@@ -195,7 +195,7 @@ class RewardModule(LeLMTrainModule):
         for n, p in list(self.model.named_parameters()) + [("head." + n, p) for n, p in self.head.named_parameters()]:
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "norm" in n or n.endswith(".bias") else decay).append(p)
+            (decay if decays(n, p) else no_decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=self.betas)
