@@ -108,7 +108,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
 
 
 #: tensors a DCP export reads per ``dcp.load`` call (a larger tensor is read alone)
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 
 
 class CheckpointWeights:
