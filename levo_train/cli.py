@@ -37,7 +37,9 @@ main overrides:
                               warning per song (default: such a record is an error naming shard and key)
   data.batch_size=N           per-device batch size
   optim.lr=X                  peak learning rate (warmup + cosine)
-  trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
+  trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=32-true, ...
+  trainer.precision=auto      the default: bf16-mixed on a GPU with bf16 (fp32 weights, bf16 autocast), 32-true on CPU;
+                              train.tf32=auto: TF32 matmuls on a GPU
   checkpoint.every_n_steps=N  checkpoint interval (atomic writes; last.ckpt is kept up to date)
   resume=true                 continue run_dir exactly from its newest checkpoint that loads (its LR schedule too)
   ckpt_path=PATH              start from this checkpoint (with resume=true: only while run_dir has none)

@@ -54,7 +54,7 @@ from levo_train.train.base import DeferredInit
 #: errors a run reports in one line naming the file or setting (exit status 2), besides UsageError
 USER_ERRORS = (CheckpointError, ConfigError, ShardError, CacheError, IntegrityError)
 __all__ = ["USER_ERRORS", "RunPlan", "build_datamodule", "build_module", "build_trainer",
-           "resolve_plan", "run"]
+           "resolve_plan", "resolve_precision", "run", "set_tf32"]
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks.append(StepGuard(nonfinite=str(cfg.train.get("nonfinite", "stop")),
                                max_skips=int(cfg.train.get("nonfinite_max_skips", 20)), requeue_signal=requeue))
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision"), str(kwargs.get("accelerator", "auto")))
+    set_tf32(cfg.train.get("tf32", "auto"), str(kwargs.get("accelerator", "auto")))
     given = {k: kwargs.get(k) for k in ("accelerator", "devices", "num_nodes") if k in kwargs}
     given["strategy"] = strategy_name(cfg.get("strategy"), kwargs.get("strategy", "auto"))
     try:
@@ -251,6 +253,35 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         raise UsageError(str(e)) from None
     except (MisconfigurationException, ValueError, TypeError) as e:
         raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` resolves to a CUDA GPU here."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``trainer.precision=auto``: ``bf16-mixed`` (fp32 weights, gradients and AdamW; bf16 autocast)
+    on a CUDA GPU with bf16, else ``32-true`` (CPU: the toy world's figures and every test stay
+    fp32). Any other value is Lightning's, passed as given."""
+    if str(precision) != "auto":
+        return precision
+    if on_cuda(accelerator) and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def set_tf32(setting: Any, accelerator: str) -> bool:
+    """``train.tf32``: TF32 for the fp32 matmuls and convolutions left outside autocast (``auto``:
+    on with a CUDA GPU). The released model trains in bf16, whose 8-bit mantissa is coarser than
+    TF32's 10 bits, so TF32 changes nothing it relies on. Returns whether it is on."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false"):
+        raise UsageError(f"train.tf32={setting}: expected auto, true or false")
+    on = on_cuda(accelerator) if value == "auto" else value == "true"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on
 
 
 # ----------------------------------------------------------------------------- run

@@ -48,3 +48,13 @@ def test_run_all_gpu_keeps_a_carried_pythonpath_and_fails_when_a_check_fails(tmp
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "failed: train" in p.stderr, p.stdout + p.stderr[-2000:]
     assert json.loads((out / "gpu_bench.json").read_text())["train"]["rc"] != 0
+
+
+def test_sbatch_scripts_ask_for_the_nodes_host_memory():
+    """Without --mem a cluster's default memory per CPU decides (often far below what building the
+    model or mapping model.init takes): every sbatch script asks for the node's memory."""
+    scripts = sorted(p for p in (REPO / "slurm").glob("*.sh") if p.name != "common.sh")
+    assert scripts
+    for p in scripts:
+        lines = [x for x in p.read_text().splitlines() if x.startswith("#SBATCH")]
+        assert "#SBATCH --mem=0" in lines, p.name
