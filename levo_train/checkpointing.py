@@ -18,11 +18,17 @@ truncated or corrupted rank file makes the checkpoint one that "does not load".
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import struct
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,110 @@ log = logging.getLogger(__name__)
 COMPLETE = "levo_complete.json"
 #: the non-tensor part of a DCP checkpoint (Lightning's name)
 META = "meta.pt"
+
+
+# ----------------------------------------------------------------------------- streamed torch files
+#: the storage class torch's pickle names for each dtype (``torch.save`` writes the same)
+_STORAGE = {torch.float32: "FloatStorage", torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage",
+            torch.float64: "DoubleStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",
+            torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage"}
+_ALIGN = 64                # torch.save aligns every record's data to 64 bytes (what mmap loads expect)
+_WRITE_CHUNK = 64 << 20    # bytes handed to the zip writer at a time
+
+
+class _Storage:
+    """A storage placeholder in the pickle: its persistent id is what ``torch.save`` writes."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """A tensor placeholder pickled as ``torch._utils._rebuild_tensor_v2`` over a :class:`_Storage`."""
+
+    def __init__(self, storage: _Storage, shape: Sequence[int]) -> None:
+        self.storage, self.shape = storage, tuple(int(x) for x in shape)
+
+    def __reduce__(self) -> Any:
+        stride, acc = [], 1
+        for n in reversed(self.shape):
+            stride.append(acc)
+            acc *= n
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102
+        if isinstance(obj, _Storage):
+            return ("storage", getattr(torch, _STORAGE[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def _aligned_info(zf: zipfile.ZipFile, name: str, size: int) -> tuple[zipfile.ZipInfo, bool]:
+    """A stored (uncompressed) zip entry whose data will start on a :data:`_ALIGN`-byte boundary
+    (padding in a local-header extra field, as torch's own writer does)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    start = zf.fp.tell()  # type: ignore[union-attr]
+    base = start + 30 + len(name.encode("ascii")) + 4 + (20 if zip64 else 0)
+    pad = -base % _ALIGN
+    info.extra = struct.pack("<HH", 0x4C56, pad) + b"\0" * pad
+    return info, zip64
+
+
+def write_torch_stream(path: str | os.PathLike, entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                       get: Callable[[str], torch.Tensor]) -> Path:
+    """Write a flat ``{name: tensor}`` file that ``torch.load`` (``weights_only``, ``mmap``) reads
+    exactly as one ``torch.save`` wrote, without ever holding the dict: ``entries`` (name, shape,
+    dtype) are known up front, and each tensor is asked of ``get(name)`` only when its record is
+    written, then dropped. Peak memory: one tensor. Atomic (temp file, fsync, rename), records aligned
+    as torch aligns them, each with its CRC-32 (:func:`levo_infer.integrity.verify_torch_zip`)."""
+    path = Path(path)
+    arch = path.stem or "archive"
+    refs = {}
+    for i, (name, shape, dtype) in enumerate(entries):
+        if dtype not in _STORAGE:
+            raise ValueError(f"{path}: cannot stream a tensor of dtype {dtype} ({name})")
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        refs[name] = _TensorRef(_Storage(str(i), dtype, numel), shape)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(refs)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            def record(rname: str, data: bytes) -> None:
+                info, zip64 = _aligned_info(zf, f"{arch}/{rname}", len(data))
+                with zf.open(info, "w", force_zip64=zip64) as w:
+                    w.write(data)
+
+            record("data.pkl", buf.getvalue())
+            record(".format_version", b"1")
+            record(".storage_alignment", str(_ALIGN).encode())
+            record("byteorder", b"little")
+            for name, _shape, dtype in entries:
+                ref = refs[name]
+                t = get(name)
+                if tuple(t.shape) != ref.shape or t.dtype != dtype:
+                    raise ValueError(f"{path}: {name} is {tuple(t.shape)} {t.dtype}, expected {ref.shape} {dtype}")
+                flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                info, zip64 = _aligned_info(zf, f"{arch}/data/{ref.storage.key}", flat.numel())
+                with zf.open(info, "w", force_zip64=zip64) as w:
+                    for a in range(0, flat.numel(), _WRITE_CHUNK):
+                        w.write(flat[a:a + _WRITE_CHUNK].numpy().data)
+                del t, flat
+            record("version", b"3\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 class CheckpointWriteError(OSError):
@@ -237,6 +347,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                        "Free space (or fix the folder) and continue with resume=true") from e
 
 
-__all__ = ["COMPLETE", "META", "AtomicCheckpointIO", "CheckpointCorrupt", "CheckpointWriteError",
+__all__ = ["COMPLETE", "META", "AtomicCheckpointIO", "CheckpointCorrupt", "CheckpointWriteError", "write_torch_stream",
            "clean_stale_temp_files", "folder_checksums", "folder_files", "remove_checkpoint_path",
            "save_folder_atomically", "verify_checkpoint", "write_complete_marker"]

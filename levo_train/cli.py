@@ -37,7 +37,9 @@ main overrides:
                               warning per song (default: such a record is an error naming shard and key)
   data.batch_size=N           per-device batch size
   optim.lr=X                  peak learning rate (warmup + cosine)
-  trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=bf16-mixed, ...
+  trainer.max_steps=N         any Lightning Trainer argument: trainer.devices=8, trainer.precision=32-true, ...
+  trainer.precision=auto      the default: bf16-mixed on a GPU with bf16 (fp32 weights, bf16 autocast), 32-true on CPU;
+                              train.tf32=auto: TF32 matmuls on a GPU
   checkpoint.every_n_steps=N  checkpoint interval (atomic writes; last.ckpt is kept up to date)
   resume=true                 continue run_dir exactly from its newest checkpoint that loads (its LR schedule too)
   ckpt_path=PATH              start from this checkpoint (with resume=true: only while run_dir has none)
@@ -149,7 +151,7 @@ def _export_args(argv: list[str]) -> dict[str, str] | str:
 def export_command(argv: list[str]) -> int:
     """``levo-train export run_dir=R [ckpt=PATH] [out=DIR] [dtype=NAME]``: consolidate a run's newest
     complete checkpoint (or ``ckpt``) of any strategy into the released-format export."""
-    from levo_train import export, resume  # lightning: a slow import that --help does not need
+    from levo_train import methods, resume  # lightning: a slow import that --help does not need
 
     args = _export_args(argv)
     if isinstance(args, str):
@@ -177,7 +179,7 @@ def export_command(argv: list[str]) -> int:
         ckpt = Path(rp.path)
     out = Path(args.get("out") or (Path(args["run_dir"]) / "export" if "run_dir" in args else ckpt.parent / "export"))
     try:
-        export.export_checkpoint(ckpt, out, dtype)
+        methods.export_checkpoint(ckpt, out, dtype)
     except (ValueError, FileNotFoundError) as e:  # ExportError, CheckpointError, ConfigError: each names its file
         print(f"levo-train export: error: {e if str(ckpt) in str(e) else f'{ckpt}: {e}'}", file=sys.stderr)
         return 2

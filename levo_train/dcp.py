@@ -195,11 +195,12 @@ def check_folder(folder: str | os.PathLike) -> Any:
     return meta
 
 
-def load(state: dict[str, Any], folder: str | os.PathLike, *, no_dist: bool = False) -> None:
+def load(state: dict[str, Any], folder: str | os.PathLike, *, no_dist: bool = False, metadata: Any = None) -> None:
     """``torch.distributed.checkpoint.load(state, ...)`` from ``folder`` through :class:`SafeReader`
-    and :class:`SafePlanner` (collective unless ``no_dist``). A failure on any rank is the
-    :class:`CheckpointError` naming the file, on every rank."""
-    reader = SafeReader(folder, check_folder(folder))
+    and :class:`SafePlanner` (collective unless ``no_dist``). ``metadata``: what :func:`check_folder`
+    returned for this folder already (a reader of many small pieces checks it once). A failure on
+    any rank is the :class:`CheckpointError` naming the file, on every rank."""
+    reader = SafeReader(folder, metadata if metadata is not None else check_folder(folder))
     try:
         torch_dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=no_dist)
     except CheckpointException as e:

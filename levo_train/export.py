@@ -30,15 +30,16 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from levo_infer.checkpoint import save_released
-from levo_infer.config import config_from_omegaconf
+from levo_infer.checkpoint import PREFIX, save_released
+from levo_infer.config import ModelConfig, config_from_omegaconf, save_config
+from levo_infer.integrity import remove_manifest, write_manifest
 from levo_infer.model import LeLM
 from levo_infer.safe_load import torch_load
 from levo_train import dcp
-from levo_train.checkpointing import COMPLETE, META, verify_checkpoint
+from levo_train.checkpointing import COMPLETE, META, verify_checkpoint, write_torch_stream
 from levo_train.lora import ADAPTER_DIR, LoraSpec, apply_lora, merged_copy, save_adapters
 from levo_train.parallel import plain_name
-from levo_train.zero import is_zero_checkpoint, read_zero_meta, zero_fp32_state_dict
+from levo_train.zero import is_zero_checkpoint, read_zero_meta, zero_fp32_module_state
 
 #: the Lightning module's attribute that holds the policy
 POLICY = "model."
@@ -106,65 +107,149 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
         raise ExportError(str(e)) from None
 
 
-def _dcp_policy_state(path: Path) -> dict[str, torch.Tensor]:
-    md = dcp.read_metadata(path)
-    pre = "state_dict." + POLICY
-    want = {k[len("state_dict."):]: torch.empty(m.size, dtype=m.properties.dtype)
-            for k, m in md.state_dict_metadata.items()
-            if k.startswith(pre) and isinstance(m, TensorStorageMetadata)}
-    if not want:
-        raise ExportError(f"{path}: the distributed checkpoint holds no policy weights (no state_dict.{POLICY}* keys)")
-    state = {"state_dict": want}
-    dcp.load(state, path, no_dist=True)
-    return state["state_dict"]
+#: tensors a DCP export reads per ``dcp.load`` call (a larger tensor is read alone)
+CHUNK_BYTES = 64 << 20
+
+
+class CheckpointWeights:
+    """The full weights of a checkpoint of any kind, named as the Lightning module names them
+    (``model.<LeLM key>``, ``head.*``, ...; the activation-checkpoint wrapper's segment removed),
+    read tensor by tensor: :attr:`entries` gives each one's shape and dtype without reading data,
+    :meth:`get` reads one. A DCP folder is read in chunks of at most :data:`CHUNK_BYTES` (or one
+    tensor) in the order tensors are asked for; a one-file checkpoint is memory-mapped; a ZeRO
+    folder is consolidated once by DeepSpeed (one full copy)."""
+
+    def __init__(self, path: str | os.PathLike, prefixes: tuple[str, ...]) -> None:
+        self.path = p = Path(path)
+        meta = read_checkpoint(p)
+        levo = meta.get("levo")
+        if not isinstance(levo, dict) or "model_config" not in levo:
+            raise ExportError(f"{p}: no `levo` section with the model config: not a levo-train checkpoint")
+        self.levo: dict[str, Any] = levo
+        self.kind = checkpoint_kind(p)
+        self._dict: dict[str, torch.Tensor] = {}
+        self._raw: dict[str, str] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if self.kind == "file":
+            raw = meta.get("state_dict")
+            if not isinstance(raw, dict):
+                raise ExportError(f"{p}: no state_dict")
+            self._dict = raw
+            items = {k: (tuple(v.shape), v.dtype) for k, v in raw.items() if isinstance(v, torch.Tensor)}
+        elif self.kind == "dcp":
+            self._md = dcp.read_metadata(p)
+            items = {k[len("state_dict."):]: (tuple(m.size), m.properties.dtype)
+                     for k, m in self._md.state_dict_metadata.items()
+                     if k.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)}
+        else:
+            try:
+                self._dict = zero_fp32_module_state(p)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+            items = {k: (tuple(v.shape), v.dtype) for k, v in self._dict.items()}
+        for k, v in items.items():
+            if k.startswith(prefixes):
+                name = plain_name(k)
+                self._raw[name] = k
+                self.entries[name] = v
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor ``name`` (read now; a DCP chunk also reads the tensors after it)."""
+        raw = self._raw[name]
+        if self.kind != "dcp":
+            return self._dict[raw]
+        if raw not in self._cache:
+            self._read_chunk(name)
+        return self._cache.pop(raw)
+
+    def _read_chunk(self, first: str) -> None:
+        names = list(self._raw)
+        want, size = {}, 0
+        for name in names[names.index(first):]:
+            raw = self._raw[name]
+            if raw in self._cache:
+                continue
+            shape, dtype = self.entries[name]
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            if want and size + n > CHUNK_BYTES:
+                break
+            want[raw], size = torch.empty(shape, dtype=dtype), size + n
+        state = {"state_dict": want}
+        dcp.load(state, self.path, no_dist=True, metadata=self._md)
+        self._cache.update(state["state_dict"])
+
+    def under(self, prefix: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The entries whose names start with ``prefix``, the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.entries.items() if k.startswith(prefix)}
+
+
+def write_released_stream(folder: str | os.PathLike, config: ModelConfig, weights: CheckpointWeights,
+                          dtype: torch.dtype | None = None, prefix: str = POLICY) -> Path:
+    """``folder/model.pt`` (``audiolm.<key>`` for every key of the LeLM state dict, in its order)
+    and ``config.yaml``, then ``checksums.json``: what :func:`levo_infer.checkpoint.save_released`
+    writes for a model, written here from ``weights`` one tensor at a time (tensors in the model's
+    parameter dtype, or ``dtype``). ExportError when the weights do not fit the config."""
+    with torch.device("meta"):
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in LeLM(config).state_dict().items()}
+    have = weights.under(prefix)
+    missing, unexpected = sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
+    bad = [k for k in expected if k in have and have[k][0] != expected[k][0]]
+    if missing or unexpected or bad:
+        raise ExportError(f"{weights.path}: its weights do not match its own model config: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}, other shapes {bad[:4]}")
+    out = {k: (dtype if dtype is not None and dt.is_floating_point else dt) for k, (_, dt) in expected.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_manifest(folder)
+    write_torch_stream(folder / "model.pt", [(PREFIX + k, expected[k][0], out[k]) for k in expected],
+                       lambda name: weights.get(prefix + name[len(PREFIX):]).to(out[name[len(PREFIX):]]))
+    save_config(config, folder / "config.yaml")
+    write_manifest(folder, ["model.pt", "config.yaml"])
+    return folder
 
 
 def policy_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The policy's full weights (plain LeLM names, with LoRA adapter keys if it had them) and the
-    checkpoint's ``levo`` section, from a checkpoint of any kind."""
-    p = Path(path)
-    meta = read_checkpoint(p)
-    levo = meta.get("levo")
-    if not isinstance(levo, dict) or "model_config" not in levo:
-        raise ExportError(f"{p}: no `levo` section with the model config: not a levo-train checkpoint")
-    kind = checkpoint_kind(p)
-    if kind == "file":
-        raw = meta.get("state_dict")
-        if not isinstance(raw, dict):
-            raise ExportError(f"{p}: no state_dict")
-    elif kind == "dcp":
-        raw = _dcp_policy_state(p)
-    else:
-        try:
-            raw = {POLICY + k: v for k, v in zero_fp32_state_dict(p).items()}
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-    sd = {plain_name(k[len(POLICY):]): v for k, v in raw.items() if k.startswith(POLICY)}
-    if not sd:
-        raise ExportError(f"{p}: no policy weights (`{POLICY}*`): a reward-model run exports itself at the end "
-                          "of the run (run_dir/export)")
-    return sd, levo
+    checkpoint's ``levo`` section, from a checkpoint of any kind (all in memory: for small models
+    and tests; exports stream through :class:`CheckpointWeights`)."""
+    w = CheckpointWeights(path, (POLICY,))
+    if not w.entries:
+        raise ExportError(f"{path}: no policy weights (`{POLICY}*`)")
+    return {k: w.get(POLICY + k) for k in w.under(POLICY)}, w.levo
 
 
 def export_checkpoint(path: str | os.PathLike, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write ``folder/model.pt`` + ``config.yaml`` (and ``adapters/`` for a LoRA run) from ``path``."""
-    sd, levo = policy_state_dict(path)
-    model = LeLM(config_from_omegaconf(OmegaConf.create(levo["model_config"]), where=f"{path} levo.model_config"))
+    """Write ``folder/model.pt`` + ``config.yaml`` (and ``adapters/`` for a LoRA run) from ``path``.
+    Without LoRA adapters the weights stream from the checkpoint into ``model.pt`` tensor by tensor
+    (:func:`write_released_stream`: a DCP folder never has two full copies in memory, nor one); with
+    them, the model is built to merge them."""
+    w = CheckpointWeights(path, (POLICY,))
+    levo = w.levo
+    if "reward" in levo:
+        raise ExportError(f"{path} is a reward-model checkpoint: `levo-train export` writes its reward export "
+                          "(levo_train.methods.export_checkpoint)")
+    if not w.entries:
+        raise ExportError(f"{path}: no policy weights (`{POLICY}*`)")
+    config = config_from_omegaconf(OmegaConf.create(levo["model_config"]), where=f"{path} levo.model_config")
     lora = levo.get("lora")
-    if lora:
-        spec = LoraSpec(**lora)
-        apply_lora(model, spec)
+    if not lora:
+        return write_released_stream(folder, config, w, dtype)
+    sd = {k: w.get(POLICY + k) for k in w.under(POLICY)}
+    model = LeLM(config)
+    spec = LoraSpec(**lora)
+    apply_lora(model, spec)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: its weights do not match its own model config: missing {missing[:4]}, "
                           f"unexpected {unexpected[:4]}")
     folder = Path(folder)
-    if lora:
-        save_released(merged_copy(model), folder, dtype=dtype)
-        save_adapters(model, folder / ADAPTER_DIR, spec, base_fingerprint=levo.get("init_fingerprint"))
-    else:
-        save_released(model, folder, dtype=dtype)
+    save_released(merged_copy(model), folder, dtype=dtype)
+    save_adapters(model, folder / ADAPTER_DIR, spec, base_fingerprint=levo.get("init_fingerprint"))
     return folder
 
 
-__all__ = ["ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict", "read_checkpoint"]
+__all__ = ["CHUNK_BYTES", "CheckpointWeights", "ExportError", "checkpoint_kind", "export_checkpoint", "policy_state_dict",
+           "read_checkpoint", "write_released_stream"]

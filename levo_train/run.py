@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from levo_infer.checkpoint import CheckpointError, find_weights, load_weights
+from levo_infer.checkpoint import CheckpointError, StateSource, check_keys, find_weights, load_weights
 from levo_infer.config import ConfigError, ModelConfig
 from levo_infer.integrity import IntegrityError
 from levo_infer.jsonio import finite_or_none, write_json_atomic
@@ -34,7 +34,7 @@ from levo_infer.model import LeLM
 from levo_train.checkpointing import AtomicCheckpointIO, clean_stale_temp_files
 from levo_train.data.cache import CacheError
 from levo_train.data.shards import ShardError
-from levo_train.export import checkpoint_kind, export_checkpoint
+from levo_train.export import checkpoint_kind
 from levo_train.fingerprint import model_fingerprint
 from levo_train.guard import NONFINITE_MODES, NonFiniteError, RunStopped, StepGuard
 from levo_train.locking import folder_lock, launch_rank
@@ -48,12 +48,13 @@ from levo_train.resume import (
     resolve_schedule,
 )
 from levo_train.settings import UsageError, build_model_config, check_init_path, resolve_run_dir
-from levo_train.strategies import StrategyError, build_strategy, is_sharding, strategy_name
+from levo_train.strategies import StrategyError, build_strategy, is_sharding, strategy_name, uses_meta_init
+from levo_train.train.base import DeferredInit
 
 #: errors a run reports in one line naming the file or setting (exit status 2), besides UsageError
 USER_ERRORS = (CheckpointError, ConfigError, ShardError, CacheError, IntegrityError)
 __all__ = ["USER_ERRORS", "RunPlan", "build_datamodule", "build_module", "build_trainer",
-           "resolve_plan", "run"]
+           "resolve_plan", "resolve_precision", "run", "set_tf32"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class RunPlan:
     schedule: Schedule | None = None
     strategy: str = "auto"
     sharding: bool = False
+    meta_init: bool = False    # the policy is built on the meta device and filled in configure_model
     data: DataSpec | None = None
 
 
@@ -96,7 +98,7 @@ def resolve_plan(cfg: DictConfig, run_dir: Path) -> RunPlan:
     check_nonfinite_settings(cfg)
     strategy = check_strategy(cfg, method, lora, resume)
     return dataclasses.replace(plan, resume=resume, schedule=schedule, strategy=strategy,
-                               sharding=is_sharding(strategy))
+                               sharding=is_sharding(strategy), meta_init=uses_meta_init(cfg.get("strategy"), strategy))
 
 
 def resolve_lora(cfg: DictConfig, method: Method, model_config: ModelConfig) -> LoraSpec:
@@ -171,6 +173,7 @@ def common_module_kwargs(plan: RunPlan) -> dict[str, Any]:
         warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps, min_lr_ratio=schedule.min_lr_ratio,
         stream_weights=stream_weights(cfg), freeze=list(t.freeze),
         activation_checkpointing=bool(t.activation_checkpointing), seed=int(cfg.seed), init_weights=plan.init is None,
+        meta_init=plan.meta_init,
     )
 
 
@@ -181,7 +184,12 @@ def build_module(plan: RunPlan) -> Any:
     # copies of the model (a frozen DPO reference) inherit it
     module.model.truncate_lyrics = bool(plan.cfg.data.get("truncate_lyrics", False))
     if plan.init is not None:
-        load_weights(module.model, find_weights(plan.init))
+        weights = find_weights(plan.init)
+        if plan.meta_init:  # checked now, read in configure_model (rank 0 reads, every rank gets its shards)
+            check_keys(module.model, StateSource(weights).meta, source=str(weights))
+            module.deferred_init = DeferredInit(weights=weights)
+        else:
+            load_weights(module.model, weights)
         module.init_fingerprint = plan.init_fp
     if plan.lora.enabled:  # after the init weights: the adapters start at zero on top of them
         try:
@@ -231,6 +239,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks.append(StepGuard(nonfinite=str(cfg.train.get("nonfinite", "stop")),
                                max_skips=int(cfg.train.get("nonfinite_max_skips", 20)), requeue_signal=requeue))
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision"), str(kwargs.get("accelerator", "auto")))
+    set_tf32(cfg.train.get("tf32", "auto"), str(kwargs.get("accelerator", "auto")))
     given = {k: kwargs.get(k) for k in ("accelerator", "devices", "num_nodes") if k in kwargs}
     given["strategy"] = strategy_name(cfg.get("strategy"), kwargs.get("strategy", "auto"))
     try:
@@ -243,6 +253,35 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         raise UsageError(str(e)) from None
     except (MisconfigurationException, ValueError, TypeError) as e:
         raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` resolves to a CUDA GPU here."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``trainer.precision=auto``: ``bf16-mixed`` (fp32 weights, gradients and AdamW; bf16 autocast)
+    on a CUDA GPU with bf16, else ``32-true`` (CPU: the toy world's figures and every test stay
+    fp32). Any other value is Lightning's, passed as given."""
+    if str(precision) != "auto":
+        return precision
+    if on_cuda(accelerator) and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def set_tf32(setting: Any, accelerator: str) -> bool:
+    """``train.tf32``: TF32 for the fp32 matmuls and convolutions left outside autocast (``auto``:
+    on with a CUDA GPU). The released model trains in bf16, whose 8-bit mantissa is coarser than
+    TF32's 10 bits, so TF32 changes nothing it relies on. Returns whether it is on."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false"):
+        raise UsageError(f"train.tf32={setting}: expected auto, true or false")
+    on = on_cuda(accelerator) if value == "auto" else value == "true"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on
 
 
 # ----------------------------------------------------------------------------- run
@@ -313,7 +352,7 @@ def _finish(plan: RunPlan, trainer: L.Trainer, module: Any, guard: StepGuard, va
             dtype = getattr(torch, str(plan.cfg.export.dtype)) if plan.cfg.export.dtype else None
             export = run_dir / "export"
             if plan.sharding:  # consolidated from the checkpoint just written: `levo-train export` does the same
-                export_checkpoint(last, export, dtype)
+                plan.method.export_checkpoint(last, export, dtype)
             else:
                 plan.method.export(module, export, dtype)
             summary["export"] = str(export)

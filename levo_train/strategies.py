@@ -140,8 +140,15 @@ class LevoDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 def deepspeed_strategy(**kwargs: Any) -> LevoDeepSpeedStrategy:
-    """:class:`LevoDeepSpeedStrategy` with Lightning's ``DeepSpeedStrategy`` keywords."""
-    return LevoDeepSpeedStrategy(**kwargs)
+    """:class:`LevoDeepSpeedStrategy` with Lightning's ``DeepSpeedStrategy`` keywords. With
+    ``offload_optimizer``, its config says ``zero_force_ds_cpu_optimizer: false``: the optimizer is
+    ours (``configure_optimizers``' torch AdamW, also what checkpoints hold), which DeepSpeed
+    otherwise refuses at start-up under ZeRO-Offload (it wants its own DeepSpeedCPUAdam; as in
+    :func:`levo_train.zero.deepspeed_config`)."""
+    strategy = LevoDeepSpeedStrategy(**kwargs)
+    if kwargs.get("offload_optimizer") and isinstance(strategy.config, dict):
+        strategy.config["zero_force_ds_cpu_optimizer"] = False
+    return strategy
 
 
 def build_strategy(scfg: Any, trainer_strategy: Any, accelerator: str) -> Any:
@@ -178,10 +185,19 @@ def strategy_name(scfg: Any, trainer_strategy: Any) -> str:
     return name if name != "auto" else str(trainer_strategy)
 
 
+def uses_meta_init(scfg: Any, name: str) -> bool:
+    """Whether the policy is built on the meta device and each rank materialises only its shards
+    (``strategy=fsdp2`` and ``deepspeed_zero3``, unless ``strategy.meta_init=false``: every rank
+    then builds the whole model on the host first, as before)."""
+    if name not in ("fsdp2", "deepspeed_zero3"):
+        return False
+    return bool(scfg.get("meta_init", True)) if scfg is not None else True
+
+
 def is_sharding(name: str) -> bool:
     """Whether strategy ``name`` shards the model (FSDP2, any DeepSpeed ZeRO stage)."""
     return name == "fsdp2" or name.startswith("deepspeed")
 
 
 __all__ = ["NAMES", "FSDP2Strategy", "LevoDeepSpeedStrategy", "StrategyError", "build_strategy",
-           "deepspeed_strategy", "is_sharding", "strategy_name"]
+           "deepspeed_strategy", "is_sharding", "strategy_name", "uses_meta_init"]

@@ -297,12 +297,12 @@ def policy_name(name: str) -> str | None:
     return plain_name(name.removeprefix(POLICY_PREFIX))
 
 
-def zero_fp32_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The policy's full fp32 weights from a ZeRO-2/ZeRO-3 checkpoint folder, under plain LeLM
-    state-dict names (:func:`policy_name`; a DPO reference copy is dropped), consolidated by
-    DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` from the fp32 master partitions of
-    every rank. Frozen parameters come from the model states. ValueError naming the folder when it
-    is not a complete ZeRO checkpoint."""
+def zero_fp32_module_state(path: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Every fp32 weight of the Lightning module in a ZeRO-2/ZeRO-3 checkpoint folder, under the
+    module's own names (``model.*``, ``head.*``, ``ref.*``; wrapper prefixes stripped), consolidated
+    by DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` from the fp32 master partitions of
+    every rank (frozen parameters from the model states). ValueError naming the folder when it is
+    not a complete ZeRO checkpoint."""
     d = _tag_dir(path, tag)
     _check_complete(d)
     try:  # deepspeed: optional extra, heavy
@@ -317,12 +317,27 @@ def zero_fp32_state_dict(path: str | os.PathLike, tag: str | None = None) -> dic
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ValueError(f"{d}: DeepSpeed could not consolidate this ZeRO checkpoint: {e}") from None
     log.debug("zero_to_fp32 on %s: %s", d, said.getvalue().strip())
-    has_policy = any(k.startswith(POLICY_PREFIX) for k in (_unwrap(k) for k in raw))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in raw.items():
+        name = _unwrap(k)
+        if name in out:
+            raise ValueError(f"{d}: two consolidated entries map to the module key {name!r} (one is {k!r})")
+        out[name] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def zero_fp32_state_dict(path: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The policy's full fp32 weights from a ZeRO-2/ZeRO-3 checkpoint folder, under plain LeLM
+    state-dict names (:func:`policy_name`; a DPO reference copy is dropped), from
+    :func:`zero_fp32_module_state`. ValueError naming the folder when it is not a complete ZeRO
+    checkpoint."""
+    d = _tag_dir(path, tag)
+    raw = zero_fp32_module_state(path, tag)
+    has_policy = any(k.startswith(POLICY_PREFIX) for k in raw)
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for k, v in raw.items():
-        inner = _unwrap(k)
-        if has_policy and not inner.startswith(POLICY_PREFIX):
+        if has_policy and not k.startswith(POLICY_PREFIX):
             dropped.append(k)  # the module's own non-policy entries (a DPO reference, metric state)
             continue
         name = policy_name(k)
@@ -331,7 +346,7 @@ def zero_fp32_state_dict(path: str | os.PathLike, tag: str | None = None) -> dic
             continue
         if name in out:
             raise ValueError(f"{d}: two consolidated entries map to the LeLM key {name!r} (one is {k!r})")
-        out[name] = v.float() if v.is_floating_point() else v
+        out[name] = v
     if not out:
         raise ValueError(f"{d}: the ZeRO checkpoint holds no policy weights ({len(raw)} entries, all dropped)")
     if dropped:
@@ -351,4 +366,4 @@ def _unwrap(name: str) -> str:
 
 
 __all__ = ["check_states_files", "checked_engine_loads", "deepspeed_config", "deepspeed_globals", "is_zero_checkpoint", "policy_name",
-           "read_zero_meta", "states_files", "zero_fp32_state_dict"]
+           "read_zero_meta", "states_files", "zero_fp32_module_state", "zero_fp32_state_dict"]

@@ -22,6 +22,12 @@
 #    checkpoints, a ckpt_path=... the run was started from is no longer used, so a requeue never
 #    goes back to it. A manual preemption test: scancel --signal=USR1 JOBID.
 #
+# Host memory: the scripts ask for --mem=0, the whole node's memory (the job takes every GPU of its
+# nodes). What a node needs: under strategy=fsdp2 (meta-device init) rank 0 maps model.init (an fp32
+# v2-large export: 20 GB; the released bf16 model: 10 GB) and every rank holds its shards plus one
+# full tensor (1.2 GB) while the model is built; under ddp every rank builds the whole model on the
+# host first (8 x 20 GB for v2-large in fp32). Pass --mem=NG to sbatch to ask for less.
+#
 # Environment knobs: LEVO_TRAIN (the command, default `levo-train`, else `python -m
 # levo_train.cli`), LEVO_RUNS (runs root), LEVO_SRUN_ARGS (extra srun options).
 

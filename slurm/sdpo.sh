@@ -9,12 +9,14 @@
 #
 # Runs `srun levo-train recipe=sdpo run_dir=runs/<job name>-<job id> trainer.num_nodes=<nodes>
 # trainer.devices=<tasks per node> resume=true [overrides]` from the submit folder; logs go to
-# RUN_DIR/logs/. Details (requeue, resume, environment knobs): slurm/common.sh.
+# RUN_DIR/logs/. --mem=0 asks for the node's whole host memory. Details (requeue, resume, host memory,
+# environment knobs): slurm/common.sh.
 #SBATCH --job-name=levo-sdpo
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
+#SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR1@120
 #SBATCH --requeue

@@ -78,6 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bf16", action="store_true", help="bf16 weights and compute, fp32 master weights")
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
+    ap.add_argument("--lightning-config", action="store_true",
+                    help="use the DeepSpeed config levo-train's Lightning strategy passes (strategy=deepspeed_zero*: "
+                         "levo_train.strategies.deepspeed_strategy(...).config as Lightning completes it) instead of "
+                         "levo_train.zero.deepspeed_config")
+    ap.add_argument("--meta-init", type=Path, default=None,
+                    help="a model.pt: build the policy (and --frozen-ref) on the meta device and fill it from this file "
+                         "inside deepspeed.zero.Init (ZeRO-3), as levo-train's configure_model does under "
+                         "strategy=deepspeed_zero3")
     ap.add_argument("--bench", action="store_true", help="a bigger model (the size flags), no export")
     ap.add_argument("--check-loads", action="store_true",
                     help="after saving: OUT/crafted, a copy with a payload in rank 1's optimizer states "
@@ -165,6 +173,26 @@ def sft_loss(module: LMModule, batch: dict[str, Any], offset: int, size: int) ->
         generator=module.dropout_gen, pad=module.model.pad_id, global_slice=(offset, size))
     loss, _ = module.lm_loss(batch, module.model.prepare_conditions(lyr, sty, pr))
     return loss
+
+
+def lightning_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config Lightning hands ``deepspeed.initialize`` for ``strategy=deepspeed_zero<stage>``
+    (with the offload flags): our strategy's own config, completed as Lightning's
+    ``DeepSpeedStrategy._format_config`` completes it at set-up (micro batch, accumulation,
+    clipping, precision ``32-true``)."""
+    from lightning.fabric.strategies.deepspeed import _format_precision_config
+
+    from levo_train.strategies import deepspeed_strategy
+
+    config = dict(deepspeed_strategy(stage=args.stage, offload_optimizer=args.offload_optimizer,
+                                     offload_parameters=args.offload_params).config)
+    config.update(gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=args.micro_batch,
+                  gradient_clipping=args.clip)
+    _format_precision_config(config=config, precision="32-true", loss_scale=0, loss_scale_window=1000,
+                             min_loss_scale=1, initial_scale_power=16, hysteresis=2)
+    if args.stage == 3:  # a tiny model: shard every parameter (as deepspeed_config does for the tests)
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold
+    return config
 
 
 def optimizer_and_schedule(module: LMModule) -> tuple[torch.optim.Optimizer, Any]:
@@ -273,21 +301,46 @@ def run(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     rss = {"start": rss_now()}  # torch + deepspeed + the process group, before any model
     B = args.micro_batch
-    module = build_module(args)
-    rss["built"] = rss_now()  # the whole model on every rank (no deepspeed.zero.Init)
-    module.train()
-    if args.activation_checkpointing:
-        module.activation_checkpointing = True
-        module.configure_model()  # before DeepSpeed sees the parameters, as Lightning orders it
-    if args.frozen_ref:
-        from levo_train.train.reference import frozen_copy
-
-        module.ref = frozen_copy(module.model)
-    opt, sched = optimizer_and_schedule(module)
     config = deepspeed_config(args.stage, micro_batch=B, clip=args.clip, offload_optimizer=args.offload_optimizer,
                               offload_params=args.offload_params, bf16=args.bf16,
                               bucket_elems=int(args.bucket) if args.bucket else None,
                               persistence_threshold=args.persistence_threshold if args.stage == 3 else None)
+    if args.lightning_config:
+        config = lightning_config(args)
+    meta = {}
+    if args.meta_init is not None:
+        from levo_train.train.base import DeferredInit
+        from levo_train.train.reference import frozen_copy
+
+        module = SFTModule(model_config(args), lr=args.lr, warmup_steps=2, total_steps=max(args.steps, 3),
+                           seed=args.seed, meta_init=True)
+        module.deferred_init = DeferredInit(weights=args.meta_init)
+        if args.frozen_ref:
+            module.ref = frozen_copy(module.model)  # on the meta device too
+        rss["built"] = rss_now()
+        with deepspeed.zero.Init(config_dict_or_path=config):  # what Lightning opens around configure_model
+            module.activation_checkpointing = args.activation_checkpointing
+            module.materialize_zero3()
+            if args.activation_checkpointing:
+                from levo_train.parallel import parallelize
+
+                parallelize(module.model, activation_checkpointing=True)
+        rss["materialized"] = rss_now()
+        meta = {"partitioned_at_build": all(hasattr(p, "ds_id") for p in module.model.parameters()),
+                "local_elems": sum(p.ds_tensor.numel() for p in module.model.parameters()),
+                "full_elems": sum(p.ds_numel for p in module.model.parameters())}
+    else:
+        module = build_module(args)
+        rss["built"] = rss_now()  # the whole model on every rank (no deepspeed.zero.Init)
+        if args.activation_checkpointing:
+            module.activation_checkpointing = True
+            module.configure_model()  # before DeepSpeed sees the parameters, as Lightning orders it
+        if args.frozen_ref:
+            from levo_train.train.reference import frozen_copy
+
+            module.ref = frozen_copy(module.model)
+    module.train()
+    opt, sched = optimizer_and_schedule(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     rss["initialized"] = rss_now()
 
@@ -345,7 +398,7 @@ def run(args: argparse.Namespace) -> None:
             "n_params": sum(getattr(p, "ds_numel", p.numel()) for p in module.model.parameters()),
             "ds_config": config,
             "losses": [sum(r["losses"][s] for r in every) / world for s in range(args.steps)],
-            "ranks": every, "ckpt": str(ckpt),
+            "ranks": every, "ckpt": str(ckpt), "meta_init": meta,
         }
         if not args.bench:
             t0 = time.perf_counter()

@@ -56,10 +56,16 @@ FSDP2 = ["strategy=fsdp2", "trainer.devices=2"]
 
 
 def test_fsdp2_sft_equals_ddp_resumes_exactly_on_2_ranks_and_on_1_rank(tmp_path, toy_cache_dir):
-    ddp, half, full, one = (tmp_path / n for n in ("ddp", "half", "full", "one"))
+    ddp, half, full, one, old = (tmp_path / n for n in ("ddp", "half", "full", "one", "old"))
     _run(ddp, toy_cache_dir, *SFT, "trainer.max_steps=6", "strategy=ddp", "trainer.devices=2")
-    _run(half, toy_cache_dir, *SFT, "trainer.max_steps=6", *FSDP2)
+    out = _run(half, toy_cache_dir, *SFT, "trainer.max_steps=6", *FSDP2)
     _run(full, toy_cache_dir, *SFT, "trainer.max_steps=12", *FSDP2)
+
+    # meta-device init (the default) = every rank building the whole model first: the seeded random
+    # init replayed on rank 0 and broadcast gives the same losses and export, bit for bit
+    assert "meta-device init: rank 0 fills the policy from a seeded random init" in out.stderr
+    _run(old, toy_cache_dir, *SFT, "trainer.max_steps=6", *FSDP2, "strategy.meta_init=false")
+    assert _losses(old) == _losses(half) and _max_diff(_weights(old / "export"), _weights(half / "export")) == 0.0
 
     # a sharded checkpoint: one DCP shard per rank, meta.pt, the completion marker written last
     ck = half / "checkpoints" / "step0000006.ckpt"
@@ -102,7 +108,8 @@ def test_fsdp2_dpo_shards_the_reference_and_matches_ddp(tmp_path, toy_cache_dir,
     args = ["recipe=dpo", f"model.init={toy_sft_export}", *pairs, "trainer.max_steps=6", "checkpoint.every_n_steps=3",
             "optim.warmup_steps=0", "optim.lr=1e-3"]
     _run(tmp_path / "ddp", toy_cache_dir, *args, "strategy=ddp", "trainer.devices=2")
-    _run(tmp_path / "fsdp2", toy_cache_dir, *args, *FSDP2)
+    out = _run(tmp_path / "fsdp2", toy_cache_dir, *args, *FSDP2)
+    assert "rank 0 fills the policy and its reference from" in out.stderr  # one read of model.init for both
     m = _losses(tmp_path / "fsdp2", "train/rewards/margins")
     assert len(m) == 6 and m[-1] > m[0] + 1e-3, m  # the margins move: the policy learns against its reference
     assert m == pytest.approx(_losses(tmp_path / "ddp", "train/rewards/margins"), rel=1e-5, abs=1e-5)
@@ -112,6 +119,62 @@ def test_fsdp2_dpo_shards_the_reference_and_matches_ddp(tmp_path, toy_cache_dir,
 
     keys = FileSystemReader(str(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
     assert any(k.startswith("state_dict.model.") for k in keys) and not any(k.startswith("state_dict.ref.") for k in keys)
+
+
+def test_fsdp2_reward_model_equals_ddp_and_its_export_scores_alike(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    """recipe=reward under FSDP2 (the trunk built on meta and filled from model.init, the head its
+    own FSDP unit): the same losses and export as DDP; the export is written from the DCP folder
+    (end of run and `levo-train export`), loads as reward.ckpt= does, and levo-eval reward scores
+    the same songs with it as with the DDP export."""
+    from levo_eval.cli import main as eval_main
+    from levo_train.cli import main
+    from levo_train.scorers import load_scorer
+
+    rm = ["recipe=reward", f"model.init={toy_sft_export}", "data.toy_reward.n_train_prompts=40",
+          "data.toy_reward.world_renderings=20", "data.toy_reward.n_val=16", "data.batch_size=8",
+          "data.val_batch_size=16", "optim.warmup_steps=2", "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+    ddp, sharded = tmp_path / "ddp", tmp_path / "fsdp2"
+    _run(ddp, toy_cache_dir, *rm, "strategy=ddp", "trainer.devices=2")
+    _run(sharded, toy_cache_dir, *rm, *FSDP2)
+    a, b = _losses(ddp), _losses(sharded)
+    wd, wf = (torch.load(r / "export" / "reward.pt", weights_only=True) for r in (ddp, sharded))
+    assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert list(wd) == list(wf) and _max_diff(wd, wf) <= 1e-5
+    assert any(k.startswith("head.") for k in wf)
+    info = json.loads((sharded / "export" / "reward.json").read_text())
+    assert info == json.loads((ddp / "export" / "reward.json").read_text())
+    ck = sharded / "checkpoints" / "step0000002.ckpt"
+    assert ck.is_dir() and (ck / "__1_0.distcp").is_file()
+    assert main(["export", f"ckpt={sharded / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'x'}"]) == 0
+    assert _max_diff(torch.load(tmp_path / "x" / "reward.pt", weights_only=True), wf) == 0.0
+    assert main(["export", f"ckpt={ck}", f"out={tmp_path / 'x2'}"]) == 0
+    assert (tmp_path / "x2" / "checksums.json").is_file()
+
+    # what recipe=sdpo reward.ckpt= loads: the same scores for the same songs as the DDP export
+    import numpy as np
+
+    from levo_train.data.shards import Song
+    from levo_train.toy.world import ToyWorld
+
+    world, rng = ToyWorld(0), np.random.default_rng(5)
+    songs = []
+    for i in range(12):
+        c = world.sample_condition(rng)
+        songs.append(Song(f"s{i}", world.render(c, world.sample_corruption(rng), rng)[:, :48], c.lyric, c.style(), None))
+    s_ddp, s_fsdp = (load_scorer(f"rm:{r / 'export'}", setting="reward.ckpt").score(songs) for r in (ddp, sharded))
+    assert max(abs(x[k] - y[k]) for x, y in zip(s_ddp, s_fsdp) for k in x) <= 1e-5
+    evals = []
+    for export in (ddp / "export", sharded / "export"):
+        capsys.readouterr()
+        assert eval_main(["reward", "--rm", str(export), "--policy", str(toy_sft_export), "--n", "16", "--seed", "2",
+                          "--max-frames", "48"]) == 0
+        evals.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert evals[0].keys() == evals[1].keys() and evals[0]["overall"]["srcc"] is not None
+    for dim, m in evals[0].items():  # the same songs ranked the same way; linear correlation within float noise
+        assert {k: v for k, v in m.items() if k != "lcc"} == {k: v for k, v in evals[1][dim].items() if k != "lcc"}
+        assert m["lcc"] is None or abs(m["lcc"] - evals[1][dim]["lcc"]) <= 1e-5
+    print(f"RM fsdp2 vs ddp: losses {max(abs(x - y) for x, y in zip(a, b)):.1e}, export {_max_diff(wd, wf):.1e}, "
+          f"scores {max(abs(x[k] - y[k]) for x, y in zip(s_ddp, s_fsdp) for k in x):.1e} apart")
 
 
 def _refused(capsys, run_dir: Path, cache: str, *extra: str) -> str:

@@ -70,3 +70,43 @@ def test_a_bad_setting_is_refused_naming_its_key(tmp_path, capsys, overrides, me
     err = capsys.readouterr().err
     assert f"levo-train: error: {message}" in err, err[-2000:]
     assert not (Path(rd) / "checkpoints").exists()
+
+
+def test_precision_and_tf32_defaults_are_bf16_and_tf32_on_a_gpu_and_fp32_on_cpu(monkeypatch):
+    """trainer.precision=auto (the default): bf16-mixed where a CUDA GPU with bf16 runs the model,
+    32-true on CPU (the toy world and every test stay fp32); a given precision is kept. train.tf32=auto:
+    TF32 matmuls on a GPU only."""
+    import torch
+
+    from levo_train.run import resolve_precision, set_tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("auto", "auto") == "32-true"
+        assert not set_tf32("auto", "auto") and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert resolve_precision("auto", "auto") == "bf16-mixed" and resolve_precision("auto", "gpu") == "bf16-mixed"
+        assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("16-mixed", "gpu") == "16-mixed"
+        assert set_tf32("auto", "gpu") and torch.backends.cuda.matmul.allow_tf32
+        assert not set_tf32("false", "gpu") and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        assert resolve_precision("auto", "gpu") == "32-true"  # no bf16 (e.g. V100): fp32, not fp16 without asking
+        with pytest.raises(UsageError, match="train.tf32=maybe"):
+            set_tf32("maybe", "cpu")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    cfg = compose_config(["recipe=sft"])
+    assert cfg.trainer.precision == "auto" and cfg.train.tf32 == "auto"
+
+
+def test_v2_large_scale_configs_set_bf16_checkpointing_fsdp2_and_sizes_per_card():
+    """scale=v2_large_80gb / v2_large_141gb: the released size's settings on top of any recipe, each
+    still overridable on the command line (strategy included)."""
+    for scale, batch in (("v2_large_80gb", 4), ("v2_large_141gb", 8)):
+        for recipe in ("sft", "dpo"):
+            c = compose_config([f"recipe={recipe}", f"scale={scale}"])
+            assert c.strategy.name == "fsdp2" and c.trainer.precision == "bf16-mixed" and c.train.tf32 is True
+            assert c.train.activation_checkpointing is True and c.data.batch_size == batch and c.recipe_name == recipe
+    c = compose_config(["recipe=dpo", "scale=v2_large_80gb", "strategy=ddp", "data.batch_size=1"])
+    assert c.strategy.name == "ddp" and c.data.batch_size == 1

@@ -4,25 +4,36 @@ For SFT and DPO (frozen reference / LoRA with the adapters-off reference / preco
 log-probs), per strategy, on 8 x 80 GB and on one 141 GB GPU. What is counted, per GPU:
 
 * **trainable state**: fp32 weights 4 B + fp32 gradients 4 B + AdamW moments 8 B + the bf16
-  working copy autocast makes 2 B = 18 B per trainable parameter (Lightning ``bf16-mixed`` keeps
-  fp32 weights). DDP keeps all of it on every GPU; ZeRO-2 shards gradients and optimizer state
-  (weights and the working copy stay whole); FSDP2 / ZeRO-3 shard everything (plus one decoder
-  layer gathered at a time, which is small and left out).
+  working copy autocast makes 2 B = 18 B per trainable parameter (Lightning ``bf16-mixed``, the GPU
+  default, keeps fp32 weights). The parameters the released layout keeps but never reads (two
+  ``embed_tokens``, ``transformer2.lm_head``, ``layer2_emb.0``, ``out_norm``: 0.13 B in v2-large)
+  never get gradients: 4 B each, like frozen weights. DDP keeps all of it on every GPU; ZeRO-2
+  shards gradients and optimizer state (weights and the working copy stay whole); ZeRO-3 and FSDP2
+  shard everything.
+* **gathered weights**: FSDP2 gathers one decoder layer at a time (the next one prefetched: two
+  layers' fp32 weights in flight, plus one layer's unsharded gradients in backward), and keeps the
+  **root unit** gathered from the forward to the end of the backward (``reshard_after_forward=False``
+  on the root, which the losses need: ``head`` runs after ``frame_hidden``): every parameter outside
+  the decoder layers -- the text tables, code embeddings, heads, the fusion MLP, norms: 1.07 B in
+  v2-large -- at 4 B, plus its unsharded fp32 gradients before the reduce-scatter (trainable part),
+  and the same gathered root for a frozen reference (its forward keeps it too). ZeRO-3 gathers
+  module by module and releases each after use: two decoder layers' bf16 weights in flight.
 * **frozen weights**: a DPO reference copy, and the base weights under LoRA, at 4 B (fp32, as the
-  code keeps them today; casting frozen weights to bf16 would halve this), sharded like the policy
-  under FSDP2 / ZeRO-3. Precomputed references need none.
-* **activations** of one song (DPO: a pair = two songs) of ``T`` positions (952-token prefix + 25 Hz
-  frames), bf16, SDPA/flash attention (no S x S scores kept), per decoder layer: ``34 * T * D`` bytes
-  without checkpointing (Korthikanti et al. 2022, without the attention-score term), ``2 * T * D``
-  with per-layer checkpointing (the layer input) plus one layer's full set while it is recomputed;
-  plus the fp32 logits of the three 16385-way heads and their log-softmax (``2 * 3 * 16385 * 4``
-  bytes per frame) that the loss keeps for backward. The reference forward keeps none.
+  code keeps them), sharded like the policy under FSDP2 / ZeRO-3. Precomputed references need none.
+* **activations** of one song (DPO: a pair = two songs) of ``T`` positions: the 952-token
+  conditioning prefix, the frames (25 Hz) plus EOS, and the delay pattern's tail of
+  ``max(delays)`` = 250 positions (every stream's last frame is predicted 250 steps later),
+  bf16, SDPA/flash attention (no S x S scores kept), per decoder layer: ``34 * T * D`` bytes without
+  checkpointing (Korthikanti et al. 2022, without the attention-score term), ``2 * T * D`` with
+  per-layer checkpointing (the layer input) plus one layer's full set while it is recomputed; plus
+  the fp32 logits of the three 16385-way heads and their log-softmax (``2 * 3 * 16385 * 4`` bytes
+  per frame) that the loss keeps for backward. The reference forward keeps none.
 
 ``--check`` compares the static part with a real module at a small size: it counts the bytes of
 every parameter, gradient and AdamW state tensor after one DPO step (full fine-tuning with a frozen
 copy, and LoRA) and prints them beside this model's prediction.
 
-    python eval/bench/memory_model.py [--song-seconds 270] [--check]
+    python eval/bench/memory_model.py [--song-seconds 270] [--check] [--markdown]
 """
 
 from __future__ import annotations
@@ -32,6 +43,12 @@ import json
 from dataclasses import dataclass
 
 GB = 1e9
+PREFIX_TOKENS, DELAY_TAIL, FRAME_RATE, VOCAB = 952, 250, 25, 16385
+
+
+def layer_params(dim: int, ffn: int) -> int:
+    """One decoder layer: q, k, v, o (D x D each), gate, up, down (D x F each), two RMSNorms."""
+    return 4 * dim * dim + 3 * dim * ffn + 2 * dim
 
 
 @dataclass(frozen=True)
@@ -39,8 +56,19 @@ class Size:
     name: str
     params: float       # all parameters of the released state dict
     dim: int
+    ffn: int
     layers: int         # main + sub stack decoder layers
-    lora_params: float  # r 16 adapters on q,k,v,o,gate,up,down of every decoder layer
+    unused: float       # parameters the released layout keeps but the forward never reads (no gradients)
+
+    @property
+    def root(self) -> float:
+        """Parameters outside the decoder layers: FSDP2's root unit (text tables, embeddings, heads, ...)."""
+        return self.params - self.layers * layer_params(self.dim, self.ffn)
+
+    @property
+    def lora_params(self) -> float:
+        """r 16 adapters on q, k, v, o, gate, up, down of every decoder layer."""
+        return lora_count(self.dim, self.ffn, self.layers)
 
 
 def lora_count(dim: int, ffn: int, layers: int, r: int = 16) -> float:
@@ -49,39 +77,70 @@ def lora_count(dim: int, ffn: int, layers: int, r: int = 16) -> float:
 
 
 SIZES = {
-    "v2-large": Size("v2-large", 5.12e9, 2048, 36 + 12, lora_count(2048, 11008, 48)),
-    "base": Size("base", 2.8e9, 1536, 28 + 12, lora_count(1536, 8960, 40)),  # ~2.8 B incl. the text tables
+    # 5.12 B in the v2-large state dict; the two Qwen2 text tables alone are 0.62 B of the 1.07 B root
+    "v2-large": Size("v2-large", 5.122e9, 2048, 11008, 36 + 12, 4 * VOCAB * 2048),
+    "base": Size("base", 2.8e9, 1536, 8960, 28 + 12, 4 * VOCAB * 1536),  # ~2.8 B incl. the text tables
 }
-STRATEGIES = ("ddp", "zero2", "fsdp2/zero3")
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp2")
 SETUPS = ("sft", "dpo frozen ref", "dpo lora (adapters off)", "dpo precomputed ref")
+
+
+def positions(frames: int) -> int:
+    """Positions one song occupies in each stack: prefix, frames + EOS, the delay tail."""
+    return PREFIX_TOKENS + frames + 1 + DELAY_TAIL
 
 
 def activations(size: Size, tokens: int, frames: int, *, checkpointing: bool) -> float:
     per_layer = (2 if checkpointing else 34) * tokens * size.dim
     recompute = 34 * tokens * size.dim if checkpointing else 0
-    logits = 2 * 3 * 16385 * 4 * frames
+    logits = 2 * 3 * VOCAB * 4 * (frames + 1)
     return size.layers * per_layer + recompute + logits
 
 
 def per_gpu(size: Size, setup: str, strategy: str, gpus: int, *, song_seconds: float, checkpointing: bool) -> dict:
-    frames = int(song_seconds * 25)
-    tokens = 952 + frames
+    """Bytes per GPU of each part (see the module docstring), and their total."""
+    frames = int(song_seconds * FRAME_RATE)
     lora = setup.startswith("dpo lora")
-    trainable = size.lora_params if lora else size.params
-    frozen = size.params if (lora or setup == "dpo frozen ref") else 0.0
-    shard_all = strategy == "fsdp2/zero3"
-    n = gpus if gpus > 1 else 1
+    trainable = size.lora_params if lora else size.params - size.unused
+    frozen = size.params if lora else size.unused  # the base under LoRA; else the never-read tensors
+    ref = size.params if setup == "dpo frozen ref" else 0.0
+    n = max(1, gpus)
+    per_layer = layer_params(size.dim, size.ffn)
+    gathered = 0.0
     if strategy == "ddp":
         state = 18 * trainable
+        frozen_b = 4 * (frozen + ref)
     elif strategy == "zero2":
         state = (4 + 2) * trainable + (4 + 8) * trainable / n
-    else:
+        frozen_b = 4 * (frozen + ref)
+    elif strategy == "zero3":
         state = 18 * trainable / n
-    frozen_b = 4 * frozen / (n if shard_all else 1)
+        frozen_b = 4 * (frozen + ref) / n
+        gathered = 2 * per_layer * 2
+    elif strategy == "fsdp2":
+        state = 18 * trainable / n
+        frozen_b = 4 * (frozen + ref) / n
+        root_trainable = 0.0 if lora else size.root - size.unused
+        gathered = (4 * size.root + 4 * root_trainable          # the policy's root, and its unsharded gradients
+                    + (4 * size.root if ref else 0.0)           # a frozen reference's root
+                    + 2 * 4 * per_layer + 4 * per_layer)        # layers in flight, one layer's gradients
+    else:
+        raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
     songs = 1 if setup == "sft" else 2
-    act = songs * activations(size, tokens, frames, checkpointing=checkpointing)
-    total = state + frozen_b + act
-    return {"state_gb": state / GB, "frozen_gb": frozen_b / GB, "activations_gb": act / GB, "total_gb": total / GB}
+    act = songs * activations(size, positions(frames), frames, checkpointing=checkpointing)
+    total = state + frozen_b + gathered + act
+    return {"state_gb": state / GB, "frozen_gb": frozen_b / GB, "gathered_gb": gathered / GB,
+            "activations_gb": act / GB, "total_gb": total / GB}
+
+
+def fsdp2_one_gpu_sft(dim: int, ffn: int, layers: int, root: float, frames: int, batch: int,
+                      checkpointing: bool = True) -> float:
+    """Bytes of an FSDP2 SFT step on one GPU with FSDP2's bf16 mixed-precision policy
+    (``gpu_check_train.py``): fp32 weights, gradients and AdamW (16 B per parameter), the root's and
+    two layers' bf16 gathered copies, ``batch`` songs' activations."""
+    size = Size("probe", root + layers * layer_params(dim, ffn), dim, ffn, layers, 0.0)
+    static = 16 * size.params + 2 * root + 2 * 2 * layer_params(dim, ffn)
+    return static + batch * activations(size, positions(frames), frames, checkpointing=checkpointing)
 
 
 def table(song_seconds: float) -> str:
@@ -98,7 +157,8 @@ def table(song_seconds: float) -> str:
                 fits1 = "yes" if one["total_gb"] <= 141 * 0.92 else "no"
                 single = f"{one['total_gb']:.0f} GB" if strat == "ddp" else "—"
                 rows.append(f"| {size.name} | {setup} | {strat} | {off['total_gb']:.0f} / {on['total_gb']:.0f} GB "
-                            f"(state {on['state_gb']:.0f}, frozen {on['frozen_gb']:.0f}, act {on['activations_gb']:.1f}) "
+                            f"(state {on['state_gb']:.0f}, frozen {on['frozen_gb']:.0f}, gathered "
+                            f"{on['gathered_gb']:.1f}, act {on['activations_gb']:.1f}) "
                             f"| {fits8} | {single} | {fits1 if strat == 'ddp' else '—'} |")
     return "\n".join(rows)
 
@@ -140,7 +200,7 @@ def check() -> dict:
                    + sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                          if torch.is_tensor(t) and t.dim() > 0)
                    + (sum(p.numel() * p.element_size() for p in m.ref.parameters()) if m.ref is not None else 0))
-        predicted = 16 * trainable + 4 * (frozen_policy + ref)
+        predicted = 16 * trainable + 4 * (frozen_policy + ref)  # fp32 on CPU: no bf16 working copy
         out[variant] = {"trainable": trainable, "frozen": frozen_policy + ref, "counted_bytes": counted,
                         "predicted_bytes": predicted, "ratio": round(counted / predicted, 4)}
     return out

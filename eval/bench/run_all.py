@@ -111,6 +111,28 @@ def rows_strategies(r: dict) -> list[Row]:
     return [(f"training step per strategy, 2 CPU ranks (gloo), {r['params_m']:.1f} M parameters", ours, ref)]
 
 
+def rows_meta_init(r: dict) -> list[Row]:
+    c, gb = r["config"], (lambda x: f"{x / 1e9:.1f} GB")
+    what = (f"building a sharded {r['method'].upper()} model on {r['world']} CPU ranks (fsdp2), dim {c['dim']}, "
+            f"{c['layers']}+{c['layers_sub']} layers, {c['code_size']} codes ({r['params'] / 1e9:.2f} B params, "
+            f"{gb(r['file_bytes'])} fp32 model.init): peak RSS above the rank's start")
+    meta = {x["rank"]: x for x in r["meta"]}
+    ours = (f"meta-device init: rank 1 +{gb(meta[1]['peak_above_before'])} (its shards {gb(meta[1]['shard_bytes'])} + "
+            f"largest tensor {gb(r['largest_tensor_bytes'])}), rank 0 +{gb(meta[0]['peak_above_before'])} (adds the "
+            f"memory-mapped init file); {meta[1]['seconds']:.0f} s")
+    legacy = {x["rank"]: x for x in r.get("legacy", [])}
+    ref = (f"every rank building the whole model first (`strategy.meta_init=false`, the path before): rank 1 "
+           f"+{gb(legacy[1]['peak_above_before'])}, rank 0 +{gb(legacy[0]['peak_above_before'])}" if legacy else "—")
+    out = [(what, ours, ref)]
+    e, el = r.get("export"), r.get("export_legacy")
+    if e:
+        out.append((f"consolidating that checkpoint (a DCP folder) into a {gb(r['file_bytes'])} model.pt: peak RSS",
+                    f"streamed tensor by tensor: +{gb(e['peak_above_before'])} ({e['seconds']:.0f} s)",
+                    f"the whole state dict, a model loaded from it, torch.save (the export before): "
+                    f"+{gb(el['peak_above_before'])} ({el['seconds']:.0f} s)" if el else "—"))
+    return out
+
+
 def rows_lora(r: Any) -> list[Row]:
     rows = {x["variant"]: x for x in (r if isinstance(r, list) else r.get("rows", []))}
     f, lo = rows.get("full"), rows.get("lora")
@@ -187,6 +209,9 @@ def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
         Bench("infer", ["eval/bench/bench_infer.py", *(["--skip-load"] if q else []), "--json", "{json}"], rows_infer,
               json_flag=True, timeout=1500),
         Bench("strategies", ["eval/bench/bench_strategies.py", "--json", "{json}"], rows_strategies, json_flag=True),
+        Bench("meta_init", ["eval/bench/bench_meta_init.py", "--legacy", "--export-legacy",
+                            *(["--dim", "1024", "--ffn", "4096", "--heads", "8"] if q else []), "--json", "{json}"],
+              rows_meta_init, json_flag=True, timeout=1800),
         Bench("lora_memory", ["eval/bench/bench_lora_memory.py", *(["--dim", "256"] if q else [])], rows_lora),
         Bench("sdpo", ["eval/bench/bench_sdpo.py", "--init", sdpo_init or "{sft_export}",
                        *(["--prompts", "60", "--sync-every", "10"] if q else [])], rows_sdpo),

@@ -8,6 +8,10 @@ own files, one file here with its :class:`Method` subclass and typed settings, a
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from levo_train.export import read_checkpoint
 from levo_train.settings import UsageError
 
 from .base import DataSpec, Method, Plan, export_policy, shard_setting, stream_weights
@@ -27,5 +31,14 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "DPOSettings", "DataSpec", "LMSettings", "Method", "Plan", "RewardSettings",
+def export_checkpoint(path: str | Path, folder: str | Path, dtype: Any = None) -> Path:
+    """Any levo-train checkpoint (any strategy) -> its method's export: a reward model's export
+    folder for a ``recipe=reward`` checkpoint (its ``levo.reward`` section), else the policy in the
+    released folder layout (``levo-train export``, the end of a sharded run)."""
+    levo = read_checkpoint(path, verify=False).get("levo")
+    method = METHODS["reward"] if isinstance(levo, dict) and "reward" in levo else METHODS["lm"]
+    return method.export_checkpoint(Path(path), Path(folder), dtype)
+
+
+__all__ = ["METHODS", "export_checkpoint", "DPOSettings", "DataSpec", "LMSettings", "Method", "Plan", "RewardSettings",
            "SDPOScorerSettings", "SDPOSettings", "export_policy", "get_method", "shard_setting", "stream_weights"]

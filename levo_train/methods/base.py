@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from levo_infer.checkpoint import save_released
 from levo_infer.config import ModelConfig
 from levo_train.data.shards import ShardError, resolve_shards
+from levo_train.export import export_checkpoint
 from levo_train.lora import ADAPTER_DIR, LoraSpec, has_lora, merged_copy, save_adapters
 from levo_train.resume import ResumePoint
 from levo_train.settings import UsageError, to_floats, typed
@@ -104,6 +105,11 @@ class Method(ABC):
     def export(self, module: Any, folder: Path, dtype: Any = None) -> None:
         """Write ``run_dir/export``: the policy in the released folder layout (:func:`export_policy`)."""
         export_policy(module, folder, dtype)
+
+    def export_checkpoint(self, path: Path, folder: Path, dtype: Any = None) -> Path:
+        """The same export, written from a checkpoint of this method (any strategy) instead of the
+        module in memory: the end of a sharded run, ``levo-train export``."""
+        return export_checkpoint(path, folder, dtype)
 
 
 def export_policy(module: Any, folder: Path, dtype: Any = None) -> None:

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from levo_infer.config import config_from_omegaconf
 from levo_train.data.datamodule import PairDataModule
 from levo_train.data.scored import RewardDataModule, data_dimensions
 from levo_train.data.shards import ShardError, iter_raw, resolve_shards
-from levo_train.reward.model import POOLINGS, save_reward_model
+from levo_train.export import CheckpointWeights, ExportError
+from levo_train.reward.model import POOLINGS, RewardModel, save_reward_model, write_reward_export
 from levo_train.settings import UsageError, to_float, to_int, to_strings, toy_cache_root, typed
 from levo_train.toy.scored import ToyRewardSpec, ensure_toy_reward_data
 from levo_train.toy.world import DIMENSIONS
@@ -138,6 +141,7 @@ class RewardMethod(Method):
                   "starts from (and, on the toy world, samples its training songs), e.g. `levo-train recipe=sft "
                   "run_dir=A` then `levo-train recipe=reward model.init=A/export`")
     supports_lora = False
+    supports_sharding = True
 
     def uses_toy(self, plan: Plan) -> bool:
         return plan.cfg.data.train is None and not plan.cfg.data.get("pairs")
@@ -186,5 +190,35 @@ class RewardMethod(Method):
         """The reward model's export folder (:func:`levo_train.reward.model.save_reward_model`)."""
         save_reward_model(module.reward_model(), folder, {"source": getattr(module, "init_fingerprint", None)}, dtype)
 
+    def export_checkpoint(self, path: Path, folder: Path, dtype: Any = None) -> Path:
+        """The reward export folder written from a reward checkpoint of any strategy, tensor by tensor
+        (a DCP folder never has the whole model in memory): the same files :meth:`export` writes."""
+        return export_reward_checkpoint(path, folder, dtype)
 
-__all__ = ["RewardMethod", "RewardSettings", "pair_dimensions", "reward_dimensions", "toy_reward_data"]
+
+def export_reward_checkpoint(path: str | Path, folder: str | Path, dtype: Any = None) -> Path:
+    """:meth:`RewardMethod.export_checkpoint`: ``config.yaml``, ``reward.pt``, ``reward.json`` and
+    ``checksums.json`` from the trunk (``model.*``) and head (``head.*``) weights of a checkpoint whose
+    ``levo.reward`` section names the outputs, the pooling and the truncated trunk's config."""
+    w = CheckpointWeights(path, ("model.", "head."))
+    r = w.levo.get("reward")
+    if not isinstance(r, dict) or not {"dimensions", "pooling", "model_config"} <= set(r):
+        raise ExportError(f"{path}: not a reward-model checkpoint of this levo-train (no levo.reward section with "
+                          "dimensions, pooling and model_config)")
+    config = config_from_omegaconf(OmegaConf.create(r["model_config"]), where=f"{path} levo.reward.model_config")
+    with torch.device("meta"):
+        want = {k: (tuple(v.shape), v.dtype) for k, v in
+                RewardModel(config, r["dimensions"], pooling=r["pooling"]).state_dict().items()}
+    name = {k: "model." + k[len("lm."):] if k.startswith("lm.") else k for k in want}  # RewardModel -> module names
+    have = w.entries
+    missing = [k for k in want if name[k] not in have]
+    unexpected = sorted(set(have) - set(name.values()))
+    bad = [k for k in want if name[k] in have and have[name[k]][0] != want[k][0]]
+    if missing or unexpected or bad:
+        raise ExportError(f"{path}: its weights do not match its reward model: missing {missing[:4]}, unexpected "
+                          f"{unexpected[:4]}, other shapes {bad[:4]}")
+    return write_reward_export(folder, config, r["dimensions"], r["pooling"], {"source": w.levo.get("init_fingerprint")},
+                               want, lambda k: w.get(name[k]).to(want[k][1]), dtype)
+
+
+__all__ = ["RewardMethod", "RewardSettings", "export_reward_checkpoint", "pair_dimensions", "reward_dimensions", "toy_reward_data"]

@@ -35,14 +35,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from levo_infer.checkpoint import atomic_torch_save
 from levo_infer.config import ModelConfig, load_config, save_config
 from levo_infer.integrity import (
     IntegrityError,
@@ -55,6 +54,7 @@ from levo_infer.jsonio import write_json_atomic
 from levo_infer.model import Conditions, LeLM
 from levo_infer.safe_load import torch_load
 from levo_infer.tokens import append_eos
+from levo_train.checkpointing import write_torch_stream
 from levo_train.data.batch import collate_songs
 from levo_train.data.shards import OVERALL, Song
 
@@ -212,18 +212,30 @@ class RewardModel(nn.Module):
 
 def save_reward_model(model: RewardModel, folder: str | os.PathLike, info: dict[str, Any],
                       dtype: torch.dtype | None = None) -> Path:
-    """Write the export folder (``config.yaml``, ``reward.pt``, ``reward.json``); ``info`` adds
-    fields to ``reward.json`` (e.g. ``source``)."""
+    """Write the export folder (``config.yaml``, ``reward.pt``, ``reward.json``, ``checksums.json``)
+    of ``model``; ``info`` adds fields to ``reward.json`` (e.g. ``source``)."""
+    sd = model.state_dict()
+    return write_reward_export(folder, model.config, model.dimensions, model.pooling, info,
+                               {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, sd.__getitem__, dtype)
+
+
+def write_reward_export(folder: str | os.PathLike, config: ModelConfig, dimensions: Sequence[str], pooling: str,
+                        info: dict[str, Any], entries: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                        get: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None) -> Path:
+    """The export folder from the :class:`RewardModel` state-dict ``entries`` (name -> shape, dtype,
+    in state-dict order), each tensor asked of ``get`` only when ``reward.pt`` writes it (so a
+    sharded checkpoint is exported without the whole model in memory). Floating tensors are
+    written in ``dtype`` when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_manifest(folder)
-    sd = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).cpu().contiguous()
-          for k, v in model.state_dict().items()}
-    atomic_torch_save(sd, folder / WEIGHTS_FILE)
-    save_config(model.config, folder / CONFIG_FILE)
-    meta = {"format": EXPORT_FORMAT, "dimensions": list(model.dimensions), "overall": OVERALL,
-            "pooling": model.pooling, "policy_code_size": model.config.lm.code_size,
-            "layers": model.config.lm.num_layers, "layers_sub": model.config.lm.num_layers_sub,
+    out = {k: (dtype if dtype is not None and dt.is_floating_point else dt) for k, (_, dt) in entries.items()}
+    write_torch_stream(folder / WEIGHTS_FILE, [(k, shape, out[k]) for k, (shape, _) in entries.items()],
+                       lambda k: get(k).detach().to(out[k]))
+    save_config(config, folder / CONFIG_FILE)
+    meta = {"format": EXPORT_FORMAT, "dimensions": list(dimensions), "overall": OVERALL,
+            "pooling": pooling, "policy_code_size": config.lm.code_size,
+            "layers": config.lm.num_layers, "layers_sub": config.lm.num_layers_sub,
             "targets": "raw", **info}
     write_json_atomic(folder / INFO_FILE, meta)
     write_manifest(folder, [WEIGHTS_FILE, CONFIG_FILE, INFO_FILE])
@@ -317,4 +329,4 @@ class RewardScorer:
 
 __all__ = ["OVERALL", "POOLINGS", "RewardHead", "RewardModel", "RewardModelError", "RewardScorer",
            "load_reward_model", "mean_pool", "read_reward_info", "reward_forward", "save_reward_model",
-           "token_logp_features", "trunk_states", "truncate_trunk"]
+           "token_logp_features", "trunk_states", "truncate_trunk", "write_reward_export"]

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torchmetrics import CatMetric, MeanMetric
 
 from levo_infer.config import ModelConfig
+from levo_train.parallel import apply_fsdp_unit
 from levo_train.reward.metrics import METRICS, ranking_metrics
 from levo_train.reward.model import OVERALL, RewardHead, RewardModel, reward_forward, truncate_trunk
 
-from .base import LeLMTrainModule, warmup_cosine
+from .base import LeLMTrainModule, decays, warmup_cosine
 
 LOSSES = ("mse", "smooth_l1")
 RANK_LOSSES = ("none", "bt", "listmle")
@@ -140,7 +141,11 @@ class RewardModule(LeLMTrainModule):
         self.dimensions = tuple(dimensions)
         self.outputs = (*self.dimensions, OVERALL)
         self.pooling = pooling
-        self.head = RewardHead(model_config.lm.dim, len(self.outputs), pooling, model_config.lm.code_depth)
+        # the head's initial weights come from its own seeded generator: the same under every strategy
+        # and device, whether the trunk is built for real or on the meta device (which draws nothing)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed_for_head(kw.get("seed", 0)))
+            self.head = RewardHead(model_config.lm.dim, len(self.outputs), pooling, model_config.lm.code_depth)
         self.layers, self.layers_sub = layers, layers_sub
         self.loss_kind, self.rank_loss, self.rank_weight, self.rank_margin = loss, rank_loss, rank_weight, rank_margin
         unused = UNUSED_TRUNK if pooling != "mean_logp" else UNUSED_TRUNK[3:]  # mean_logp reads the LM heads
@@ -151,6 +156,28 @@ class RewardModule(LeLMTrainModule):
         self.val_pred, self.val_target = CatMetric(), CatMetric()
         self.val_pair_right, self.val_pair_n = CatMetric(), CatMetric()  # per (pair, output): agreed / labelled
         self.truncated = False
+
+    @staticmethod
+    def seed_for_head(seed: int) -> int:
+        """The seed of the head's initialisation (``seed`` + 2: ``seed + 1`` is the dropout generator's)."""
+        return int(seed) + 2
+
+    def configure_model(self) -> None:
+        """The trunk as every method's (:meth:`LeLMTrainModule.configure_model`); under FSDP2 the head
+        is its own FSDP unit over the same mesh (its ``forward`` gathers it; gradients are
+        reduce-scattered like the trunk's)."""
+        super().configure_model()
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "shards_model", False):
+            apply_fsdp_unit(self.head, strategy.data_parallel_mesh, **strategy.fsdp_options)  # type: ignore[union-attr]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Besides every method's ``levo`` section, what the reward export needs to be written from
+        the checkpoint alone (``levo-train export``, the end of a sharded run): the outputs, the
+        pooling and the truncated trunk's config."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["levo"]["reward"] = {"dimensions": list(self.dimensions), "pooling": self.pooling,
+                                        "model_config": self.model.cfg.to_dict()}
 
     def truncate(self) -> None:
         """Drop the trunk's layers beyond ``layers`` / ``layers_sub`` (once, after the init loads)."""
@@ -168,7 +195,7 @@ class RewardModule(LeLMTrainModule):
         for n, p in list(self.model.named_parameters()) + [("head." + n, p) for n, p in self.head.named_parameters()]:
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "norm" in n or n.endswith(".bias") else decay).append(p)
+            (decay if decays(n, p) else no_decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=self.betas)
