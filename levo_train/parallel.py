@@ -20,6 +20,7 @@ import torch
 import torch.distributed.fsdp as fsdp
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.distributed.tensor import DTensor
 
 WRAPPED = "_checkpoint_wrapped_module."
 
@@ -103,10 +104,31 @@ def parallelize(model: nn.Module, *, activation_checkpointing: bool = False, mes
     return model
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (a no-op for one that is): the root
+    keeps its parameters gathered after a forward without backward (``reshard_after_forward=False``),
+    and those gathered copies are in the mixed-precision dtype, not the fp32 master weights."""
+    for m in model.modules():
+        if isinstance(m, fsdp.FSDPModule):
+            m.reshard()
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter or buffer of a possibly sharded model, on its device.
+
+    A DTensor (an FSDP2 shard) is gathered from every rank with ``full_tensor()``: a collective, so
+    every rank must ask for the same tensors in the same order. A plain tensor (DDP, one process, a
+    buffer, an FSDP2 unit that is currently unsharded) is returned as it is, not copied.
+    """
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
+
+
 def plain_name(name: str) -> str:
     """A parameter or module name without the checkpoint wrapper's segment (the state-dict name)."""
     return name.replace(WRAPPED, "")
 
 
-__all__ = ["apply_activation_checkpointing", "apply_fsdp", "decoder_layers", "is_checkpointed", "is_sharded",
-           "parallelize", "plain_name"]
+__all__ = ["apply_activation_checkpointing", "apply_fsdp", "decoder_layers", "full_value", "is_checkpointed", "is_sharded",
+           "parallelize", "plain_name", "reshard_all"]
