@@ -26,6 +26,11 @@ optimizer step, just before the optimizer applies it:
 The ranks agree through one all-reduce of a small flag vector per optimizer step (a signal may
 reach only some ranks; a non-finite loss only one), so all of them stop, skip or go on together
 and none waits in a collective the others never enter.
+
+A step that runs long before its update (a semi-online DPO round generates inside the step) adds
+safe points of its own: :meth:`StepGuard.agreed_signal` asks the ranks whether to act now, and
+:meth:`StepGuard.checkpoint_and_stop` writes the checkpoint (the state of the step's start, plus
+what the module saved of the work done inside it) and stops or requeues the same way.
 """
 
 from __future__ import annotations

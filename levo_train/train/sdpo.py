@@ -5,8 +5,12 @@ A *round* starts at every optimizer step ``s`` with ``s % sync_every == 0``:
 1. ``prompts_per_round`` prompts are taken from the prompt pool (a seeded permutation, walked in
    order, one epoch after another); each rank samples ``per_prompt`` candidates for its share of
    them with the **current** policy (:func:`levo_train.rollout.sample_and_score`: ``no_grad``,
-   KV cache, per-song seeds from ``(seed, round)``), and the scorer (reward model or any
-   :class:`~levo_train.rollout.Scorer`) scores them;
+   KV cache, per-song seeds from ``(seed, round)``), one generation batch (``gen_batch_size //
+   per_prompt`` prompts) at a time, and the scorer (reward model or any
+   :class:`~levo_train.rollout.Scorer`) scores each batch. A sharded (FSDP2) or LoRA policy, or one
+   held in another dtype than ``sdpo.gen_dtype``, generates from a rank-local plain LeLM refreshed
+   from it parameter by parameter (:mod:`levo_train.train.inference_copy`): no collective during
+   generation, so ranks with fewer prompts (or none) never leave another waiting;
 2. candidates are gathered on every rank; per prompt, best vs worst on the scorer's overall score
    when they differ by ``min_margin`` become pairs, which replace the oldest round in a buffer of
    the last ``buffer_rounds`` rounds;
@@ -16,7 +20,16 @@ A *round* starts at every optimizer step ``s`` with ``s % sync_every == 0``:
 
 Exact resume: the checkpoint holds the round index, the buffer (tokens and conditions of every
 pair), the draw cursor and, when the reference is re-synced, the reference weights; generation
-seeds depend on ``(seed, round)`` only. So N steps + resume to 2N equals 2N straight.
+seeds depend on ``(seed, round)`` only. So N steps + resume to 2N equals 2N straight, under every
+strategy (FSDP2: from the sharded checkpoint). It also holds the settings that shape rounds
+(``settings``), which a resume must repeat (:meth:`levo_train.methods.sdpo.SDPOMethod.check_resume`).
+
+Stop and requeue signals during a round: after every generation batch all ranks pass a safe point
+(:meth:`levo_train.guard.StepGuard.agreed_signal`, one small all-reduce; every rank passes as many
+as the rank with the most batches). A signal received meanwhile checkpoints there: the state of
+the step's start plus the candidates every rank generated so far (``partial``); the resume
+generates only the rest of that round, and the run ends as if never interrupted. A round is
+never lost to a preemption longer than one generation batch plus the checkpoint write.
 
 Per round (``run_dir/sdpo/rounds.jsonl``, the loggers, and ``rounds.png`` at the end): generation
 and scoring time, the scorer's mean over the candidates, the pairs' score margins and, when an
@@ -290,6 +303,9 @@ class SemiOnlineDPOModule(DPOModule):
         restored = [candidate_from_record(c) for c in self.partial["candidates"]] \
             if self.partial is not None and int(self.partial["round"]) == r else []
         chunks, slots = self._chunks(len(prompts), {c.prompt_index for c in restored})
+        if restored and rank == 0:
+            log.info("round %d: resumed with %d of its %d prompts generated before the interruption", r,
+                     len({c.prompt_index for c in restored}), len(prompts))
         guard = self._guard()
         if self.scorer_follows_policy and hasattr(self.scorer, "to"):
             self.scorer.to(self.device)  # a reward model runs where the policy runs (reward.device unset)
@@ -315,6 +331,9 @@ class SemiOnlineDPOModule(DPOModule):
                     except ValueError as e:
                         error = f"round {r}: {e}"
                     t_score += time.perf_counter() - t0
+                    if rank == 0:
+                        log.info("round %d: %d/%d prompts of rank 0 generated and scored (%.1f s)", r,
+                                 sum(map(len, chunks[:slot + 1])), sum(map(len, chunks)), t_gen + t_score)
                 signum = guard.agreed_signal(self.trainer) if guard is not None else None
                 if signum is not None:  # a safe point: keep what every rank has, checkpoint, stop
                     done = [c for part in self._gather([candidate_record(c) for c in cands]) for c in part]
