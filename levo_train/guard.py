@@ -26,6 +26,11 @@ optimizer step, just before the optimizer applies it:
 The ranks agree through one all-reduce of a small flag vector per optimizer step (a signal may
 reach only some ranks; a non-finite loss only one), so all of them stop, skip or go on together
 and none waits in a collective the others never enter.
+
+A step that runs long before its update (a semi-online DPO round generates inside the step) adds
+safe points of its own: :meth:`StepGuard.agreed_signal` asks the ranks whether to act now, and
+:meth:`StepGuard.checkpoint_and_stop` writes the checkpoint (the state of the step's start, plus
+what the module saved of the work done inside it) and stops or requeues the same way.
 """
 
 from __future__ import annotations
@@ -216,12 +221,36 @@ class StepGuard(Callback):
         if seen:  # a stop signal wins over a requeue
             self._act = next((s for s in self.STOP_SIGNALS if s in seen), seen[0])
 
+    # -- safe points inside a step ---------------------------------------------------------
+    def agreed_signal(self, trainer: L.Trainer) -> int | None:
+        """The stop or requeue signal every rank acts on now, or None: for a safe point *inside* an
+        optimizer step, before its update (between the generation batches of a semi-online DPO
+        round), where the state is still that of the step's start. Under several ranks a collective
+        (one all-reduce of the flags): every rank must call it at the same points."""
+        if not self.signals:
+            return None
+        flags = torch.tensor([float(s in self._seen) for s in self.signals], device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        seen = [s for s, f in zip(self.signals, flags.tolist()) if f]
+        if not seen:
+            return None
+        return next((s for s in self.STOP_SIGNALS if s in seen), seen[0])  # a stop signal wins over a requeue
+
     # -- acting on a signal, after the step ------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._act is None:
             return
         signum, self._act = self._act, None
+        self.checkpoint_and_stop(trainer, signum)
+
+    def checkpoint_and_stop(self, trainer: L.Trainer, signum: int) -> None:
+        """Act on ``signum`` on every rank: the requeue signal writes ``RUN/hpc_ckpt_N.ckpt``, requeues
+        the job and exits 0; a stop signal writes ``checkpoints/last.ckpt`` and raises
+        :class:`RunStopped`. Called at a safe point: the end of an optimizer step, or
+        :meth:`agreed_signal`'s inside one (the checkpoint then resumes that step from its start,
+        with whatever the module saved of the work done inside it)."""
         if signum == self.requeue_signal:
             path = trainer.strategy.broadcast(str(next_hpc_path(trainer.default_root_dir)))
             log.info("signal %s: saving %s at step %d and requeueing", signum, path, trainer.global_step)

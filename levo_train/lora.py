@@ -85,6 +85,20 @@ def has_lora(model: nn.Module) -> bool:
     return bool(_tuner_layers(model))
 
 
+def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """(module name, peft LoRA layer) of every adapted linear layer of ``model``."""
+    return _tuner_layers(model)
+
+
+def lora_delta(layer: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What merging adds to a LoRA layer's base weight: ``scaling · B A`` in fp32 (peft's
+    ``get_delta_weight``; ``a``, ``b``: the layer's whole ``lora_A`` / ``lora_B`` weights, passed
+    in because under FSDP2 they are gathered from their shards first)."""
+    if getattr(layer, "fan_in_fan_out", False):
+        raise ValueError("LoRA layers with fan_in_fan_out (Conv1D-style weights) are not used by LeLM")
+    return (b.float() @ a.float()) * float(layer.scaling[ADAPTER_NAME])
+
+
 def check_targets(model: nn.Module, spec: LoraSpec) -> None:
     """A target is a linear layer's name or a dotted suffix of it (peft's rule); a target list with
     names that match nothing is a ``ValueError`` naming ``train.lora.targets`` and the candidates.
@@ -137,8 +151,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in _tuner_layers(model):
         key = f"{plain_name(name)}.weight"
         with torch.no_grad():
-            delta = layer.get_delta_weight(ADAPTER_NAME)
-        out[key] = (out[key].float() + delta.float()).to(out[key].dtype)
+            delta = lora_delta(layer, layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight)
+        out[key] = (out[key].float() + delta).to(out[key].dtype)
     return out
 
 
@@ -208,5 +222,5 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoraSpec", "adapters_disabled",
-           "apply_lora", "has_lora", "lora_spec", "merged_copy", "merged_state_dict", "read_adapters", "save_adapters",
-           "trainable_share"]
+           "apply_lora", "has_lora", "lora_delta", "lora_layers", "lora_spec", "merged_copy", "merged_state_dict",
+           "read_adapters", "save_adapters", "trainable_share"]

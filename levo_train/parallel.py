@@ -252,10 +252,32 @@ class _PrefixedSource(Mapping):
         return len(self.names)
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (a no-op for one that is): the root
+    keeps its parameters gathered after a forward without backward (``reshard_after_forward=False``),
+    and those gathered copies are in the mixed-precision dtype, not the fp32 master weights."""
+    for m in model.modules():
+        if isinstance(m, fsdp.FSDPModule):
+            m.reshard()
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter or buffer of a possibly sharded model, on its device.
+
+    A DTensor (an FSDP2 shard) is gathered from every rank with ``full_tensor()``: a collective, so
+    every rank must ask for the same tensors in the same order. A plain tensor (DDP, one process, a
+    buffer, an FSDP2 unit that is currently unsharded) is returned as it is, not copied.
+    """
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
+
+
 def plain_name(name: str) -> str:
     """A parameter or module name without the checkpoint wrapper's segment (the state-dict name)."""
     return name.replace(WRAPPED, "")
 
 
-__all__ = ["apply_activation_checkpointing", "apply_fsdp", "apply_fsdp_unit", "decoder_layers", "fill_plan", "has_meta", "is_checkpointed",
-           "is_sharded", "materialize", "parallelize", "plain_name", "weight_source"]
+__all__ = ["apply_activation_checkpointing", "apply_fsdp", "apply_fsdp_unit", "decoder_layers", "fill_plan", "full_value",
+           "has_meta", "is_checkpointed", "is_sharded", "materialize", "parallelize", "plain_name", "reshard_all",
+           "weight_source"]

@@ -86,8 +86,9 @@ def _newest_that_loads(run_dir: Path, found: list[Path]) -> ResumePoint:
         except ValueError as e:
             failed.append((p, e))
     best: ResumePoint | None = None
-    # the highest step first; at equal steps the first listed (last.ckpt, a step file, hpc)
-    for rp in sorted(readable, key=lambda r: -r.step):
+    # the highest step first; at equal steps the one holding work done inside the next step (a semi-online
+    # round interrupted at a safe point: levo.partial_step), then the first listed (last.ckpt, a step file, hpc)
+    for rp in sorted(readable, key=lambda r: (-r.step, -int(r.levo.get("partial_step") or 0))):
         try:
             verify_checkpoint(rp.path)
         except ValueError as e:

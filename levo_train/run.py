@@ -145,9 +145,12 @@ def check_strategy(cfg: DictConfig, method: Method, lora: LoraSpec, resume: Resu
     sharding = is_sharding(name)
     if sharding and not method.supports_sharding:
         raise UsageError(f"strategy={name}: recipe method {method.name} does not train sharded yet; use strategy=ddp")
-    if sharding and lora.enabled:
-        raise UsageError(f"strategy={name} with train.lora.r={lora.r}: LoRA trains with strategy=ddp (the "
-                         "frozen base fits each GPU: README \"Memory model\"); drop one of the two")
+    if name.startswith("deepspeed") and not method.supports_deepspeed:
+        raise UsageError(f"strategy={name}: recipe method {method.name} trains sharded under strategy=fsdp2 (or "
+                         "unsharded under strategy=ddp), not under DeepSpeed")
+    if name.startswith("deepspeed") and lora.enabled:
+        raise UsageError(f"strategy={name} with train.lora.r={lora.r}: LoRA trains under strategy=fsdp2 (adapters "
+                         "sharded with their layers) or strategy=ddp, not under DeepSpeed; drop one of the two")
     if resume is not None and name == "fsdp2" and Path(resume.path).is_file():
         # Lightning maps a one-file checkpoint's AdamW state to parameters by position, which our
         # decay / no-decay parameter groups reorder: refused rather than resumed with mixed-up moments

@@ -60,6 +60,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True,
                          **kwargs)
         self.fsdp_options = {"mixed_precision": mixed_precision, "reshard_after_forward": reshard_after_forward}
+        self._fresh_optimizers: dict[int, bool] = {}  # id(optimizer) -> it had no state when last saved
 
     def setup_environment(self) -> None:
         # Lightning's "auto" would be one data-parallel group per node and tensor parallelism inside it
@@ -70,11 +71,28 @@ class FSDP2Strategy(ModelParallelStrategy):
     def data_parallel_mesh(self) -> Any:
         return self.device_mesh["data_parallel"]
 
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Lightning's, but an optimizer that never stepped stays so. torch's ``get_optimizer_state_dict``
+        first gives such an optimizer a state by a fake step (AdamW: ``step`` 1, zero moments), so a
+        checkpoint written before the first update (inside step 0: a semi-online round interrupted by a
+        signal) would resume with that step count, and another bias correction than a run never
+        interrupted. Such an optimizer is saved as torch has it, marked fresh (``meta.pt``), its live
+        state put back to none, and cleared again when the checkpoint is loaded."""
+        opt = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        fresh = not opt.state
+        state = super().optimizer_state(optimizer)
+        if fresh:
+            opt.state.clear()
+        self._fresh_optimizers[id(opt)] = fresh
+        return state
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """``filepath`` as a DCP folder (every rank's shard, DCP's ``.metadata``, ``meta.pt``),
         written by :func:`~levo_train.checkpointing.save_folder_atomically`."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
+        checkpoint["fresh_optimizers"] = [self._fresh_optimizers.get(id(getattr(o, "_optimizer", o)), False)
+                                          for o in self.optimizers]
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
 
@@ -99,15 +117,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         state = {"state_dict": get_model_state_dict(module)}
         dcp.load(state, path)
         module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        meta = torch_load(path / META, error=CheckpointError)
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path / META}: a {type(meta).__name__}, expected the checkpoint dict")
+        fresh = meta.get("fresh_optimizers") or []
         for i, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{i}"
             ostate = {key: get_optimizer_state_dict(module, optimizer)}
             dcp.load(ostate, path)
             set_optimizer_state_dict(module, optimizer, optim_state_dict=ostate[key],
                                      options=StateDictOptions(cpu_offload=True))
-        meta = torch_load(path / META, error=CheckpointError)
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{path / META}: a {type(meta).__name__}, expected the checkpoint dict")
+            if i < len(fresh) and fresh[i]:  # saved before its first step (optimizer_state): none again
+                getattr(optimizer, "_optimizer", optimizer).state.clear()
         return meta
 
     def remove_checkpoint(self, filepath: Any) -> None:

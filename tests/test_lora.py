@@ -149,3 +149,33 @@ def test_reference_kinds(tiny_model):
     got = pre.reference_logps({**batch, "ref_chosen_logps": torch.tensor([1.0, 2.0]),
                                "ref_rejected_logps": torch.tensor([3.0, 4.0])}, None)
     assert got.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_inference_copy_holds_the_merged_weights_and_frees_them(tiny_model):
+    """The rank-local generation copy of semi-online DPO (levo_train.train.inference_copy): a plain LeLM
+    (no LoRA layers, no checkpoint wrappers) holding exactly the merged weights the export writes, in
+    the generation dtype; released to the meta device between rounds and refilled with the newest
+    weights; the policy itself is used when it is already a plain model in that dtype."""
+    from levo_train.lora import merged_state_dict
+    from levo_train.parallel import apply_activation_checkpointing
+    from levo_train.train.inference_copy import InferenceCopy, gen_dtype, needs_copy
+
+    assert not needs_copy(tiny_model, torch.float32) and needs_copy(tiny_model, torch.bfloat16)
+    assert gen_dtype("auto", "cpu") == torch.float32 and gen_dtype("auto", "cuda:0") == torch.bfloat16
+    apply_activation_checkpointing(tiny_model)
+    apply_lora(tiny_model, LoraSpec(r=4, alpha=8))
+    _nudge_adapters(tiny_model)
+    assert needs_copy(tiny_model, torch.float32)
+    want = merged_state_dict(tiny_model)
+    copy = InferenceCopy(tiny_model.cfg, torch.float32)
+    assert not copy.allocated  # built on the meta device: no memory until a round
+    got = copy.refresh(tiny_model, "cpu").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any("lora" in n or "checkpoint" in n for n, _ in copy.model.named_modules())
+    copy.release()
+    assert not copy.allocated and copy.model.emb[0].weight.device.type == "meta"
+    _nudge_adapters(tiny_model, seed=1)  # the policy moved on: the next refresh holds its new weights
+    half = InferenceCopy(tiny_model.cfg, torch.bfloat16).refresh(tiny_model, "cpu")
+    new = merged_state_dict(tiny_model)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, new[k].to(torch.bfloat16))
+               for k, v in half.state_dict().items())

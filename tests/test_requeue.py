@@ -126,3 +126,108 @@ def test_killed_requeue_writes_leave_no_version_gap_and_old_ones_are_pruned(tmp_
         cli.main(args(cache, rd, "resume=true"))
     assert [p.name for p in hpc_checkpoints(rd)] == ["hpc_ckpt_2.ckpt"], "older requeue checkpoints are pruned"
     assert torch.load(rd / "hpc_ckpt_2.ckpt", weights_only=True)["global_step"] == 3
+
+
+# ----------------------------------------------------------------------------- during a semi-online round
+# 2 rounds (steps 0 and 4) of 12 prompts x 3 candidates, generated 2 prompts (6 songs) per batch: a
+# round has 6 safe points; step checkpoints at step 4, where round 1 starts (the tie a resume must break)
+SDPO = ["recipe=sdpo", "reward.scorer=toy", "sdpo.sync_every=4", "sdpo.prompts_per_round=12", "sdpo.per_prompt=3",
+        "sdpo.max_frames=40", "sdpo.min_margin=0.0", "sdpo.gen_batch_size=6", "sdpo.save_candidates=true",
+        "data.toy_pairs.n_train=40", "optim.lr=1e-3", "optim.warmup_steps=1", "trainer.max_steps=8",
+        "optim.total_steps=8", "checkpoint.every_n_steps=4"]
+
+
+def sdpo_args(cache: str, rd: Path, init: Path, *extra: str) -> list[str]:
+    return [*SDPO, f"run_dir={rd}", f"model.init={init}", f"data.toy.cache_dir={cache}", *TINY, *extra]
+
+
+def count_generation(monkeypatch, *, signal_at: int | None = None, signum: int = signal.SIGUSR1) -> dict[str, int]:
+    """Count the prompts each round generates (by key prefix); with ``signal_at``, send ``signum`` to this
+    process while the round's ``signal_at``-th generation batch (counted over the run) is generated."""
+    import levo_train.train.sdpo as sdpo_mod
+
+    real, seen, calls = sdpo_mod.sample_and_score, {}, [0]
+
+    def wrapped(model, prompts, scorer, sampling, **kw):
+        calls[0] += 1
+        if calls[0] == signal_at:
+            os.kill(os.getpid(), signum)  # the handler only sets a flag: this batch finishes
+        seen[kw["key_prefix"]] = seen.get(kw["key_prefix"], 0) + len(kw["prompt_indices"])
+        return real(model, prompts, scorer, sampling, **kw)
+
+    monkeypatch.setattr(sdpo_mod, "sample_and_score", wrapped)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def sdpo_straight(toy_cache_dir, toy_sft_export, tmp_path_factory):
+    """The uninterrupted run with the given extra overrides (each run once)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(*extra: str) -> Path:
+        if extra not in runs:
+            rd = tmp_path_factory.mktemp("sdpo-straight") / "run"
+            assert cli.main(sdpo_args(toy_cache_dir, rd, toy_sft_export, *extra)) == 0
+            runs[extra] = rd
+        return runs[extra]
+
+    return get
+
+
+def rounds(rd: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if "seconds" not in k}
+            for x in (rd / "sdpo" / "rounds.jsonl").read_text().splitlines()]
+
+
+FSDP2_1 = ("strategy=fsdp2", "trainer.devices=1", "trainer.accelerator=cpu")
+
+
+@pytest.mark.parametrize("signum, at, step, extra", [(signal.SIGUSR1, 8, 4, ()), (signal.SIGTERM, 2, 0, ()),
+                                                     (signal.SIGUSR1, 2, 0, FSDP2_1)])
+def test_signal_during_a_round_checkpoints_inside_it_and_resumes_exactly(tmp_path, toy_cache_dir, toy_sft_export,
+                                                                         sdpo_straight, monkeypatch, signum, at, step,
+                                                                         extra):
+    """A requeue (USR1 under Slurm) or stop (SIGTERM) signal while a round generates: the round stops at
+    its next safe point (after the current generation batch), the checkpoint holds the step's start and
+    the candidates generated so far, and the resume generates only the rest of that round; the run ends
+    bit-identical to the uninterrupted one (weights, every round's candidates and statistics). Under
+    FSDP2 (a sharded checkpoint) in round 0, before the optimizer's first step: the resume starts from
+    a fresh optimizer too (torch's optimizer state dict would otherwise give it a fake first step)."""
+    rd = tmp_path / "run"
+    straight = sdpo_straight(*extra)
+    if signum == signal.SIGUSR1:
+        for k, v in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "levo-test",
+                     "SLURM_JOB_ID": "4243", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                     "SLURM_NODELIST": "localhost"}.items():
+            monkeypatch.setenv(k, v)
+        requeued: list[list[str]] = []
+        monkeypatch.setattr(slurm_mod.subprocess, "call", lambda cmd: requeued.append(cmd) or 0)
+    count_generation(monkeypatch, signal_at=at, signum=signum)
+    if signum == signal.SIGUSR1:
+        with pytest.raises(SystemExit) as e:
+            cli.main(sdpo_args(toy_cache_dir, rd, toy_sft_export, *extra))
+        assert e.value.code == 0 and requeued == [["scontrol", "requeue", "4243"]]
+        (ck,) = hpc_checkpoints(rd)
+    else:
+        assert cli.main(sdpo_args(toy_cache_dir, rd, toy_sft_export, *extra)) == 143
+        ck = rd / "checkpoints" / "last.ckpt"
+        assert json.loads((rd / "summary.json").read_text())["status"] == "stopped"
+    assert ck.is_dir() == bool(extra)  # FSDP2: a sharded checkpoint folder
+    saved = torch.load(ck / "meta.pt" if ck.is_dir() else ck, weights_only=True)
+    partial = saved["levo"]["sdpo"]["partial"]
+    assert saved["global_step"] == step and partial["round"] == step // 4
+    assert len(partial["candidates"]) == 2 * 2 * 3  # two batches of 2 prompts x 3 candidates, then the safe point
+    assert saved["levo"]["partial_step"] == 12
+    monkeypatch.undo()
+    seen = count_generation(monkeypatch)
+    assert cli.main(sdpo_args(toy_cache_dir, rd, toy_sft_export, *extra, "resume=true")) == 0
+    summary = json.loads((rd / "summary.json").read_text())
+    assert summary["resumed_from"] == {"path": str(ck), "step": step}  # the partial round, not step0000004.ckpt
+    interrupted = f"r{step // 4:04d}-"
+    assert seen[interrupted] == 12 - 4  # only the prompts the interrupted round had not generated yet
+    wa, wb = export_weights(straight), export_weights(rd)
+    assert not [n for n in wa if not torch.equal(wa[n], wb[n])], "the resumed run differs from the uninterrupted one"
+    assert rounds(rd) == rounds(straight)
+    for r in (0, 1):
+        name = Path("sdpo") / "candidates" / f"round{r:04d}.jsonl"
+        assert (rd / name).read_text() == (straight / name).read_text()

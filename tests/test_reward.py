@@ -246,6 +246,8 @@ def test_reward_bad_inputs(toy_sft_export, toy_cache_dir, tmp_path, capsys):
     assert "reward.dimensions=['lyrics', 'tempo']" in err and "tempo" in err
     assert main([*args, "reward.layers=9"]) == 2
     assert "reward.layers=9" in capsys.readouterr().err
+    assert main([*args, "strategy=deepspeed_zero2"]) == 2
+    assert "trains sharded under strategy=fsdp2" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- levo-eval reward

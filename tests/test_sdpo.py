@@ -76,6 +76,7 @@ def test_sdpo_exact_resume_across_rounds(tmp_path, toy_cache_dir, toy_sft_export
     (["reward.scorer=callable:no_such_module_xyz:make"], "no_such_module_xyz"),
     (["reward.scorer=toy", "reward.dimensions=[coherence]"], "reward.dimensions=['coherence']"),
     (["reward.scorer=toy", "reward.key=musicality"], "reward.key=musicality"),
+    (["reward.scorer=toy", "strategy=deepspeed_zero2"], "trains sharded under strategy=fsdp2"),
 ])
 def test_sdpo_bad_settings_are_named(tmp_path, toy_cache_dir, toy_sft_export, capsys, extra, needle):
     assert main(sdpo_args(toy_cache_dir, tmp_path / "r", toy_sft_export, "trainer.max_steps=1", *extra)) == 2
@@ -176,3 +177,24 @@ def test_sdpo_with_lora_adapters(tmp_path, toy_cache_dir, toy_sft_export, capsys
     assert main(sdpo_args(toy_cache_dir, tmp_path / "r2", toy_sft_export, "trainer.max_steps=1", "reward.scorer=toy",
                           "train.lora.r=4", "sdpo.ref_sync_every=2")) == 2
     assert "sdpo.ref_sync_every=2" in capsys.readouterr().err
+
+
+def test_sdpo_resume_refuses_changed_round_settings(tmp_path, toy_cache_dir, toy_sft_export, capsys):
+    """The settings that shape rounds are stored in the checkpoint: a resume that asks for others is
+    refused naming each (before anything is built); execution settings (generation batch and dtype,
+    saving candidates) may change. A run no longer than one round is warned about."""
+    rd = tmp_path / "r"
+    assert main(sdpo_args(toy_cache_dir, rd, toy_sft_export, "trainer.max_steps=2", "reward.scorer=toy")) == 0
+    err = capsys.readouterr().err
+    assert "sdpo.sync_every=4 >= trainer.max_steps=2: the run makes one round" in err, err
+    assert main(sdpo_args(toy_cache_dir, rd, toy_sft_export, "trainer.max_steps=4", "optim.total_steps=2",
+                          "resume=true", "reward.scorer=toy:1", "sdpo.sync_every=2", "sdpo.temperature=0.7")) == 2
+    err = capsys.readouterr().err
+    for needle in ("sdpo.sync_every: the run has 4, this resume asks for 2", "sdpo.temperature: the run has 1.0",
+                   "reward.scorer: the run has 'toy', this resume asks for 'toy:1'", "shape the rounds"):
+        assert needle in err, err
+    assert "sdpo.max_frames" not in err  # unchanged settings are not named
+    assert main(sdpo_args(toy_cache_dir, rd, toy_sft_export, "trainer.max_steps=3", "optim.total_steps=3",
+                          "resume=true", "reward.scorer=toy", "sdpo.gen_batch_size=7", "sdpo.gen_dtype=float32",
+                          "sdpo.save_candidates=true")) == 0
+    assert json.loads((rd / "summary.json").read_text())["global_step"] == 3

@@ -59,6 +59,7 @@ def test_sdpo_scorer_keys_are_their_own_settings():
     (["recipe=sdpo", "reward.scorer=toy", "sdpo.per_prompt=1"], "sdpo.per_prompt=1: expected >= 2"),
     (["recipe=sdpo", "reward.scorer=toy", "sdpo.sync_every=2.5"], "sdpo.sync_every=2.5: expected an integer"),
     (["recipe=sdpo", "reward.scorer=toy", "sdpo.oracle=always"], "sdpo.oracle=always: expected one of auto, none"),
+    (["recipe=sdpo", "reward.scorer=toy", "sdpo.gen_dtype=fp8"], "sdpo.gen_dtype=fp8: expected one of auto, float32"),
     (["recipe=sdpo", "reward.scorer=toy", "dpo.reference=precomputed"], "sdpo: semi-online DPO needs dpo.reference"),
     (["recipe=sdpo", "reward.scorer=toy", "reward.ckpt=RM"], "give reward.ckpt=EXPORT (a reward model) or reward"),
     (["recipe=sdpo"], "recipe=sdpo needs a reward"),

@@ -295,3 +295,40 @@ def test_sbatch_dpo_fsdp2_scontrol_requeue_resumes_exactly(sft_job, toy_cache, t
     assert summary["global_step"] == max_steps and summary["resumed_from"]["step"] == int(m.group(2))
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or ".old" in p.name], "temp folders left"
     assert_same_as_uninterrupted("dpo", overrides, run_dir, tmp_path, env)
+
+
+def test_sbatch_sdpo_fsdp2_usr1_during_a_round_resumes_exactly(sft_job, toy_cache, tmp_path) -> None:
+    """``scancel --signal=USR1`` while a semi-online round generates (``slurm/sdpo.sh strategy=fsdp2``, 2
+    ranks): the ranks stop at the round's next safe point (after the current generation batch), write
+    ``hpc_ckpt_1.ckpt`` (a sharded checkpoint holding the candidates generated so far) and requeue;
+    the requeued job generates only the rest of the round and ends with the weights of the same job
+    never interrupted, bit for bit."""
+    init = sft_job["run_dir"] / "export"
+    if not (init / "model.pt").is_file():
+        pytest.skip("the SFT job left no export to start from (see test_sbatch_sft_ddp_two_tasks)")
+    env = job_env(tmp_path / "runs")
+    # round 0: 160 prompts x 3 songs, 1 prompt per generation batch: 80 safe points per rank
+    overrides = ["trainer.accelerator=cpu", "strategy=fsdp2", f"model.init={init}", f"data.toy.cache_dir={toy_cache}",
+                 *TINY, "reward.scorer=toy", "sdpo.sync_every=3", "sdpo.prompts_per_round=160", "sdpo.per_prompt=3",
+                 "sdpo.gen_batch_size=3", "sdpo.max_frames=30", "sdpo.min_margin=0.0", "data.toy_pairs.n_train=200",
+                 "trainer.max_steps=4", "checkpoint.every_n_steps=2", "sdpo.save_candidates=true"]
+    job = submit("sdpo.sh", SBATCH_CPU, overrides, tmp_path, env)
+    run_dir = tmp_path / "runs" / f"levo-sdpo-{job}"
+
+    def generating(info: dict[str, str]) -> bool:  # round 0 is under way
+        return info.get("JobState") == "RUNNING" and re.search(r"round 0: \d+/\d+ prompts", read_log(run_dir, job))
+
+    info = wait_job(job, until=generating)
+    assert info.get("JobState") == "RUNNING", f"job {job} ended before its first round: {info}\n" \
+                                              f"{read_log(run_dir, job)[-4000:]}"
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    info = wait_job(job)
+    log = assert_completed(info, run_dir, job, tmp_path)
+    assert info.get("Restarts") == "1", info
+    m = re.search(r"resuming from (\S+) \(step (\d+)\)", log)
+    assert m and Path(m.group(1)).name == "hpc_ckpt_1.ckpt" and m.group(2) == "0", log[-4000:]
+    assert Path(m.group(1)).is_dir()  # a sharded (DCP) checkpoint
+    resumed = re.search(r"round 0: resumed with (\d+) of its 160 prompts generated", log)
+    assert resumed and 0 < int(resumed.group(1)) < 160, log[-4000:]  # the round went on from its saved candidates
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or ".old" in p.name], "temp folders left"
+    assert_same_as_uninterrupted("sdpo", overrides, run_dir, tmp_path, env)

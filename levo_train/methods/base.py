@@ -61,7 +61,9 @@ class Method(ABC):
     * ``data_hint``: the setting that gives real data instead of the toy world's;
     * ``needs_init``: the error when ``model.init`` is required and missing (``None``: optional);
     * ``supports_lora``: whether ``train.lora.r > 0`` may wrap its model (:mod:`levo_train.lora`);
-    * ``supports_sharding``: whether it trains under a sharding strategy (``fsdp2``, DeepSpeed ZeRO).
+    * ``supports_sharding``: whether it trains under a sharding strategy (``fsdp2``, DeepSpeed ZeRO);
+    * ``supports_deepspeed``: with ``supports_sharding``, whether DeepSpeed's ZeRO stages are among them
+      (``False``: ``fsdp2`` only).
     """
 
     name: ClassVar[str]
@@ -70,6 +72,7 @@ class Method(ABC):
     needs_init: ClassVar[str | None] = None
     supports_lora: ClassVar[bool] = True
     supports_sharding: ClassVar[bool] = False
+    supports_deepspeed: ClassVar[bool] = True
 
     def settings(self, cfg: DictConfig) -> Any:
         """This method's settings, read and validated once."""

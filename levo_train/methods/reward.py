@@ -142,6 +142,9 @@ class RewardMethod(Method):
                   "run_dir=A` then `levo-train recipe=reward model.init=A/export`")
     supports_lora = False
     supports_sharding = True
+    #: the score head is registered as its own FSDP2 unit; under ZeRO it would need DeepSpeed's own
+    #: registration of a module outside the trunk, which nothing here tests: refused rather than untested
+    supports_deepspeed = False
 
     def uses_toy(self, plan: Plan) -> bool:
         return plan.cfg.data.train is None and not plan.cfg.data.get("pairs")

@@ -11,11 +11,15 @@ trained scorer to use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from levo_infer.integrity import sha256_file
 from levo_train.prompts import read_prompts
 from levo_train.rollout import Prompt, Sampling, Scorer
 from levo_train.scorers import WeightedScorer, load_scorer
@@ -23,6 +27,7 @@ from levo_train.settings import UsageError, to_bool, to_float, to_int, to_string
 from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
 from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld
+from levo_train.train.inference_copy import GEN_DTYPES
 from levo_train.train.sdpo import (
     RoundDataModule,
     SemiOnlineDPOModule,
@@ -33,7 +38,18 @@ from levo_train.train.sdpo import (
 from .base import DataSpec, Method, Plan
 from .dpo import DPOSettings, check_reference_init
 
+log = logging.getLogger("levo_train")
+
 ORACLES = ("auto", "none")
+#: the settings of :class:`SDPOSettings` that shape rounds: a resume must ask for the same ones
+#: (:meth:`SDPOSettings.identity`); the others (``gen_batch_size``, ``gen_dtype``, ``oracle``,
+#: ``save_candidates``, ``reward.device``, ``reward.dimensions``) change how a round runs or what it
+#: logs, never which songs it samples or which pairs it makes, and may change on resume
+ROUND_SETTINGS = ("sync_every", "prompts_per_round", "per_prompt", "min_margin", "buffer_rounds", "ref_sync_every",
+                  "prompts")
+#: the sampling rules that shape candidates (``Sampling`` field -> its setting); ``batch_size`` does not
+SAMPLING_SETTINGS = {"temperature": "sdpo.temperature", "top_k": "sdpo.top_k", "top_p": "sdpo.top_p",
+                     "cfg_coef": "sdpo.cfg_coef", "max_frames": "sdpo.max_frames", "compat": "sdpo.sampling"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,14 @@ class SDPOScorerSettings:
     """``reward.dimensions``: scores the scorer must have (checked when it is loaded)."""
     device: str | None = None
     """``reward.device``: where it runs (null: on the policy's device, following it)."""
+
+    def identity(self) -> dict[str, Any]:
+        """What ranks the candidates: a reward model by the sha256 of its weights (its folder may move
+        between a run and its resume), any other scorer by its spec; and the score ranked by."""
+        kind, _, rest = self.spec.partition(":")
+        weights = Path(rest) / "reward.pt"
+        who = f"reward model sha256:{sha256_file(weights)}" if kind == "rm" and weights.is_file() else self.spec
+        return {self.setting: who, "reward.key": self.key}
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> SDPOScorerSettings:
@@ -96,6 +120,20 @@ class SDPOSettings:
     """auto: on the toy world also score the same samples with the hidden quality | none."""
     save_candidates: bool = False
     """Write every round's candidates to run_dir/sdpo/candidates/."""
+    gen_dtype: str = "auto"
+    """The dtype rounds generate in (auto: bfloat16 on a GPU, float32 on CPU); a sharded or LoRA policy
+    generates from a rank-local copy in it (:mod:`levo_train.train.inference_copy`)."""
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that shape rounds (:data:`ROUND_SETTINGS`, the sampling rules, the scorer), by
+        their keys: stored in every checkpoint, compared on resume (:meth:`SDPOMethod.check_resume`).
+        A new setting that changes which songs a round samples or which pairs it makes belongs here."""
+        out: dict[str, Any] = {f"sdpo.{k}": getattr(self, k) for k in ROUND_SETTINGS}
+        out["sdpo.prompts"] = list(self.prompts) if self.prompts else None
+        out.update({key: getattr(self.sampling, f.name) for f in fields(self.sampling)
+                    if (key := SAMPLING_SETTINGS.get(f.name))})
+        out.update(self.scorer.identity())
+        return out
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> SDPOSettings:
@@ -115,9 +153,12 @@ class SDPOSettings:
                   ref_sync_every=typed(s, "ref_sync_every", to_int, "an integer", w),
                   prompts=typed(s, "prompts", to_strings, "a path or a list of paths", w) if s.get("prompts") else None,
                   sampling=sampling, oracle=str(s.get("oracle", "auto")),
-                  save_candidates=bool(typed(s, "save_candidates", to_bool, "true or false", w)))
+                  save_candidates=bool(typed(s, "save_candidates", to_bool, "true or false", w)),
+                  gen_dtype=str(s.get("gen_dtype", "auto")))
         if out.oracle not in ORACLES:
             raise UsageError(f"sdpo.oracle={out.oracle}: expected one of {', '.join(ORACLES)}")
+        if out.gen_dtype not in GEN_DTYPES:
+            raise UsageError(f"sdpo.gen_dtype={out.gen_dtype}: expected one of {', '.join(GEN_DTYPES)}")
         try:
             check_sdpo_reference(out.dpo.reference)
         except ValueError as e:
@@ -188,6 +229,10 @@ class SDPOMethod(Method):
     data_hint = "sdpo.prompts=..."
     needs_init = ("recipe=sdpo needs model.init=PATH: the SFT or DPO export to start from (and the reference), "
                   "e.g. `levo-train recipe=sdpo model.init=A/export reward.ckpt=R/export`")
+    supports_sharding = True
+    #: a round generates from a rank-local copy gathered from FSDP2's shards (DTensors); a ZeRO-3
+    #: partitioned policy would need DeepSpeed's own gather, which no test here can run (GPU only)
+    supports_deepspeed = False
 
     def uses_toy(self, plan: Plan) -> bool:
         return not plan.settings.prompts
@@ -206,7 +251,7 @@ class SDPOMethod(Method):
                 buffer_rounds=s.buffer_rounds, ref_sync_every=s.ref_sync_every, sampling=s.sampling,
                 batch_size=int(plan.cfg.data.batch_size), out_dir=str(plan.run_dir / "sdpo"),
                 save_candidates=s.save_candidates, scorer_follows_policy=s.scorer.device is None,
-                **s.dpo.module_kwargs(), **common)
+                gen_dtype=s.gen_dtype, settings_identity=s.identity(), **s.dpo.module_kwargs(), **common)
         except ValueError as e:
             raise UsageError(str(e) if str(e).startswith("sdpo.") else f"sdpo: {e}") from e
 
@@ -221,8 +266,33 @@ class SDPOMethod(Method):
     def build_datamodule(self, plan: Plan, common: dict[str, Any]) -> Any:
         return RoundDataModule()
 
+    def settings(self, cfg: DictConfig) -> SDPOSettings:
+        """``sdpo.*`` and the scorer, checked; a warning when the whole run is one round."""
+        s: SDPOSettings = super().settings(cfg)
+        max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
+        if 0 < max_steps <= s.sync_every:
+            print(f"levo-train: warning: sdpo.sync_every={s.sync_every} >= trainer.max_steps={max_steps}: the run "
+                  "makes one round (at step 0) and trains on its pairs throughout; lower sdpo.sync_every for rounds "
+                  "from the moving policy", file=sys.stderr)
+        return s
+
     def check_resume(self, rp: Any, plan: Plan) -> None:
+        """The reference's init, then the settings that shape rounds (:meth:`SDPOSettings.identity`):
+        refused, naming each one, when the resume asks for others than the checkpoint's run."""
         check_reference_init(rp, plan, plan.settings.dpo.reference)
+        st = rp.levo.get("sdpo")
+        then = st.get("settings") if isinstance(st, dict) else None
+        if not isinstance(then, dict):
+            log.warning("%s does not record its sdpo settings (an older levo-train): a resume with other sdpo.* "
+                        "settings cannot be detected", rp.path)
+            return
+        now = plan.settings.identity()
+        changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+        if changed:
+            what = "; ".join(f"{k}: the run has {then.get(k)!r}, this resume asks for {now.get(k)!r}" for k in changed)
+            raise UsageError(f"{rp.path}: {what}. These settings shape the rounds (which prompts, how many songs, "
+                             "how they are sampled, scored and paired), so a resume keeps the run's own: drop the "
+                             "override(s), or start a new run from the checkpoint's export (model.init=RUN/export)")
 
 
-__all__ = ["ORACLES", "SDPOMethod", "SDPOScorerSettings", "SDPOSettings", "load_sdpo_scorer", "sdpo_prompts"]
+__all__ = ["ORACLES", "ROUND_SETTINGS", "SAMPLING_SETTINGS", "SDPOMethod", "SDPOScorerSettings", "SDPOSettings", "load_sdpo_scorer", "sdpo_prompts"]

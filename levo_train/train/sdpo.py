@@ -5,8 +5,12 @@ A *round* starts at every optimizer step ``s`` with ``s % sync_every == 0``:
 1. ``prompts_per_round`` prompts are taken from the prompt pool (a seeded permutation, walked in
    order, one epoch after another); each rank samples ``per_prompt`` candidates for its share of
    them with the **current** policy (:func:`levo_train.rollout.sample_and_score`: ``no_grad``,
-   KV cache, per-song seeds from ``(seed, round)``), and the scorer (reward model or any
-   :class:`~levo_train.rollout.Scorer`) scores them;
+   KV cache, per-song seeds from ``(seed, round)``), one generation batch (``gen_batch_size //
+   per_prompt`` prompts) at a time, and the scorer (reward model or any
+   :class:`~levo_train.rollout.Scorer`) scores each batch. A sharded (FSDP2) or LoRA policy, or one
+   held in another dtype than ``sdpo.gen_dtype``, generates from a rank-local plain LeLM refreshed
+   from it parameter by parameter (:mod:`levo_train.train.inference_copy`): no collective during
+   generation, so ranks with fewer prompts (or none) never leave another waiting;
 2. candidates are gathered on every rank; per prompt, best vs worst on the scorer's overall score
    when they differ by ``min_margin`` become pairs, which replace the oldest round in a buffer of
    the last ``buffer_rounds`` rounds;
@@ -16,7 +20,16 @@ A *round* starts at every optimizer step ``s`` with ``s % sync_every == 0``:
 
 Exact resume: the checkpoint holds the round index, the buffer (tokens and conditions of every
 pair), the draw cursor and, when the reference is re-synced, the reference weights; generation
-seeds depend on ``(seed, round)`` only. So N steps + resume to 2N equals 2N straight.
+seeds depend on ``(seed, round)`` only. So N steps + resume to 2N equals 2N straight, under every
+strategy (FSDP2: from the sharded checkpoint). It also holds the settings that shape rounds
+(``settings``), which a resume must repeat (:meth:`levo_train.methods.sdpo.SDPOMethod.check_resume`).
+
+Stop and requeue signals during a round: after every generation batch all ranks pass a safe point
+(:meth:`levo_train.guard.StepGuard.agreed_signal`, one small all-reduce; every rank passes as many
+as the rank with the most batches). A signal received meanwhile checkpoints there: the state of
+the step's start plus the candidates every rank generated so far (``partial``); the resume
+generates only the rest of that round, and the run ends as if never interrupted. A round is
+never lost to a preemption longer than one generation batch plus the checkpoint write.
 
 Per round (``run_dir/sdpo/rounds.jsonl``, the loggers, and ``rounds.png`` at the end): generation
 and scoring time, the scorer's mean over the candidates, the pairs' score margins and, when an
@@ -39,7 +52,10 @@ import torch
 
 from levo_infer.config import ModelConfig
 from levo_infer.jsonio import jsonl_text, write_text_atomic
+from levo_infer.model import LeLM
 from levo_train.data.pairs import Pair, collate_pairs
+from levo_train.data.shards import Song
+from levo_train.guard import StepGuard
 from levo_train.rollout import (
     Candidate,
     Prompt,
@@ -53,6 +69,8 @@ from levo_train.rollout import (
 )
 
 from .dpo import DPOModule
+from .inference_copy import InferenceCopy, needs_copy
+from .inference_copy import gen_dtype as resolve_gen_dtype
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +119,26 @@ def _pair_record(best: Candidate, worst: Candidate, key: str, oracle: str | None
     return rec
 
 
+def candidate_record(c: Candidate) -> dict[str, Any]:
+    """A scored candidate as plain tensors, strings and numbers (a checkpoint loads it ``weights_only``)."""
+    s = c.song
+    return {"prompt_index": c.prompt_index, "sample_index": c.sample_index, "seed": c.seed, "key": s.key,
+            "tokens": torch.from_numpy(np.ascontiguousarray(s.tokens, dtype=np.int64)), "lyric": s.lyric,
+            "style": s.style, "prompt": None if s.prompt is None else torch.from_numpy(np.asarray(s.prompt, dtype=np.int64)),
+            "scores": {k: float(v) for k, v in c.scores.items()},
+            "oracle": None if "oracle" not in s.meta else {k: float(v) for k, v in s.meta["oracle"].items()}}
+
+
+def candidate_from_record(d: dict[str, Any]) -> Candidate:
+    """The :class:`Candidate` of :func:`candidate_record`."""
+    meta: dict[str, Any] = {"scores": dict(d["scores"])}
+    if d.get("oracle") is not None:
+        meta["oracle"] = dict(d["oracle"])
+    song = Song(str(d["key"]), d["tokens"].numpy(), d["lyric"], d["style"],
+                None if d["prompt"] is None else d["prompt"].numpy(), meta)
+    return Candidate(int(d["prompt_index"]), int(d["sample_index"]), int(d["seed"]), song, dict(d["scores"]))
+
+
 def collate_buffer(records: Sequence[dict[str, Any]], code_size: int) -> dict[str, Any]:
     """Buffer entries -> the pair batch of :class:`~levo_train.data.pairs.PairDataModule` (its collate)."""
     return collate_pairs([Pair(f"b{i}", r["chosen"].numpy(), r["rejected"].numpy(), r["lyric"], r["style"],
@@ -129,6 +167,8 @@ class SemiOnlineDPOModule(DPOModule):
         out_dir: str | None = None,
         save_candidates: bool = False,
         scorer_follows_policy: bool = True,
+        gen_dtype: str = "auto",
+        settings_identity: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
         kw.setdefault("reference", "model")
@@ -147,12 +187,19 @@ class SemiOnlineDPOModule(DPOModule):
         self.out_dir = Path(out_dir) if out_dir else None
         self.save_candidates = save_candidates
         self.scorer_follows_policy = scorer_follows_policy
+        resolve_gen_dtype(gen_dtype, "cpu")  # refused now, not at the first round
+        self.gen_dtype = gen_dtype
+        #: the settings that shape rounds, as the run was started with them (a resume must match)
+        self.settings_identity = settings_identity
+        self._copy: InferenceCopy | None = None  # the rank-local generation model (not a submodule: no state)
         # resumable state
         self.round = -1                          # last round generated
         self.buffer: list[list[dict[str, Any]]] = []  # pairs of the last buffer_rounds rounds
         self.cursor = 0                          # global pair draws in the current round
         self.ref_synced_at = 0
         self.history: list[dict[str, Any]] = []  # per-round stats (also in rounds.jsonl)
+        #: a round interrupted at a safe point: {"round": r, "candidates": [candidate records of every rank]}
+        self.partial: dict[str, Any] | None = None
 
     def set_prompts(self, prompts: Sequence[Prompt]) -> None:
         """The pool rounds draw their prompts from (read after the init is loaded: formatting may need it)."""
@@ -170,7 +217,10 @@ class SemiOnlineDPOModule(DPOModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["levo"]["sdpo"] = {"round": self.round, "buffer": self.buffer, "cursor": self.cursor,
-                                      "ref_synced_at": self.ref_synced_at, "history": self.history}
+                                      "ref_synced_at": self.ref_synced_at, "history": self.history,
+                                      "partial": self.partial, "settings": self.settings_identity}
+        # work done inside the next step: a resume prefers, at equal steps, the checkpoint that has it
+        checkpoint["levo"]["partial_step"] = len(self.partial["candidates"]) if self.partial else 0
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -181,6 +231,8 @@ class SemiOnlineDPOModule(DPOModule):
         # rounds of older checkpoints stored NaN for values of empty rounds: None (null) now
         self.ref_synced_at = int(st["ref_synced_at"])
         self.history = [{k: _missing_if_nan(v) for k, v in h.items()} for h in st["history"]]
+        partial = st.get("partial")
+        self.partial = partial if isinstance(partial, dict) else None
 
     # -- distributed helpers --------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
@@ -210,33 +262,97 @@ class SemiOnlineDPOModule(DPOModule):
             pos += take
         return out
 
+    def _guard(self) -> StepGuard | None:
+        if self._trainer is None:
+            return None
+        return next((c for c in self.trainer.callbacks if isinstance(c, StepGuard)), None)  # type: ignore[attr-defined]
+
+    def generation_model(self) -> LeLM:
+        """The model a round samples from: the policy itself when it is one plain model in the
+        generation dtype, else the rank-local :class:`InferenceCopy` refreshed from it (under FSDP2 a
+        collective, called by every rank)."""
+        dtype = resolve_gen_dtype(self.gen_dtype, self.device)
+        if not needs_copy(self.model, dtype):
+            return self.model
+        if self._copy is None or self._copy.dtype != dtype:
+            self._copy = InferenceCopy(self.model_config, dtype)
+        return self._copy.refresh(self.model, self.device)
+
+    def _chunks(self, n_prompts: int, done: set[int]) -> tuple[list[list[int]], int]:
+        """This rank's prompts of a round (positions ``rank, rank + world, ...`` not yet ``done``) in
+        chunks of one generation batch each, and the most chunks any rank has: every rank passes that
+        many safe points, so the collectives match."""
+        rank, world = self._rank_world()
+        per_chunk = max(1, self.sampling.batch_size // self.per_prompt)
+        shares = [[i for i in range(q, n_prompts, world) if i not in done] for q in range(world)]
+        mine = shares[rank]
+        return [mine[k:k + per_chunk] for k in range(0, len(mine), per_chunk)], \
+            max(-(-len(share) // per_chunk) for share in shares)
+
     def run_round(self, r: int) -> dict[str, Any]:
-        """Generate, score and pair round ``r``; the buffer then holds its pairs (and older rounds')."""
+        """Generate, score and pair round ``r``; the buffer then holds its pairs (and older rounds').
+
+        Each rank generates its prompts one generation batch at a time; after each batch every rank
+        passes a safe point (:meth:`levo_train.guard.StepGuard.agreed_signal`): a stop or requeue
+        signal received meanwhile checkpoints there, with the candidates of every rank so far
+        (``partial``), and a resume generates only the rest of the round (per-song seeds: the same
+        songs as without the interruption)."""
         rank, world = self._rank_world()
         idx = self.round_prompts(r)
         prompts = [self.prompts[i] for i in idx]
-        t0 = time.perf_counter()
-        cands = sample_and_score(self.model, prompts, None, self.sampling, per_prompt=self.per_prompt,
-                                 seed=self.seed * 7919 + r, key_prefix=f"r{r:04d}-", shard=(rank, world))
-        t_gen = time.perf_counter() - t0
+        restored = [candidate_from_record(c) for c in self.partial["candidates"]] \
+            if self.partial is not None and int(self.partial["round"]) == r else []
+        chunks, slots = self._chunks(len(prompts), {c.prompt_index for c in restored})
+        if restored and rank == 0:
+            log.info("round %d: resumed with %d of its %d prompts generated before the interruption", r,
+                     len({c.prompt_index for c in restored}), len(prompts))
+        guard = self._guard()
         if self.scorer_follows_policy and hasattr(self.scorer, "to"):
             self.scorer.to(self.device)  # a reward model runs where the policy runs (reward.device unset)
-        t0 = time.perf_counter()
+        cands: list[Candidate] = []
+        t_gen = t_score = 0.0
         error = None
-        try:  # a scorer that fails (e.g. NaN scores) fails the round on every rank, not a hang in the gather
-            score_candidates(cands, self.scorer)
-        except ValueError as e:
-            error = f"round {r}: {e}"
-        t_score = time.perf_counter() - t0
-        if self.oracle is not None and cands and error is None:  # the same Song objects the scorer just judged
-            for c, oc in zip(cands, self.oracle.score([c.song for c in cands])):
-                c.song.meta["oracle"] = dict(oc)
+        try:
+            model = self.generation_model() if slots else None  # every rank or none (slots is global)
+            for slot in range(slots):
+                chunk = chunks[slot] if slot < len(chunks) and error is None else []
+                if chunk:
+                    t0 = time.perf_counter()
+                    new = sample_and_score(model, prompts, None, self.sampling, per_prompt=self.per_prompt,
+                                           seed=self.seed * 7919 + r, key_prefix=f"r{r:04d}-", prompt_indices=chunk)
+                    t_gen += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    try:  # a scorer that fails (e.g. NaN scores) fails the round on every rank, not a hang
+                        score_candidates(new, self.scorer)
+                        if self.oracle is not None and new:  # the same Song objects the scorer just judged
+                            for c, oc in zip(new, self.oracle.score([c.song for c in new])):
+                                c.song.meta["oracle"] = dict(oc)
+                        cands += new
+                    except ValueError as e:
+                        error = f"round {r}: {e}"
+                    t_score += time.perf_counter() - t0
+                    if rank == 0:
+                        log.info("round %d: %d/%d prompts of rank 0 generated and scored (%.1f s)", r,
+                                 sum(map(len, chunks[:slot + 1])), sum(map(len, chunks)), t_gen + t_score)
+                signum = guard.agreed_signal(self.trainer) if guard is not None else None
+                if signum is not None:  # a safe point: keep what every rank has, checkpoint, stop
+                    done = [c for part in self._gather([candidate_record(c) for c in cands]) for c in part]
+                    self.partial = {"round": r, "candidates": sorted(
+                        [*map(candidate_record, restored), *done], key=lambda c: (c["prompt_index"], c["sample_index"]))}
+                    if self._copy is not None:
+                        self._copy.release()
+                    guard.checkpoint_and_stop(self.trainer, signum)  # type: ignore[union-attr]
+        finally:
+            if self._copy is not None:
+                self._copy.release()
         # one collective: every rank's candidates, times and error
         parts = self._gather((cands, t_gen, t_score, error))
         errors = [p[3] for p in parts if p[3] is not None]
         if errors:
             raise ScoreError(errors[0])
-        gathered = sorted((c for part, *_ in parts for c in part), key=lambda c: (c.prompt_index, c.sample_index))
+        gathered = sorted([*restored, *(c for part, *_ in parts for c in part)],
+                          key=lambda c: (c.prompt_index, c.sample_index))
+        self.partial = None
         okey = self.oracle.overall if self.oracle is not None else None
         pairs = []
         for _, group in sorted(group_by_prompt(gathered).items()):
