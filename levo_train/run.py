@@ -97,8 +97,11 @@ def resolve_plan(cfg: DictConfig, run_dir: Path) -> RunPlan:
     schedule = resolve_schedule(cfg, resume, lora)
     check_nonfinite_settings(cfg)
     strategy = check_strategy(cfg, method, lora, resume)
+    # LoRA wraps the decoder's linear layers (``base_layer``, adapters drawn from the global RNG) after
+    # the build: meta init does not replay that yet, so a LoRA run builds its (frozen) base whole first
+    meta_init = uses_meta_init(cfg.get("strategy"), strategy) and not lora.enabled
     return dataclasses.replace(plan, resume=resume, schedule=schedule, strategy=strategy,
-                               sharding=is_sharding(strategy), meta_init=uses_meta_init(cfg.get("strategy"), strategy))
+                               sharding=is_sharding(strategy), meta_init=meta_init)
 
 
 def resolve_lora(cfg: DictConfig, method: Method, model_config: ModelConfig) -> LoraSpec:

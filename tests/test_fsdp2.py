@@ -339,7 +339,7 @@ def test_fsdp2_lora_sdpo_with_a_rank_without_prompts(tmp_path, toy_cache_dir, to
     assert [(r["step"], r["candidates"], r["pairs"]) for r in rounds] == [(0, 3, 1), (4, 3, 1)]
     from safetensors.torch import load_file
 
-    from levo_infer.checkpoint import load_model
+    from levo_infer import load_model
 
     export = rd / "export"
     model = load_model(str(export), device="cpu")  # the released layout levo-infer reads: no LoRA keys
