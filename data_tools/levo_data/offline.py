@@ -54,6 +54,7 @@ from levo_infer.commands import Command
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonio import write_json_atomic as _write_json
 from levo_infer.tokens import CODE_SIZE
+from levo_train.data.batch import ENDED_KEY
 from levo_train.data.cache import settings_file_differences
 from levo_train.data.shards import (
     INDEX_NAME,
@@ -68,7 +69,7 @@ from levo_train.data.shards import (
 )
 from levo_train.fingerprint import model_fingerprint
 from levo_train.locking import locks_output
-from levo_train.prompts import read_prompts
+from levo_train.prompts import model_frame_limit, read_prompts
 from levo_train.rollout import Sampling, check_scores, sample_and_score
 from levo_train.scorers import load_scorer
 
@@ -229,7 +230,7 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
     model = load_model(model_path, device=dev, dtype=dt).eval()
     cfg = model.cfg
     code_size = cfg.lm.code_size
-    frames_cap = min(model.max_frames, max(1, int(round(cfg.max_dur * cfg.frame_rate))))
+    frames_cap = model_frame_limit(model)
     max_frames = frames_cap if max_frames is None else max_frames
     if not 1 <= max_frames <= model.max_frames:
         raise ValueError(f"--max-frames {max_frames}: the model has room for 1 to {model.max_frames} frames")
@@ -279,7 +280,9 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
                 for c in kept:
                     p = prompts[c.prompt_index]
                     meta = {"prompt_key": p.key, "prompt_index": c.prompt_index, "sample_index": c.sample_index,
-                            "seed": c.seed, "sampling": rules, "model": fingerprint, "source": "sample"}
+                            "seed": c.seed, "sampling": rules, "model": fingerprint, "source": "sample",
+                            # false: cut at --max-frames without EOS (scored without an appended EOS)
+                            ENDED_KEY: bool(c.song.meta.get(ENDED_KEY, True))}
                     w.write_song(f"{p.key}-{c.sample_index}", c.song.tokens, c.song.lyric, c.song.style, meta,
                                  c.song.prompt)
             os.replace(tmp_dir / "songs-000000.tar", out / name)
