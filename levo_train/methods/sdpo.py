@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from levo_infer.generate import RELEASED_TEMPERATURE, RELEASED_TOP_K
@@ -25,7 +27,7 @@ from levo_infer.integrity import sha256_file
 from levo_train.prompts import lyric_frame_budget, model_frame_limit, read_prompts
 from levo_train.rollout import Prompt, Sampling, Scorer
 from levo_train.scorers import WeightedScorer, load_scorer
-from levo_train.settings import UsageError, to_bool, to_float, to_int, to_strings, typed
+from levo_train.settings import UsageError, on_cuda, to_bool, to_float, to_int, to_strings, typed
 from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
 from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld
@@ -80,6 +82,9 @@ class SDPOScorerSettings:
     """``reward.dimensions``: scores the scorer must have (checked when it is loaded)."""
     device: str | None = None
     """``reward.device``: where it runs (null: on the policy's device, following it)."""
+    codec: str | None = None
+    """``reward.codec``: the codec ``audio:`` scorers decode with (a codec folder, decoded by
+    ``levo_infer.codec``, or ``MODULE:FACTORY``)."""
 
     def identity(self) -> dict[str, Any]:
         """What ranks the candidates: a reward model by the sha256 of its weights (its folder may move
@@ -103,7 +108,8 @@ class SDPOScorerSettings:
                              "export) or reward.scorer=toy (the toy world's hidden quality) / another scorer spec")
         dims = typed(r, "dimensions", to_strings, "a list of score names (or null)", "reward")
         return cls(setting, value, spec, key=str(r.key) if r.get("key") else None, dimensions=dims or None,
-                   device=str(r.device) if r.get("device") else None)
+                   device=str(r.device) if r.get("device") else None,
+                   codec=str(r.codec) if r.get("codec") else None)
 
 
 @dataclass(frozen=True)
@@ -245,13 +251,28 @@ def frame_budgets(settings: SDPOSettings, model: Any, prompts: list[Prompt]) -> 
                       for p in prompts]
 
 
+def policy_device(accelerator: str) -> str:
+    """The device this rank's policy trains on: its GPU (``LOCAL_RANK`` / ``SLURM_LOCALID`` modulo the
+    GPUs) when ``trainer.accelerator`` resolves to CUDA, else cpu."""
+    if not on_cuda(accelerator):
+        return "cpu"
+    local = next((int(os.environ[v]) for v in ("LOCAL_RANK", "SLURM_LOCALID") if os.environ.get(v, "").isdigit()), 0)
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
 def load_sdpo_scorer(plan: Plan) -> tuple[Scorer, Scorer | None]:
     """(scorer, oracle) of a semi-online run, checked against the policy; the oracle is the toy
     world's hidden quality on toy runs (``sdpo.oracle=auto``)."""
     s: SDPOScorerSettings = plan.settings.scorer
     world_seed, mc = int(plan.cfg.data.toy.seed), plan.model_config
+    # a scorer (and a factory building one) gets the device it runs on: reward.device, else the policy's
+    device = s.device or policy_device(str(plan.cfg.trainer.get("accelerator", "auto")))
+    if s.codec is None and "audio:" in s.spec:
+        raise UsageError(f"{s.setting}={s.value}: an audio scorer decodes the songs with a codec: add "
+                         "reward.codec=CODEC_DIR (the released runtime folder with model_septoken/ and vae/) or "
+                         "reward.codec=MODULE:FACTORY")
     try:
-        scorer = load_scorer(s.spec, device=s.device or "cpu", world_seed=world_seed, setting=s.setting)
+        scorer = load_scorer(s.spec, device=device, world_seed=world_seed, setting=s.setting, codec=s.codec)
     except (OSError, ValueError) as e:
         raise UsageError(str(e) if s.setting in str(e) else f"{s.setting}: {e}") from None
     rm_cfg = getattr(scorer, "model_config", None)
