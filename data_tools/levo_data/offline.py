@@ -354,7 +354,9 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
         p = f / SCORE_NAME
         progress[f] = json.loads(p.read_text()) if p.is_file() else {"scorer": ident, "shards": {}}
         prev = progress[f]["scorer"]
-        if prev != ident:
+        if overwrite:  # rescore every shard, also under the same spec (e.g. after fixing the scorer's code)
+            progress[f] = {"scorer": ident, "shards": {}}
+        elif prev != ident:
             if not overwrite:
                 raise ValueError(f"{f} was scored with {prev['spec']!r} ({prev['name']}), not {scorer_spec!r}: pass "
                                  "--overwrite to rescore its shards, or write to a new --out")
@@ -370,32 +372,43 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
         tmp_dir = dst.parent / f".tmp-score-{dst.stem}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         n = 0
-        with ShardWriter(tmp_dir, prefix="songs", max_records=10**9, code_size=cs) as w:
-            batch = []
-            reader = iter_songs(src, code_size=cs)
+        try:  # a failing scorer leaves no temp folder behind
+            with ShardWriter(tmp_dir, prefix="songs", max_records=10**9, code_size=cs) as w:
+                batch = []
+                reader = iter_songs(src, code_size=cs)
 
-            def flush(batch: list[Any]) -> None:
-                scores = scorer.score(batch)
-                check_scores(scorer, scores, len(batch), batch)
-                for song, sc in zip(batch, scores):
-                    meta = dict(song.meta)
-                    meta.pop("quality", None)  # a top-level quality would shadow the new scores
-                    meta["scores"] = {str(k): float(v) for k, v in sc.items()}
-                    meta["score_overall_key"] = scorer.overall
-                    meta["scorer"] = scorer.name
-                    for k, v in meta["scores"].items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    w.write_song(song.key, song.tokens, song.lyric, song.style, meta, song.prompt)
+                def flush(batch: list[Any], src: str = src) -> None:
+                    try:
+                        scores = scorer.score(batch)
+                        check_scores(scorer, scores, len(batch), batch)
+                    except Exception as e:  # one line naming the scorer and the songs
+                        msg = " ".join(str(e).split()) or type(e).__name__
+                        keys = ", ".join(repr(s.key) for s in batch[:3]) + (" ..." if len(batch) > 3 else "")
+                        where = "" if any(s.key in msg for s in batch) else f" (scoring songs {keys} of {src})"
+                        raise ValueError(f"--scorer {scorer_spec} ({scorer.name}){where}: {type(e).__name__}: {msg}"
+                                         ) from None
+                    for song, sc in zip(batch, scores):
+                        meta = dict(song.meta)
+                        meta.pop("quality", None)  # a top-level quality would shadow the new scores
+                        meta["scores"] = {str(k): float(v) for k, v in sc.items()}
+                        meta["score_overall_key"] = scorer.overall
+                        meta["scorer"] = scorer.name
+                        for k, v in meta["scores"].items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        w.write_song(song.key, song.tokens, song.lyric, song.style, meta, song.prompt)
 
-            for song in reader:
-                batch.append(song)
-                if len(batch) >= batch_size:
+                for song in reader:
+                    batch.append(song)
+                    if len(batch) >= batch_size:
+                        flush(batch)
+                        n += len(batch)
+                        batch = []
+                if batch:
                     flush(batch)
                     n += len(batch)
-                    batch = []
-            if batch:
-                flush(batch)
-                n += len(batch)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
         if n:
             os.replace(tmp_dir / "songs-000000.tar", dst)
         shutil.rmtree(tmp_dir, ignore_errors=True)
