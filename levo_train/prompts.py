@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from levo_infer.jsonl import JsonlError, jsonl_lines
+from levo_infer.lyrics import LyricError, split_sections
 from levo_infer.model import LyricTooLong
 from levo_infer.prompts import AutoPromptLibrary, PromptError
 from levo_infer.request import RequestError, RequestOptions, parse_request
@@ -117,4 +119,62 @@ def read_prompts(paths: Sequence[str], model: Any, *, auto_prompt_file: str | No
     return prompts_from_shards(paths, model.cfg.lm.code_size, setting=setting, lyric_fit=model.lyric_fit(truncate=False))
 
 
-__all__ = ["prompts_from_jsonl", "prompts_from_shards", "read_prompts"]
+# ----------------------------------------------------------------------------- frame budgets
+#: seconds a lyric's parts take at most, generously (an estimate that cuts a song loses its ending;
+#: one that is too long only costs generation time, since a song stops at its EOS)
+SECONDS_PER_WORD = 0.6        # a whitespace-separated word
+SECONDS_PER_CJK = 0.45        # a CJK character (one syllable each; such lyrics have few spaces)
+SECONDS_PER_SENTENCE = 1.0    # the breath between sentences
+SECONDS_PER_SECTION = 2.0     # a section's lead-in
+#: the instrumental sections, by tag suffix (the released tags' length classes, taken at their upper end)
+INSTRUMENTAL_SECONDS = {"short": 10.0, "medium": 20.0, "long": 30.0}
+SILENCE_SECONDS = 3.0
+#: the estimate times this, rounded up to whole buckets (songs of a bucket share generation batches)
+BUDGET_HEADROOM = 1.3
+BUDGET_BUCKET_SECONDS = 10.0
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def model_frame_limit(model: Any) -> int:
+    """The most frames a song of ``model`` may have: its positions' limit, and the config's
+    ``max_dur`` (the released generation bound, 270 s at 25 Hz)."""
+    cfg = model.cfg
+    return min(int(model.max_frames), max(1, int(round(cfg.max_dur * cfg.frame_rate))))
+
+
+def lyric_seconds(lyric: str) -> float:
+    """A generous estimate of the seconds a song of ``lyric`` (the released lyric format) takes:
+    per section a lead-in, per sentence a breath, per word (or CJK character) its singing, and
+    ``[intro|inst|outro]-short/medium/long`` and ``[silence]`` their length class's upper end.
+    ``ValueError`` (a :class:`~levo_infer.lyrics.LyricError`) for a lyric that breaks the rules."""
+    total = 0.0
+    for tag, sentences in split_sections(lyric):
+        total += SECONDS_PER_SECTION
+        if tag == "[silence]":
+            total += SILENCE_SECONDS
+        elif not sentences:
+            total += INSTRUMENTAL_SECONDS.get(tag.rstrip("]").rsplit("-", 1)[-1], INSTRUMENTAL_SECONDS["long"])
+        for words in sentences:
+            total += SECONDS_PER_SENTENCE
+            for w in words:
+                n_cjk = len(_CJK.findall(w))
+                total += SECONDS_PER_CJK * n_cjk if n_cjk else SECONDS_PER_WORD
+    return total
+
+
+def lyric_frame_budget(lyric: str, *, frame_rate: float, limit: int) -> int:
+    """Frames to generate for ``lyric`` at most (``sdpo.max_frames=auto``): :func:`lyric_seconds`
+    times :data:`BUDGET_HEADROOM`, rounded up to whole :data:`BUDGET_BUCKET_SECONDS` buckets, at
+    most ``limit`` (the model's, :func:`model_frame_limit`). A lyric that cannot be parsed gets
+    ``limit``."""
+    try:
+        seconds = lyric_seconds(lyric)
+    except (LyricError, TypeError):
+        return int(limit)
+    bucket = BUDGET_BUCKET_SECONDS * frame_rate
+    frames = math.ceil(seconds * BUDGET_HEADROOM * frame_rate / bucket) * bucket
+    return int(max(1, min(int(limit), frames)))
+
+
+__all__ = ["lyric_frame_budget", "lyric_seconds", "model_frame_limit", "prompts_from_jsonl", "prompts_from_shards",
+           "read_prompts"]

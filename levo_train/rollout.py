@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from levo_infer.generate import generate
+from levo_train.data.batch import ENDED_KEY
 from levo_train.data.shards import Song
 
 #: the seed stride between prompts' seed blocks (a prime, so blocks of different base seeds rarely meet)
@@ -41,11 +42,13 @@ class Prompt:
     style: str | None
     prompt: np.ndarray | None = None  # audio-prompt tokens [K, P]
     key: str = ""
+    max_frames: int | None = None  # this song's frame budget (None: the rollout's ``Sampling.max_frames``)
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling rules of a rollout (``cfg_coef=None``: the model config's inference coefficient)."""
+    """Sampling rules of a rollout (``cfg_coef=None``: the model config's inference coefficient;
+    ``max_frames``: the frame budget of prompts without their own :attr:`Prompt.max_frames`)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -158,7 +161,10 @@ def sample_and_score(
     for each prompt of this rank's ``shard``, each scored by ``scorer`` (``None``: unscored).
 
     Candidates come back in (prompt, sample) order with keys ``{key_prefix}{i:07d}-{j}``. Songs of
-    zero frames are kept (scorers judge them; callers may drop them). ``progress(done, total)`` is
+    zero frames are kept (scorers judge them; callers may drop them). A song that reached its frame
+    budget (:attr:`Prompt.max_frames`, else ``sampling.max_frames``) without EOS has
+    ``song.meta["ended_with_eos"] = False`` (true otherwise): it is scored and trained on without an
+    appended EOS. Prompts are batched by budget as well as by audio-prompt kind. ``progress(done, total)`` is
     called after every generation batch. ``prompt_indices``: sample only these prompts (instead of
     ``shard``'s), e.g. one resumable chunk of a large run; seeds and keys still use each prompt's
     index in ``prompts``, so a song does not depend on the chunking. Prompts with audio prompts of
@@ -168,10 +174,11 @@ def sample_and_score(
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
     mine = range(rank, len(prompts), world) if prompt_indices is None else prompt_indices
-    kinds: dict[Any, list[int]] = {}  # one generation batch holds one kind of audio prompt
+    budget = [sampling.max_frames if p.max_frames is None else int(p.max_frames) for p in prompts]
+    kinds: dict[Any, list[int]] = {}  # one generation batch: one kind of audio prompt, one frame budget
     for i in mine:
         p = prompts[int(i)].prompt
-        kinds.setdefault(None if p is None else tuple(p.shape), []).append(int(i))
+        kinds.setdefault((None if p is None else tuple(p.shape), budget[int(i)]), []).append(int(i))
     batches = [jobs[k:k + sampling.batch_size]
                for jobs in ([(i, j) for i in idx for j in range(per_prompt)] for idx in kinds.values())
                for k in range(0, len(jobs), sampling.batch_size)]
@@ -183,11 +190,12 @@ def sample_and_score(
         for chunk in batches:
             ps = [prompts[i] for i, _ in chunk]
             seeds = [song_seed(seed, i, j, per_prompt) for i, j in chunk]
+            frames = budget[chunk[0][0]]
             g = generate(model, [p.lyric for p in ps], [p.style for p in ps], _prompt_tensor(ps), seed=seeds,
-                         **sampling.generate_kwargs())
+                         **{**sampling.generate_kwargs(), "max_frames": frames})
             codes, lengths = g.codes.cpu().numpy(), g.lengths.cpu().tolist()
             songs = [Song(f"{key_prefix}{i:07d}-{j}", np.ascontiguousarray(codes[b, :, :lengths[b]], dtype=np.int64),
-                          p.lyric, p.style or "", p.prompt, {})
+                          p.lyric, p.style or "", p.prompt, {ENDED_KEY: lengths[b] < frames})
                      for b, ((i, j), p) in enumerate(zip(chunk, ps))]
             cands = [Candidate(i, j, sd, song) for (i, j), sd, song in zip(chunk, seeds, songs)]
             if scorer is not None:

@@ -47,7 +47,7 @@ from levo_train.resume import (
     find_resume_checkpoint,
     resolve_schedule,
 )
-from levo_train.settings import UsageError, build_model_config, check_init_path, resolve_run_dir
+from levo_train.settings import UsageError, build_model_config, check_init_path, on_cuda, resolve_run_dir
 from levo_train.strategies import StrategyError, build_strategy, is_sharding, strategy_name, uses_meta_init
 from levo_train.train.base import DeferredInit
 
@@ -259,11 +259,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         raise UsageError(str(e)) from None
     except (MisconfigurationException, ValueError, TypeError) as e:
         raise UsageError(f"the trainer settings {given} cannot be used here: {str(e).splitlines()[0]}") from None
-
-
-def on_cuda(accelerator: str) -> bool:
-    """Whether ``trainer.accelerator`` resolves to a CUDA GPU here."""
-    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def resolve_precision(precision: Any, accelerator: str) -> Any:

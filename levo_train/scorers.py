@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from levo_infer.codec import CodecError, load_decoder
+from levo_infer.codec import CodecError, load_decoder, song_groups
 from levo_train.data.shards import Song
 from levo_train.reward.model import RewardScorer
 from levo_train.rollout import Scorer, check_scores
@@ -229,7 +230,10 @@ class AudioScorer:
             raise ValueError(f"AudioScorer codec {type(codec).__name__} has no decode(tokens, mode=...) method")
         self.codec = codec
         self.fn_name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
-        self.fn = load_audio_fn(fn)
+        raw = load_callable(fn, setting="audio scorer function") if isinstance(fn, str) else fn
+        #: a function marked ``batched = True`` scores a batch: ``fn(waveforms, sample_rate, songs)``
+        self.batched = bool(getattr(raw, "batched", False))
+        self.fn = raw if self.batched else load_audio_fn(raw)
         self.mode = mode
         self.sample_rate = sample_rate
         self.batch_size = max(1, int(batch_size))
@@ -237,6 +241,33 @@ class AudioScorer:
         self._declared = dimensions is not None
         self.dimensions: tuple[str, ...] = tuple(dimensions or ())
         self.name = name or f"audio({self.fn_name})"
+
+    def to(self, device: str | torch.device) -> AudioScorer:
+        """Decode on ``device`` (the policy's, in a semi-online round): moves a codec that can move."""
+        if callable(getattr(self.codec, "to", None)):
+            self.codec.to(device)
+        return self
+
+    def _decode_native(self, songs: Sequence[Song]) -> list[tuple[np.ndarray, int]]:
+        """The native decoder's ``decode_batch``: songs of one window count together, each with its own
+        noise seeded from its key (a song's score does not depend on its batch, rank or rerun)."""
+        toks = [torch.as_tensor(np.asarray(s.tokens), dtype=torch.long) for s in songs]
+        gens = [torch.Generator().manual_seed(zlib.crc32(s.key.encode())) for s in songs]
+        wavs = self.codec.decode_batch(toks, self.mode, generators=gens)
+        sr = int(self.codec.sample_rate)
+        return self._resampled([w.detach().float().cpu().numpy() for w in wavs], sr)
+
+    def _resampled(self, wavs: list[np.ndarray], sr: int) -> list[tuple[np.ndarray, int]]:
+        if self.sample_rate is not None and sr != self.sample_rate:
+            try:  # torchaudio: optional, only to resample
+                import torchaudio.functional as taf
+            except ImportError as e:
+                raise ValueError(f"the codec decodes at {sr} Hz but the audio scorer wants {self.sample_rate} Hz "
+                                 "and torchaudio (for resampling) is not installed: install it or pass "
+                                 "sample_rate=None") from e
+            wavs = [taf.resample(torch.from_numpy(w), sr, self.sample_rate).numpy() for w in wavs]
+            sr = self.sample_rate
+        return [(np.ascontiguousarray(w, dtype=np.float32), sr) for w in wavs]
 
     def _decode(self, songs: Sequence[Song]) -> list[tuple[np.ndarray, int]]:
         toks = torch.as_tensor(np.stack([s.tokens for s in songs]), dtype=torch.long)
@@ -249,31 +280,34 @@ class AudioScorer:
         if wav.ndim != 3 or wav.shape[0] != len(songs):
             raise ValueError(f"codec {type(self.codec).__name__}.decode returned a waveform of shape "
                              f"{list(wav.shape)} for {len(songs)} songs, expected [B, C, N]")
-        sr = int(sr)
-        if self.sample_rate is not None and sr != self.sample_rate:
-            try:  # torchaudio: optional, only to resample
-                import torchaudio.functional as taf
-            except ImportError as e:
-                raise ValueError(f"the codec decodes at {sr} Hz but the audio scorer wants {self.sample_rate} Hz "
-                                 "and torchaudio (for resampling) is not installed: install it or pass "
-                                 "sample_rate=None") from e
-            wav = taf.resample(torch.from_numpy(wav), sr, self.sample_rate).numpy()
-            sr = self.sample_rate
-        return [(np.ascontiguousarray(w, dtype=np.float32), sr) for w in wav]
+        return self._resampled(list(wav), int(sr))
 
     def score(self, songs: Sequence[Song]) -> list[dict[str, float]]:
         waves: dict[int, tuple[np.ndarray, int]] = {}
-        by_len: dict[int, list[int]] = {}
-        for i, s in enumerate(songs):
-            by_len.setdefault(s.frames, []).append(i)
-        for idx in by_len.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                waves.update(zip(chunk, self._decode([songs[i] for i in chunk])))
+        for s in songs:
+            if s.frames < 1:
+                raise ValueError(f"audio scorer {self.fn_name}: song {s.key!r} has no frames to decode")
+        if callable(getattr(self.codec, "decode_batch", None)) and hasattr(self.codec, "sample_rate"):
+            for chunk in song_groups([s.frames for s in songs], self.batch_size):
+                waves.update(zip(chunk, self._decode_native([songs[i] for i in chunk])))
+        else:  # another codec: songs of equal length in one decode(tokens [B, 3, T]) call
+            by_len: dict[int, list[int]] = {}
+            for i, s in enumerate(songs):
+                by_len.setdefault(s.frames, []).append(i)
+            for idx in by_len.values():
+                for start in range(0, len(idx), self.batch_size):
+                    chunk = idx[start:start + self.batch_size]
+                    waves.update(zip(chunk, self._decode([songs[i] for i in chunk])))
+        if self.batched:  # fn(waveforms, sample_rate, songs) -> one dict per song
+            results = list(self.fn(*([waves[i][0] for i in range(len(songs))], waves[0][1] if songs else 0,
+                                     list(songs))))
+            if len(results) != len(songs):
+                raise ValueError(f"audio scorer {self.fn_name} (batched) returned {len(results)} results for "
+                                 f"{len(songs)} songs")
         out = []
         for i, s in enumerate(songs):
             wav, sr = waves[i]
-            res = self.fn(wav, sr, s)
+            res = results[i] if self.batched else self.fn(wav, sr, s)
             if not isinstance(res, Mapping) or not res:
                 raise ValueError(f"audio scorer {self.fn_name}: song {s.key!r}: returned {type(res).__name__} "
                                  f"{res!r:.80}, expected a non-empty {{dimension: score}} dict")

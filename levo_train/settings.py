@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from levo_infer.checkpoint import CheckpointError, find_weights, verify_model_files
@@ -29,6 +30,11 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------- typed values
+def on_cuda(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` resolves to a CUDA GPU here."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def typed(node: Any, key: str, cast: Callable[[Any], Any], expected: str, where: str) -> Any:
     """``node[key]`` converted by ``cast`` (``None`` stays ``None``); a :class:`UsageError` naming
     ``where.key``, the value and ``expected`` when it does not convert."""

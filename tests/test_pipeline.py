@@ -296,3 +296,53 @@ def test_score_in_place_and_weighted(tmp_path, tiny_model, capsys):
     assert rc == 0, err
     assert res["dimensions"] == ["weighted"]
     shutil.rmtree(d)
+
+
+LAB_SCORER = '''
+from levo_train.toy.scorer import ToyOracleScorer
+
+MODE = "{mode}"
+
+class Lab:
+    name, overall, dimensions = "lab", "overall", ()
+
+    def score(self, songs):
+        if MODE == "raise":
+            raise RuntimeError("model weights missing\\nsecond line")
+        if MODE == "text":
+            return [{{"overall": "high"}} for _ in songs]
+        return [{{"overall": {value}}} for _ in songs]
+
+def make():
+    return Lab()
+'''
+
+
+def test_score_rerun_after_a_fix_and_failing_scorers(tmp_path, capsys, monkeypatch):
+    """``levo-data score`` (issue #21 item 8): a scorer that raises or returns non-numbers fails with one
+    line naming the scorer and the song(s), leaving no temp folder; after the scorer's code is fixed
+    under the same spec, ``--overwrite`` rescores every shard (it used to skip them all)."""
+    from levo_train.data.shards import ShardWriter
+
+    songs = _toy_songs(4)
+    d, out = tmp_path / "cands", tmp_path / "scored"
+    with ShardWriter(d, code_size=TOY_CODE_SIZE, max_records=2) as w:
+        for s in songs:
+            w.write_song(s.key, s.tokens, s.lyric, s.style, {})
+    for mode, needle in (("raise", "RuntimeError: model weights missing second line"),
+                         ("text", "score 'overall' is 'high', not a finite number")):
+        _write_module(tmp_path, monkeypatch, "lab_fix", LAB_SCORER.format(mode=mode, value=0.25))
+        rc, _, err = _run(["score", str(d), "--scorer", "callable:lab_fix:make", "--out", str(out)], capsys)
+        line = [x for x in err.splitlines() if "error" in x]
+        assert rc != 0 and len(line) == 1 and "callable:lab_fix:make" in line[0] and needle in line[0], err
+        assert songs[0].key in line[0] or songs[1].key in line[0], err
+        assert not list(out.glob(".tmp*")) and not list(d.glob(".tmp*"))
+    _write_module(tmp_path, monkeypatch, "lab_fix", LAB_SCORER.format(mode="ok", value=0.25))
+    rc, res, err = _run(["score", str(d), "--scorer", "callable:lab_fix:make", "--out", str(out)], capsys)
+    assert rc == 0 and res["songs_scored"] == 4, err
+    _write_module(tmp_path, monkeypatch, "lab_fix", LAB_SCORER.format(mode="ok", value=0.75))  # the fixed code
+    rc, res, _ = _run(["score", str(d), "--scorer", "callable:lab_fix:make", "--out", str(out)], capsys)
+    assert rc == 0 and res["shards_skipped"] == 2  # same spec, no --overwrite: resumed
+    rc, res, _ = _run(["score", str(d), "--scorer", "callable:lab_fix:make", "--out", str(out), "--overwrite"], capsys)
+    assert rc == 0 and res["songs_scored"] == 4 and res["shards_skipped"] == 0
+    assert {s.meta["scores"]["overall"] for s in iter_songs(out, code_size=TOY_CODE_SIZE)} == {0.75}

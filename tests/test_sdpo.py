@@ -37,7 +37,7 @@ def test_sdpo_rounds_log_reward_and_hidden_quality_of_the_same_samples(tmp_path,
     for r in rounds:
         cands = [json.loads(x) for x in (rd / "sdpo" / "candidates" / f"round{r['round']:04d}.jsonl").read_text()
                  .splitlines()]
-        assert len(cands) == r["candidates"] == 36
+        assert len(cands) == r["candidates"] == 36 - r["empty_dropped"]  # zero-frame songs dropped, counted
         hidden = [world.score(np.array(c["tokens"], dtype=np.int64).reshape(3, -1), c["lyric"], c["style"])
                   for c in cands]
         assert r["hidden_mean"] == pytest.approx(np.mean([h["quality"] for h in hidden]), abs=1e-9)

@@ -54,6 +54,7 @@ from levo_infer.commands import Command
 from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonio import write_json_atomic as _write_json
 from levo_infer.tokens import CODE_SIZE
+from levo_train.data.batch import ENDED_KEY
 from levo_train.data.cache import settings_file_differences
 from levo_train.data.shards import (
     INDEX_NAME,
@@ -68,7 +69,7 @@ from levo_train.data.shards import (
 )
 from levo_train.fingerprint import model_fingerprint
 from levo_train.locking import locks_output
-from levo_train.prompts import read_prompts
+from levo_train.prompts import model_frame_limit, read_prompts
 from levo_train.rollout import Sampling, check_scores, sample_and_score
 from levo_train.scorers import load_scorer
 
@@ -229,7 +230,7 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
     model = load_model(model_path, device=dev, dtype=dt).eval()
     cfg = model.cfg
     code_size = cfg.lm.code_size
-    frames_cap = min(model.max_frames, max(1, int(round(cfg.max_dur * cfg.frame_rate))))
+    frames_cap = model_frame_limit(model)
     max_frames = frames_cap if max_frames is None else max_frames
     if not 1 <= max_frames <= model.max_frames:
         raise ValueError(f"--max-frames {max_frames}: the model has room for 1 to {model.max_frames} frames")
@@ -279,7 +280,9 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
                 for c in kept:
                     p = prompts[c.prompt_index]
                     meta = {"prompt_key": p.key, "prompt_index": c.prompt_index, "sample_index": c.sample_index,
-                            "seed": c.seed, "sampling": rules, "model": fingerprint, "source": "sample"}
+                            "seed": c.seed, "sampling": rules, "model": fingerprint, "source": "sample",
+                            # false: cut at --max-frames without EOS (scored without an appended EOS)
+                            ENDED_KEY: bool(c.song.meta.get(ENDED_KEY, True))}
                     w.write_song(f"{p.key}-{c.sample_index}", c.song.tokens, c.song.lyric, c.song.style, meta,
                                  c.song.prompt)
             os.replace(tmp_dir / "songs-000000.tar", out / name)
@@ -351,7 +354,9 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
         p = f / SCORE_NAME
         progress[f] = json.loads(p.read_text()) if p.is_file() else {"scorer": ident, "shards": {}}
         prev = progress[f]["scorer"]
-        if prev != ident:
+        if overwrite:  # rescore every shard, also under the same spec (e.g. after fixing the scorer's code)
+            progress[f] = {"scorer": ident, "shards": {}}
+        elif prev != ident:
             if not overwrite:
                 raise ValueError(f"{f} was scored with {prev['spec']!r} ({prev['name']}), not {scorer_spec!r}: pass "
                                  "--overwrite to rescore its shards, or write to a new --out")
@@ -367,32 +372,43 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
         tmp_dir = dst.parent / f".tmp-score-{dst.stem}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         n = 0
-        with ShardWriter(tmp_dir, prefix="songs", max_records=10**9, code_size=cs) as w:
-            batch = []
-            reader = iter_songs(src, code_size=cs)
+        try:  # a failing scorer leaves no temp folder behind
+            with ShardWriter(tmp_dir, prefix="songs", max_records=10**9, code_size=cs) as w:
+                batch = []
+                reader = iter_songs(src, code_size=cs)
 
-            def flush(batch: list[Any]) -> None:
-                scores = scorer.score(batch)
-                check_scores(scorer, scores, len(batch), batch)
-                for song, sc in zip(batch, scores):
-                    meta = dict(song.meta)
-                    meta.pop("quality", None)  # a top-level quality would shadow the new scores
-                    meta["scores"] = {str(k): float(v) for k, v in sc.items()}
-                    meta["score_overall_key"] = scorer.overall
-                    meta["scorer"] = scorer.name
-                    for k, v in meta["scores"].items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    w.write_song(song.key, song.tokens, song.lyric, song.style, meta, song.prompt)
+                def flush(batch: list[Any], src: str = src) -> None:
+                    try:
+                        scores = scorer.score(batch)
+                        check_scores(scorer, scores, len(batch), batch)
+                    except Exception as e:  # one line naming the scorer and the songs
+                        msg = " ".join(str(e).split()) or type(e).__name__
+                        keys = ", ".join(repr(s.key) for s in batch[:3]) + (" ..." if len(batch) > 3 else "")
+                        where = "" if any(s.key in msg for s in batch) else f" (scoring songs {keys} of {src})"
+                        raise ValueError(f"--scorer {scorer_spec} ({scorer.name}){where}: {type(e).__name__}: {msg}"
+                                         ) from None
+                    for song, sc in zip(batch, scores):
+                        meta = dict(song.meta)
+                        meta.pop("quality", None)  # a top-level quality would shadow the new scores
+                        meta["scores"] = {str(k): float(v) for k, v in sc.items()}
+                        meta["score_overall_key"] = scorer.overall
+                        meta["scorer"] = scorer.name
+                        for k, v in meta["scores"].items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        w.write_song(song.key, song.tokens, song.lyric, song.style, meta, song.prompt)
 
-            for song in reader:
-                batch.append(song)
-                if len(batch) >= batch_size:
+                for song in reader:
+                    batch.append(song)
+                    if len(batch) >= batch_size:
+                        flush(batch)
+                        n += len(batch)
+                        batch = []
+                if batch:
                     flush(batch)
                     n += len(batch)
-                    batch = []
-            if batch:
-                flush(batch)
-                n += len(batch)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
         if n:
             os.replace(tmp_dir / "songs-000000.tar", dst)
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -72,11 +72,22 @@ def mode_tokens(codes: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
     return {"": codes, **{sfx: single(sfx[1:]) for sfx in SEPARATE_SUFFIXES}}
 
 
-def append_eos(codes: torch.Tensor, lengths: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
-    """[B, K, T] padded frames -> [B, K, T+1] with EOS at each song's length and pad after it."""
+def append_eos(codes: torch.Tensor, lengths: torch.Tensor, eos: int, pad: int,
+               ended: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K, T] padded frames -> [B, K, T+1] with EOS at each song's length and pad after it.
+
+    ``ended`` [B] bool: songs that ended with EOS (None: all). A song cut at its frame limit
+    without EOS gets none (pad at its length: the model is never taught to stop there), and
+    when no song needs the extra position it is dropped ([B, K, T]): a song of the model's
+    longest length then still fits its positions."""
     B, K, T = codes.shape
     out = torch.cat([codes, codes.new_full((B, K, 1), pad)], dim=2)
     t = torch.arange(T + 1, device=codes.device)[None, None, :]
     ln = lengths.to(codes.device)[:, None, None]
     out = torch.where(t < ln, out, torch.full_like(out, pad))
-    return torch.where(t == ln, torch.full_like(out, eos), out)
+    if ended is None:
+        return torch.where(t == ln, torch.full_like(out, eos), out)
+    ended = ended.to(device=codes.device, dtype=torch.bool)
+    out = torch.where((t == ln) & ended[:, None, None], torch.full_like(out, eos), out)
+    width = int((lengths.to(codes.device) + ended.long()).max()) if B else 0
+    return out if width > T else out[:, :, :T]

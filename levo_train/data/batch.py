@@ -11,13 +11,18 @@ import torch
 
 from levo_train.data.shards import Song
 
-__all__ = ["collate_songs"]
+__all__ = ["ENDED_KEY", "collate_songs"]
+
+#: song meta key: false for a song cut at its frame limit without EOS (levo-infer's output key)
+ENDED_KEY = "ended_with_eos"
 
 
 def collate_songs(songs: Sequence[Song], code_size: int) -> dict[str, Any]:
     """Collate songs into a batch dict.
 
     ``codes`` LongTensor [B, 3, Tmax] right-padded with ``code_size + 1``; ``lengths`` [B];
+    ``eos`` BoolTensor [B]: the song ended with EOS (``meta["ended_with_eos"]``, default true; false
+    for a song cut at its frame limit, which is then scored without an appended EOS);
     ``prompts`` LongTensor [B, 3, Pmax] (``code_size + 1`` padded; all ``code_size + 1`` for songs
     without one) or None when no song has a prompt; ``lyrics``, ``styles``, ``keys``, ``meta`` lists.
     """
@@ -40,6 +45,7 @@ def collate_songs(songs: Sequence[Song], code_size: int) -> dict[str, Any]:
     return {
         "codes": codes,
         "lengths": torch.tensor(lengths, dtype=torch.long),
+        "eos": torch.tensor([bool(s.meta.get(ENDED_KEY, True)) for s in songs], dtype=torch.bool),
         "lyrics": [s.lyric for s in songs],
         "styles": [s.style for s in songs],
         "prompts": prompts,

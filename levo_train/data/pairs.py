@@ -330,7 +330,7 @@ def collate_pairs(pairs: Sequence[Pair], code_size: int, ref: dict[str, RefEntry
 
     c, r = collate_songs(songs("chosen"), code_size), collate_songs(songs("rejected"), code_size)
     batch = {"chosen": c["codes"], "chosen_lengths": c["lengths"], "rejected": r["codes"],
-             "rejected_lengths": r["lengths"], "lyrics": c["lyrics"], "styles": c["styles"],
+             "rejected_lengths": r["lengths"], "chosen_eos": c["eos"], "rejected_eos": r["eos"], "lyrics": c["lyrics"], "styles": c["styles"],
              "prompts": c["prompts"], "keys": c["keys"], "meta": c["meta"]}
     if ref is not None:
         vals = _ref_values(pairs, ref)

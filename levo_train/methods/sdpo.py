@@ -11,19 +11,23 @@ trained scorer to use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from levo_infer.generate import RELEASED_TEMPERATURE, RELEASED_TOP_K
 from levo_infer.integrity import sha256_file
-from levo_train.prompts import read_prompts
+from levo_train.prompts import lyric_frame_budget, model_frame_limit, read_prompts
 from levo_train.rollout import Prompt, Sampling, Scorer
 from levo_train.scorers import WeightedScorer, load_scorer
-from levo_train.settings import UsageError, to_bool, to_float, to_int, to_strings, typed
+from levo_train.settings import UsageError, on_cuda, to_bool, to_float, to_int, to_strings, typed
 from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
 from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld
@@ -41,6 +45,16 @@ from .dpo import DPOSettings, check_reference_init
 log = logging.getLogger("levo_train")
 
 ORACLES = ("auto", "none")
+#: ``sdpo.sampling``: ``default`` samples every codebook with temperature / top-k / top-p (defaults
+#: 1.0 / off / off); ``compat`` the released rules (levo-infer's default): temperature and top-k on
+#: codebook 0 (defaults 0.8 and 5000), greedy vocal and bgm, repetition penalty 1.1 over 50 steps
+SAMPLING_MODES = {"default": (1.0, 0, 0.0), "compat": (RELEASED_TEMPERATURE, RELEASED_TOP_K, 0.0)}
+#: ``sdpo.max_frames``: a number of frames (the same budget for every prompt), ``auto`` (each
+#: prompt's budget from its lyric, :func:`levo_train.prompts.lyric_frame_budget`; on the toy world
+#: :data:`TOY_MAX_FRAMES`) or ``model`` (the model's limit for every prompt)
+FRAME_MODES = ("auto", "model")
+#: the toy world's frame budget: its songs have at most 75 frames (``levo_train.toy.world.MAX_FRAMES``)
+TOY_MAX_FRAMES = 96
 #: the settings of :class:`SDPOSettings` that shape rounds: a resume must ask for the same ones
 #: (:meth:`SDPOSettings.identity`); the others (``gen_batch_size``, ``gen_dtype``, ``oracle``,
 #: ``save_candidates``, ``reward.device``, ``reward.dimensions``) change how a round runs or what it
@@ -68,6 +82,9 @@ class SDPOScorerSettings:
     """``reward.dimensions``: scores the scorer must have (checked when it is loaded)."""
     device: str | None = None
     """``reward.device``: where it runs (null: on the policy's device, following it)."""
+    codec: str | None = None
+    """``reward.codec``: the codec ``audio:`` scorers decode with (a codec folder, decoded by
+    ``levo_infer.codec``, or ``MODULE:FACTORY``)."""
 
     def identity(self) -> dict[str, Any]:
         """What ranks the candidates: a reward model by the sha256 of its weights (its folder may move
@@ -91,7 +108,8 @@ class SDPOScorerSettings:
                              "export) or reward.scorer=toy (the toy world's hidden quality) / another scorer spec")
         dims = typed(r, "dimensions", to_strings, "a list of score names (or null)", "reward")
         return cls(setting, value, spec, key=str(r.key) if r.get("key") else None, dimensions=dims or None,
-                   device=str(r.device) if r.get("device") else None)
+                   device=str(r.device) if r.get("device") else None,
+                   codec=str(r.codec) if r.get("codec") else None)
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,10 @@ class SDPOSettings:
     prompts: tuple[str, ...] | None = None
     """Song/pair shards or a released-format JSONL (null: the toy training prompts of data.toy_pairs)."""
     sampling: Sampling = Sampling()
-    """temperature, top_k, top_p, cfg_coef, max_frames, gen_batch_size."""
+    """temperature, top_k, top_p, cfg_coef, max_frames, gen_batch_size, compat (``sdpo.sampling``)."""
+    frames: int | str = TOY_MAX_FRAMES
+    """``sdpo.max_frames`` as given: frames, ``auto`` or ``model`` (:data:`FRAME_MODES`); a mode's
+    budgets are set per prompt once the model is loaded (:func:`frame_budgets`)."""
     oracle: str = "auto"
     """auto: on the toy world also score the same samples with the hidden quality | none."""
     save_candidates: bool = False
@@ -132,6 +153,7 @@ class SDPOSettings:
         out["sdpo.prompts"] = list(self.prompts) if self.prompts else None
         out.update({key: getattr(self.sampling, f.name) for f in fields(self.sampling)
                     if (key := SAMPLING_SETTINGS.get(f.name))})
+        out["sdpo.max_frames"] = self.frames if isinstance(self.frames, str) else self.sampling.max_frames
         out.update(self.scorer.identity())
         return out
 
@@ -139,10 +161,29 @@ class SDPOSettings:
     def from_cfg(cls, cfg: DictConfig) -> SDPOSettings:
         s, w = cfg.sdpo, "sdpo"
         cfg_coef = typed(s, "cfg_coef", to_float, "a number (or null)", w)
-        sampling = Sampling(temperature=typed(s, "temperature", to_float, "a number", w),
-                            top_k=typed(s, "top_k", to_int, "an integer", w), top_p=typed(s, "top_p", to_float, "a number", w),
-                            cfg_coef=cfg_coef, max_frames=typed(s, "max_frames", to_int, "a number of frames", w),
-                            batch_size=typed(s, "gen_batch_size", to_int, "an integer", w))
+        mode = str(s.get("sampling") or "default")
+        if mode not in SAMPLING_MODES:
+            raise UsageError(f"sdpo.sampling={mode}: expected one of {', '.join(SAMPLING_MODES)} (compat: the released "
+                             "rules, top-k/temperature on codebook 0, greedy vocal/bgm, repetition penalty)")
+        temp, top_k, top_p = SAMPLING_MODES[mode]  # a null setting takes its mode's default
+        temperature = typed(s, "temperature", to_float, "a number (or null)", w)
+        top_k_set = typed(s, "top_k", to_int, "an integer (or null)", w)
+        top_p_set = typed(s, "top_p", to_float, "a number (or null)", w)
+        raw_frames = s.get("max_frames")
+        frames: int | str
+        if isinstance(raw_frames, str) and raw_frames in FRAME_MODES:
+            # the toy world's songs are short: its budget is a constant (and the run's identity a number)
+            frames = TOY_MAX_FRAMES if raw_frames == "auto" and not s.get("prompts") else raw_frames
+        else:
+            frames = typed(s, "max_frames", to_int, f"a number of frames or one of {', '.join(FRAME_MODES)}", w)
+            if frames is None or frames < 1:
+                raise UsageError(f"sdpo.max_frames={raw_frames}: expected a number of frames >= 1, or auto (each "
+                                 "prompt's budget from its lyric) or model (the model's limit)")
+        sampling = Sampling(temperature=temp if temperature is None else temperature,
+                            top_k=top_k if top_k_set is None else top_k_set,
+                            top_p=top_p if top_p_set is None else top_p_set, cfg_coef=cfg_coef,
+                            max_frames=frames if isinstance(frames, int) else TOY_MAX_FRAMES,
+                            compat=mode == "compat", batch_size=typed(s, "gen_batch_size", to_int, "an integer", w))
         scorer = SDPOScorerSettings.from_cfg(cfg)  # checked first, then the DPO loss, then the rounds
         out = cls(dpo=DPOSettings.from_cfg(cfg, recipe="sdpo"), scorer=scorer,
                   sync_every=typed(s, "sync_every", to_int, "an integer", w),
@@ -152,7 +193,7 @@ class SDPOSettings:
                   buffer_rounds=typed(s, "buffer_rounds", to_int, "an integer", w),
                   ref_sync_every=typed(s, "ref_sync_every", to_int, "an integer", w),
                   prompts=typed(s, "prompts", to_strings, "a path or a list of paths", w) if s.get("prompts") else None,
-                  sampling=sampling, oracle=str(s.get("oracle", "auto")),
+                  sampling=sampling, frames=frames, oracle=str(s.get("oracle", "auto")),
                   save_candidates=bool(typed(s, "save_candidates", to_bool, "true or false", w)),
                   gen_dtype=str(s.get("gen_dtype", "auto")))
         if out.oracle not in ORACLES:
@@ -190,13 +231,48 @@ def sdpo_prompts(plan: Plan, model: Any = None) -> list[Prompt]:
     return toy_prompts(ToyWorld(world_seed), spec.n_train, seed=split_seeds(spec, world_seed)["train"], tier=spec.tier)
 
 
+def frame_budgets(settings: SDPOSettings, model: Any, prompts: list[Prompt]) -> tuple[Sampling, list[Prompt]]:
+    """The sampling rules and prompts of a run, with the frame budgets of ``sdpo.max_frames``: a
+    number is checked against the model's limit; ``model`` budgets every prompt at the limit
+    (:func:`levo_train.prompts.model_frame_limit`); ``auto`` each prompt by its lyric
+    (:func:`levo_train.prompts.lyric_frame_budget`)."""
+    limit = model_frame_limit(model)
+    if not isinstance(settings.frames, str):
+        if settings.frames > model.max_frames:
+            raise UsageError(f"sdpo.max_frames={settings.frames}: the model holds at most {model.max_frames} frames "
+                             "(its positions, after the conditioning prefix and the delay tail); lower it, or use "
+                             "sdpo.max_frames=auto (per prompt, from its lyric) or model")
+        return settings.sampling, prompts
+    sampling = dataclasses.replace(settings.sampling, max_frames=limit)
+    if settings.frames == "model":
+        return sampling, prompts
+    rate = float(model.cfg.frame_rate)
+    return sampling, [dataclasses.replace(p, max_frames=lyric_frame_budget(p.lyric, frame_rate=rate, limit=limit))
+                      for p in prompts]
+
+
+def policy_device(accelerator: str) -> str:
+    """The device this rank's policy trains on: its GPU (``LOCAL_RANK`` / ``SLURM_LOCALID`` modulo the
+    GPUs) when ``trainer.accelerator`` resolves to CUDA, else cpu."""
+    if not on_cuda(accelerator):
+        return "cpu"
+    local = next((int(os.environ[v]) for v in ("LOCAL_RANK", "SLURM_LOCALID") if os.environ.get(v, "").isdigit()), 0)
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
 def load_sdpo_scorer(plan: Plan) -> tuple[Scorer, Scorer | None]:
     """(scorer, oracle) of a semi-online run, checked against the policy; the oracle is the toy
     world's hidden quality on toy runs (``sdpo.oracle=auto``)."""
     s: SDPOScorerSettings = plan.settings.scorer
     world_seed, mc = int(plan.cfg.data.toy.seed), plan.model_config
+    # a scorer (and a factory building one) gets the device it runs on: reward.device, else the policy's
+    device = s.device or policy_device(str(plan.cfg.trainer.get("accelerator", "auto")))
+    if s.codec is None and "audio:" in s.spec:
+        raise UsageError(f"{s.setting}={s.value}: an audio scorer decodes the songs with a codec: add "
+                         "reward.codec=CODEC_DIR (the released runtime folder with model_septoken/ and vae/) or "
+                         "reward.codec=MODULE:FACTORY")
     try:
-        scorer = load_scorer(s.spec, device=s.device or "cpu", world_seed=world_seed, setting=s.setting)
+        scorer = load_scorer(s.spec, device=device, world_seed=world_seed, setting=s.setting, codec=s.codec)
     except (OSError, ValueError) as e:
         raise UsageError(str(e) if s.setting in str(e) else f"{s.setting}: {e}") from None
     rm_cfg = getattr(scorer, "model_config", None)
@@ -259,7 +335,8 @@ class SDPOMethod(Method):
         """Freeze the reference, then read the prompt pool (released JSONL prompts are formatted for the model)."""
         try:
             module.freeze_reference()
-            module.set_prompts(sdpo_prompts(plan, module.model))
+            module.sampling, prompts = frame_budgets(plan.settings, module.model, sdpo_prompts(plan, module.model))
+            module.set_prompts(prompts)
         except ValueError as e:
             raise UsageError(str(e)) from None
 
@@ -295,4 +372,5 @@ class SDPOMethod(Method):
                              "override(s), or start a new run from the checkpoint's export (model.init=RUN/export)")
 
 
-__all__ = ["ORACLES", "ROUND_SETTINGS", "SAMPLING_SETTINGS", "SDPOMethod", "SDPOScorerSettings", "SDPOSettings", "load_sdpo_scorer", "sdpo_prompts"]
+__all__ = ["FRAME_MODES", "ORACLES", "ROUND_SETTINGS", "SAMPLING_MODES", "SAMPLING_SETTINGS", "TOY_MAX_FRAMES",
+           "frame_budgets", "SDPOMethod", "SDPOScorerSettings", "SDPOSettings", "load_sdpo_scorer", "sdpo_prompts"]

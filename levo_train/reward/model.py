@@ -107,22 +107,26 @@ def mean_pool(H: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x, (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def trunk_states(lm: LeLM, codes: torch.Tensor, lengths: torch.Tensor, cond: Conditions
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def trunk_states(lm: LeLM, codes: torch.Tensor, lengths: torch.Tensor, cond: Conditions,
+                 ended: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(frame hidden states [B, K, T+1, D], the codes with EOS appended [B, K, T+1], the mask of
-    real frames + EOS [B, T+1]) of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B])."""
+    real frames + EOS [B, T+1]) of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B]).
+    ``ended`` [B] bool (None: all): a song cut at its frame limit gets no EOS (its frames alone;
+    see :func:`levo_infer.tokens.append_eos`)."""
     dev = lm.device
     lengths = lengths.to(dev)
-    seq = append_eos(codes.to(dev), lengths, lm.eos_id, lm.pad_id)
+    seq = append_eos(codes.to(dev), lengths, lm.eos_id, lm.pad_id, ended)
     H = lm.frame_hidden(seq, cond)
-    mask = torch.arange(seq.shape[2], device=dev)[None, :] <= lengths[:, None]  # real frames + EOS
+    last = lengths if ended is None else lengths - (~ended.to(dev, torch.bool)).long()
+    mask = torch.arange(seq.shape[2], device=dev)[None, :] <= last[:, None]  # real frames (+ EOS)
     return H, seq, mask
 
 
 def reward_forward(lm: LeLM, head: RewardHead, codes: torch.Tensor, lengths: torch.Tensor,
-                   cond: Conditions) -> torch.Tensor:
-    """Scores [B, n_out] of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B] real frames)."""
-    H, seq, mask = trunk_states(lm, codes, lengths, cond)
+                   cond: Conditions, ended: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [B, n_out] of songs ``codes`` [B, K, T] (right-padded; ``lengths`` [B] real frames;
+    ``ended``: see :func:`trunk_states`)."""
+    H, seq, mask = trunk_states(lm, codes, lengths, cond, ended)
     extra = token_logp_features(lm, H, seq, mask) if head.pooling == "mean_logp" else None
     return head(H, mask, extra)
 
@@ -182,8 +186,9 @@ class RewardModel(nn.Module):
     def config(self) -> ModelConfig:
         return self.lm.cfg
 
-    def forward(self, codes: torch.Tensor, lengths: torch.Tensor, cond: Conditions) -> torch.Tensor:
-        return reward_forward(self.lm, self.head, codes, lengths, cond)
+    def forward(self, codes: torch.Tensor, lengths: torch.Tensor, cond: Conditions,
+                ended: torch.Tensor | None = None) -> torch.Tensor:
+        return reward_forward(self.lm, self.head, codes, lengths, cond, ended)
 
     @torch.no_grad()
     def score_songs(self, songs: Sequence[Song], batch_size: int = 64) -> torch.Tensor:
@@ -192,7 +197,7 @@ class RewardModel(nn.Module):
         for i in range(0, len(songs), batch_size):
             b = collate_songs(songs[i:i + batch_size], self.config.lm.code_size)
             cond = self.lm.prepare_conditions(b["lyrics"], b["styles"], b["prompts"])
-            out.append(self(b["codes"], b["lengths"], cond).float().cpu())
+            out.append(self(b["codes"], b["lengths"], cond, b["eos"]).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.outputs))
 
     @torch.no_grad()
@@ -205,7 +210,7 @@ class RewardModel(nn.Module):
         for i in range(0, len(songs), batch_size):
             b = collate_songs(songs[i:i + batch_size], self.config.lm.code_size)
             cond = self.lm.prepare_conditions(b["lyrics"], b["styles"], b["prompts"])
-            H, _, mask = trunk_states(self.lm, b["codes"], b["lengths"], cond)
+            H, _, mask = trunk_states(self.lm, b["codes"], b["lengths"], cond, b["eos"])
             out.append(mean_pool(H, mask)[1].cpu())
         return torch.cat(out) if out else torch.zeros(0, 2 * self.config.lm.dim)
 

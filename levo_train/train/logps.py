@@ -22,10 +22,13 @@ def sequence_logps(
     cond: Conditions,
     *,
     stream_weights: Sequence[float] | None = None,
+    ended: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs [B] of each song (frames + EOS) and the number of scored tokens [B]
-    (weighted by ``stream_weights``, so ``logps / counts`` is a per-token mean)."""
-    codes = append_eos(codes, lengths, model.eos_id, model.pad_id)
+    (weighted by ``stream_weights``, so ``logps / counts`` is a per-token mean). ``ended`` [B]
+    bool: songs that ended with EOS (None: all); a song cut at its frame limit is scored on its
+    frames alone (no EOS appended: the policy is not taught to stop where the budget ran out)."""
+    codes = append_eos(codes, lengths, model.eos_id, model.pad_id, ended)
     H = model.frame_hidden(codes, cond)
     B, K = codes.shape[:2]
     w = list(stream_weights) if stream_weights is not None else [1.0] * K
@@ -67,4 +70,7 @@ def pair_logps(model: LeLM, batch: dict[str, Any], cond2: Conditions | None = No
     dev = model.device
     codes = cat_pairs(batch["chosen"].to(dev), batch["rejected"].to(dev), model.pad_id)
     lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]]).to(dev)
-    return sequence_logps(model, codes, lengths, cond2, stream_weights=stream_weights)
+    ended = None
+    if batch.get("chosen_eos") is not None and batch.get("rejected_eos") is not None:
+        ended = torch.cat([batch["chosen_eos"], batch["rejected_eos"]]).to(dev)
+    return sequence_logps(model, codes, lengths, cond2, stream_weights=stream_weights, ended=ended)

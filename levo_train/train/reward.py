@@ -207,13 +207,15 @@ class RewardModule(LeLMTrainModule):
     def predict_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scores [B, D + 1] of a batch (no condition dropout: the RM judges songs as prompted)."""
         cond = self.model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
-        return reward_forward(self.model, self.head, batch["codes"], batch["lengths"], cond)
+        return reward_forward(self.model, self.head, batch["codes"], batch["lengths"], cond, batch.get("eos"))
 
     def predict_pairs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores of a pair batch's chosen and rejected songs [B, D + 1] each, and their labels."""
         cond = self.model.prepare_conditions(batch["lyrics"], batch["styles"], batch.get("prompts"))
-        ch = reward_forward(self.model, self.head, batch["chosen"], batch["chosen_lengths"], cond)
-        rj = reward_forward(self.model, self.head, batch["rejected"], batch["rejected_lengths"], cond)
+        ch = reward_forward(self.model, self.head, batch["chosen"], batch["chosen_lengths"], cond,
+                            batch.get("chosen_eos"))
+        rj = reward_forward(self.model, self.head, batch["rejected"], batch["rejected_lengths"], cond,
+                            batch.get("rejected_eos"))
         labels = pair_labels(batch.get("meta") or [{}] * ch.shape[0], self.outputs, self.rank_margin).to(ch.device)
         return ch.float(), rj.float(), labels
 

@@ -53,6 +53,7 @@ import torch
 from levo_infer.config import ModelConfig
 from levo_infer.jsonio import jsonl_text, write_text_atomic
 from levo_infer.model import LeLM
+from levo_train.data.batch import ENDED_KEY
 from levo_train.data.pairs import Pair, collate_pairs
 from levo_train.data.shards import Song
 from levo_train.guard import StepGuard
@@ -113,10 +114,16 @@ def _pair_record(best: Candidate, worst: Candidate, key: str, oracle: str | None
         "lyric": s.lyric, "style": s.style,
         "prompt": None if s.prompt is None else torch.from_numpy(np.asarray(s.prompt, dtype=np.int64)),
         "margin": float(best.scores[key] - worst.scores[key]),
+        # False: cut at the frame budget without EOS (trained on its frames alone, no EOS appended)
+        "chosen_eos": _ended(best), "rejected_eos": _ended(worst),
     }
     if oracle is not None:
         rec["oracle_margin"] = float(best.song.meta["oracle"][oracle] - worst.song.meta["oracle"][oracle])
     return rec
+
+
+def _ended(c: Candidate) -> bool:
+    return bool(c.song.meta.get(ENDED_KEY, True))
 
 
 def candidate_record(c: Candidate) -> dict[str, Any]:
@@ -125,13 +132,13 @@ def candidate_record(c: Candidate) -> dict[str, Any]:
     return {"prompt_index": c.prompt_index, "sample_index": c.sample_index, "seed": c.seed, "key": s.key,
             "tokens": torch.from_numpy(np.ascontiguousarray(s.tokens, dtype=np.int64)), "lyric": s.lyric,
             "style": s.style, "prompt": None if s.prompt is None else torch.from_numpy(np.asarray(s.prompt, dtype=np.int64)),
-            "scores": {k: float(v) for k, v in c.scores.items()},
+            "scores": {k: float(v) for k, v in c.scores.items()}, "eos": _ended(c),
             "oracle": None if "oracle" not in s.meta else {k: float(v) for k, v in s.meta["oracle"].items()}}
 
 
 def candidate_from_record(d: dict[str, Any]) -> Candidate:
     """The :class:`Candidate` of :func:`candidate_record`."""
-    meta: dict[str, Any] = {"scores": dict(d["scores"])}
+    meta: dict[str, Any] = {"scores": dict(d["scores"]), ENDED_KEY: bool(d.get("eos", True))}
     if d.get("oracle") is not None:
         meta["oracle"] = dict(d["oracle"])
     song = Song(str(d["key"]), d["tokens"].numpy(), d["lyric"], d["style"],
@@ -140,10 +147,14 @@ def candidate_from_record(d: dict[str, Any]) -> Candidate:
 
 
 def collate_buffer(records: Sequence[dict[str, Any]], code_size: int) -> dict[str, Any]:
-    """Buffer entries -> the pair batch of :class:`~levo_train.data.pairs.PairDataModule` (its collate)."""
-    return collate_pairs([Pair(f"b{i}", r["chosen"].numpy(), r["rejected"].numpy(), r["lyric"], r["style"],
-                               None if r["prompt"] is None else r["prompt"].numpy()) for i, r in enumerate(records)],
-                         code_size)
+    """Buffer entries -> the pair batch of :class:`~levo_train.data.pairs.PairDataModule` (its collate),
+    with each song's EOS flag (``chosen_eos``/``rejected_eos``; entries of older checkpoints: true)."""
+    batch = collate_pairs([Pair(f"b{i}", r["chosen"].numpy(), r["rejected"].numpy(), r["lyric"], r["style"],
+                                None if r["prompt"] is None else r["prompt"].numpy()) for i, r in enumerate(records)],
+                          code_size)
+    for side in ("chosen_eos", "rejected_eos"):
+        batch[side] = torch.tensor([bool(r.get(side, True)) for r in records], dtype=torch.bool)
+    return batch
 
 
 class SemiOnlineDPOModule(DPOModule):
@@ -300,9 +311,11 @@ class SemiOnlineDPOModule(DPOModule):
         rank, world = self._rank_world()
         idx = self.round_prompts(r)
         prompts = [self.prompts[i] for i in idx]
-        restored = [candidate_from_record(c) for c in self.partial["candidates"]] \
-            if self.partial is not None and int(self.partial["round"]) == r else []
-        chunks, slots = self._chunks(len(prompts), {c.prompt_index for c in restored})
+        resumed = self.partial is not None and int(self.partial["round"]) == r
+        restored = [candidate_from_record(c) for c in self.partial["candidates"]] if resumed else []  # type: ignore[index]
+        # prompts generated before the interruption (also those whose songs were all empty, dropped)
+        done_before = {c.prompt_index for c in restored} | set(self.partial.get("prompts", []) if resumed else [])  # type: ignore[union-attr]
+        chunks, slots = self._chunks(len(prompts), done_before)
         if restored and rank == 0:
             log.info("round %d: resumed with %d of its %d prompts generated before the interruption", r,
                      len({c.prompt_index for c in restored}), len(prompts))
@@ -312,6 +325,10 @@ class SemiOnlineDPOModule(DPOModule):
         cands: list[Candidate] = []
         t_gen = t_score = 0.0
         error = None
+        my_empty = 0
+        # zero-frame songs are dropped before scoring (as `levo-data sample` does) and counted
+        empty = int(self.partial.get("empty", 0)) if resumed else 0  # type: ignore[union-attr]
+        my_done: list[int] = []
         try:
             model = self.generation_model() if slots else None  # every rank or none (slots is global)
             for slot in range(slots):
@@ -321,6 +338,10 @@ class SemiOnlineDPOModule(DPOModule):
                     new = sample_and_score(model, prompts, None, self.sampling, per_prompt=self.per_prompt,
                                            seed=self.seed * 7919 + r, key_prefix=f"r{r:04d}-", prompt_indices=chunk)
                     t_gen += time.perf_counter() - t0
+                    kept = [c for c in new if c.frames >= 1]
+                    my_empty += len(new) - len(kept)
+                    my_done += chunk
+                    new = kept
                     t0 = time.perf_counter()
                     try:  # a scorer that fails (e.g. NaN scores) fails the round on every rank, not a hang
                         score_candidates(new, self.scorer)
@@ -336,8 +357,11 @@ class SemiOnlineDPOModule(DPOModule):
                                  sum(map(len, chunks[:slot + 1])), sum(map(len, chunks)), t_gen + t_score)
                 signum = guard.agreed_signal(self.trainer) if guard is not None else None
                 if signum is not None:  # a safe point: keep what every rank has, checkpoint, stop
-                    done = [c for part in self._gather([candidate_record(c) for c in cands]) for c in part]
-                    self.partial = {"round": r, "candidates": sorted(
+                    got = self._gather(([candidate_record(c) for c in cands], my_empty, my_done))
+                    done = [c for part, _, _ in got for c in part]
+                    self.partial = {"round": r, "empty": empty + sum(n for _, n, _ in got),
+                                    "prompts": sorted(done_before | {i for *_, d in got for i in d}),
+                                    "candidates": sorted(
                         [*map(candidate_record, restored), *done], key=lambda c: (c["prompt_index"], c["sample_index"]))}
                     if self._copy is not None:
                         self._copy.release()
@@ -346,7 +370,7 @@ class SemiOnlineDPOModule(DPOModule):
             if self._copy is not None:
                 self._copy.release()
         # one collective: every rank's candidates, times and error
-        parts = self._gather((cands, t_gen, t_score, error))
+        parts = self._gather((cands, t_gen, t_score, error, my_empty))
         errors = [p[3] for p in parts if p[3] is not None]
         if errors:
             raise ScoreError(errors[0])
@@ -372,6 +396,10 @@ class SemiOnlineDPOModule(DPOModule):
             # None (null in rounds.jsonl): a mean over no candidates / no pairs
             "score_mean": float(np.mean([c.scores[self.score_key] for c in gathered])) if gathered else None,
             "frames_mean": float(np.mean([c.frames for c in gathered])) if gathered else None,
+            # songs of zero frames (dropped before scoring) and songs cut at their frame budget without
+            # EOS (scored and paired on their frames, no EOS appended)
+            "empty_dropped": empty + sum(p[4] for p in parts),
+            "cut_at_budget": sum(not _ended(c) for c in gathered),
             "pair_margin": float(np.mean([p["margin"] for p in pairs])) if pairs else None,
         }
         if okey is not None and gathered:
