@@ -62,7 +62,7 @@ from .errors import UsageError
 from .offline import resolve_device
 
 __all__ = ["DTYPES", "ENCODE_COMMANDS", "Item", "check_codec", "encode_items", "encode_settings", "encode_songs",
-           "resolve_separator", "token_array"]
+           "resolve_separator", "token_array", "write_npy_atomic"]
 
 FORMAT = "levo-encode-1"
 SETTINGS_NAME, MANIFEST_NAME, ERRORS_NAME = "encode.json", "manifest.jsonl", "errors.jsonl"
@@ -184,7 +184,8 @@ def _done(out: Path, it: Item, code_size: int) -> bool:
             and int(arr.min()) >= 0 and int(arr.max()) < code_size)
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
+def write_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """``arr`` as ``.npy`` at ``path``: written to a temporary name in the same folder, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -369,7 +370,7 @@ def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str |
             say(f"levo-data encode: separating stems with {desc}")
 
     def done(it: Item, toks: torch.Tensor) -> None:
-        _write_npy(out / f"{it.idx}.npy", token_array(toks, code_size))
+        write_npy_atomic(out / f"{it.idx}.npy", token_array(toks, code_size))
         encoded.add(it.idx)
 
     audio_s = encode_items(todo, enc, sep, batch=batch, done=done, fail=fail, progress=lambda n: say(
