@@ -395,8 +395,8 @@ def _load_codes(path: Path, kind: str, what: str, opts: _Options, *, allow_none:
         raise _Bad("missing_file", f"{what} {path}: file not found")
     if kind == "audio" and opts.native is not None:
         got = opts.native.result(opts.native.item(path, *stems, seconds=seconds))
-        if isinstance(got, str):
-            raise _Bad("encode_failed", f"{what} {path}: {got}")
+        if isinstance(got, str):  # the message names the file already
+            raise _Bad("encode_failed", got if str(path) in got else f"{what} {path}: {got}")
         return _check_codes(got, f"{what} {path} (encoded)", opts.code_size, allow_none)
     if kind == "audio":
         try:
