@@ -2,6 +2,8 @@
 
     levo-data shards --manifest songs.jsonl --out DIR [--shard-size 2000|256MB] [--val-fraction 0.01]
                      [--lyrics check|normalize] [--require-vocal]
+                     [--codec CODEC_DIR [--separator module:function | --separator-ckpt PATH]
+                      [--encode-batch 4] [--chunk-batch 4] [--dtype fp32|bf16|fp16] [--device auto]]
                      [--codec-encoder songgeneration:PATH --model-config CONFIG.yaml]
 
 Manifest line (one JSON object per line, read by :mod:`levo_infer.jsonl`: lines end at ``"\\n"``
@@ -12,7 +14,10 @@ ignored; relative paths are taken from the manifest's folder, or from ``--root``
 ``idx``                     required, unique; a string (or integer) of letters, digits, ``_``, ``-``, ``/``
 ``tokens`` | ``audio`` |    exactly one: a token file (``.npy``/``.pt``/``.pth``, integer ``[3, T]`` or
 ``path``                    ``[1, 3, T]``: mixed, vocal, bgm at 25 Hz, codes in ``[0, code_size)``) or an
-                            audio file (tokenised by ``--codec-encoder``); ``path``: the suffix decides
+                            audio file (encoded by ``--codec`` or ``--codec-encoder``); ``path``: the
+                            suffix decides
+``vocal`` / ``bgm``         optional stems of an audio song (``--codec`` only; one given: the other is
+                            full − it; none: separated, vocal = the separator's, bgm = full − vocal)
 ``gt_lyric`` | ``lyric``    required; checked by the shared checker (:mod:`levo_infer.lyrics`)
 ``descriptions`` | ``style`` optional style text (default ``""``)
 ``prompt`` |                optional prompt: a token file ``[3, P]`` (stored as given; may hold the none code
@@ -28,6 +33,22 @@ so ``SongDataModule(train="DIR/train", val="DIR/val")`` reads them as they are; 
 object per bad line: ``line``, ``idx``, ``reason``, ``error``, lyric ``rule``); ``catalogue.json``
 (the settings); ``progress/`` (one file per finished shard).
 
+* Audio (``--codec CODEC_DIR``, the released runtime's ``ckpt/``): before any shard is written, every
+  audio song and audio prompt of the lines that pass the cheap checks is encoded natively
+  (:func:`levo_infer.codec.load_encoder`; ``--encode-batch`` songs per call) into
+  ``DIR/encoded/<name>.npy``, or ``<name>.error.json`` for a song that cannot be encoded (not audio,
+  no samples, NaN, a refused sample rate, stems of another length: the line is then rejected as
+  ``encode_failed``, naming the file). ``name`` hashes the encode settings and the files' paths,
+  sizes and modification times, so reruns, ``--overwrite`` and other shard settings reuse what is
+  encoded, and a changed file is encoded again. Prompts: the whole file separated, its first 10 s
+  encoded (251 frames), 250 kept. The separator: htdemucs from ``--separator-ckpt`` or the runtime
+  bundle beside ``--codec`` (``../third_party/demucs/ckpt/htdemucs.{pth,yaml}``), or
+  ``--separator module:function``; it is loaded only when a song lacks both stems.
+* Ranks (``RANK``/``WORLD_SIZE`` of torchrun or ``SLURM_PROCID``/``SLURM_NTASKS`` of srun): rank r
+  encodes the audio files ``i % world == r`` and prints its share as JSON; rank 0 encodes its share,
+  waits until every file is encoded or failed (a rank that stops with an error leaves
+  ``encoded/rankNNN.failed.json``, and rank 0 exits naming it), then writes the shards alone. The
+  shards do not depend on the number of ranks.
 * Split: a record goes to ``val`` when ``sha256("levo-split:" + idx)`` read as a fraction in
   [0, 1) is below ``--val-fraction``: the same idx lands in the same split on every run and machine,
   whatever the other lines.
