@@ -259,3 +259,18 @@ def test_levo_infer_encodes_an_audio_prompt_natively(bundle, songs, reference, t
     (half / MIXED_FILE).unlink()
     assert main([*args, "--codec", str(half)]) == 1
     assert "no model_1rvq/model_2_fixed.safetensors" in capsys.readouterr().err
+
+
+def test_rank_0_stops_naming_a_rank_that_failed(bundle, songs, tmp_path):
+    """A rank that stops with an error leaves a marker; rank 0, waiting for that rank's share, exits
+    naming it (instead of waiting for ever), and what it encoded itself is kept."""
+    from levo_data.catalogue import build_shards
+    from levo_data.errors import UsageError
+
+    out, man = tmp_path / "out", _two_songs(songs)
+    common = dict(codec=bundle / "ckpt", val_fraction=0.0, world=2, report=lambda s: None)
+    with pytest.raises(UsageError, match="cannot import module 'no_such_module'"):
+        build_shards(man, out, rank=1, separator="no_such_module:vocals", **common)
+    with pytest.raises(UsageError, match=r"rank 1 stopped before encoding its songs \(UsageError: --separator"):
+        build_shards(man, out, rank=0, separator="no_such_module:vocals", **common)
+    assert len(list((out / "encoded").glob("*.npy"))) == 1 and not (out / "train").exists()
