@@ -11,6 +11,7 @@ VAE with the real strides (1920 samples per latent frame) but 4 channels.
 
 from __future__ import annotations
 
+import fractions
 import json
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,31 @@ def write_tiny_encoder(folder: str | Path, *, seed: int = 0, mixed: Any = None, 
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(path))
     return folder
+
+
+# ----------------------------------------------------------------------------- separation model
+def tiny_htdemucs(seed: int = 0) -> Any:
+    """A tiny random HTDemucs (needs the `separate` extra, demucs-infer)."""
+    from demucs_infer.htdemucs import HTDemucs
+
+    torch.manual_seed(seed)
+    # depth 4 as released (the time branch's transformer then sees 1/256 of the samples); 4 channels
+    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=4, depth=4, t_layers=1, t_heads=2,
+                    dconv_comp=2, t_hidden_scale=1.0, segment=fractions.Fraction(39, 5), samplerate=44100).eval()
+
+
+def write_released_demucs(folder: Path, model: Any) -> None:
+    """``htdemucs.pth`` as demucs serialises a model (``klass`` pickled as ``demucs.htdemucs.HTDemucs``,
+    its constructor kwargs including a Fraction, fp16 state) and the bag ``htdemucs.yaml``."""
+    from demucs_infer.htdemucs import HTDemucs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    args, kwargs = model._init_args_kwargs
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    HTDemucs.__module__ = "demucs.htdemucs"  # the class path of the released checkpoints
+    try:
+        torch.save({"klass": HTDemucs, "args": args, "kwargs": kwargs, "state": state,
+                    "training_args": {"seed": 42}}, folder / "htdemucs.pth")
+    finally:
+        HTDemucs.__module__ = "demucs_infer.htdemucs"
+    (folder / "htdemucs.yaml").write_text("models: ['955717e8']\n")

@@ -5,43 +5,17 @@ stems; a checkpoint that would run code; the missing optional extra."""
 
 from __future__ import annotations
 
-import fractions
 import pickle
 import random
 import sys
 
 import pytest
 import torch
+from codec_fixtures import tiny_htdemucs, write_released_demucs
 
 from levo_infer.codec.separate import BUNDLE_DEMUCS, DemucsSeparator, SeparatorError, load_htdemucs, stems
 
 pytest.importorskip("demucs_infer")
-
-
-def tiny_htdemucs(seed: int = 0):
-    from demucs_infer.htdemucs import HTDemucs
-
-    torch.manual_seed(seed)
-    # depth 4 as released (the time branch's transformer then sees 1/256 of the samples); 4 channels
-    return HTDemucs(sources=["drums", "bass", "other", "vocals"], channels=4, depth=4, t_layers=1, t_heads=2,
-                    dconv_comp=2, t_hidden_scale=1.0, segment=fractions.Fraction(39, 5), samplerate=44100).eval()
-
-
-def write_released_demucs(folder, model) -> None:
-    """``htdemucs.pth`` as demucs serialises a model (``klass`` pickled as ``demucs.htdemucs.HTDemucs``,
-    its constructor kwargs including a Fraction, fp16 state) and the bag ``htdemucs.yaml``."""
-    from demucs_infer.htdemucs import HTDemucs
-
-    folder.mkdir(parents=True, exist_ok=True)
-    args, kwargs = model._init_args_kwargs
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    HTDemucs.__module__ = "demucs.htdemucs"  # the class path of the released checkpoints
-    try:
-        torch.save({"klass": HTDemucs, "args": args, "kwargs": kwargs, "state": state,
-                    "training_args": {"seed": 42}}, folder / "htdemucs.pth")
-    finally:
-        HTDemucs.__module__ = "demucs_infer.htdemucs"
-    (folder / "htdemucs.yaml").write_text("models: ['955717e8']\n")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
     levo-data shards --manifest songs.jsonl --out DIR [--shard-size 2000|256MB] [--val-fraction 0.01]
                      [--lyrics check|normalize] [--require-vocal]
+                     [--codec CODEC_DIR [--separator module:function | --separator-ckpt PATH]
+                      [--encode-batch 4] [--chunk-batch 4] [--dtype fp32|bf16|fp16] [--device auto]]
                      [--codec-encoder songgeneration:PATH --model-config CONFIG.yaml]
 
 Manifest line (one JSON object per line, read by :mod:`levo_infer.jsonl`: lines end at ``"\\n"``
@@ -12,7 +14,10 @@ ignored; relative paths are taken from the manifest's folder, or from ``--root``
 ``idx``                     required, unique; a string (or integer) of letters, digits, ``_``, ``-``, ``/``
 ``tokens`` | ``audio`` |    exactly one: a token file (``.npy``/``.pt``/``.pth``, integer ``[3, T]`` or
 ``path``                    ``[1, 3, T]``: mixed, vocal, bgm at 25 Hz, codes in ``[0, code_size)``) or an
-                            audio file (tokenised by ``--codec-encoder``); ``path``: the suffix decides
+                            audio file (encoded by ``--codec`` or ``--codec-encoder``); ``path``: the
+                            suffix decides
+``vocal`` / ``bgm``         optional stems of an audio song (``--codec`` only; one given: the other is
+                            full − it; none: separated, vocal = the separator's, bgm = full − vocal)
 ``gt_lyric`` | ``lyric``    required; checked by the shared checker (:mod:`levo_infer.lyrics`)
 ``descriptions`` | ``style`` optional style text (default ``""``)
 ``prompt`` |                optional prompt: a token file ``[3, P]`` (stored as given; may hold the none code
@@ -28,6 +33,22 @@ so ``SongDataModule(train="DIR/train", val="DIR/val")`` reads them as they are; 
 object per bad line: ``line``, ``idx``, ``reason``, ``error``, lyric ``rule``); ``catalogue.json``
 (the settings); ``progress/`` (one file per finished shard).
 
+* Audio (``--codec CODEC_DIR``, the released runtime's ``ckpt/``): before any shard is written, every
+  audio song and audio prompt of the lines that pass the cheap checks is encoded natively
+  (:func:`levo_infer.codec.load_encoder`; ``--encode-batch`` songs per call) into
+  ``DIR/encoded/<name>.npy``, or ``<name>.error.json`` for a song that cannot be encoded (not audio,
+  no samples, NaN, a refused sample rate, stems of another length: the line is then rejected as
+  ``encode_failed``, naming the file). ``name`` hashes the encode settings and the files' paths,
+  sizes and modification times, so reruns, ``--overwrite`` and other shard settings reuse what is
+  encoded, and a changed file is encoded again. Prompts: the whole file separated, its first 10 s
+  encoded (251 frames), 250 kept. The separator: htdemucs from ``--separator-ckpt`` or the runtime
+  bundle beside ``--codec`` (``../third_party/demucs/ckpt/htdemucs.{pth,yaml}``), or
+  ``--separator module:function``; it is loaded only when a song lacks both stems.
+* Ranks (``RANK``/``WORLD_SIZE`` of torchrun or ``SLURM_PROCID``/``SLURM_NTASKS`` of srun): rank r
+  encodes the audio files ``i % world == r`` and prints its share as JSON; rank 0 encodes its share,
+  waits until every file is encoded or failed (a rank that stops with an error leaves
+  ``encoded/rankNNN.failed.json``, and rank 0 exits naming it), then writes the shards alone. The
+  shards do not depend on the number of ranks.
 * Split: a record goes to ``val`` when ``sha256("levo-split:" + idx)`` read as a fraction in
   [0, 1) is below ``--val-fraction``: the same idx lands in the same split on every run and machine,
   whatever the other lines.
@@ -73,7 +94,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from levo_infer.codec.encoder import Encoder, EncoderError, load_encoder
+from levo_infer.codec.decoder import CodecError
+from levo_infer.codec.encoder import Encoder, EncoderError, load_encoder, load_native_encoder
 from levo_infer.commands import Command
 from levo_infer.jsonio import jsonl_text
 from levo_infer.jsonl import JsonlError, jsonl_lines, parse_json_line
@@ -94,8 +116,18 @@ from levo_train.data.shards import (
 )
 from levo_train.locking import locks_output
 
+from .encode import (
+    DTYPES,
+    Item,
+    check_codec,
+    encode_items,
+    encode_settings,
+    resolve_separator,
+    token_array,
+    write_npy_atomic,
+)
 from .errors import UsageError
-from .offline import resolve_device
+from .offline import rank_world, resolve_device
 from .outputs import check_output_folder
 
 __all__ = ["CATALOGUE_COMMANDS", "Rejection", "build_shards", "format_table", "parse_shard_size",
@@ -115,8 +147,14 @@ PROMPT_FRAMES = 250
 CRASH_ENV = "LEVO_DATA_SHARDS_CRASH_AFTER"
 _TOKEN_SUFFIXES = frozenset({".npy", ".pt", ".pth"})
 _SOURCE_KEYS = ("tokens", "audio", "path")
-_CONSUMED = frozenset({"idx", *_SOURCE_KEYS, "gt_lyric", "lyric", "descriptions", "style", "prompt",
+_STEM_KEYS = ("vocal", "bgm")
+_CONSUMED = frozenset({"idx", *_SOURCE_KEYS, *_STEM_KEYS, "gt_lyric", "lyric", "descriptions", "style", "prompt",
                        "prompt_audio_path"})
+ENCODED_DIR = "encoded"
+#: seconds of a prompt audio file that are encoded (the released prompt cut: 10 s -> 251 frames)
+PROMPT_SECONDS = 10.0
+#: how often rank 0 says which songs it still waits for, while other ranks encode
+WAIT_REPORT_S = 60.0
 _MAX_PRINTED = 200
 
 
@@ -229,6 +267,7 @@ class _Entry:
     split: str
     source: Path
     kind: str  # "tokens" | "audio"
+    stems: tuple[Path | None, Path | None]  # vocal, bgm audio files (native encoder; None: separated)
     lyric: str
     style: str
     prompt: tuple[Path, str] | None
@@ -246,6 +285,7 @@ class _Options:
     lyrics: str
     require_vocal: bool
     encoder: Any
+    native: _NativeCache | None = None
 
 
 def _file_kind(value: Any, field_name: str, opts: _Options) -> tuple[Path, str]:
@@ -260,10 +300,10 @@ def _file_kind(value: Any, field_name: str, opts: _Options) -> tuple[Path, str]:
         expected = want.get(field_name, "a token file .npy/.pt/.pth or an audio file")
         raise _Bad("bad_source", f"{field_name!r} {value!r}: unsupported file type {suffix or '(none)'}; "
                                  f"expected {expected}")
-    if kind == "audio" and opts.encoder is None:
+    if kind == "audio" and opts.encoder is None and opts.native is None:
         raise _Bad("audio_without_encoder", f"{field_name!r} {value!r} is an audio file: tokenising audio needs "
-                                            "--codec-encoder songgeneration:PATH --model-config CONFIG.yaml "
-                                            "(or give a token file)")
+                                            "--codec CODEC_DIR (the native encoder) or --codec-encoder "
+                                            "songgeneration:PATH --model-config CONFIG.yaml (or give a token file)")
     return p, kind
 
 
@@ -303,6 +343,21 @@ def _parse_line(text: str, line: int, seen: dict[str, int], opts: _Options) -> _
         raise _Bad("no_source" if not sources else "bad_source",
                    f"expected exactly one of 'tokens', 'audio', 'path' (found {what})")
     source, kind = _file_kind(rec[sources[0]], sources[0], opts)
+    stems: list[Path | None] = []
+    for name in _STEM_KEYS:
+        v = rec.get(name)
+        if v is None:
+            stems.append(None)
+            continue
+        if kind != "audio":
+            raise _Bad("bad_source", f"{name!r}: stems go with an audio song; this line's song is a token file")
+        if opts.native is None:
+            raise _Bad("bad_source", f"{name!r}: stems are used by the native encoder (--codec CODEC_DIR); "
+                                     "--codec-encoder separates the song itself")
+        path, stem_kind = _file_kind(v, name, opts)
+        if stem_kind != "audio":
+            raise _Bad("bad_source", f"{name!r} {v!r}: expected an audio file (.wav, .flac, ...)")
+        stems.append(path)
     got = _one_of(rec, ("gt_lyric", "lyric"), "bad_lyric")
     if got is None:
         raise _Bad("missing_lyric", "no 'gt_lyric' or 'lyric' (an instrumental song has e.g. '[inst-long]')")
@@ -334,7 +389,7 @@ def _parse_line(text: str, line: int, seen: dict[str, int], opts: _Options) -> _
     except ValueError as e:
         raise _Bad("bad_meta", str(e)) from None
     return _Entry(line=line, key=key, split=split_of(key, opts.val_fraction), source=source, kind=kind,
-                  lyric=canonical if opts.lyrics == "normalize" else lyric, style=style, prompt=prompt, meta=meta,
+                  stems=(stems[0], stems[1]), lyric=canonical if opts.lyrics == "normalize" else lyric, style=style, prompt=prompt, meta=meta,
                   script=script, instrumental=not any(tag in VOCAL_TAGS for tag, _ in sections),
                   non_canonical=lyric != canonical)
 
@@ -355,9 +410,15 @@ def _check_codes(arr: Any, what: str, code_size: int, allow_none: bool) -> np.nd
         raise _Bad("out_of_range", str(e)) from None
 
 
-def _load_codes(path: Path, kind: str, what: str, opts: _Options, *, allow_none: bool) -> np.ndarray:
+def _load_codes(path: Path, kind: str, what: str, opts: _Options, *, allow_none: bool,
+                stems: tuple[Path | None, Path | None] = (None, None), seconds: float | None = None) -> np.ndarray:
     if not path.is_file():
         raise _Bad("missing_file", f"{what} {path}: file not found")
+    if kind == "audio" and opts.native is not None:
+        got = opts.native.result(opts.native.item(path, *stems, seconds=seconds))
+        if isinstance(got, str):  # the message names the file already
+            raise _Bad("encode_failed", got if str(path) in got else f"{what} {path}: {got}")
+        return _check_codes(got, f"{what} {path} (encoded)", opts.code_size, allow_none)
     if kind == "audio":
         try:
             toks = opts.encoder.encode_file(path.resolve())
@@ -384,16 +445,155 @@ def _load_codes(path: Path, kind: str, what: str, opts: _Options, *, allow_none:
 
 
 def _load_entry(e: _Entry, opts: _Options) -> tuple[np.ndarray, np.ndarray | None]:
-    tokens = _load_codes(e.source, e.kind, "tokens" if e.kind == "tokens" else "audio", opts, allow_none=False)
+    tokens = _load_codes(e.source, e.kind, "tokens" if e.kind == "tokens" else "audio", opts, allow_none=False,
+                         stems=e.stems)
     prompt = None
     if e.prompt is not None:
         try:
-            prompt = _load_codes(e.prompt[0], e.prompt[1], "prompt", opts, allow_none=True)
+            prompt = _load_codes(e.prompt[0], e.prompt[1], "prompt", opts, allow_none=True, seconds=PROMPT_SECONDS)
         except _Bad as b:
             raise _Bad("bad_prompt", f"{b.reason}: {b.message}") from None
         if e.prompt[1] == "audio":
             prompt = prompt[:, :PROMPT_FRAMES]
     return tokens, prompt
+
+
+# ----------------------------------------------------------------------------- the native encoder's cache
+class _NativeCache:
+    """Token files of the audio songs and prompts, encoded by the native encoder before the shards are
+    written: ``DIR/encoded/<name>.npy`` (int16 ``[3, T]``) or ``<name>.error.json`` for a song that
+    could not be encoded. ``name`` hashes the encode settings and each audio file's path, size and
+    modification time (and a prompt's cut), so a changed file or setting is encoded afresh and the
+    files of any rank, run or world size can be shared; a file is written atomically by the rank
+    that owns its song (``job index % world == rank``)."""
+
+    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
+        self.folder = out / ENCODED_DIR
+        self.settings = settings
+        self.digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def item(self, full: Path, vocal: Path | None = None, bgm: Path | None = None, *,
+             seconds: float | None = None) -> Item:
+        ident: list[Any] = [self.digest, seconds]
+        for f in (full, vocal, bgm):
+            try:
+                st = f.stat() if f is not None else None
+            except OSError:
+                st = None
+            ident.append(None if f is None else [str(f.resolve()), st and st.st_size, st and st.st_mtime_ns])
+        name = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+        return Item(idx=name, full=full.resolve(), vocal=vocal.resolve() if vocal else None,
+                    bgm=bgm.resolve() if bgm else None, seconds=seconds)
+
+    def paths(self, it: Item) -> tuple[Path, Path]:
+        return self.folder / f"{it.idx}.npy", self.folder / f"{it.idx}.error.json"
+
+    def result(self, it: Item) -> np.ndarray | str | None:
+        """The tokens of ``it``, the message of its failure, or None while it is not encoded yet."""
+        npy, err = self.paths(it)
+        try:
+            return np.load(npy, allow_pickle=False)
+        except (OSError, ValueError):
+            pass
+        try:
+            return str(json.loads(err.read_text())["error"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, it: Item, toks: torch.Tensor) -> None:
+        npy, err = self.paths(it)
+        write_npy_atomic(npy, token_array(toks))
+        err.unlink(missing_ok=True)
+
+    def fail(self, it: Item, msg: str) -> None:
+        npy, err = self.paths(it)
+        write_json_atomic(err, {"source": str(it.full), "vocal": it.vocal and str(it.vocal),
+                                "bgm": it.bgm and str(it.bgm), "error": msg})
+        npy.unlink(missing_ok=True)
+
+
+def _audio_jobs(manifest: Path, opts: _Options) -> list[Item]:
+    """Every distinct audio song and audio prompt of the lines that pass the cheap checks, in manifest order."""
+    assert opts.native is not None
+    jobs: dict[str, Item] = {}
+    seen: dict[str, int] = {}
+    for line, text in jsonl_lines(manifest):
+        if isinstance(text, JsonlError):
+            continue
+        try:
+            e = _parse_line(text, line, seen, opts)
+        except _Bad:
+            continue
+        if e.kind == "audio":
+            it = opts.native.item(e.source, *e.stems)
+            jobs.setdefault(it.idx, it)
+        if e.prompt is not None and e.prompt[1] == "audio":
+            it = opts.native.item(e.prompt[0], seconds=PROMPT_SECONDS)
+            jobs.setdefault(it.idx, it)
+    return list(jobs.values())
+
+
+def _encode_share(cache: _NativeCache, jobs: list[Item], *, rank: int, world: int, codec: Path, device: str,
+                  dtype: str, batch: int, chunk_batch: int, separator: str | None, separator_ckpt: str | None,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """Encode this rank's share of ``jobs`` that the cache does not hold yet (failures are retried)."""
+    mine = [it for i, it in enumerate(jobs) if i % world == rank]
+    for it in mine:
+        cache.paths(it)[1].unlink(missing_ok=True)  # an earlier run's failure: tried again
+    todo = [it for it in mine if it.full is not None and it.full.is_file() and cache.result(it) is None]
+    t0 = time.perf_counter()
+    failed: list[str] = []
+    audio_s = 0.0
+    if todo:
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            enc = load_native_encoder(codec, device=device, dtype=DTYPES[dtype])
+        except CodecError as e:
+            raise UsageError(str(e)) from None
+        enc.chunk_batch = chunk_batch
+        sep = None
+        if any(it.vocal is None and it.bgm is None for it in todo):
+            sep, desc = resolve_separator(separator, separator_ckpt, codec, device)
+            say(f"levo-data shards: rank {rank}: separating stems with {desc}")
+
+        def fail(it: Item, msg: str) -> None:
+            failed.append(msg)
+            cache.fail(it, msg)
+
+        audio_s = encode_items(todo, enc, sep, batch=batch, done=cache.write, fail=fail, progress=lambda n: say(
+            f"levo-data shards: rank {rank}: {n} of {len(todo)} audio file(s) encoded ({len(failed)} failed)"))
+    return {"rank": rank, "world": world, "audio_files": len(jobs), "this_rank": len(mine), "encoded": len(todo) - len(failed),
+            "kept": len(mine) - len(todo), "failed": len(failed), "audio_seconds": round(audio_s, 2),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _failure_marker(cache: _NativeCache, rank: int) -> Path:
+    return cache.folder / f"rank{rank:03d}.failed.json"
+
+
+def _wait_for_ranks(cache: _NativeCache, jobs: list[Item], world: int, say: Callable[[str], None],
+                    poll_s: float = 0.5) -> None:
+    """Rank 0: wait until every job is encoded or failed (other ranks' shares); UsageError when a
+    rank recorded that it stopped."""
+    last = time.monotonic()
+    while True:
+        left = [it for it in jobs if it.full is not None and it.full.is_file() and cache.result(it) is None]
+        if not left:
+            return
+        for r in range(1, world):
+            marker = _failure_marker(cache, r)
+            if marker.is_file():
+                try:
+                    why = json.loads(marker.read_text()).get("error")
+                except (OSError, ValueError, AttributeError):
+                    why = "unknown"
+                raise UsageError(f"rank {r} stopped before encoding its songs ({why}); {len(left)} audio file(s) "
+                                 f"are not encoded. Fix it and run again: what is encoded is kept ({marker})")
+        if time.monotonic() - last >= WAIT_REPORT_S:
+            last = time.monotonic()
+            say(f"levo-data shards: rank 0 waits for the other ranks: {len(left)} audio file(s) left, e.g. "
+                f"{left[0].full}")
+        time.sleep(poll_s)
 
 
 def _record_bytes(tokens: np.ndarray, prompt: np.ndarray | None, e: _Entry, meta: dict[str, Any],
@@ -600,13 +800,31 @@ def _sha256_file(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- the command
-@locks_output("levo-data shards", lambda a: [a["out"]])
+def _shards_rank(a: dict[str, Any]) -> tuple[int, int]:
+    if a["rank"] is not None and a["world"] is not None:
+        return int(a["rank"]), int(a["world"])
+    try:
+        return rank_world()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+@locks_output("levo-data shards", lambda a: [a["out"]], per_rank=_shards_rank)
 def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_size: str | int = 2000,
                  val_fraction: float = 0.01, code_size: int = CODE_SIZE, lyrics: str = "check",
                  require_vocal: bool = False, root: str | os.PathLike | None = None, encoder: Encoder | None = None,
-                 encoder_spec: str | None = None, overwrite: bool = False,
+                 encoder_spec: str | None = None, codec: str | os.PathLike | None = None,
+                 separator: str | None = None, separator_ckpt: str | None = None, encode_batch: int = 4,
+                 chunk_batch: int = 4, dtype: str = "fp32", device: str = "cpu", rank: int | None = None,
+                 world: int | None = None, overwrite: bool = False,
                  report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the manifest's songs as train/val shards in ``out`` (resumable; see the module docstring).
+
+    Audio lines: ``codec`` (a codec folder) encodes them natively, ``encoder_batch`` songs per call,
+    into ``out/encoded/`` first, this rank's share (``rank``/``world``, default from torchrun or
+    srun) only; rank 0 then waits for the other ranks' shares and writes the shards, the other ranks
+    return their encode summary. ``encoder`` (an adapter such as ``songgeneration:PATH``) encodes
+    them one by one instead.
 
     Returns the stats (also written to ``out/stats.json``). ``report`` receives one line per rejected
     line and per finished shard (default: stderr). Raises :class:`UsageError` for unusable settings.
@@ -614,6 +832,36 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
     t_start = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
     say = report or (lambda s: print(s, file=sys.stderr, flush=True))
+    rank, world = _shards_rank({"rank": rank, "world": world})
+    if encoder is not None and codec is not None:
+        raise UsageError("give --codec CODEC_DIR (the native encoder) or --codec-encoder, not both")
+    if encode_batch < 1 or chunk_batch < 1:
+        raise UsageError("--encode-batch and --chunk-batch must be >= 1")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    native = None
+    if codec is not None:
+        check_codec(Path(codec))
+        native = _NativeCache(out, encode_settings(Path(codec), dtype, separator, separator_ckpt))
+    if rank != 0:  # an encoding rank: its share of the audio files, then rank 0 writes the shards
+        if not manifest.is_file():
+            raise UsageError(f"--manifest {manifest}: file not found")
+        check_output_folder(out, "catalogue", command="shards")
+        if native is None:
+            return {"rank": rank, "world": world, "note": "only rank 0 writes shards; other ranks encode audio "
+                                                          "files with --codec, and there is none"}
+        _failure_marker(native, rank).unlink(missing_ok=True)
+        opts = _Options(root=Path(root) if root is not None else manifest.parent, code_size=code_size,
+                        val_fraction=val_fraction, lyrics=lyrics, require_vocal=require_vocal, encoder=None,
+                        native=native)
+        try:
+            return _encode_share(native, _audio_jobs(manifest, opts), rank=rank, world=world, codec=Path(codec),  # type: ignore[arg-type]
+                                 device=device, dtype=dtype, batch=encode_batch, chunk_batch=chunk_batch,
+                                 separator=separator, separator_ckpt=separator_ckpt, say=say)
+        except BaseException as e:
+            native.folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(_failure_marker(native, rank), {"rank": rank, "error": f"{type(e).__name__}: {e}"})
+            raise
     if not manifest.is_file():
         raise UsageError(f"--manifest {manifest}: file not found")
     if not 0.0 <= val_fraction < 1.0:
@@ -631,13 +879,24 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
     settings = {"format": FORMAT, "manifest_sha256": _sha256_file(manifest), "shard_size": {size[0]: size[1]},
                 "val_fraction": val_fraction, "code_size": code_size, "lyrics": lyrics,
                 "require_vocal": require_vocal, "codec_encoder": encoder_spec, "split_rule": "sha256-levo-split"}
+    if native is not None:
+        settings["codec_encoder"], settings["encode"] = "native", native.settings
     _prepare_out(out, settings, overwrite)
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # half-written shards of an interrupted run
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     for name in (STATS_NAME, REJECTED_NAME, *(f"{s}/{INDEX_NAME}" for s in SPLITS)):
         (out / name).unlink(missing_ok=True)  # written again when this run completes
     opts = _Options(root=Path(root) if root is not None else manifest.parent, code_size=code_size,
-                    val_fraction=val_fraction, lyrics=lyrics, require_vocal=require_vocal, encoder=encoder)
+                    val_fraction=val_fraction, lyrics=lyrics, require_vocal=require_vocal, encoder=encoder,
+                    native=native)
+    encoded = None
+    if native is not None:  # the audio files first: this rank's share, then the other ranks'
+        jobs = _audio_jobs(manifest, opts)
+        encoded = _encode_share(native, jobs, rank=rank, world=world, codec=Path(codec),  # type: ignore[arg-type]
+                                device=device, dtype=dtype, batch=encode_batch, chunk_batch=chunk_batch,
+                                separator=separator, separator_ckpt=separator_ckpt, say=say)
+        if world > 1:
+            _wait_for_ranks(native, jobs, world, say)
     crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
     written: list[dict[str, Any]] = []
     printed = [0]
@@ -752,6 +1011,8 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
                 "shards_kept": sum(resumed.values()), "shards_written": len(written)},
         "settings": settings,
     }
+    if encoded is not None:
+        stats["run"]["encode"] = encoded
     write_json_atomic(out / STATS_NAME, stats)
     return stats
 
@@ -807,8 +1068,23 @@ def _shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-vocal", action="store_true",
                    help="also reject lyrics without a [verse], [chorus] or [bridge] (default: kept, counted)")
     p.add_argument("--root", default=None, help="folder of relative paths (default: the manifest's folder)")
+    p.add_argument("--codec", default=None, metavar="CODEC_DIR",
+                   help="encode audio lines natively with the released runtime's ckpt/ folder (model_1rvq/, "
+                        "model_septoken/); stems from the line's vocal/bgm, else separated")
+    p.add_argument("--separator", default=None, metavar="module:function",
+                   help="with --codec: vocal separator f(wave [2,N], sample_rate) -> vocals (a class: built once); "
+                        "default htdemucs")
+    p.add_argument("--separator-ckpt", default=None, metavar="PATH",
+                   help="with --codec: htdemucs.pth, a folder holding htdemucs.{pth,yaml}, or the runtime bundle root "
+                        "(default: ../third_party/demucs/ckpt beside --codec)")
+    p.add_argument("--encode-batch", type=int, default=4, help="with --codec: songs per encoder call (default 4)")
+    p.add_argument("--chunk-batch", type=int, default=4,
+                   help="with --codec: 40 s chunks per forward pass (default 4; ~1 GB each in fp32)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                   help="with --codec: conv front end and conformer precision (default fp32, as released)")
     p.add_argument("--codec-encoder", default=None, metavar="songgeneration:PATH",
-                   help="tokenise audio lines with your SongGeneration checkout at PATH (needs --model-config)")
+                   help="instead of --codec: tokenise audio lines with your SongGeneration checkout at PATH (needs "
+                        "--model-config)")
     p.add_argument("--model-config", default=None, metavar="CONFIG.yaml",
                    help="a released model folder's config.yaml (names the tokenizer checkpoints)")
     p.add_argument("--device", default="auto", help="encoder device (default: this rank's GPU, else cpu)")
@@ -821,6 +1097,10 @@ def _shards_run(args: argparse.Namespace) -> int:
         return 2
 
     encoder = None
+    if args.codec_encoder and args.codec:
+        return usage("give --codec CODEC_DIR (the native encoder) or --codec-encoder, not both")
+    if not args.codec and (args.separator or args.separator_ckpt):
+        return usage("--separator and --separator-ckpt go with --codec CODEC_DIR")
     if args.codec_encoder:
         if not args.model_config:
             return usage("--codec-encoder needs --model-config CONFIG.yaml (a released model folder's config, "
@@ -837,13 +1117,18 @@ def _shards_run(args: argparse.Namespace) -> int:
     try:
         stats = build_shards(args.manifest, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
                              code_size=args.code_size, lyrics=args.lyrics, require_vocal=args.require_vocal,
-                             root=args.root, encoder=encoder, encoder_spec=args.codec_encoder,
-                             overwrite=args.overwrite)
+                             root=args.root, encoder=encoder, encoder_spec=args.codec_encoder, codec=args.codec,
+                             separator=args.separator, separator_ckpt=args.separator_ckpt,
+                             encode_batch=args.encode_batch, chunk_batch=args.chunk_batch, dtype=args.dtype,
+                             device=resolve_device(args.device), overwrite=args.overwrite)
     except UsageError as e:
         return usage(str(e))
     except (OSError, ValueError) as e:
         print(f"levo-data shards: error: {e}", file=sys.stderr)
         return 1
+    if "rejected" not in stats:  # an encoding rank (not 0): its share only
+        print(json.dumps(stats, indent=1))
+        return 0
     print(format_table(stats))
     return 1 if stats["rejected"]["total"] else 0
 

@@ -39,7 +39,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ from levo_train.scorers import load_callable
 from .errors import UsageError
 from .offline import resolve_device
 
-__all__ = ["ENCODE_COMMANDS", "encode_songs"]
+__all__ = ["DTYPES", "ENCODE_COMMANDS", "Item", "check_codec", "encode_items", "encode_settings", "encode_songs",
+           "resolve_separator", "token_array", "write_npy_atomic"]
 
 FORMAT = "levo-encode-1"
 SETTINGS_NAME, MANIFEST_NAME, ERRORS_NAME = "encode.json", "manifest.jsonl", "errors.jsonl"
@@ -81,6 +82,7 @@ class Item:
     tokens: Path | None = None          # a catalogue line that already names tokens
     record: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    seconds: float | None = None        # keep only the first seconds, after separation (a prompt: 10 s)
 
     @property
     def source(self) -> str:
@@ -182,7 +184,8 @@ def _done(out: Path, it: Item, code_size: int) -> bool:
             and int(arr.min()) >= 0 and int(arr.max()) < code_size)
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
+def write_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """``arr`` as ``.npy`` at ``path``: written to a temporary name in the same folder, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -217,6 +220,86 @@ def resolve_separator(spec: str | None, ckpt: str | None, codec: Path, device: s
         raise UsageError(f"{e}{hint}") from None
 
 
+# ----------------------------------------------------------------------------- shared with levo-data shards
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_codec(codec: Path) -> None:
+    """UsageError unless ``codec`` holds both encoder files of the released runtime layout."""
+    if not codec.is_dir():
+        raise UsageError(f"--codec {codec}: no such codec folder")
+    missing = [str(rel) for rel in ENCODER_FILES.values() if not (codec / rel).is_file()]
+    if missing:
+        raise UsageError(f"--codec {codec}: no {' and no '.join(missing)} (the encoder reads the released runtime's "
+                         f"{' and '.join(str(r) for r in ENCODER_FILES.values())})")
+
+
+def encode_settings(codec: Path, dtype: str, separator: str | None, separator_ckpt: str | None) -> dict[str, Any]:
+    """What decides the tokens: the codec files (by size), the precision and the separator."""
+    return {"format": FORMAT, "codec": {str(rel): (codec / rel).stat().st_size for rel in ENCODER_FILES.values()},
+            "dtype": dtype, "separator": separator or (f"htdemucs:{Path(separator_ckpt).resolve()}" if separator_ckpt
+                                                       else "htdemucs:bundle"),
+            "rows": list(STREAMS), "dtype_on_disk": "int16"}
+
+
+def token_array(tokens: torch.Tensor, code_size: int = CODE_SIZE) -> np.ndarray:
+    """Encoder output ``[3, T]`` as stored: int16 (int32 for a code size int16 cannot hold)."""
+    return tokens.numpy().astype(np.int16 if code_size <= 32767 else np.int32)
+
+
+def encode_items(items: Sequence[Item], enc: Any, sep: Any, *, batch: int, done: Callable[[Item, torch.Tensor], None],
+                 fail: Callable[[Item, str], None], progress: Callable[[int], None] | None = None) -> float:
+    """Read, separate (stems missing from an item), cut (``item.seconds``) and encode ``items``,
+    ``batch`` songs per encoder call; ``done(item, tokens [3, T])`` or ``fail(item, message)`` for
+    each, one song at a time (a failed batch is retried song by song to name the song).
+    ``progress(n_done)`` after each call. Returns the seconds of audio encoded."""
+    audio_s = 0.0
+    n_done = 0
+    pending: list[tuple[Item, tuple]] = []
+
+    def flush() -> None:
+        nonlocal audio_s, n_done
+        if not pending:
+            return
+        try:
+            results = enc.encode_songs([s for _, s in pending])
+        except Exception:  # noqa: BLE001 - find the song: one at a time
+            results = []
+            for _, s in pending:
+                try:
+                    results.append(enc.encode_songs([s])[0])
+                except Exception as e:  # noqa: BLE001
+                    results.append(e)
+        for (it, s), r in zip(pending, results):
+            if isinstance(r, Exception):
+                fail(it, f"encoding failed ({type(r).__name__}: {r})")
+                continue
+            done(it, r)
+            n_done += 1
+            audio_s += s[0].shape[-1] / SAMPLE_RATE
+        pending.clear()
+        if progress is not None:
+            progress(n_done)
+
+    for it in items:
+        try:
+            full = load_stereo_48k(it.full)  # type: ignore[arg-type]
+            vocal = load_stereo_48k(it.vocal) if it.vocal is not None else None
+            bgm = load_stereo_48k(it.bgm) if it.bgm is not None else None
+            vocal, bgm = stems(full, vocal, bgm, separator=sep, what=str(it.full))
+        except ValueError as e:  # AudioError, SeparatorError: this song's
+            fail(it, str(e))
+            continue
+        if it.seconds is not None:
+            n = int(it.seconds * SAMPLE_RATE)
+            full, vocal, bgm = full[:, :n], vocal[:, :n], bgm[:, :n]
+        pending.append((it, (full, vocal, bgm)))
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return audio_s
+
+
 # ----------------------------------------------------------------------------- the command
 def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str | os.PathLike, *,
                  separator: str | None = None, separator_ckpt: str | None = None, batch: int = 4,
@@ -229,9 +312,8 @@ def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str |
     t0 = time.perf_counter()
     say = report or (lambda s: print(s, file=sys.stderr, flush=True))
     source, codec, out = Path(source), Path(codec), Path(out)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if batch < 1 or chunk_batch < 1:
         raise UsageError("--batch and --chunk-batch must be >= 1")
     if source.is_dir():
@@ -242,17 +324,9 @@ def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str |
         raise UsageError(f"{source}: no such folder or catalogue file")
     if not items:
         raise UsageError(f"{source}: no songs (a folder of audio files, or a JSONL catalogue)")
-    if not codec.is_dir():
-        raise UsageError(f"--codec {codec}: no such codec folder")
-    missing = [str(rel) for rel in ENCODER_FILES.values() if not (codec / rel).is_file()]
-    if missing:
-        raise UsageError(f"--codec {codec}: no {' and no '.join(missing)} (the encoder reads the released runtime's "
-                         f"{' and '.join(str(r) for r in ENCODER_FILES.values())})")
+    check_codec(codec)
     code_size = CODE_SIZE
-    settings = {"format": FORMAT, "codec": {str(rel): (codec / rel).stat().st_size for rel in ENCODER_FILES.values()},
-                "dtype": dtype, "separator": separator or (f"htdemucs:{Path(separator_ckpt).resolve()}" if separator_ckpt
-                                                           else "htdemucs:bundle"),
-                "rows": list(STREAMS), "dtype_on_disk": "int16"}
+    settings = encode_settings(codec, dtype, separator, separator_ckpt)
     out.mkdir(parents=True, exist_ok=True)
     spath = out / SETTINGS_NAME
     if spath.is_file() and not overwrite:
@@ -284,54 +358,23 @@ def encode_songs(source: str | os.PathLike, codec: str | os.PathLike, out: str |
             kept += 1
         else:
             todo.append(it)
-    enc, sep, audio_s, encoded = None, None, 0.0, set()
+    enc, sep, encoded = None, None, set()
     if todo:
         try:
-            enc = load_native_encoder(codec, device=device, dtype=dtypes[dtype])
+            enc = load_native_encoder(codec, device=device, dtype=DTYPES[dtype])
         except CodecError as e:
             raise UsageError(str(e)) from None
         enc.chunk_batch = chunk_batch
         if any(it.vocal is None and it.bgm is None for it in todo):
             sep, desc = resolve_separator(separator, separator_ckpt, codec, device)
             say(f"levo-data encode: separating stems with {desc}")
-    pending: list[tuple[Item, tuple]] = []
 
-    def flush() -> None:
-        nonlocal audio_s
-        if not pending:
-            return
-        try:
-            results = enc.encode_songs([s for _, s in pending])  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - find the song: one at a time
-            results = []
-            for _, s in pending:
-                try:
-                    results.append(enc.encode_songs([s])[0])  # type: ignore[union-attr]
-                except Exception as e:  # noqa: BLE001
-                    results.append(e)
-        for (it, s), r in zip(pending, results):
-            if isinstance(r, Exception):
-                fail(it, f"encoding failed ({type(r).__name__}: {r})")
-                continue
-            _write_npy(out / f"{it.idx}.npy", r.numpy().astype(np.int16 if code_size <= 32767 else np.int32))
-            encoded.add(it.idx)
-            audio_s += s[0].shape[-1] / 48000
-        pending.clear()
-        say(f"levo-data encode: {len(encoded)} of {len(todo)} song(s) encoded ({len(errors)} failed so far)")
+    def done(it: Item, toks: torch.Tensor) -> None:
+        write_npy_atomic(out / f"{it.idx}.npy", token_array(toks, code_size))
+        encoded.add(it.idx)
 
-    for it in todo:
-        try:
-            full = load_stereo_48k(it.full)  # type: ignore[arg-type]
-            vocal = load_stereo_48k(it.vocal) if it.vocal is not None else None
-            bgm = load_stereo_48k(it.bgm) if it.bgm is not None else None
-            vocal, bgm = stems(full, vocal, bgm, separator=sep, what=str(it.full))
-        except ValueError as e:  # AudioError, SeparatorError: this song's
-            fail(it, str(e))
-            continue
-        pending.append((it, (full, vocal, bgm)))
-        if len(pending) >= batch:
-            flush()
-    flush()
+    audio_s = encode_items(todo, enc, sep, batch=batch, done=done, fail=fail, progress=lambda n: say(
+        f"levo-data encode: {n} of {len(todo)} song(s) encoded ({len(errors)} failed so far)"))
 
     rows = []
     for it in items:

@@ -12,8 +12,9 @@ The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``,
 
 Input: one JSON object per line (the released request, :mod:`levo_infer.request`) with ``idx``
 (output name), ``gt_lyric``, optional ``descriptions`` and optional ``prompt_audio_path`` (a prompt
-token file, see :mod:`levo_infer.prompts`, or an audio file with ``--codec-encoder
-songgeneration:PATH``) or ``auto_prompt_audio_type`` (needs ``--auto-prompt-file``). A bad
+token file, see :mod:`levo_infer.prompts`, or an audio file: its first 10 s encoded natively with the
+codec folder's encoder and the runtime bundle's htdemucs, ``--separator-ckpt`` to give it elsewhere,
+or with ``--codec-encoder songgeneration:PATH``) or ``auto_prompt_audio_type`` (needs ``--auto-prompt-file``). A bad
 line is reported with its line number and the broken rule; the other songs are still generated
 and the exit status is 1 (also when the file holds no song at all). ``idx`` must fit a file name:
 at most :data:`levo_infer.request.IDX_MAX_BYTES` bytes in UTF-8.
@@ -74,7 +75,7 @@ import torch
 from . import codec as song_codec
 from .api import load_model
 from .checkpoint import CheckpointError, atomic_torch_save, resolve_dtype
-from .codec.encoder import EncoderError, load_encoder
+from .codec.encoder import EncoderError, PromptEncoder, load_encoder
 from .commands import Command, parse_command
 from .config import ConfigError, ConfigWarning
 from .errors import LevoInferError
@@ -136,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codec", default=None, metavar="CODEC_DIR",
                    help="codec folder (released runtime ckpt/: model_septoken/, vae/); default: found beside CKPT_DIR")
     g.add_argument("--codec-encoder", default=None, metavar="songgeneration:PATH",
-                   help="encode audio prompt_audio_path files with your SongGeneration checkout at PATH")
+                   help="encode audio prompt_audio_path files with your SongGeneration checkout at PATH (default: "
+                        "natively, with the codec folder's encoder)")
+    g.add_argument("--separator-ckpt", default=None, metavar="PATH",
+                   help="htdemucs.pth (or a folder holding it) that separates audio prompts (default: the runtime "
+                        "bundle's, ../third_party/demucs/ckpt beside the codec folder)")
     g.add_argument("--tokens-only", "--tokens_only", action="store_true",
                    help="write tokens only, never audio")
     s = ap.add_argument_group("sampling")
@@ -312,13 +317,21 @@ class Runner:
                 f"{self.model.max_frames} frames ({most:g} s) after the {cfg.prefix_len} conditioning positions and "
                 f"the delay tail of {cfg.max_delay}: pass --duration {most:g} or less")
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
-        self.encoder = None
-        if a.codec_encoder:
+        self.encoder: Any = None
+        native_dir = None if a.codec_encoder else a.codec or song_codec.find_codec_dir(a.ckpt_dir)
+        if a.codec_encoder and Path(a.codec_encoder).is_dir():  # a codec folder: the native encoder
+            native_dir = a.codec_encoder
+        elif a.codec_encoder:
             try:
                 self.encoder = load_encoder(a.codec_encoder, config=Path(a.ckpt_dir) / "config.yaml",
                                             device=str(self.device))
             except EncoderError as e:
                 raise UsageError(str(e)) from None
+        if a.separator_ckpt and native_dir is None:
+            raise UsageError("--separator-ckpt separates audio prompts for the native encoder: give a codec folder "
+                             "(--codec CODEC_DIR), not --codec-encoder songgeneration:PATH")
+        if native_dir is not None:  # audio prompts: loaded on the first one
+            self.encoder = PromptEncoder(native_dir, device=str(self.device), separator_ckpt=a.separator_ckpt)
         self.codec = None
         if not a.tokens_only:
             codec_dir = a.codec or song_codec.find_codec_dir(a.ckpt_dir)

@@ -1,11 +1,13 @@
 """Audio prompts for ``levo-infer``: token files and the released auto-prompt library.
 
 * ``prompt_audio_path``: the released generator separates and encodes a 10 s reference recording.
-  The audio encoder (demucs + MusicFM + RVQ) is not part of levo-infer yet, so the path must name a
-  **token file** instead: ``.pt`` (a tensor, loaded with ``weights_only=True``) or ``.npy`` holding
+  ``levo-infer`` does the same natively when it has a codec folder with the encoder's files
+  (:class:`levo_infer.codec.encoder.PromptEncoder`: htdemucs, then the first 10 s through
+  MusicFM + RVQ), or through ``--codec-encoder songgeneration:PATH``. Otherwise the path must name a
+  **token file**: ``.pt`` (a tensor, loaded with ``weights_only=True``) or ``.npy`` holding
   integer tokens ``[3, T]`` (or ``[1, 3, T]``) - mixed, vocal, bgm at 25 Hz, codes 0..16383,
-  16385 = padding. Only the first 250 frames (10 s) are used. Audio files are refused with a clear
-  message.
+  16385 = padding. Only the first 250 frames (10 s) are used. An audio file without an encoder is
+  refused with a message saying what to pass.
 * ``auto_prompt_audio_type``: picks stored prompt tokens from the released prompt library (a
   separate download: v1 ``ckpt/prompt.pt`` = ``{type: [tokens, ...]}``, v2
   ``tools/new_auto_prompt.pt`` = ``{type: {"en"|"zh": [tokens, ...]}}``, tokens ``[1, 3, 250]``).
@@ -80,7 +82,9 @@ def load_prompt_tokens(path: str | os.PathLike, *, code_depth: int = len(STREAMS
     if suffix in AUDIO_SUFFIXES:
         raise PromptError(
             f"prompt_audio_path {p}: this is an audio file; turning audio into prompt tokens needs the audio "
-            "encoder (demucs + MusicFM + RVQ), which levo-infer does not ship: pass --codec-encoder "
+            "encoder, and no codec folder was found: pass --codec CODEC_DIR (the released runtime's ckpt/ with "
+            "model_1rvq/ and model_septoken/; the separator htdemucs.pth is looked for in "
+            "../third_party/demucs/ckpt/ beside it, or --separator-ckpt PATH), or --codec-encoder "
             "songgeneration:PATH (your SongGeneration checkout encodes it), or a token file: .pt or .npy "
             f"holding integer tokens [{code_depth}, T] (mixed, vocal, bgm at 25 Hz)")
     if not p.is_file():

@@ -160,8 +160,14 @@ def _prompt(song: SongRequest, options: RequestOptions, model: LeLM, library: Au
         if encoder is not None and p.suffix.lower() in AUDIO_SUFFIXES:
             if not p.is_file():
                 raise PromptError(f"prompt_audio_path {p}: file not found")
-            song.prompt = check_prompt_tokens(encoder.encode_file(p)[0], code_depth=K, code_size=code_size,
-                                              source=f"prompt_audio_path {p} (encoded by --codec-encoder)")
+            try:
+                toks = encoder.encode_file(p)[0]
+            except LevoInferError as e:  # not audio, no samples, NaN, a refused rate, no separator: this line's
+                msg = str(e)
+                raise PromptError(f"prompt_audio_path {p}: {msg[len(str(p)) + 2:] if msg.startswith(f'{p}: ') else msg}"
+                                  ) from None
+            song.prompt = check_prompt_tokens(toks, code_depth=K, code_size=code_size,
+                                              source=f"prompt_audio_path {p} (encoded)")
         else:
             song.prompt = load_prompt_tokens(p, code_depth=K, code_size=code_size)
         song.prompt_info = {"source": "prompt_audio_path", "path": str(p), "frames": int(song.prompt.shape[1])}

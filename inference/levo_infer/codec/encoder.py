@@ -62,12 +62,15 @@ from ..tokens import FRAME_RATE, STREAMS
 from . import dsp
 from .decoder import SEPTOKEN_FILE, CodecError
 from .musicfm import CHUNK, FRAMES_PER_CHUNK, MusicFMTokenizer
-from .separate import stems
+from .separate import DemucsSeparator, SeparatorError, bundle_demucs_dir, stems
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = dsp.SAMPLE_RATE
 PEAK = 0.8
+#: seconds of a prompt recording that are encoded: the released ``load_audio`` keeps the first 10 s
+#: (after separating the whole file), so a prompt gives ``frames_for(480000)`` = 251 frames
+PROMPT_SECONDS = 10.0
 #: the released runtime layout of the encoder's files under a codec folder (``ckpt/``)
 MIXED_FILE = Path("model_1rvq") / "model_2_fixed.safetensors"
 ENCODER_FILES = {"mixed": MIXED_FILE, "separate": SEPTOKEN_FILE}
@@ -416,6 +419,49 @@ class SongGenerationEncoder:
         return self.encode(mix[None], vocal[None], bgm[None])
 
 
+class PromptEncoder:
+    """What ``levo-infer`` encodes ``prompt_audio_path`` recordings with: the native encoder of a codec
+    folder and the htdemucs separator of its runtime bundle (``--separator-ckpt``, default
+    ``../third_party/demucs/ckpt`` beside the codec folder), both loaded on the first audio prompt.
+    As released: the whole file is separated, then its first :data:`PROMPT_SECONDS` are encoded.
+    A folder or separator that cannot be loaded fails every audio prompt with the same message
+    (:class:`EncoderError` naming what is missing and how to pass it); it is not retried."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, codec_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 separator_ckpt: str | os.PathLike | None = None) -> None:
+        self.codec_dir, self.device, self.separator_ckpt = Path(codec_dir), device, separator_ckpt
+        self._encoder: NativeEncoder | None = None
+        self._error: str | None = None
+
+    def load(self) -> NativeEncoder:
+        """The encoder with its separator (loaded once)."""
+        if self._encoder is not None:
+            return self._encoder
+        if self._error is None:
+            where = Path(self.separator_ckpt) if self.separator_ckpt is not None else bundle_demucs_dir(self.codec_dir)
+            try:
+                enc = load_native_encoder(self.codec_dir, device=self.device)
+                enc.separator = DemucsSeparator.from_path(where, device=self.device)
+                self._encoder = enc
+                return enc
+            except CodecError as e:
+                self._error = (f"encoding audio prompts natively needs the codec folder's encoder files: {e}; or pass "
+                               "--codec-encoder songgeneration:PATH, or a prompt token file (.pt/.npy [3, T])")
+            except SeparatorError as e:
+                hint = "" if self.separator_ckpt is not None else (
+                    "; pass --separator-ckpt PATH (htdemucs.pth, a folder holding htdemucs.{pth,yaml}, or the "
+                    "runtime bundle root)")
+                self._error = (f"encoding audio prompts needs a vocal separator: {e}{hint}; or pass "
+                               "--codec-encoder songgeneration:PATH, or a prompt token file (.pt/.npy [3, T])")
+        raise EncoderError(self._error)
+
+    def encode_file(self, path: str | os.PathLike) -> torch.Tensor:
+        """A prompt recording -> tokens ``[1, 3, T]``, ``T <= 251`` (its first 10 s)."""
+        return self.load().encode_file(path, max_seconds=PROMPT_SECONDS)
+
+
 def load_encoder(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  config: str | os.PathLike | None = None, heads: int | None = None, separator: Any = None) -> Encoder:
     """An :class:`Encoder` from a codec folder or an adapter spec.
@@ -444,6 +490,6 @@ def load_encoder(source: str | os.PathLike, *, device: str | torch.device = "cpu
     return load_native_encoder(spec, device=device, dtype=dtype, heads=heads, separator=separator)
 
 
-__all__ = ["DEFAULT_HEADS", "ENCODER_FILES", "FRAME_RATE", "MIXED_FILE", "PEAK", "SAMPLE_RATE", "STREAM_SOURCES", "Encoder",
-           "EncoderError", "NativeEncoder", "SongGenerationEncoder", "chunks_needed", "frames_for", "load_encoder",
+__all__ = ["DEFAULT_HEADS", "ENCODER_FILES", "FRAME_RATE", "MIXED_FILE", "PEAK", "PROMPT_SECONDS", "SAMPLE_RATE",
+           "STREAM_SOURCES", "Encoder", "EncoderError", "NativeEncoder", "PromptEncoder", "SongGenerationEncoder", "chunks_needed", "frames_for", "load_encoder",
            "load_native_encoder", "peak_normalise", "tiled_chunk"]
