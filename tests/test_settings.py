@@ -70,3 +70,19 @@ def test_a_bad_setting_is_refused_naming_its_key(tmp_path, capsys, overrides, me
     err = capsys.readouterr().err
     assert f"levo-train: error: {message}" in err, err[-2000:]
     assert not (Path(rd) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, nearest", [
+    ("optim.lrr=1e-4", "did you mean optim.lr?"), ("+optim.lrr=1e-4", "did you mean optim.lr?"),
+    ("++dpo.betta=0.1", "did you mean dpo.beta?"), ("model.config.dimm=64", "did you mean model.config.dim?"),
+    ("sed=3", "did you mean seed?"),
+])
+def test_an_unknown_override_key_names_the_nearest_real_key(tmp_path, capsys, override, nearest):
+    """Hydra answers a misspelt ``optim.lrr=1e-4`` with a hint to write ``+optim.lrr``, which then trains
+    silently at the default LR: an unknown key is an error, ``+`` or not; Trainer arguments pass."""
+    assert main(["recipe=dpo", override, f"run_dir={tmp_path / 'run'}", "logger=none"]) == 2
+    err = capsys.readouterr().err
+    assert f"levo-train: error: unknown setting '{override.lstrip('+').partition('=')[0]}'" in err and nearest in err
+    cfg = compose_config(["recipe=dpo", "optim.lr=1e-4", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                          "strategy=ddp", "~seed"])
+    assert cfg.optim.lr == 1e-4 and cfg.trainer.log_every_n_steps == 1 and "seed" not in cfg
