@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from codec_fixtures import tiny_flow, write_tiny_codec
 
 from levo_infer import cli
 from levo_infer import codec as song_codec
@@ -38,7 +37,10 @@ def lm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def codec_dir(tmp_path_factory) -> Path:
-    return write_tiny_codec(tmp_path_factory.mktemp("codec"), flow=tiny_flow(0, layers=1))
+    """The quickstart's smoke-test codec: ``levo-infer random-codec DIR`` (one estimator layer)."""
+    folder = tmp_path_factory.mktemp("codec") / "noise"
+    assert cli.main(["random-codec", str(folder)]) == 0
+    return folder
 
 
 @pytest.fixture
@@ -96,6 +98,7 @@ def test_audio_failure_keeps_tokens_skip_existing_decodes_the_rest_and_decode_re
     rc, err = run(capsys, lm, src, out, "--codec", codec_dir, "--duration", "0.4", "--seed", "7",
                   "--batch-size", "3")
     assert rc == 1, err
+    assert "audio is noise" in err and err.rstrip().splitlines()[-1].count(str(out / "audios"))
     ok, bad = records(out)
     assert [r["idx"] for r in ok] == ["a", "b", "c"]  # every song keeps its record and its tokens
     assert [r["status"] for r in ok] == ["ok", "audio_failed", "audio_failed"]
@@ -133,6 +136,23 @@ def test_audio_failure_keeps_tokens_skip_existing_decodes_the_rest_and_decode_re
         assert "3 from levo-infer's records" in capsys.readouterr().err
         for i in "abc":
             assert (samples(dec / f"{i}.flac") == samples(o / "audios" / f"{i}.flac")).all(), (o.name, i)
+
+
+def test_random_codec_is_labelled_noise_and_loads(codec_dir, capsys):
+    from codec_fixtures import tiny_flow, tiny_vae
+
+    from levo_infer.codec import load_decoder
+    from levo_infer.codec.decoder import Decoder
+
+    assert "noise" in (codec_dir / "NOISE.txt").read_text().lower()
+    assert cli.main(["random-codec", str(codec_dir)]) == 2  # never over an existing codec
+    assert "already holds a codec" in capsys.readouterr().err
+    d = load_decoder(codec_dir)  # the same modules the tests' tiny codec is made of
+    direct = Decoder(flow=tiny_flow(0, layers=1), vae=tiny_vae(0))
+    for name, t in direct.flow.state_dict().items():
+        assert torch.equal(t, d.flow.state_dict()[name]), name
+    cli.load_codec(codec_dir, "cpu")
+    assert "random codec" in capsys.readouterr().err
 
 
 def test_n_song_token_file_decodes_every_song(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@
                [--temperature T] [--seed N] [--codec CODEC_DIR | --tokens-only]
                [--auto-prompt-file PATH] [--device ...] [--lyrics check|normalize|raw] [--strict]
     levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR [--device ...] [--seed N] [--batch-size N]
+    levo-infer random-codec DIR [--seed N]   (a small random codec: noise, for plumbing smoke tests)
 
 The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``, ``--separate``,
 ``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
@@ -121,9 +122,13 @@ def load_codec(codec_dir: str | os.PathLike, device: str) -> Codec:
     """The audio codec of a codec folder (:func:`levo_infer.codec.load_codec`); ``UsageError``
     naming the file and the problem when the folder cannot be used."""
     try:
-        return song_codec.load_codec(codec_dir, device)
+        codec = song_codec.load_codec(codec_dir, device)
     except song_codec.CodecError as e:
         raise UsageError(f"--codec {codec_dir}: {e}") from None
+    if song_codec.is_random_codec(codec_dir):
+        print(f"levo-infer: note: {codec_dir} is a random codec (levo-infer random-codec): its audio is noise, for "
+              "plumbing tests only", file=sys.stderr)
+    return codec
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -768,10 +773,37 @@ def decode(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------- levo-infer random-codec
+def _random_codec_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("out_dir", help="folder to write the codec files to (not one that holds a codec already)")
+    ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    ap.add_argument("--layers", type=int, default=1, help="flow estimator layers (default 1; the released: 16)")
+
+
+def random_codec(a: argparse.Namespace) -> int:
+    """``levo-infer random-codec DIR``: write a small random codec folder in the released runtime
+    layout (``model_septoken/``, ``vae/``, labelled ``NOISE.txt``) for a plumbing smoke test of
+    ``--codec`` and ``levo-infer decode``: its audio is noise."""
+    out = Path(a.out_dir)
+    if song_codec.is_codec_dir(out):
+        print(f"levo-infer random-codec: error: {out} already holds a codec folder; not overwriting it",
+              file=sys.stderr)
+        return 2
+    if a.layers < 1:
+        print("levo-infer random-codec: error: --layers must be >= 1", file=sys.stderr)
+        return 2
+    song_codec.write_random_codec(out, seed=a.seed, layers=a.layers)
+    print(f"levo-infer random-codec: wrote {out}: random weights, its audio is NOISE (a plumbing smoke test of "
+          f"--codec {out}; the real codec is the released runtime ckpt/)", file=sys.stderr)
+    return 0
+
+
 #: levo-infer's subcommands (the plain form ``levo-infer CKPT_DIR INPUT.jsonl OUT_DIR`` is not one)
 SUBCOMMANDS: dict[str, Command] = {
     "decode": Command("turn token files into audio with a codec folder", _decode_args, decode,
                       description=decode.__doc__.splitlines()[0], check=_decode_check),
+    "random-codec": Command("write a small random codec folder (its audio is noise) for a plumbing smoke test",
+                            _random_codec_args, random_codec, description=random_codec.__doc__.splitlines()[0]),
 }
 
 
