@@ -330,8 +330,15 @@ def _print_done(plan: RunPlan, trainer: L.Trainer, guard: StepGuard, summary: di
     for k in ("run_dir", "last_checkpoint", "export"):
         if k in summary:
             print(f"  {k:16s} {summary[k]}")
-    if val_start is not None:
-        print(f"  val/loss         {val_start:.4f} -> {summary['val_loss_end']}")
+    metrics = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()}
+    end = summary["val_loss_end"]
+    if val_start is not None or end is not None:
+        start = "n/a" if finite_or_none(val_start) is None else f"{val_start:.4f}"
+        print(f"  val/loss         {start} -> {'n/a' if end is None else f'{end:.4f}'}")
+    if metrics.get("train/loss") is not None:
+        print(f"  train/loss       {metrics['train/loss']:.4f} (last step)")
+    for line in plan.method.summary_lines(metrics, Path(summary["run_dir"])):
+        print(line)
 
 
 def _location(spec: Any) -> str | list[str] | None:

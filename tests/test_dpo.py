@@ -9,6 +9,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -668,12 +669,16 @@ def test_sft_then_dpo_improves_pair_metrics(tmp_path, cache, sft_export):
     assert model.cfg == load_config(sft_export)
 
 
-def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export):
+def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export, capsys):
     """dpo.reference=precomputed on the default toy pairs: their reference log-probs are computed
-    once under model.init (beside the cached pairs) and reused by later runs."""
+    once under model.init (beside the cached pairs) and reused by later runs. The final summary gives
+    the held-out pair accuracy and margin, losses rounded."""
     common = ["dpo.reference=precomputed", "trainer.max_steps=2", "trainer.val_check_interval=2",
               "data.toy_pairs.n_train=40", "data.toy_pairs.n_val=16", "data.toy_pairs.min_margin=0.0"]
     assert main(dpo_args(cache, tmp_path / "a", sft_export, *common)) == 0
+    done = capsys.readouterr().out.split("levo-train dpo: done at step 2")[1]
+    assert re.search(r"val/pairs +accuracy \d\.\d{3} .*, margin -?\d+\.\d{4} ", done), done
+    assert re.search(r"val/loss +\d+\.\d{4} -> \d+\.\d{4}\n", done) and not re.search(r"\d\.\d{5}", done), done
     data = json.loads((tmp_path / "a" / "summary.json").read_text())["data"]
     files = [Path(data[s]) / "ref_logps.json" for s in ("train", "val")]
     for f in files:

@@ -12,6 +12,7 @@ trained scorer to use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,13 +25,16 @@ from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
 from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld
 from levo_train.train.sdpo import (
+    PLOT_NAME,
+    ROUNDS_NAME,
     RoundDataModule,
     SemiOnlineDPOModule,
     check_sdpo_reference,
     check_sdpo_settings,
+    read_rounds,
 )
 
-from .base import DataSpec, Method, Plan
+from .base import DataSpec, Method, Plan, dpo_summary_lines
 from .dpo import DPOSettings, check_reference_init
 
 ORACLES = ("auto", "none")
@@ -188,6 +192,21 @@ class SDPOMethod(Method):
     data_hint = "sdpo.prompts=..."
     needs_init = ("recipe=sdpo needs model.init=PATH: the SFT or DPO export to start from (and the reference), "
                   "e.g. `levo-train recipe=sdpo model.init=A/export reward.ckpt=R/export`")
+
+    def summary_lines(self, metrics: Any, run_dir: Path) -> list[str]:
+        """DPO's pair accuracy and margin, then where the per-round record and its plot are, with the
+        last round's scorer-oracle agreement when an oracle judged it."""
+        lines = dpo_summary_lines(metrics)
+        folder = run_dir / "sdpo"
+        rounds = read_rounds(folder / ROUNDS_NAME)
+        last = rounds[-1] if rounds else {}
+        agree = last.get("pair_agreement")
+        note = f"; last round {last.get('round')}" + (f": oracle agrees on {agree:.1%} of pairs" if agree is not None
+                                                      else "") if last else ""
+        lines.append(f"  rounds           {folder / ROUNDS_NAME} ({len(rounds)} rounds{note})")
+        if (folder / PLOT_NAME).is_file():
+            lines.append(f"  rounds plot      {folder / PLOT_NAME}")
+        return lines
 
     def uses_toy(self, plan: Plan) -> bool:
         return not plan.settings.prompts
