@@ -199,7 +199,9 @@ def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "export":
         return export_command(argv[1:])
-    from levo_train import checkpointing, run  # lightning: a slow import that --help does not need
+    from levo_train import checkpointing, progress, run  # lightning: a slow import that --help does not need
+
+    progress.quiet_lightning_logging()
 
     show_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]

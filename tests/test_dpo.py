@@ -693,14 +693,16 @@ def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export, cap
     assert not any(k.startswith("ref.") for k in ck["state_dict"])
 
 
-def test_dpo_without_held_out_pairs(tmp_path, cache, sft_export):
-    """data.toy_pairs.n_val=0: no validation set, the run trains and exports all the same."""
+def test_dpo_without_held_out_pairs(tmp_path, cache, sft_export, recwarn):
+    """data.toy_pairs.n_val=0: no validation set, the run trains and exports all the same. The frozen
+    reference is in eval mode on purpose: Lightning's warning about it is not shown."""
     rd = tmp_path / "noval"
     assert main(dpo_args(cache, rd, sft_export, "data.toy_pairs.source=world", "data.toy_pairs.n_val=0",
                          "trainer.max_steps=3", "trainer.val_check_interval=2")) == 0
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["data"]["val"] is None and summary["val_loss_start"] is None
     assert (rd / "export" / "model.pt").is_file()
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
 
 
 def test_dpo_exact_resume(tmp_path, cache, sft_export):
