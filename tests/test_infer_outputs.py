@@ -126,16 +126,17 @@ def test_audio_failure_keeps_tokens_skip_existing_decodes_the_rest_and_decode_re
     # a second mode, then levo-infer decode of both runs: every FLAC bit for bit, seeds from the records
     monkeypatch.undo()
     fast_codec()
-    out_v = tmp_path / "out_vocal"
-    rc, err = run(capsys, lm, src, out_v, "--codec", codec_dir, "--duration", "0.4", "--seed", "3",
-                  "--mode", "vocal", "--batch-size", "2")
+    out_s = tmp_path / "out_separate"
+    rc, err = run(capsys, lm, src, out_s, "--codec", codec_dir, "--duration", "0.4", "--seed", "3",
+                  "--mode", "separate", "--batch-size", "2")
     assert rc == 0, err
-    for o in (out, out_v):
+    for o, names in ((out, ["a", "b", "c"]), (out_s, [f"{i}{sfx}" for i in "abc" for sfx in ("", "_vocal", "_bgm")])):
         dec = tmp_path / f"dec_{o.name}"
         assert cli.main(["decode", str(o / "tokens"), str(dec), "--codec", str(codec_dir), "--device", "cpu"]) == 0
-        assert "3 from levo-infer's records" in capsys.readouterr().err
-        for i in "abc":
-            assert (samples(dec / f"{i}.flac") == samples(o / "audios" / f"{i}.flac")).all(), (o.name, i)
+        assert f"{len(names)} from levo-infer's records" in capsys.readouterr().err
+        assert sorted(p.stem for p in dec.glob("*.flac")) == sorted(names)
+        for n in names:
+            assert (samples(dec / f"{n}.flac") == samples(o / "audios" / f"{n}.flac")).all(), (o.name, n)
 
 
 def test_random_codec_is_labelled_noise_and_loads(codec_dir, capsys):
@@ -205,6 +206,20 @@ def test_input_inside_the_output_and_unwritable_outputs_are_refused_before_the_m
     before = src.read_bytes()
     rc, err = run(capsys, lm, src, out, "--tokens-only")
     assert rc == 2 and "lies in" in err and src.read_bytes() == before
+    # a song whose output would overwrite a prompt file of this run fails; the song reading it runs
+    monkeypatch.undo()
+    o4 = tmp_path / "o4"
+    (o4 / "tokens").mkdir(parents=True)
+    prompt = o4 / "tokens" / "p.pt"
+    torch.save(torch.randint(0, 100, (3, 5)), prompt)
+    before = prompt.read_bytes()
+    src = write_jsonl(tmp_path / "p.jsonl", [{"idx": i, "gt_lyric": "[verse] la", "prompt_audio_path": str(prompt)}
+                                             for i in ("p", "q")])
+    rc, err = run(capsys, lm, src, o4, "--tokens-only", "--duration", "0.2", "--seed", "0")
+    assert rc == 1 and prompt.read_bytes() == before and (o4 / "tokens" / "q.pt").is_file()
+    (bad,) = records(o4, "p")[1]
+    assert bad["idx"] == "p" and "is the prompt_audio_path of line 1" in bad["error"]
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     src = write_jsonl(tmp_path / "in.jsonl", SONGS)
     (tmp_path / "file").write_text("")
     rc, err = run(capsys, lm, src, tmp_path / "file", "--tokens-only")

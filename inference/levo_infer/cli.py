@@ -58,9 +58,10 @@ Output (``OUT_DIR``):
 again; with a codec, those among them without audio files are decoded from the stored tokens with
 the seed of the earlier record; the records are merged (the earlier run's records of songs this run
 does not redo are kept). Output names that collide (``a`` + ``_vocal`` in ``--mode separate`` and a
-song ``a_vocal``, or names differing only in case) fail the later line, naming both; an input JSONL
-inside the output folders, an output folder that cannot be written or a codec folder that does not
-load stop the run before the model loads.
+song ``a_vocal``, or names differing only in case) fail the later line, naming both; a song whose
+output would overwrite a ``prompt_audio_path`` of the run fails; an input JSONL inside the output
+folders, an output folder that cannot be written or a codec folder that does not load stop the run
+before the model loads.
 
 Caller formatting as released: the description is lower-cased; v2 prefixes
 ``[Musicality-very-high], `` (``.`` alone without a description) and, in bgm mode, ``[Pure-Music], ``
@@ -414,6 +415,33 @@ class Runner:
                                  f"output ({self.out / 'jsonl' / self.input.name} would overwrite it): copy it "
                                  "elsewhere or choose another OUT_DIR")
 
+    def keep_inputs(self, songs: list[SongRequest]) -> list[SongRequest]:
+        """Fail the songs that would overwrite an input of this run: a song whose token or audio file
+        is another song's (or its own) ``prompt_audio_path`` (``OUT/tokens/<idx>.pt`` given as a
+        prompt) is refused, naming the line that reads it, so the prompt file survives."""
+        inputs: dict[Path, SongRequest] = {}
+        for s in songs:
+            path = s.prompt_info.get("path") if isinstance(s.prompt_info, dict) else None
+            if path:
+                inputs.setdefault(Path(path).resolve(), s)
+
+        def clash(s: SongRequest, paths: Sequence[Path]) -> bool:
+            for p in paths:
+                reader = inputs.get(p.resolve())
+                if reader is not None:
+                    self.fail(s.line, s.idx, f"idx {s.idx!r}: its output {p} is the prompt_audio_path of line "
+                              f"{reader.line} (idx {reader.idx!r}) and would overwrite it: copy the prompt "
+                              f"elsewhere or give line {s.line} another idx")
+                    return True
+            return False
+
+        if not inputs:
+            return songs
+        self.pending = [(s, missing) for s, missing in self.pending
+                        if not clash(s, [p for sfx, p in self.audio_paths(s.idx).items() if sfx in missing])]
+        return [s for s in songs if not clash(s, [*self.token_paths(s.idx).values(),
+                                                  *self.audio_paths(s.idx).values()])]
+
     def existing(self, song: SongRequest) -> bool:
         """With ``--skip-existing``: whether ``song`` needs no generation (all its token files exist).
         Songs whose tokens exist but whose audio files (with a codec) do not are queued to be decoded
@@ -622,7 +650,7 @@ class Runner:
             except OutputError as e:
                 raise UsageError(f"--skip-existing merges the earlier records, but {e}") from None
         self.setup()
-        songs = self.read_songs(lines)
+        songs = self.keep_inputs(self.read_songs(lines))
         self.decode_pending()
         self.write_jsonl()
         bs = self.args.batch_size
