@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="levo-infer",
         description="Generate songs (tokens, and 48 kHz audio with a codec folder) from a released SongGeneration "
                     "model folder or a levo-train export, for a JSONL file with one song per line.",
-        epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/jsonl/<input>.jsonl (+ .errors.jsonl). Exit status: 0 all "
+        epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/audios/<idx>.flac (with a codec), OUT_DIR/jsonl/<input>.jsonl "
+               "(+ .errors.jsonl). Subcommands: levo-infer decode, levo-infer random-codec. Exit status: 0 all "
                "songs generated, 1 some lines failed or the input holds no song, 2 usage or model-loading error "
                "(with --strict also a config problem).")
     ap.add_argument("ckpt_dir", nargs="?", help="model folder: config.yaml + model.pt (or model.safetensors)")
