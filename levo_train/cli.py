@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from levo_infer.config import config_differences, load_config, make_config
 from levo_train.locking import launch_rank
-from levo_train.settings import UsageError, check_init_path
+from levo_train.settings import UsageError, check_init_path, check_override_keys
 from levo_train.toy.world import ToyWorld
 
 MAIN_OVERRIDES = """\
@@ -51,6 +51,9 @@ main overrides:
   train.nonfinite=stop|skip   a step whose loss or gradient norm is NaN/inf: stop the run before applying it
                               (exit 1, the newest checkpoint is the last finite one; default) or skip its update
                               (counted in summary.json; more than train.nonfinite_max_skips=20 skipped steps stop)
+
+An unknown key (key=value, +key=value or ++key=value) is an error naming the nearest real key; only
+trainer.KEY passes any Lightning Trainer argument through.
 
 exit status: 0 done; 1 failed (non-finite step, checkpoint write, run folder in use by another run); 2 bad
 settings; 143 / 130 stopped by SIGTERM / SIGINT after the current optimizer step and a resumable checkpoint
@@ -96,6 +99,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_module(config_module="levo_train.configs", version_base="1.3"):
             # any Lightning Trainer argument may be given as trainer.KEY=VALUE: keys that the
             # trainer config does not list are appended (+trainer.KEY) instead of overridden
+            groups = {p.name for p in resources.files("levo_train.configs").iterdir() if p.is_dir()}
+            keyed = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in groups]
+            check_override_keys(keyed, compose(config_name="train", overrides=[o for o in overrides if o not in keyed]))
             trainer_ovr = [o for o in overrides if o.startswith("trainer.") and "=" in o]
             if trainer_ovr:
                 rest = [o for o in overrides if o not in trainer_ovr]
@@ -195,7 +201,9 @@ def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "export":
         return export_command(argv[1:])
-    from levo_train import checkpointing, run  # lightning: a slow import that --help does not need
+    from levo_train import checkpointing, progress, run  # lightning: a slow import that --help does not need
+
+    progress.quiet_lightning_logging()
 
     show_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from levo_train.guard import NONFINITE_MODES, NonFiniteError, RunStopped, StepGu
 from levo_train.locking import folder_lock, launch_rank
 from levo_train.lora import LoraSpec, apply_lora, check_targets, lora_spec
 from levo_train.methods import DataSpec, Method, get_method, stream_weights
+from levo_train.progress import StepProgress
 from levo_train.resume import (
     ResumePoint,
     Schedule,
@@ -247,6 +249,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["precision"] = resolve_precision(kwargs.get("precision"), str(kwargs.get("accelerator", "auto")))
     set_tf32(cfg.train.get("tf32", "auto"), str(kwargs.get("accelerator", "auto")))
+    if kwargs.get("enable_progress_bar", True):  # step lines in place of Lightning's epoch bar
+        callbacks.append(StepProgress(int(cfg.data.batch_size), every=int(cfg.train.get("progress_every", 50))))
     given = {k: kwargs.get(k) for k in ("accelerator", "devices", "num_nodes") if k in kwargs}
     given["strategy"] = strategy_name(cfg.get("strategy"), kwargs.get("strategy", "auto"))
     try:
@@ -317,13 +321,29 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         val_start = trainer.validate(module, datamodule=dm, verbose=False)[0].get("val/loss")
     guard = next(c for c in trainer.callbacks if isinstance(c, StepGuard))
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=plan.resume.path if plan.resume else None, weights_only=True)
+        with warnings.catch_warnings():  # frozen parts (a DPO reference) are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+            trainer.fit(module, datamodule=dm, ckpt_path=plan.resume.path if plan.resume else None,
+                        weights_only=True)
     except (NonFiniteError, RunStopped) as e:
         _stopped_summary(e, trainer, run_dir, guard, plan.resume)
+        _finish_wandb(trainer)
         raise
     finally:
         guard.restore()
-    return _finish(plan, trainer, module, guard, val_start)
+    try:
+        return _finish(plan, trainer, module, guard, val_start)
+    finally:
+        _finish_wandb(trainer)
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close the wandb run now, not at interpreter exit: its closing lines printed from the exit hook
+    carry colour codes into log files (printed here, they are plain when stderr is not a terminal)."""
+    for lg in trainer.loggers:
+        run = getattr(lg, "_experiment", None) if isinstance(lg, WandbLogger) else None
+        if run is not None and hasattr(run, "finish"):
+            run.finish()
 
 
 def _finish(plan: RunPlan, trainer: L.Trainer, module: Any, guard: StepGuard, val_start: Any) -> dict[str, Any]:
@@ -370,8 +390,15 @@ def _print_done(plan: RunPlan, trainer: L.Trainer, guard: StepGuard, summary: di
     for k in ("run_dir", "last_checkpoint", "export"):
         if k in summary:
             print(f"  {k:16s} {summary[k]}")
-    if val_start is not None:
-        print(f"  val/loss         {val_start:.4f} -> {summary['val_loss_end']}")
+    metrics = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()}
+    end = summary["val_loss_end"]
+    if val_start is not None or end is not None:
+        start = "n/a" if finite_or_none(val_start) is None else f"{val_start:.4f}"
+        print(f"  val/loss         {start} -> {'n/a' if end is None else f'{end:.4f}'}")
+    if metrics.get("train/loss") is not None:
+        print(f"  train/loss       {metrics['train/loss']:.4f} (last step)")
+    for line in plan.method.summary_lines(metrics, Path(summary["run_dir"])):
+        print(line)
 
 
 def _location(spec: Any) -> str | list[str] | None:

@@ -8,9 +8,10 @@ without a traceback and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,53 @@ class UsageError(ValueError):
     def __init__(self, msg: str) -> None:
         super().__init__(msg)
         self.msg = msg
+
+
+# ----------------------------------------------------------------------------- override keys
+#: top-level nodes whose keys are passed on rather than read by levo-train (Lightning Trainer arguments)
+OPEN_NODES = ("trainer",)
+
+
+def config_paths(cfg: Any, prefix: str = "") -> list[str]:
+    """Every key path of a config (``optim``, ``optim.lr``, ...), interpolations left unresolved."""
+    node = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    out = []
+    for k, v in (node.items() if isinstance(node, dict) else ()):
+        path = f"{prefix}{k}"
+        out.append(path)
+        if isinstance(v, dict):
+            out.extend(config_paths(v, path + "."))
+    return out
+
+
+def check_override_keys(overrides: Sequence[str], base: DictConfig) -> None:
+    """:class:`UsageError` for an override ``key=value`` (``+key=value``, ``++key=value`` too) whose
+    key the config composed without it lacks, naming the nearest real key: hydra suggests ``+key``
+    for a misspelt ``optim.lrr=1e-4``, which then adds a key nothing reads and trains at the default
+    LR. Keys under :data:`OPEN_NODES` (Lightning Trainer arguments) pass; so do keys inside a value
+    that is not a mapping (hydra checks those)."""
+    paths = config_paths(base)
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        if not sep or key.startswith("~"):
+            continue
+        key = key.lstrip("+")
+        parts = key.split(".")
+        if parts[0] in OPEN_NODES:
+            continue
+        node: Any = base
+        for depth, part in enumerate(parts):
+            if not isinstance(node, DictConfig):
+                break
+            if part not in node:
+                where = ".".join(parts[:depth])
+                near = difflib.get_close_matches(key, paths, n=1, cutoff=0.6)
+                siblings = [p for p in paths if p.rpartition(".")[0] == where]
+                hint = (f"did you mean {near[0]}?" if near else
+                        f"{where or 'the top level'} holds {', '.join(s.rpartition('.')[2] for s in siblings)}")
+                raise UsageError(f"unknown setting {key!r} in {o!r}: {hint} (levo-train --help lists the main "
+                                 "settings; levo-train recipe=NAME --cfg shows them all)")
+            node = node[part] if not OmegaConf.is_missing(node, part) else None
 
 
 # ----------------------------------------------------------------------------- typed values

@@ -378,3 +378,13 @@ def test_audio_lines_are_tokenised_by_the_codec_encoder(checkout, tmp_path, caps
     assert songs["a2"].prompt.shape == (3, 250)  # an audio prompt keeps its first 10 s
     stats = json.loads((out / "stats.json").read_text())
     assert stats["from_audio"] == 2 and stats["settings"]["codec_encoder"] == f"songgeneration:{root}"
+
+
+def test_a_small_catalogue_without_val_songs_says_so(tmp_path, capsys):
+    """Five songs at the default --val-fraction 0.01: no song falls in val/, and the summary says so
+    (it used to print nothing about the missing folder)."""
+    m, out = _small_manifest(tmp_path, n=5, T=50), tmp_path / "out"
+    assert main(["shards", "--manifest", str(m), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "val").exists()
+    assert "val/:      not written: none of the 5 songs fell in the val split" in printed and "--val-fraction" in printed

@@ -9,6 +9,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -668,12 +669,16 @@ def test_sft_then_dpo_improves_pair_metrics(tmp_path, cache, sft_export):
     assert model.cfg == load_config(sft_export)
 
 
-def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export):
+def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export, capsys):
     """dpo.reference=precomputed on the default toy pairs: their reference log-probs are computed
-    once under model.init (beside the cached pairs) and reused by later runs."""
+    once under model.init (beside the cached pairs) and reused by later runs. The final summary gives
+    the held-out pair accuracy and margin, losses rounded."""
     common = ["dpo.reference=precomputed", "trainer.max_steps=2", "trainer.val_check_interval=2",
               "data.toy_pairs.n_train=40", "data.toy_pairs.n_val=16", "data.toy_pairs.min_margin=0.0"]
     assert main(dpo_args(cache, tmp_path / "a", sft_export, *common)) == 0
+    done = capsys.readouterr().out.split("levo-train dpo: done at step 2")[1]
+    assert re.search(r"val/pairs +accuracy \d\.\d{3} .*, margin -?\d+\.\d{4} ", done), done
+    assert re.search(r"val/loss +\d+\.\d{4} -> \d+\.\d{4}\n", done) and not re.search(r"\d\.\d{5}", done), done
     data = json.loads((tmp_path / "a" / "summary.json").read_text())["data"]
     files = [Path(data[s]) / "ref_logps.json" for s in ("train", "val")]
     for f in files:
@@ -688,14 +693,16 @@ def test_dpo_precomputed_reference_on_toy_pairs(tmp_path, cache, sft_export):
     assert not any(k.startswith("ref.") for k in ck["state_dict"])
 
 
-def test_dpo_without_held_out_pairs(tmp_path, cache, sft_export):
-    """data.toy_pairs.n_val=0: no validation set, the run trains and exports all the same."""
+def test_dpo_without_held_out_pairs(tmp_path, cache, sft_export, recwarn):
+    """data.toy_pairs.n_val=0: no validation set, the run trains and exports all the same. The frozen
+    reference is in eval mode on purpose: Lightning's warning about it is not shown."""
     rd = tmp_path / "noval"
     assert main(dpo_args(cache, rd, sft_export, "data.toy_pairs.source=world", "data.toy_pairs.n_val=0",
                          "trainer.max_steps=3", "trainer.val_check_interval=2")) == 0
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["data"]["val"] is None and summary["val_loss_start"] is None
     assert (rd / "export" / "model.pt").is_file()
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
 
 
 def test_dpo_exact_resume(tmp_path, cache, sft_export):

@@ -68,3 +68,13 @@ def test_compare_same_conditions_and_deltas(toy_sft_export, tmp_path, capsys):
     assert lines[0].startswith("tier top, n = 16, seed 2")
     assert lines[-2].startswith(f"| {toy_sft_export} | {res['base']['quality']:.3f} ± ")
     assert lines[-1].startswith(f"| {tmp_path / 'other'} | {other['quality']:.3f} ± ") and " SE)" in lines[-1]
+    # both tiers, each compared on its own: a JSON list (top, then none), or one table per tier
+    both = main(["compare", "--base", str(toy_sft_export), "--ckpt", str(tmp_path / "other"), "--n", "16", "--seed",
+                 "2", "--max-frames", "40", "--tier", "both"])
+    assert both == 0
+    top, none = json.loads(capsys.readouterr().out)
+    assert (top["tier"], none["tier"]) == ("top", "none") and top["ckpts"][0]["quality"] == other["quality"]
+    assert main(["compare", "--base", str(toy_sft_export), "--ckpt", str(tmp_path / "other"), "--n", "16", "--seed",
+                 "2", "--max-frames", "40", "--tier", "top", "none", "--table"]) == 0
+    heads = [x.split(",")[0] for x in capsys.readouterr().out.splitlines() if x.startswith("tier ")]
+    assert heads == ["tier top", "tier none"]

@@ -263,6 +263,12 @@ def test_levo_eval_reward_json_contract(rm_run, toy_sft_export, capsys, tmp_path
     assert a == b
     assert set(a) == {"overall", *DIMS}
     assert all(set(v) == {"lcc", "srcc", "ktau", "pair_acc"} for v in a.values())
+    # --table: the same numbers as a markdown table, one row per target
+    assert eval_main([*argv, "--table"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0] == "| target | LCC | SRCC | Kendall τ | pair accuracy |" and len(rows) == 2 + len(a)
+    assert rows[2] == (f"| overall | {a['overall']['lcc']:.3f} | {a['overall']['srcc']:.3f} | "
+                       f"{a['overall']['ktau']:.3f} | {a['overall']['pair_acc']:.3f} |")
     # an RM scoring a dimension the toy world does not have is refused, naming it
     bad = tmp_path / "bad"
     model, info = load_reward_model(rm_run / "export")

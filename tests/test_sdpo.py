@@ -12,6 +12,7 @@ from conftest import TINY
 
 from levo_train.cli import main
 from levo_train.toy.world import ToyWorld
+from levo_train.train.sdpo import rounds_figure
 
 # tiny rounds: 4 optimizer steps per round, 12 prompts x 3 candidates, 20-frame songs
 SDPO = ["sdpo.sync_every=4", "sdpo.prompts_per_round=12", "sdpo.per_prompt=3", "sdpo.max_frames=40",
@@ -24,7 +25,8 @@ def sdpo_args(cache: str, run_dir: Path, init: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def test_sdpo_rounds_log_reward_and_hidden_quality_of_the_same_samples(tmp_path, toy_cache_dir, toy_sft_export):
+def test_sdpo_rounds_log_reward_and_hidden_quality_of_the_same_samples(tmp_path, toy_cache_dir, toy_sft_export,
+                                                                     capsys):
     """Each round's logged scorer mean and hidden quality are computed on the same candidates:
     recomputed from the saved candidate tokens, both match; the scorer (ranking by the hidden lyrics
     dimension alone, so it differs from the hidden quality) ranks the pairs."""
@@ -47,6 +49,16 @@ def test_sdpo_rounds_log_reward_and_hidden_quality_of_the_same_samples(tmp_path,
         assert r["score_mean"] != pytest.approx(r["hidden_mean"])
         assert r["pairs"] >= 1 and r["gen_seconds"] > 0
     assert (rd / "sdpo" / "rounds.png").stat().st_size > 1000
+    # the final summary names the round record and its plot; the plot counts whole rounds and draws the
+    # oracle's agreement with the scorer's pairs (the reward-hacking guard)
+    done = capsys.readouterr().out.split("levo-train sdpo: done at step 8")[1]
+    assert f"rounds           {rd / 'sdpo' / 'rounds.jsonl'} (2 rounds; last round 1: oracle agrees on" in done
+    assert f"rounds plot      {rd / 'sdpo' / 'rounds.png'}" in done and "train/pairs        accuracy" in done
+    fig = rounds_figure(rounds, scorer="toy", oracle="toy")
+    ax, agree = fig.axes
+    assert [t for t in ax.get_xticks() if rounds[0]["round"] <= t <= rounds[-1]["round"]] == [0.0, 1.0]
+    assert [ln.get_label() for ln in agree.get_lines()] == ["oracle agrees with the scorer's pairs (toy)"]
+    assert list(agree.get_lines()[0].get_ydata()) == [r["pair_agreement"] for r in rounds]
     metrics = (rd / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "round/hidden_mean" in metrics and "round/score_mean" in metrics and "train/rewards/margins" in metrics
 

@@ -111,3 +111,17 @@ def test_v2_large_scale_configs_set_bf16_checkpointing_fsdp2_and_sizes_per_card(
             assert c.train.activation_checkpointing is True and c.data.batch_size == batch and c.recipe_name == recipe
     c = compose_config(["recipe=dpo", "scale=v2_large_80gb", "strategy=ddp", "data.batch_size=1"])
     assert c.strategy.name == "ddp" and c.data.batch_size == 1
+@pytest.mark.parametrize("override, nearest", [
+    ("optim.lrr=1e-4", "did you mean optim.lr?"), ("+optim.lrr=1e-4", "did you mean optim.lr?"),
+    ("++dpo.betta=0.1", "did you mean dpo.beta?"), ("model.config.dimm=64", "did you mean model.config.dim?"),
+    ("sed=3", "did you mean seed?"),
+])
+def test_an_unknown_override_key_names_the_nearest_real_key(tmp_path, capsys, override, nearest):
+    """Hydra answers a misspelt ``optim.lrr=1e-4`` with a hint to write ``+optim.lrr``, which then trains
+    silently at the default LR: an unknown key is an error, ``+`` or not; Trainer arguments pass."""
+    assert main(["recipe=dpo", override, f"run_dir={tmp_path / 'run'}", "logger=none"]) == 2
+    err = capsys.readouterr().err
+    assert f"levo-train: error: unknown setting '{override.lstrip('+').partition('=')[0]}'" in err and nearest in err
+    cfg = compose_config(["recipe=dpo", "optim.lr=1e-4", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                          "strategy=ddp", "~seed"])
+    assert cfg.optim.lr == 1e-4 and cfg.trainer.log_every_n_steps == 1 and "seed" not in cfg

@@ -1017,6 +1017,27 @@ def build_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, shard_s
     return stats
 
 
+def empty_split_notes(stats: dict[str, Any]) -> list[str]:
+    """A line per split that received no song (so no folder was written for it), saying why: a small
+    catalogue with the default ``--val-fraction`` often puts no song in ``val/``."""
+    vf = stats["settings"]["val_fraction"]
+    notes = []
+    for s in SPLITS:
+        if stats["splits"].get(s, {}).get("songs", 0) or not stats["songs"]:
+            continue
+        if s == "val" and vf <= 0:
+            notes.append("val/:      not written (--val-fraction 0)")
+        elif s == "val":
+            want = max(1.0 / stats["songs"], vf)
+            notes.append(f"val/:      not written: none of the {stats['songs']} songs fell in the val split "
+                         f"(--val-fraction {vf:g} picks songs by a hash of idx, about {vf * stats['songs']:.2g} "
+                         f"expected); pass e.g. --val-fraction {min(0.5, 5 * want):.2g} --overwrite, or validate "
+                         "on other shards (data.val=DIR)")
+        else:
+            notes.append(f"{s}/:    not written: every song fell in the val split (--val-fraction {vf:g})")
+    return notes
+
+
 def format_table(stats: dict[str, Any]) -> str:
     """The printed summary of a stats dict: per-split counts, scripts, languages, token histograms, rejects."""
     bars = " ▁▂▃▄▅▆▇█"
@@ -1027,6 +1048,7 @@ def format_table(stats: dict[str, Any]) -> str:
                  "hours": stats["hours"], "min_frames": stats["min_frames"], "max_frames": stats["max_frames"]}
         mm = f"{d['min_frames']}/{d['max_frames']}" if d["min_frames"] is not None else "-"
         rows.append(f"{s:<6} {d['songs']:>9} {d['shards']:>7} {d['hours']:>10.3f} {mm:>16}")
+    rows.extend(empty_split_notes(stats))
     rows.append("scripts:   " + (", ".join(f"{k} {v}" for k, v in stats["scripts"].items()) or "-"))
     rows.append("languages: " + (", ".join(f"{k} {v}" for k, v in stats["languages"].items()) or "-"))
     lyr = stats["lyrics"]

@@ -9,12 +9,14 @@ seed gives the same numbers.
 every export on the same conditions with the same sampling seeds and reports, per export, quality
 and toy PER with their standard errors and the change against the base: ``delta``, ``z`` (delta over
 the combined standard error of two independent means, the conservative figure) and ``paired_se``
-(standard error of the per-condition differences).
+(standard error of the per-condition differences). ``--tier top none`` (or ``both``) compares each
+tier on its own: a JSON list, or with ``--table`` one markdown table per tier.
 
 ``levo-eval reward --rm RM_EXPORT --policy SFT_EXPORT --n N --seed S [--tier both|top|none]`` samples N
 held-out toy songs from the policy, scores them with the reward model and prints, as its last line,
 one JSON object: for ``overall`` (against the hidden quality) and each dimension ``{"lcc", "srcc",
 "ktau", "pair_acc"}`` (pairs whose hidden margin is >= 0.05). The same seed gives the same numbers.
+``--table`` prints them as a markdown table instead.
 
 ``levo-eval audio-score --audio DIR [--scorer MODULE:FUNCTION ...] [--requested JSONL] [--out FILE.json]``
 runs audio scorer functions over a folder of audio files (see :mod:`levo_eval.audio_score`).
@@ -124,16 +126,34 @@ def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str
     return res
 
 
+def compare_tiers(args: argparse.Namespace) -> list[str]:
+    """The tiers ``compare --tier`` asks for, in order (``both``: top, then none)."""
+    tiers: list[str] = []
+    for t in args.tier:
+        for x in (("top", "none") if t == "both" else (t,)):
+            if x not in tiers:
+                tiers.append(x)
+    return tiers
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    t0 = time.time()
-    kw = _sampling_kwargs(args)
-    base = toy_samples(args.base, **kw)
-    out = {"base": {"ckpt": args.base, **summarize(base)}, "n": args.n, "seed": args.seed, "tier": args.tier,
-           "temperature": args.temperature, "top_k": args.top_k, "ckpts": []}
-    for ck in args.ckpt:
-        out["ckpts"].append({"ckpt": ck, **compare(base, toy_samples(ck, **kw))})
-    out["seconds"] = round(time.time() - t0, 2)
-    print(markdown_table(out) if args.table else strict_dumps(out, nonfinite="null", indent=1))
+    """``levo-eval compare``: one result per tier (``--tier top none`` or ``both``: a JSON list of
+    them, or one table each)."""
+    results = []
+    for tier in compare_tiers(args):
+        t0 = time.time()
+        kw = {**_sampling_kwargs(args), "tier": tier}
+        base = toy_samples(args.base, **kw)
+        out = {"base": {"ckpt": args.base, **summarize(base)}, "n": args.n, "seed": args.seed, "tier": tier,
+               "temperature": args.temperature, "top_k": args.top_k, "ckpts": []}
+        for ck in args.ckpt:
+            out["ckpts"].append({"ckpt": ck, **compare(base, toy_samples(ck, **kw))})
+        out["seconds"] = round(time.time() - t0, 2)
+        results.append(out)
+    if args.table:
+        print("\n\n".join(markdown_table(r) for r in results))
+    else:
+        print(strict_dumps(results[0] if len(results) == 1 else results, nonfinite="null", indent=1))
     return 0
 
 
@@ -150,8 +170,23 @@ def cmd_reward(args: argparse.Namespace) -> int:
     info = res.pop("_info")
     print(f"levo-eval reward: {info['n']} songs (tier {info['tier']}, temperature {info['temperature']}), mean hidden "
           f"quality {info['mean_quality']:.4f}, {time.time() - t0:.1f}s", file=sys.stderr)
-    print(strict_dumps(res, nonfinite="null"))
+    if args.table:
+        print(reward_table(res))
+    else:
+        print(strict_dumps(res, nonfinite="null"))
     return 0
+
+
+def reward_table(res: dict[str, Any]) -> str:
+    """``levo-eval reward --table``: one markdown row per target (overall, then each dimension) with
+    the reward model's correlations to the hidden scores and its pair accuracy."""
+    def f(v: Any) -> str:
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+    rows = ["| target | LCC | SRCC | Kendall τ | pair accuracy |", "|---|---|---|---|---|"]
+    for name, m in res.items():
+        rows.append(f"| {name} | {f(m['lcc'])} | {f(m['srcc'])} | {f(m['ktau'])} | {f(m['pair_acc'])} |")
+    return "\n".join(rows)
 
 
 def markdown_table(res: dict[str, Any]) -> str:
@@ -179,11 +214,16 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "top_k": args.top_k, "top_p": args.top_p, "cfg_coef": args.cfg_coef, "device": args.device}
 
 
-def _sampling_args(t: argparse.ArgumentParser) -> None:
+def _sampling_args(t: argparse.ArgumentParser, *, several_tiers: bool = False) -> None:
     t.add_argument("--n", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--tier", default="top", choices=TIER_CHOICES,
-                   help="style tier tag (default: top, as released inference; none: no tag)")
+    if several_tiers:  # compare: each tier its own result
+        t.add_argument("--tier", nargs="+", default=["top"], choices=(*TIER_CHOICES, "both"),
+                       help="style tier tag(s), each compared on its own (default: top; both = top none); several: "
+                            "a JSON list, or one table per tier")
+    else:
+        t.add_argument("--tier", default="top", choices=TIER_CHOICES,
+                       help="style tier tag (default: top, as released inference; none: no tag)")
     t.add_argument("--world-seed", type=int, default=0, help="seed of the toy world the model was trained on")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--max-frames", type=int, default=96)
@@ -202,8 +242,8 @@ def _toy_args(t: argparse.ArgumentParser) -> None:
 def _compare_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--base", required=True, help="the export to compare against (e.g. the SFT export)")
     c.add_argument("--ckpt", required=True, nargs="+", help="export folder(s) to compare")
-    c.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
-    _sampling_args(c)
+    c.add_argument("--table", action="store_true", help="print a markdown table instead of JSON (one per tier)")
+    _sampling_args(c, several_tiers=True)
 
 
 def _reward_args(r: argparse.ArgumentParser) -> None:
@@ -218,6 +258,7 @@ def _reward_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--max-frames", type=int, default=96)
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--table", action="store_true", help="print a markdown table instead of the JSON line")
 
 
 #: name -> subcommand (the command table of every levo tool, :mod:`levo_infer.commands`)

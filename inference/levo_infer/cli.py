@@ -5,6 +5,7 @@
                [--temperature T] [--seed N] [--codec CODEC_DIR | --tokens-only]
                [--auto-prompt-file PATH] [--device ...] [--lyrics check|normalize|raw] [--strict]
     levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR [--device ...] [--seed N] [--batch-size N]
+    levo-infer random-codec DIR [--seed N]   (a small random codec: noise, for plumbing smoke tests)
 
 The released ``generate.sh`` spellings (``--low_mem``, ``--not_use_flash_attn``, ``--separate``,
 ``--bgm``, ``--vocal``; ``generate.py``'s ``--ckpt_path``/``--input_jsonl``/``--save_dir``/
@@ -42,12 +43,26 @@ Output (``OUT_DIR``):
   ``--codec CODEC_DIR`` (the released runtime ``ckpt/`` holding ``model_septoken/`` and ``vae/``), or
   one found beside the model folder (the folder itself, its parent or the parent's ``ckpt/``).
   Without one, tokens only (said once); ``--tokens-only`` never decodes. A song's audio noise is
-  drawn from its seed, so the same seed gives the same audio. ``levo-infer decode`` turns token
-  files written earlier (or elsewhere) into audio.
+  drawn from its seed, so the same seed gives the same audio; songs with the same number of 40 s
+  windows are decoded together (``--batch-size`` at a time, the audio of one at a time).
+  ``levo-infer decode`` turns token files written earlier (or elsewhere) into audio, each song with
+  the seed of its record: the FLAC levo-infer wrote, bit for bit.
 * ``jsonl/<input name>.jsonl``: one record per generated song (input fields, the text the model
-  saw, prompt, settings, seed, frames, seconds, lyric ``warnings`` if any);
-  ``jsonl/<input name>.errors.jsonl``: the bad lines and the songs whose output could not be written
-  (each song is written on its own: one failed write fails that song alone).
+  saw, prompt, settings, seed, frames, seconds, ``tokens``, ``audios``, ``clipped_samples``, lyric
+  ``warnings`` if any, ``status``); ``jsonl/<input name>.errors.jsonl``: the bad lines and the songs
+  whose output could not be written (each song is written on its own: one failed write fails that
+  song alone). Token files, once written, stay: a song whose audio cannot be decoded or written
+  (out of memory, a full disk) keeps its tokens and its record (``status: audio_failed``, with
+  ``audio_error``) and is listed in the errors file; ``--skip-existing`` decodes it later.
+
+``--skip-existing`` makes exactly what is missing: songs whose token files exist are not generated
+again; with a codec, those among them without audio files are decoded from the stored tokens with
+the seed of the earlier record; the records are merged (the earlier run's records of songs this run
+does not redo are kept). Output names that collide (``a`` + ``_vocal`` in ``--mode separate`` and a
+song ``a_vocal``, or names differing only in case) fail the later line, naming both; a song whose
+output would overwrite a ``prompt_audio_path`` of the run fails; an input JSONL inside the output
+folders, an output folder that cannot be written or a codec folder that does not load stop the run
+before the model loads.
 
 Caller formatting as released: the description is lower-cased; v2 prefixes
 ``[Musicality-very-high], `` (``.`` alone without a description) and, in bgm mode, ``[Pure-Music], ``
@@ -82,6 +97,7 @@ from .errors import LevoInferError
 from .generate import RELEASED_PENALTY, RELEASED_TEMPERATURE, RELEASED_TOP_K, RELEASED_WINDOW, generate
 from .jsonio import jsonl_text, write_text_atomic
 from .jsonl import JsonlError, jsonl_lines
+from .outputs import OutputError, check_writable, decode_in_groups, inside, read_records, record_seeds
 from .prompts import AutoPromptLibrary, PromptError
 from .request import LYRIC_POLICIES, RequestError, RequestOptions, SongRequest, line_idx, parse_request
 from .tokens import MODES, mode_tokens
@@ -108,9 +124,13 @@ def load_codec(codec_dir: str | os.PathLike, device: str) -> Codec:
     """The audio codec of a codec folder (:func:`levo_infer.codec.load_codec`); ``UsageError``
     naming the file and the problem when the folder cannot be used."""
     try:
-        return song_codec.load_codec(codec_dir, device)
+        codec = song_codec.load_codec(codec_dir, device)
     except song_codec.CodecError as e:
         raise UsageError(f"--codec {codec_dir}: {e}") from None
+    if song_codec.is_random_codec(codec_dir):
+        print(f"levo-infer: note: {codec_dir} is a random codec (levo-infer random-codec): its audio is noise, for "
+              "plumbing tests only", file=sys.stderr)
+    return codec
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -119,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="levo-infer",
         description="Generate songs (tokens, and 48 kHz audio with a codec folder) from a released SongGeneration "
                     "model folder or a levo-train export, for a JSONL file with one song per line.",
-        epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/jsonl/<input>.jsonl (+ .errors.jsonl). Exit status: 0 all "
+        epilog="Output: OUT_DIR/tokens/<idx>.pt, OUT_DIR/audios/<idx>.flac (with a codec), OUT_DIR/jsonl/<input>.jsonl "
+               "(+ .errors.jsonl). Subcommands: levo-infer decode, levo-infer random-codec. Exit status: 0 all "
                "songs generated, 1 some lines failed or the input holds no song, 2 usage or model-loading error "
                "(with --strict also a config problem).")
     ap.add_argument("ckpt_dir", nargs="?", help="model folder: config.yaml + model.pt (or model.safetensors)")
@@ -191,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make warnings errors: lyric-rule findings fail their line, and config problems (unknown or "
                         "misspelled keys, missing keys whose default changes the model) fail the run. Default: "
                         "warnings, since the released code runs such inputs")
-    r.add_argument("--skip-existing", action="store_true", help="skip songs whose token files already exist")
+    r.add_argument("--skip-existing", action="store_true",
+                   help="make only what is missing: songs whose token files exist are not generated again (with a "
+                        "codec, their missing audio files are decoded from the stored tokens with the recorded seed); "
+                        "the earlier records are kept and merged")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -267,6 +291,8 @@ class Runner:
         self.input = Path(args.input_jsonl)
         self.errors: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
+        self.old_records: dict[str, dict[str, Any]] = {}  # --skip-existing: the earlier run's records, by idx
+        self.pending: list[tuple[SongRequest, list[str]]] = []  # (song, suffixes) whose audio files are missing
 
     # -- setup ------------------------------------------------------------------------
     def setup(self) -> None:
@@ -284,6 +310,24 @@ class Runner:
             raise UsageError(f"--dtype: {e}") from e
         if dtype is None and self.device.type == "cpu":
             dtype = torch.float32
+        # what can fail cheaply fails before the model loads: unwritable output folders, a bad codec folder
+        self.codec = None
+        self.codec_dir: str | None = None
+        if not a.tokens_only:
+            codec_dir = a.codec or song_codec.find_codec_dir(a.ckpt_dir)
+            if codec_dir is None:
+                print(f"levo-infer: no audio codec: no --codec CODEC_DIR given and no codec folder (model_septoken/ and "
+                      f"vae/) beside {a.ckpt_dir}; writing tokens only to {self.out / 'tokens'} (--tokens-only "
+                      "says that is intended)", file=sys.stderr)
+            else:
+                self.codec_dir = str(codec_dir)
+        for sub in ("tokens", "jsonl", *(("audios",) if self.codec_dir else ())):
+            try:
+                check_writable(self.out / sub)
+            except OutputError as e:
+                raise UsageError(str(e)) from None
+        if self.codec_dir is not None:
+            self.codec = load_codec(self.codec_dir, str(self.device))
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConfigWarning)
@@ -332,16 +376,6 @@ class Runner:
                              "(--codec CODEC_DIR), not --codec-encoder songgeneration:PATH")
         if native_dir is not None:  # audio prompts: loaded on the first one
             self.encoder = PromptEncoder(native_dir, device=str(self.device), separator_ckpt=a.separator_ckpt)
-        self.codec = None
-        if not a.tokens_only:
-            codec_dir = a.codec or song_codec.find_codec_dir(a.ckpt_dir)
-            if codec_dir is None:
-                print(f"levo-infer: no audio codec: no --codec CODEC_DIR given and no codec folder (model_septoken/ and "
-                      f"vae/) beside {a.ckpt_dir}; writing tokens only to {self.out / 'tokens'} (--tokens-only "
-                      "says that is intended)", file=sys.stderr)
-            else:
-                self.codec = load_codec(codec_dir, str(self.device))
-                self.codec_dir = str(codec_dir)
         self.settings = {
             "checkpoint": str(a.ckpt_dir), "version": cfg.version, "mode": a.mode, "compat": a.compat,
             "cfg_coef": a.cfg_coef if a.cfg_coef is not None else cfg.cfg_coef, "top_k": a.top_k,
@@ -353,17 +387,86 @@ class Runner:
             "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
             "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "truncate_lyrics": a.truncate_lyrics,
             "strict": a.strict,
-            "base_seed": self.base_seed, "codec": getattr(self, "codec_dir", None),
+            "base_seed": self.base_seed, "codec": self.codec_dir,
         }
 
     # -- helpers ----------------------------------------------------------------------
-    def fail(self, line: int, idx: str | None, msg: str) -> None:
-        self.errors.append({"line": line, "idx": idx, "status": "error", "error": msg})
+    def fail(self, line: int, idx: str | None, msg: str, status: str = "error", **extra: Any) -> None:
+        self.errors.append({"line": line, "idx": idx, "status": status, "error": msg, **extra})
         print(f"levo-infer: {self.input}:{line}: {msg}", file=sys.stderr)
 
+    def suffixes(self) -> list[str]:
+        """The file-name suffixes of one song's outputs in this run's mode (``""``, ``"_vocal"``, ``"_bgm"``)."""
+        return list(mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode))
+
     def token_paths(self, idx: str) -> dict[str, Path]:
-        suffixes = mode_tokens(torch.zeros(3, 1, dtype=torch.long), self.args.mode)
-        return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in suffixes}
+        return {sfx: self.out / "tokens" / f"{idx}{sfx}.pt" for sfx in self.suffixes()}
+
+    def audio_paths(self, idx: str) -> dict[str, Path]:
+        return {sfx: self.out / "audios" / f"{idx}{sfx}.flac" for sfx in self.suffixes()}
+
+    def name_clash(self, song: SongRequest, names: dict[str, tuple[int, str]]) -> str | None:
+        """Why ``song``'s output names collide with an earlier line's (the same name after the mode's
+        suffixes, e.g. ``a`` + ``_vocal`` and ``a_vocal``, or names differing only in case, one file on
+        a case-insensitive file system), else None; ``names``: casefolded name -> (line, name)."""
+        mine = [f"{song.idx}{sfx}" for sfx in self.suffixes()]
+        for name in mine:
+            if name.casefold() in names:
+                line, theirs = names[name.casefold()]
+                how = "is the output name" if theirs == name else "differs only in case from the output name"
+                return (f"idx {song.idx!r}: its output name {name!r} (--mode {self.args.mode}) {how} {theirs!r} of "
+                        f"line {line}: one song's files would overwrite the other's; give line {song.line} or line "
+                        f"{line} another idx")
+        names.update({name.casefold(): (song.line, name) for name in mine})
+        return None
+
+    def check_paths(self) -> None:
+        """Refuse an input that this run would overwrite: the input JSONL inside the output's record,
+        token or audio folder (``levo-infer EXPORT OUT/jsonl/x.jsonl OUT`` rewrites its own input)."""
+        for sub in ("jsonl", "tokens", "audios"):
+            if inside(self.input, self.out / sub):
+                raise UsageError(f"{self.input}: the input JSONL lies in {self.out / sub}, where this run writes its "
+                                 f"output ({self.out / 'jsonl' / self.input.name} would overwrite it): copy it "
+                                 "elsewhere or choose another OUT_DIR")
+
+    def keep_inputs(self, songs: list[SongRequest]) -> list[SongRequest]:
+        """Fail the songs that would overwrite an input of this run: a song whose token or audio file
+        is another song's (or its own) ``prompt_audio_path`` (``OUT/tokens/<idx>.pt`` given as a
+        prompt) is refused, naming the line that reads it, so the prompt file survives."""
+        inputs: dict[Path, SongRequest] = {}
+        for s in songs:
+            path = s.prompt_info.get("path") if isinstance(s.prompt_info, dict) else None
+            if path:
+                inputs.setdefault(Path(path).resolve(), s)
+
+        def clash(s: SongRequest, paths: Sequence[Path]) -> bool:
+            for p in paths:
+                reader = inputs.get(p.resolve())
+                if reader is not None:
+                    self.fail(s.line, s.idx, f"idx {s.idx!r}: its output {p} is the prompt_audio_path of line "
+                              f"{reader.line} (idx {reader.idx!r}) and would overwrite it: copy the prompt "
+                              f"elsewhere or give line {s.line} another idx")
+                    return True
+            return False
+
+        if not inputs:
+            return songs
+        self.pending = [(s, missing) for s, missing in self.pending
+                        if not clash(s, [p for sfx, p in self.audio_paths(s.idx).items() if sfx in missing])]
+        return [s for s in songs if not clash(s, [*self.token_paths(s.idx).values(),
+                                                  *self.audio_paths(s.idx).values()])]
+
+    def existing(self, song: SongRequest) -> bool:
+        """With ``--skip-existing``: whether ``song`` needs no generation (all its token files exist).
+        Songs whose tokens exist but whose audio files (with a codec) do not are queued to be decoded
+        from the stored tokens."""
+        if not all(p.is_file() for p in self.token_paths(song.idx).values()):
+            return False
+        if self.codec is not None:
+            missing = [sfx for sfx, p in self.audio_paths(song.idx).items() if not p.is_file()]
+            if missing:
+                self.pending.append((song, missing))
+        return True
 
     def read_songs(self, lines: list[tuple[int, str | JsonlError]]) -> list[SongRequest]:
         a = self.args
@@ -371,6 +474,7 @@ class Runner:
                                  input_dir=Path(a.input_jsonl).parent)
         songs: list[SongRequest] = []
         seen: dict[str, int] = {}
+        names: dict[str, tuple[int, str]] = {}
         for n, line in lines:
             if isinstance(line, JsonlError):
                 self.fail(n, None, line.message)
@@ -381,21 +485,44 @@ class Runner:
             except RequestError as e:
                 self.fail(n, line_idx(line), str(e))
                 continue
+            clash = self.name_clash(song, names)
+            if clash is not None:
+                self.fail(n, song.idx, clash)
+                continue
             for w in song.warnings:
                 print(f"levo-infer: warning: {self.input}:{n}: {w}", file=sys.stderr)
             seen[song.idx] = n
-            if self.args.skip_existing and all(p.is_file() for p in self.token_paths(song.idx).values()):
+            if self.args.skip_existing and self.existing(song):
                 continue
             songs.append(song)
         return songs
 
     def write_jsonl(self) -> tuple[Path, Path]:
+        """Write the records (with ``--skip-existing`` merged into the earlier run's: its records of the
+        songs this run did not redo are kept) and this run's errors."""
         d = self.out / "jsonl"
         d.mkdir(parents=True, exist_ok=True)
         ok, bad = d / f"{self.input.stem}.jsonl", d / f"{self.input.stem}.errors.jsonl"
-        for path, rows in ((ok, self.records), (bad, sorted(self.errors, key=lambda r: r["line"]))):
+        mine = {r["idx"] for r in self.records}
+        kept = [r for r in self.old_records.values() if r["idx"] not in mine] + self.records
+        kept.sort(key=lambda r: r["line"] if isinstance(r.get("line"), int) else 0)
+        for path, rows in ((ok, kept), (bad, sorted(self.errors, key=lambda r: r["line"]))):
             write_text_atomic(path, jsonl_text(rows, ensure_ascii=False, what=str(path)))
         return ok, bad
+
+    def new_record(self, s: SongRequest, frames: int, files: list[str], seconds: float | None,
+                   batch_songs: int) -> dict[str, Any]:
+        record = {
+            "idx": s.idx, "line": s.line, "status": "ok", "input": s.item, "lyric": s.lyric, "style": s.style,
+            "prompt": s.prompt_info, "seed": s.seed, "frames": frames,
+            "audio_seconds": frames / self.model.cfg.frame_rate, "ended_with_eos": frames < self.max_frames,
+            "seconds": None if seconds is None else seconds / batch_songs, "batch_seconds": seconds,
+            "batch_songs": batch_songs, "tokens": files, "audios": [], "clipped_samples": [],
+            "settings": self.settings,
+        }
+        if s.warnings:
+            record["warnings"] = s.warnings
+        return record
 
     # -- generation -------------------------------------------------------------------
     def generate_batch(self, batch: list[SongRequest], bar: Any) -> None:
@@ -425,65 +552,121 @@ class Runner:
             torch.cuda.synchronize(m.device)
         seconds = time.perf_counter() - t0
         codes, lengths = out.codes.cpu(), out.lengths.cpu()
+        jobs = []
         for i, s in enumerate(batch):
             n = int(lengths[i])
+            sets = mode_tokens(codes[i, :, :n].clone(), a.mode)
             try:  # each song on its own: a failed write fails this song alone
-                files, audios, clipped = self.write_song(s, codes[i, :, :n].clone())
+                files = self.write_tokens(s, sets)
             except SongOutputError as e:
                 self.fail(s.line, s.idx, f"idx {s.idx!r}: {e}")
                 continue
-            record = {
-                "idx": s.idx, "line": s.line, "status": "ok", "input": s.item, "lyric": s.lyric, "style": s.style,
-                "prompt": s.prompt_info, "seed": s.seed, "frames": n,
-                "audio_seconds": n / m.cfg.frame_rate, "ended_with_eos": n < self.max_frames,
-                "seconds": seconds / len(batch), "batch_seconds": seconds, "batch_songs": len(batch),
-                "tokens": files, "audios": audios, "clipped_samples": clipped, "settings": self.settings,
-            }
-            if s.warnings:
-                record["warnings"] = s.warnings
+            record = self.new_record(s, n, files, seconds, len(batch))
             self.records.append(record)
+            jobs.append((record, s.seed, sets))
+        if self.codec is not None:
+            self.write_audios(jobs)
 
-    def write_song(self, s: SongRequest, toks: Any) -> tuple[list[str], list[str], list[int]]:
-        """Write one song's token files (and audio files with a codec, with each one's clipped-sample
-        count); on failure remove what this song wrote and raise :class:`SongOutputError` naming the file."""
-        written: list[Path] = []
-        files, audios, clipped = [], [], []
+    def write_tokens(self, s: SongRequest, sets: dict[str, Any]) -> list[str]:
+        """Write one song's token files (atomic); :class:`SongOutputError` naming the file that could
+        not be written. Files written stay: generated tokens are never deleted."""
+        files = []
         target = self.out / "tokens"
         try:
             target.mkdir(parents=True, exist_ok=True)
-            for sfx, t in mode_tokens(toks, self.args.mode).items():
+            for sfx, t in sets.items():
                 target = self.out / "tokens" / f"{s.idx}{sfx}.pt"
                 atomic_torch_save(t.contiguous(), target)
-                written.append(target)
                 files.append(str(target))
-                if self.codec is not None:
-                    target = self.out / "audios" / f"{s.idx}{sfx}.flac"
-                    clipped.append(self.write_audio(t, target, s.seed))
-                    audios.append(str(target))
-                    written.append(target)
         except Exception as e:  # noqa: BLE001 - reported for this song, the others go on
-            for p in written:
-                p.unlink(missing_ok=True)
-            what = f"cannot write {target}" if isinstance(e, OSError) else f"cannot make {target}"
-            detail = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-            raise SongOutputError(f"{what}: {detail}") from e
-        return files, audios, clipped
+            raise SongOutputError(f"cannot write {target}: {_describe(e)}") from e
+        return files
 
-    def write_audio(self, tokens: Any, path: Path, seed: int | None = None) -> int:
-        """Decode and write one FLAC file (atomic, fsynced); returns its clipped-sample count."""
+    def write_audios(self, jobs: list[tuple[dict[str, Any], int | None, dict[str, Any]]]) -> None:
+        """Decode and write the audio files of songs whose tokens are on disk: ``jobs`` of (record,
+        seed, {suffix: tokens [3, T]} to decode). Songs with the same window count are decoded
+        together (``--batch-size`` at a time, each with its own seed: the audio of one at a time). A
+        decode or write that fails fails that song's audio alone: its token files stay, its record
+        says ``status: audio_failed`` with the error, the errors file lists it, and a rerun with
+        ``--skip-existing`` decodes it from the stored tokens."""
         assert self.codec is not None
-        return song_codec.write_flac(self.codec.decode(tokens, seed=seed), int(self.codec.sample_rate), path)
+        items = [(j, sfx, t) for j, (_, _, sets) in enumerate(jobs) for sfx, t in sets.items()]
+        written: dict[tuple[int, str], int] = {}
+        failures: dict[int, list[str]] = {}
+        results = decode_in_groups(self.codec, [t for _, _, t in items], [jobs[j][1] for j, _, _ in items],
+                                   self.args.batch_size)
+        for i, wav in results:
+            j, sfx, _ = items[i]
+            path = self.out / "audios" / f"{jobs[j][0]['idx']}{sfx}.flac"
+            if isinstance(wav, Exception):
+                failures.setdefault(j, []).append(f"cannot decode {path.name}: {_describe(wav)}")
+                continue
+            try:
+                written[j, sfx] = song_codec.write_flac(wav, int(self.codec.sample_rate), path)
+            except Exception as e:  # noqa: BLE001 - this song's audio fails alone
+                failures.setdefault(j, []).append(f"cannot write {path}: {_describe(e)}")
+        for j, (record, _, sets) in enumerate(jobs):
+            before = dict(zip(record.get("audios") or [], record.get("clipped_samples") or []))
+            audios, clipped = [], []
+            for sfx, path in self.audio_paths(record["idx"]).items():
+                if (j, sfx) in written:
+                    audios.append(str(path))
+                    clipped.append(written[j, sfx])
+                elif sfx not in sets and path.is_file():  # written by an earlier run
+                    audios.append(str(path))
+                    clipped.append(before.get(str(path)))
+            record["audios"], record["clipped_samples"] = audios, clipped
+            if j in failures:
+                record["status"], record["audio_error"] = "audio_failed", "; ".join(failures[j])
+                self.fail(record["line"], record["idx"],
+                          f"idx {record['idx']!r}: audio not written ({record['audio_error']}); its tokens are kept "
+                          f"in {self.out / 'tokens'}: rerun with --skip-existing to decode them",
+                          status="audio_failed", tokens=record["tokens"])
+            else:
+                record["status"] = "ok"
+                record.pop("audio_error", None)
+
+    def decode_pending(self) -> None:
+        """``--skip-existing``: decode the audio of songs whose token files an earlier run wrote but
+        whose audio files are missing, with the seed of the earlier run's record."""
+        jobs = []
+        for s, missing in self.pending:
+            old = self.old_records.get(s.idx)
+            try:
+                sets = {sfx: load_token_file(self.token_paths(s.idx)[sfx]) for sfx in missing}
+            except Exception as e:  # noqa: BLE001 - this song fails alone
+                self.fail(s.line, s.idx, f"idx {s.idx!r}: cannot read its stored tokens: {_describe(e)}")
+                continue
+            if old is not None and isinstance(old.get("seed"), int):
+                record = {**old, "line": s.line}
+            else:  # no record of the run that wrote the tokens: the seed this run would use
+                frames = int(next(iter(sets.values())).shape[-1])
+                record = self.new_record(s, frames, [str(p) for p in self.token_paths(s.idx).values()], None, 1)
+            self.records.append(record)
+            jobs.append((record, record["seed"], sets))
+        if jobs:
+            print(f"levo-infer: decoding the audio of {len(jobs)} song(s) from their stored tokens "
+                  f"({self.out / 'tokens'})", file=sys.stderr)
+            self.write_audios(jobs)
 
     def run(self) -> int:
         if not self.input.is_file():
             raise UsageError(f"{self.input}: input JSONL not found")
+        self.check_paths()
         lines = read_lines(self.input)
         if not lines:
             print(f"levo-infer: error: {self.input}: no song found (the file is empty or holds only blank lines); "
                   "nothing to generate", file=sys.stderr)
             return 1
+        if self.args.skip_existing:
+            try:
+                self.old_records = {r["idx"]: r for r in read_records(self.out / "jsonl" / f"{self.input.stem}.jsonl")}
+            except OutputError as e:
+                raise UsageError(f"--skip-existing merges the earlier records, but {e}") from None
         self.setup()
-        songs = self.read_songs(lines)
+        songs = self.keep_inputs(self.read_songs(lines))
+        self.decode_pending()
+        self.write_jsonl()
         bs = self.args.batch_size
         bar = progress_bar(len(songs), disable=self.args.no_progress)
         try:
@@ -505,13 +688,38 @@ class Runner:
         finally:
             bar.close()
         ok, bad = self.write_jsonl()
-        n_ok, n_bad = len(self.records), len(self.errors)
-        msg = f"levo-infer: {n_ok} song(s) generated -> {self.out / 'tokens'}; records in {ok}"
-        if n_bad:
+        n_ok = sum(r["status"] == "ok" for r in self.records)
+        msg = f"levo-infer: {n_ok} song(s) written -> {self.out / 'tokens'}"
+        if self.codec is not None:
+            msg += f" and {self.out / 'audios'}"
+        msg += f"; records in {ok}"
+        if self.errors:
             failed = ", ".join(str(e["line"]) for e in sorted(self.errors, key=lambda r: r["line"]))
-            msg += f"; {n_bad} failed (line {failed}), see {bad}"
+            msg += f"; {len(self.errors)} failed (line {failed}), see {bad}"
         print(msg, file=sys.stderr)
-        return 1 if n_bad else 0
+        return 1 if self.errors else 0
+
+
+def _describe(e: BaseException) -> str:
+    """An exception in a song's error message: the OS's words for a file error, else type and text
+    (with the --batch-size hint for running out of memory)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    hint = " (try a smaller --batch-size)" if "out of memory" in str(e).lower() else ""
+    return f"{type(e).__name__}: {e}{hint}"
+
+
+def load_token_file(path: Path) -> torch.Tensor:
+    """A token file as written by levo-infer (``*.pt``, loaded with ``weights_only``) or ``levo-data
+    encode`` (``*.npy``): an integer tensor ``[3, T]`` or ``[N, 3, T]``; ``ValueError`` otherwise."""
+    if path.suffix == ".npy":
+        toks = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        toks = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(toks, torch.Tensor) or toks.dim() not in (2, 3) or toks.shape[-2] != 3:
+        what = tuple(toks.shape) if isinstance(toks, torch.Tensor) else type(toks).__name__
+        raise ValueError(f"holds {what}, expected a LongTensor [3, T] (or [N, 3, T] for N songs)")
+    return toks
 
 
 # ----------------------------------------------------------------------------- levo-infer decode
@@ -521,7 +729,10 @@ def _decode_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("out_dir", help="folder for the .flac files")
     ap.add_argument("--codec", required=True, metavar="CODEC_DIR", help="codec folder (model_septoken/, vae/)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed; file i (sorted) uses seed + i (default 0)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="noise seed of songs without a record: a token file that levo-infer's records "
+                         "(TOKENS_DIR/../jsonl/*.jsonl) name is decoded with its song's seed, so the audio is the "
+                         "FLAC levo-infer wrote; the others, song k in file order (sorted), use seed + k (default 0)")
     ap.add_argument("--batch-size", type=int, default=1, metavar="N",
                     help="decode up to N songs with the same number of 40 s windows together (default 1); each "
                          "keeps its seed, the audio equals one-at-a-time decoding up to float rounding")
@@ -534,11 +745,19 @@ def _decode_check(a: argparse.Namespace) -> str | None:
 def decode(a: argparse.Namespace) -> int:
     """``levo-infer decode TOKENS_DIR OUT_DIR --codec CODEC_DIR``: token files (``*.pt`` [3, T] as
     levo-infer writes them, ``*.npy`` as ``levo-data encode`` writes them) -> ``OUT_DIR/<name>.flac``.
-    A file that cannot be decoded is reported and skipped (exit status 1); the others are written."""
+    Each song is decoded with the seed levo-infer's record gives it (the same audio levo-infer wrote);
+    a ``[N, 3, T]`` file holds N songs, written as ``<name>_<i>.flac``. A file that cannot be decoded
+    is reported and skipped (exit status 1); the others are written."""
     src, out = Path(a.tokens_dir), Path(a.out_dir)
     files = sorted([*src.glob("*.pt"), *src.glob("*.npy")]) if src.is_dir() else []
     if not files:
         print(f"levo-infer decode: error: {src}: no token files (*.pt, *.npy)", file=sys.stderr)
+        return 2
+    try:
+        seeds = record_seeds(src.parent / "jsonl")
+        check_writable(out)
+    except OutputError as e:
+        print(f"levo-infer decode: error: {e}", file=sys.stderr)
         return 2
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
@@ -546,56 +765,87 @@ def decode(a: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"levo-infer decode: error: {e}", file=sys.stderr)
         return 2
-    failed = 0
-    songs: list[tuple[int, Path, Any]] = []  # (file number, file, tokens)
-    for i, f in enumerate(files):
+    failed: set[Path] = set()
+    songs: list[tuple[Path, Path, Any, int]] = []  # (file, output, tokens [3, T], seed)
+    k, from_records = 0, 0
+    for f in files:
         try:
-            if f.suffix == ".npy":
-                toks = torch.from_numpy(np.load(f, allow_pickle=False))
-            else:
-                toks = torch.load(f, map_location="cpu", weights_only=True)
-            if not isinstance(toks, torch.Tensor) or toks.dim() < 1:
-                raise ValueError(f"holds a {type(toks).__name__}, expected a LongTensor [3, T]")
-            songs.append((i, f, toks))
+            toks = load_token_file(f)
         except Exception as e:  # noqa: BLE001 - one bad file fails alone
-            failed += 1
+            failed.add(f)
+            k += 1
             print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
-
-    def write(f: Path, wav: Any) -> None:
-        path = out / f"{f.stem}.flac"
-        clipped = song_codec.write_flac(wav, int(codec.sample_rate), path)
+            continue
+        if toks.dim() == 2 and f.name in seeds:
+            songs.append((f, out / f"{f.stem}.flac", toks, seeds[f.name]))
+            from_records += 1
+            k += 1
+            continue
+        rows = [toks] if toks.dim() == 2 else list(toks)
+        names = [f"{f.stem}.flac"] if toks.dim() == 2 else [f"{f.stem}_{i}.flac" for i in range(len(rows))]
+        for name, t in zip(names, rows):
+            songs.append((f, out / name, t, a.seed + k))
+            k += 1
+    taken: dict[Path, Path] = {}
+    for f, path, _, _ in songs:
+        if path in taken and taken[path] != f:
+            print(f"levo-infer decode: error: {f} and {taken[path]} would both write {path}; rename one",
+                  file=sys.stderr)
+            return 2
+        taken[path] = f
+    if songs:
+        print(f"levo-infer decode: {len(songs)} song(s); seeds: {from_records} from levo-infer's records in "
+              f"{src.parent / 'jsonl'}, {len(songs) - from_records} from --seed {a.seed}", file=sys.stderr)
+    written = 0
+    for i, wav in decode_in_groups(codec, [t for _, _, t, _ in songs], [s for *_, s in songs], a.batch_size):
+        f, path, _, _ = songs[i]
+        try:
+            if isinstance(wav, Exception):
+                raise wav
+            clipped = song_codec.write_flac(wav, int(codec.sample_rate), path)
+        except Exception as e:  # noqa: BLE001 - one bad file fails alone
+            failed.add(f)
+            print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        written += 1
         note = f" ({clipped} sample(s) beyond full scale, clipped)" if clipped else ""
         print(f"levo-infer decode: {f} -> {path}{note}", file=sys.stderr)
-
-    for group in song_codec.song_groups([int(t.shape[-1]) for _, _, t in songs], a.batch_size):
-        batch = [songs[j] for j in group]
-        if len(batch) > 1:
-            try:
-                wavs = codec.decode_batch([t for _, _, t in batch], [a.seed + i for i, _, _ in batch])
-            except Exception:  # noqa: BLE001 - decode them one at a time below, so that a bad file fails alone
-                wavs = None
-            if wavs is not None:
-                for (_, f, _), wav in zip(batch, wavs):
-                    try:
-                        write(f, wav)
-                    except Exception as e:  # noqa: BLE001
-                        failed += 1
-                        print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
-                continue
-        for i, f, toks in batch:
-            try:
-                write(f, codec.decode(toks, seed=a.seed + i))
-            except Exception as e:  # noqa: BLE001 - one bad file fails alone
-                failed += 1
-                print(f"levo-infer decode: {f}: {type(e).__name__}: {e}", file=sys.stderr)
-    print(f"levo-infer decode: {len(files) - failed} of {len(files)} file(s) decoded -> {out}", file=sys.stderr)
+    print(f"levo-infer decode: {written} song(s) from {len(files) - len(failed)} of {len(files)} file(s) decoded -> "
+          f"{out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- levo-infer random-codec
+def _random_codec_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("out_dir", help="folder to write the codec files to (not one that holds a codec already)")
+    ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    ap.add_argument("--layers", type=int, default=1, help="flow estimator layers (default 1; the released: 16)")
+
+
+def random_codec(a: argparse.Namespace) -> int:
+    """``levo-infer random-codec DIR``: write a small random codec folder in the released runtime
+    layout (``model_septoken/``, ``vae/``, labelled ``NOISE.txt``) for a plumbing smoke test of
+    ``--codec`` and ``levo-infer decode``: its audio is noise."""
+    out = Path(a.out_dir)
+    if song_codec.is_codec_dir(out):
+        print(f"levo-infer random-codec: error: {out} already holds a codec folder; not overwriting it",
+              file=sys.stderr)
+        return 2
+    if a.layers < 1:
+        print("levo-infer random-codec: error: --layers must be >= 1", file=sys.stderr)
+        return 2
+    song_codec.write_random_codec(out, seed=a.seed, layers=a.layers)
+    print(f"levo-infer random-codec: wrote {out}: random weights, its audio is NOISE (a plumbing smoke test of "
+          f"--codec {out}; the real codec is the released runtime ckpt/)", file=sys.stderr)
+    return 0
 
 
 #: levo-infer's subcommands (the plain form ``levo-infer CKPT_DIR INPUT.jsonl OUT_DIR`` is not one)
 SUBCOMMANDS: dict[str, Command] = {
     "decode": Command("turn token files into audio with a codec folder", _decode_args, decode,
                       description=decode.__doc__.splitlines()[0], check=_decode_check),
+    "random-codec": Command("write a small random codec folder (its audio is noise) for a plumbing smoke test",
+                            _random_codec_args, random_codec, description=random_codec.__doc__.splitlines()[0]),
 }
 
 

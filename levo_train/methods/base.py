@@ -12,6 +12,7 @@ the hooks in this order: :meth:`Method.uses_toy`, :meth:`Method.resolve_data`,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -113,6 +114,22 @@ class Method(ABC):
         """The same export, written from a checkpoint of this method (any strategy) instead of the
         module in memory: the end of a sharded run, ``levo-train export``."""
         return export_checkpoint(path, folder, dtype)
+    def summary_lines(self, metrics: Mapping[str, Any], run_dir: Path) -> list[str]:
+        """Lines of the final summary this method adds (``metrics``: the trainer's last logged values,
+        finite floats or None): what a reader of this method looks for first. Default: none."""
+        return []
+
+
+def dpo_summary_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """Pair accuracy and reward margin of a DPO-style run: validation's when it ran, else the last
+    training step's."""
+    for split in ("val", "train"):
+        acc, margin = metrics.get(f"{split}/rewards/accuracies"), metrics.get(f"{split}/rewards/margins")
+        if acc is not None or margin is not None:
+            fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+            return [f"  {split}/pairs        accuracy {fmt(acc, '.3f')} (chosen above rejected), "
+                    f"margin {fmt(margin, '.4f')} (implicit reward, chosen - rejected)"]
+    return []
 
 
 def export_policy(module: Any, folder: Path, dtype: Any = None) -> None:

@@ -20,7 +20,7 @@ from levo_train.toy.pairs import ToyPairSpec, ensure_toy_pairs
 from levo_train.train.dpo import DPOModule, check_loss_config, check_reference
 from levo_train.train.ref_logps import ensure_ref_logps
 
-from .base import DataSpec, Method, Plan, stream_weights
+from .base import DataSpec, Method, Plan, dpo_summary_lines, stream_weights
 
 log = logging.getLogger("levo_train")
 
@@ -133,6 +133,9 @@ class DPOMethod(Method):
     needs_init = ("recipe=dpo needs model.init=PATH: the SFT export to start from (and the frozen reference), e.g. "
                   "`levo-train recipe=sft run_dir=A` then `levo-train recipe=dpo model.init=A/export`")
     supports_sharding = True
+
+    def summary_lines(self, metrics: Any, run_dir: Path) -> list[str]:
+        return dpo_summary_lines(metrics)
 
     def uses_toy(self, plan: Plan) -> bool:
         return not plan.cfg.data.get("pairs")

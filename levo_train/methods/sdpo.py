@@ -33,13 +33,16 @@ from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld
 from levo_train.train.inference_copy import GEN_DTYPES
 from levo_train.train.sdpo import (
+    PLOT_NAME,
+    ROUNDS_NAME,
     RoundDataModule,
     SemiOnlineDPOModule,
     check_sdpo_reference,
     check_sdpo_settings,
+    read_rounds,
 )
 
-from .base import DataSpec, Method, Plan
+from .base import DataSpec, Method, Plan, dpo_summary_lines
 from .dpo import DPOSettings, check_reference_init
 
 log = logging.getLogger("levo_train")
@@ -309,6 +312,21 @@ class SDPOMethod(Method):
     #: a round generates from a rank-local copy gathered from FSDP2's shards (DTensors); a ZeRO-3
     #: partitioned policy would need DeepSpeed's own gather, which no test here can run (GPU only)
     supports_deepspeed = False
+
+    def summary_lines(self, metrics: Any, run_dir: Path) -> list[str]:
+        """DPO's pair accuracy and margin, then where the per-round record and its plot are, with the
+        last round's scorer-oracle agreement when an oracle judged it."""
+        lines = dpo_summary_lines(metrics)
+        folder = run_dir / "sdpo"
+        rounds = read_rounds(folder / ROUNDS_NAME)
+        last = rounds[-1] if rounds else {}
+        agree = last.get("pair_agreement")
+        note = f"; last round {last.get('round')}" + (f": oracle agrees on {agree:.1%} of pairs" if agree is not None
+                                                      else "") if last else ""
+        lines.append(f"  rounds           {folder / ROUNDS_NAME} ({len(rounds)} rounds{note})")
+        if (folder / PLOT_NAME).is_file():
+            lines.append(f"  rounds plot      {folder / PLOT_NAME}")
+        return lines
 
     def uses_toy(self, plan: Plan) -> bool:
         return not plan.settings.prompts

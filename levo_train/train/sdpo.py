@@ -52,6 +52,7 @@ import torch
 
 from levo_infer.config import ModelConfig
 from levo_infer.jsonio import jsonl_text, write_text_atomic
+from levo_infer.jsonl import jsonl_rows
 from levo_infer.model import LeLM
 from levo_train.data.batch import ENDED_KEY
 from levo_train.data.pairs import Pair, collate_pairs
@@ -484,32 +485,55 @@ class SemiOnlineDPOModule(DPOModule):
                         oracle=self.oracle.name if self.oracle is not None else None)
 
 
-def plot_rounds(history: Sequence[dict[str, Any]], path: Path, *, scorer: str, oracle: str | None) -> None:
-    """PNG of the scorer's mean and (when known) the hidden quality of the same samples per round."""
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The per-round records of a ``rounds.jsonl`` (``[]`` when there is none)."""
+    if not path.is_file():
+        return []
+    return [row for _, row in jsonl_rows(path)]
+
+
+def rounds_figure(history: Sequence[dict[str, Any]], *, scorer: str, oracle: str | None) -> Any:
+    """The figure of :func:`plot_rounds`: the scorer's mean and (when an oracle judged them) the hidden
+    quality of the same samples per round, with the oracle's agreement with the scorer's pair choices
+    on a second axis (the reward-hacking guard); the x-axis counts whole rounds."""
     import matplotlib  # slow import, needed only for this plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [h["round"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    def values(key: str) -> list[float]:  # None (an empty round): a gap in the line
-        return [np.nan if h[key] is None else h[key] for h in history]
 
-    ax.plot(rounds, values("score_mean"), "o-", label=f"scorer mean ({scorer})")
+    def values(key: str) -> list[float]:  # None (an empty round): a gap in the line
+        return [np.nan if h.get(key) is None else h[key] for h in history]
+
+    lines = ax.plot(rounds, values("score_mean"), "o-", label=f"scorer mean ({scorer})")
     if oracle is not None and all("hidden_mean" in h for h in history):
-        ax.plot(rounds, values("hidden_mean"), "s-", label=f"hidden quality, same samples ({oracle})")
+        lines += ax.plot(rounds, values("hidden_mean"), "s-", label=f"hidden quality, same samples ({oracle})")
+        agree = ax.twinx()
+        lines += agree.plot(rounds, values("pair_agreement"), "^--", color="tab:green",
+                            label=f"oracle agrees with the scorer's pairs ({oracle})")
+        agree.set_ylim(0, 1.05)
+        agree.set_ylabel("pair agreement")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (policy re-synced)")
     ax.set_ylabel("mean over the round's candidates")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_rounds(history: Sequence[dict[str, Any]], path: Path, *, scorer: str, oracle: str | None) -> None:
+    """Write :func:`rounds_figure` as a PNG at ``path`` (atomic)."""
+    import matplotlib.pyplot as plt
+
+    fig = rounds_figure(history, scorer=scorer, oracle=oracle)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
-
-
 
 
 class _Ticks(torch.utils.data.IterableDataset):
@@ -527,5 +551,4 @@ class RoundDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(_Ticks(), batch_size=None)
 
 __all__ = ["PLOT_NAME", "ROUNDS_NAME", "RoundDataModule", "SemiOnlineDPOModule", "check_sdpo_reference",
-           "check_sdpo_settings",
-           "collate_buffer", "plot_rounds"]
+           "check_sdpo_settings", "collate_buffer", "plot_rounds", "read_rounds", "rounds_figure"]

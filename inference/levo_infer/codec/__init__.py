@@ -33,6 +33,7 @@ from .decoder import (
 )
 from .dsp import write_flac
 from .encoder import Encoder, EncoderError, NativeEncoder, frames_for, load_encoder
+from .toy import is_random_codec, write_random_codec
 
 
 class SongCodec:
@@ -67,4 +68,4 @@ def load_codec(ckpt_dir: str | os.PathLike, device: str) -> Any:
 
 __all__ = ["DECODE_MODES", "SAMPLE_RATE", "CodecError", "Decoder", "Encoder", "EncoderError", "NativeEncoder",
            "SongCodec", "find_codec_dir", "frames_for", "is_codec_dir", "load_codec", "load_decoder", "load_encoder",
-           "output_samples", "song_groups", "write_flac"]
+           "is_random_codec", "output_samples", "song_groups", "write_flac", "write_random_codec"]
