@@ -10,7 +10,7 @@ slot is free (a batch runs until its longest song ends), the baseline that the b
 * **Cache.** :class:`levo_infer.model.SlotKVCache` per stack, allocated once for ``slots`` x (prefix
   + the longest song's steps) rows (two per song with CFG, adjacent: cond then null), in the model's
   dtype or 8-bit (``kv_bits=8``). A decode step attends over the first ``key_len`` positions (the
-  furthest slot's position rounded up to :data:`KEY_BLOCK`) with a per-row mask; nothing is
+  furthest slot's position rounded up to :data:`~levo_infer.planner.KEY_BLOCK`) with a per-row mask; nothing is
   concatenated, re-indexed or re-allocated as songs come and go.
 * **One call per step.** :meth:`LeLM.step_hidden` runs both stacks for every slot in the span of
   busy slots at once; the heads run only for the streams some busy slot can still emit at this step
@@ -35,10 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from .model import Conditions, LeLM
+from .planner import KEY_BLOCK, PREFILL_SONGS
 from .sampling import SamplingConfig, sample_uniform, song_uniforms, stream_rule
-
-#: a decode step attends over the busy slots' furthest position rounded up to this many keys
-KEY_BLOCK = 128
 
 ProgressFn = Callable[[int, int, int], None]  # (decode steps run, steps planned, songs still running)
 
@@ -109,7 +107,10 @@ class GenerationEngine:
         dev = self.dev = model.device
         n, K = self.slots, self.K
         self.m_rows = 2 if self.use_cfg else 1
-        self.max_len = self.P + self.S - 1  # positions 0 .. P + S - 2 (the last step is predicted, never fed)
+        # positions 0 .. P + S - 2 (the last step is predicted, never fed), rounded up to whole key blocks so
+        # that every step attends over a multiple of KEY_BLOCK keys (the same reduction shapes for a song
+        # whatever the other songs' lengths)
+        self.max_len = -(-(self.P + self.S - 1) // KEY_BLOCK) * KEY_BLOCK
         self.caches = model.new_slot_caches(n * self.m_rows, self.max_len, bits=kv_bits)
         # per-slot state, allocated once
         self.step = torch.ones(n, dtype=torch.long, device=dev)  # the pattern step each slot generates next
@@ -177,11 +178,11 @@ class GenerationEngine:
         sl, n, mr = slice(lo, hi), hi - lo, self.m_rows
         s = self.step[sl]
         pos = (s + (self.P - 1)).repeat_interleave(mr)  # the fed token (step s - 1) sits at P + s - 1
-        mask = (self.kpos[:key_len][None, :] <= pos[:, None]).view(n * mr, 1, 1, key_len)
+        mask = torch.where(self.kpos[:key_len][None, :] <= pos[:, None], 0.0, float("-inf")).view(n * mr, 1, 1, key_len)
         for cache in self.caches:
             cache.rows, cache.pos, cache.mask, cache.key_len = self._rows(lo, hi), pos, mask, key_len
         x = self.tok[sl].repeat_interleave(mr, dim=0)[:, :, None]
-        h1, h2 = self.m.step_hidden(x, None, self.caches, start=key_len - 1)  # type: ignore[arg-type]
+        h1, h2 = self.m.step_hidden(x, None, self.caches)  # type: ignore[arg-type]  # positions: checked up front
         frame = s[:, None] - 1 - self.delay_t[None, :]  # [n, K]
         valid = (frame >= 0) & (frame < self.limit[sl, None]) & ~self.ended[sl] & self.active[sl, None]
         u = self.U[sl][self.ar[:n], s]  # [n, K]: each song's own uniforms for its own step
@@ -267,8 +268,8 @@ class GenerationEngine:
                 free.sort()
                 take = [(free.pop(0), queue.pop()) for _ in range(min(len(free), len(queue)))]
                 run_: list[tuple[int, int]] = []
-                for pair in take:  # prefill runs of consecutive slots together
-                    if run_ and pair[0] != run_[-1][0] + 1:
+                for pair in take:  # prefill runs of consecutive slots together, PREFILL_SONGS at most
+                    if run_ and (pair[0] != run_[-1][0] + 1 or len(run_) == PREFILL_SONGS):
                         self._admit(run_)
                         run_ = []
                     run_.append(pair)
@@ -308,4 +309,4 @@ def _interleave(a: Conditions, b: Conditions) -> Conditions:
                       f(a.style_ids, b.style_ids), f(a.prompt, b.prompt))
 
 
-__all__ = ["KEY_BLOCK", "GenerationEngine", "GenerationOutput", "ProgressFn", "planned_steps"]
+__all__ = ["GenerationEngine", "GenerationOutput", "ProgressFn", "planned_steps"]

@@ -143,7 +143,8 @@ class SlotKVCache:
     The engine points a call at rows ``rows`` (a slice) and either prefills them from position 0
     (``pos`` None: causal attention over the new keys, which are then stored) or decodes one step
     (``pos`` [n] long: each row writes its new key/value at its own position and attends, through
-    ``mask`` [n, 1, 1, key_len], to its own positions <= pos among the first ``key_len``).
+    ``mask`` [n, 1, 1, key_len] (fp32, 0 where allowed, -inf elsewhere), to its own positions <= pos
+    among the first ``key_len``).
     """
 
     def __init__(self, layers: int, rows: int, heads: int, max_len: int, head_dim: int, theta: float,
@@ -210,7 +211,9 @@ class SlotKVCache:
         rows = self._ar[self.rows][:, None]  # [n, 1] row index beside the [n, 1] position index: one entry per row
         self._store(layer, (rows, slice(None), self.pos[:, None]), k.transpose(1, 2), v.transpose(1, 2))
         kk, vv = self._load(layer)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=self.mask)
+        # one query per row: two small batched matmuls and an fp32 softmax beat the fused CPU kernel
+        att = torch.matmul(q, kk.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + self.mask
+        return torch.matmul(torch.softmax(att, dim=-1).to(vv.dtype), vv)
 
 
 class Attention(nn.Module):
