@@ -56,3 +56,75 @@ def test_planned_steps_schedule():
     assert planned_steps([10, 2, 2, 2, 2], 2) == 10  # the short songs pass through the other slot
     assert planned_steps([10, 2, 2, 2, 2], 2, "static") == 10 + 2 + 2
     assert planned_steps([5, 5, 5], 1) == 15 == planned_steps([5, 5, 5], 1, "static")
+
+
+# ----------------------------------------------------------------------------- 8-bit cache, compile fallback
+def test_8bit_cache_stores_within_half_a_step_and_generates_close_to_full(model):
+    from levo_infer.model import SlotKVCache
+
+    m = model
+    lm = m.cfg.lm
+    c = SlotKVCache(1, 2, lm.num_heads, 8, lm.head_dim, 1e4, torch.device("cpu"), torch.float32, bits=8)
+    k = torch.randn(2, lm.num_heads, 8, lm.head_dim) * torch.rand(2, lm.num_heads, 8, 1) * 5
+    c.rows, c.pos = slice(0, 2), None
+    c.attend(0, k, k, k)
+    c.key_len = 8
+    back, _ = c._load(0)
+    step = k.abs().amax(-1, keepdim=True) / 127
+    assert ((back - k).abs() <= step / 2 + 1e-6).all()  # round to nearest of 255 levels per (row, head, position)
+    full = generate(m, LYRICS, STYLES, max_frames=FRAMES, compat=True, top_k=1, slots=3)
+    q8 = generate(m, LYRICS, STYLES, max_frames=FRAMES, compat=True, top_k=1, slots=3, kv_bits=8)
+    n = min(int(full.lengths.min()), int(q8.lengths.min()))
+    agree = (full.codes[:, :, :n] == q8.codes[:, :, :n]).float().mean()
+    assert agree > 0.9, float(agree)
+
+
+def test_compile_failure_falls_back_to_the_eager_step(model, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    ref = generate(model, LYRICS[:3], STYLES[:3], max_frames=FRAMES[:3], seed=SEEDS[:3], top_k=5)
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        out = generate(model, LYRICS[:3], STYLES[:3], max_frames=FRAMES[:3], seed=SEEDS[:3], top_k=5, compile=True)
+    assert torch.equal(out.raw_codes, ref.raw_codes)
+
+
+# ----------------------------------------------------------------------------- planner
+def test_planner_counts_the_engine_cache_and_refuses_with_numbers(model):
+    from levo_infer.engine import GenerationEngine
+    from levo_infer.planner import GIB, InsufficientMemoryError, plan_generation
+
+    m = model
+    frames = 40
+    cond = m.prepare_conditions(LYRICS[:3], STYLES[:3])
+    eng = GenerationEngine(m, cond, frames=[frames] * 3, slots=3, null_cond=cond, repetition_penalty=1.1)
+    held = sum(t.numel() * t.element_size() for c in eng.caches for t in (c.k, c.v))
+    plan = plan_generation(m.cfg, memory_gb=1.0, max_frames=frames, dtype=torch.float32, prompt_ban=False)
+    assert plan.cache_bytes_per_song * 3 == held  # the planner's cache term is the engine's allocation, exactly
+    state = sum(t.numel() * t.element_size() for t in (eng.hist, eng.U, eng.seen))
+    assert 0 <= plan.state_bytes_per_song * 3 - state <= 3 * 256  # history, uniforms, penalty counts (+ small flags)
+    weights = sum(p.numel() * 4 for p in m.parameters())
+    assert plan.weights_bytes == weights
+    # the most slots that fit: one more would not
+    assert plan.predicted_bytes() <= plan.budget_bytes < plan.predicted_bytes(plan.slots + 1)
+    small = plan_generation(m.cfg, memory_gb=0.01, max_frames=frames, dtype=torch.float32)
+    assert 1 <= small.slots < plan.slots
+    q8 = plan_generation(m.cfg, memory_gb=0.01, max_frames=frames, dtype=torch.float32, kv_bits=8)
+    assert q8.slots > small.slots and q8.cache_bytes_per_song < small.cache_bytes_per_song / 3
+    need = plan.predicted_bytes(1) / GIB
+    with pytest.raises(InsufficientMemoryError, match=r"cannot hold one song of 40 frames: weights .* GiB .* KV cache"):
+        plan_generation(m.cfg, memory_gb=need * 0.9, max_frames=frames, dtype=torch.float32)
+    assert plan_generation(m.cfg, memory_gb=need * 1.001, max_frames=frames, dtype=torch.float32).slots == 1
+
+
+def test_a_slot_freed_at_the_last_step_inside_the_busy_span(model):
+    """The song in the middle slot runs to the call's longest limit and ends while its neighbours
+    (refills) still decode: its slot must stay at a valid step (it indexed past the step buffers)."""
+    m = make_model(main_eos=0.0, sub_eos=0.0)  # EOS rows zeroed: songs run to their limits
+    frames = [2, 10, 2, 10, 10]
+    out = generate(m, LYRICS[:5], STYLES[:5], max_frames=frames, seed=SEEDS[:5], top_k=5, slots=3)
+    assert out.lengths.tolist() == frames
+    for i in (1, 3):
+        one = generate(m, LYRICS[i:i + 1], STYLES[i:i + 1], max_frames=10, seed=[SEEDS[i]], top_k=5)
+        assert torch.equal(out.raw_codes[i], one.raw_codes[0])

@@ -5,9 +5,11 @@
     temperature 0.8) with v2's delays [0, 250, 250], so a 100-frame song takes 350 pattern steps;
     with ``--baseline-src DIR`` (a source tree holding ``inference/levo_infer``, e.g. ``git archive
     main``) the same measurement runs alternately with that code, in fresh processes;
-(b) a mixed-length workload, static vs continuous batching at the same slot count: songs whose
-    frame limits are drawn uniformly from ``--frames-lo``..``--frames-hi`` (seeded; the model's EOS
-    logit is zeroed so every song runs to its own limit), the same songs bit for bit under both;
+(b) mixed-length workloads, static vs continuous batching at the same slot count, the same songs bit
+    for bit under both: the model of (a) with delays [0, 2, 2] and frame limits drawn uniformly from
+    25..250 (seeded; EOS never sampled, so every song runs to its limit; ``--v2-workload``: delays
+    [0, 250, 250] and 100..1000 frames), and with ``--toy-init`` the toy world's own workload (a toy
+    SFT export sampling held-out conditions, lengths set by its EOS);
 (c) the memory planner's predicted peak against the measured peak RSS of a fresh process (above its
     own baseline after the imports), at three slot counts for a tiny and a medium model;
 (d) the planner's slot counts for the v2-large config on 16 / 24 / 80 GB cards (bf16, songs of
@@ -155,6 +157,37 @@ def bench_mixed(args: argparse.Namespace, delays: list[int], lo: int, hi: int, s
         print(f"  (b) delays {delays}, {songs} songs of {lo}..{hi} frames, {args.slots} slots, {policy:10s}: "
               f"{dt:7.1f} s, {songs / dt:.3f} songs/s, {int(out.lengths.sum()) / dt:.0f} frames/s, "
               f"{out.steps} decode steps", flush=True)
+    res["bit_identical"] = bool(torch.equal(outs["static"].raw_codes, outs["continuous"].raw_codes))
+    res["speedup"] = res["continuous"]["songs_per_s"] / res["static"]["songs_per_s"]
+    return res
+
+
+def bench_mixed_toy(args: argparse.Namespace) -> dict[str, Any]:
+    """The toy world's own workload (``levo-eval toy`` / sDPO rounds): held-out conditions sampled at
+    temperature 1 from a toy SFT export, up to 96 frames, lengths set by the policy's EOS."""
+    scorer = ToyOracleScorer(0)
+    m = load_model(args.toy_init)
+    prompts = heldout_prompts(scorer.world, args.toy_songs, seed=args.seed, tier="top")
+    lyr, sty = [p.lyric for p in prompts], [p.style for p in prompts]
+    seeds = [args.seed * 1_000_003 + i for i in range(len(prompts))]
+    generate(m, lyr[:2], sty[:2], max_frames=4, seed=0)  # warm-up
+    res: dict[str, Any] = {"songs": len(prompts), "slots": args.toy_slots, "max_frames": 96,
+                           "distribution": "the toy SFT export's own EOS-driven lengths (held-out top-tier "
+                                           "conditions, temperature 1, at most 96 frames)"}
+    outs = {}
+    for policy in ("static", "continuous"):
+        t0 = time.perf_counter()
+        out = generate(m, lyr, sty, max_frames=96, temperature=1.0, seed=seeds, slots=args.toy_slots, policy=policy)
+        dt = time.perf_counter() - t0
+        outs[policy] = out
+        frames = int(out.lengths.sum())
+        res[policy] = {"seconds": dt, "songs_per_s": len(prompts) / dt, "frames_per_s": frames / dt,
+                       "decode_steps": out.steps}
+        print(f"  (b) toy SFT export, {len(prompts)} songs, {args.toy_slots} slots, {policy:10s}: {dt:7.1f} s, "
+              f"{len(prompts) / dt:.2f} songs/s, {frames / dt:.0f} frames/s, {out.steps} decode steps", flush=True)
+    lengths = outs["static"].lengths.float()
+    res.update(frames_mean=float(lengths.mean()), frames_min=int(lengths.min()), frames_max=int(lengths.max()),
+               frames_std=float(lengths.std()))
     res["bit_identical"] = bool(torch.equal(outs["static"].raw_codes, outs["continuous"].raw_codes))
     res["speedup"] = res["continuous"]["songs_per_s"] / res["static"]["songs_per_s"]
     return res
@@ -345,21 +378,27 @@ def main() -> None:
     ap.add_argument("--v2-seconds", type=float, default=270.0)
     ap.add_argument("--toy-init", default=None, help="toy SFT export for the 8-bit cache's toy quality")
     ap.add_argument("--toy-n", type=int, default=512)
+    ap.add_argument("--toy-songs", type=int, default=512, help="songs of the toy workload in (b)")
+    ap.add_argument("--toy-slots", type=int, default=32)
+    ap.add_argument("--v2-workload", action="store_true", help="(b) also with v2's delays and 100..1000-frame songs "
+                    "(minutes on CPU)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="sections: latency mixed peak v2 kv8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
-        args.rounds, args.reps, args.songs, args.toy_n = 1, 1, 16, 128
+        args.rounds, args.reps, args.songs, args.toy_n, args.toy_songs = 1, 1, 16, 128, 128
     want = lambda s: args.only is None or s in args.only  # noqa: E731
     res: dict[str, Any] = {"threads": 1, "torch": torch.__version__}
     if want("latency"):
         res["latency"] = bench_latency(args)
     if want("mixed"):
         res["mixed"] = [bench_mixed(args, [0, 2, 2], 25, 250, args.songs)]
-        if not args.quick:
+        if args.v2_workload:
             res["mixed"].append(bench_mixed(args, [0, 250, 250], 100, 1000, args.songs))
+        if args.toy_init:
+            res["mixed_toy"] = bench_mixed_toy(args)
     if want("peak"):
         res["planner_check"] = bench_planner_check(args)
     if want("v2"):

@@ -38,6 +38,10 @@ from .model import Conditions, LeLM
 from .planner import KEY_BLOCK, PREFILL_SONGS
 from .sampling import SamplingConfig, sample_uniform, song_uniforms, stream_rule
 
+#: songs per engine call, per slot, for callers that split a long queue into calls (levo-infer writes a
+#: call's records when it ends; rollouts score per call): long enough that refills keep the slots busy
+QUEUE_PER_SLOT = 8
+
 ProgressFn = Callable[[int, int, int], None]  # (decode steps run, steps planned, songs still running)
 
 
@@ -214,8 +218,9 @@ class GenerationEngine:
         if self.stop_at_cut:
             cut = self.eos_frame[sl].min(dim=1).values
             done |= ((s[:, None] - self.delay_t[None, :]) >= cut[:, None]).all(dim=1)
-        self.step[sl] += self.active[sl].long()
-        return done & self.active[sl]
+        done &= self.active[sl]
+        self.step[sl] += (self.active[sl] & ~done).long()  # a finished song's slot stays at a valid step
+        return done
 
     def _streams(self, lo: int, hi: int) -> list[int]:
         """Streams that some busy slot in [lo, hi) may emit at its current step (host-side)."""
@@ -309,4 +314,4 @@ def _interleave(a: Conditions, b: Conditions) -> Conditions:
                       f(a.style_ids, b.style_ids), f(a.prompt, b.prompt))
 
 
-__all__ = ["GenerationEngine", "GenerationOutput", "ProgressFn", "planned_steps"]
+__all__ = ["QUEUE_PER_SLOT", "GenerationEngine", "GenerationOutput", "ProgressFn", "planned_steps"]
