@@ -9,6 +9,8 @@ for bit on CPU fp32. Greedy ``compat`` generation against the released loop is
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_infer import LYRICS, STYLES, make_model, prompts_for
@@ -128,3 +130,19 @@ def test_a_slot_freed_at_the_last_step_inside_the_busy_span(model):
     for i in (1, 3):
         one = generate(m, LYRICS[i:i + 1], STYLES[i:i + 1], max_frames=10, seed=[SEEDS[i]], top_k=5)
         assert torch.equal(out.raw_codes[i], one.raw_codes[0])
+
+
+def test_levo_infer_memory_budget_and_8bit_cache(tmp_path, capsys):
+    from test_infer_cli import make_released_folder, run_cli, write_jsonl
+
+    folder = make_released_folder(tmp_path, "songgeneration_v2_tiny")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"idx": str(i), "gt_lyric": f"[verse] {w} la", "descriptions": w}
+                                              for i, w in enumerate(["love", "night", "rock"])])
+    rc, err = run_cli(capsys, folder, src, tmp_path / "no", "--duration", "0.6", "--tokens-only", "--memory-gb", "0.001")
+    assert rc == 2 and "--memory-gb 0.001: a memory budget of 0.001 GiB cannot hold one song of 15 frames" in err
+    rc, err = run_cli(capsys, folder, src, tmp_path / "ok", "--duration", "0.6", "--tokens-only", "--memory-gb", "0.5",
+                      "--kv-cache", "8bit", "--seed", "3")
+    assert rc == 0, err
+    assert "--memory-gb 0.5: " in err and " slots in 0.50 GiB" in err
+    recs = [json.loads(x) for x in (tmp_path / "ok" / "jsonl" / "in.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(r["settings"]["kv_cache"] == "8bit" and r["settings"]["batch_size"] >= 3 for r in recs)
