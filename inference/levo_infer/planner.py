@@ -35,7 +35,7 @@ from .model import LeLM
 #: songs prefilled together when slots are refilled (bounds the prefill workspace)
 PREFILL_SONGS = 4
 #: a decode step attends over a multiple of this many keys, and the cache is allocated in whole blocks
-KEY_BLOCK = 128
+KEY_BLOCK = 32
 
 GIB = 2 ** 30
 
