@@ -13,9 +13,9 @@ What the engine holds (:mod:`levo_infer.engine`), term by term:
   cache dtype (the model's, or 8-bit plus one fp32 scale per head and position);
 * **slot state** per song: the step history (int64), the song's uniforms (fp32), the repetition
   penalty's counts (int32 per stream and code) and the prompt ban (bool per code);
-* **workspace**: the larger of the prefill of :data:`PREFILL_SONGS` songs (the
+* **workspace**: the prefill of :data:`PREFILL_SONGS` songs (the
   activations of one decoder layer over the prefix, the MLP's four [tokens, F] tensors dominating)
-  and one decode step over every slot (the step's logits, the attention scores, the 8-bit cache's
+  plus one decode step over every slot (the step's logits, the attention scores, the 8-bit cache's
   dequantised keys and values of one layer).
 
 Checked against measured peaks (CPU RSS above the process's own baseline) at three slot counts for a
@@ -70,7 +70,8 @@ class GenerationPlan:
 
     def workspace_bytes(self, slots: int | None = None) -> int:
         n = self.slots if slots is None else slots
-        return max(self.prefill_bytes_per_song * min(n, PREFILL_SONGS), self.decode_bytes_per_song * n)
+        # added, not the larger of the two: the allocator keeps much of the prefill's freed memory resident
+        return self.prefill_bytes_per_song * min(n, PREFILL_SONGS) + self.decode_bytes_per_song * n
 
     def predicted_bytes(self, slots: int | None = None) -> int:
         """Peak bytes of a generation with ``slots`` slots (default: the planned count)."""
@@ -136,7 +137,7 @@ def plan_generation(cfg: ModelConfig, *, memory_gb: float, max_frames: int, dtyp
             f"a memory budget of {memory_gb:g} GiB cannot hold one song of {max_frames} frames: weights "
             f"{g(weights)} ({dtype_name(weights_dtype or dtype)}) + KV cache {g(cache)} per song "
             f"({positions} positions, {'8-bit' if kv_bits == 8 else dtype_name(dtype)}"
-            f"{', CFG' if cfg_guidance else ''}) + slot state {g(state)} + workspace {g(one.workspace_bytes())} = "
+            f"{', CFG' if cfg_guidance else ''}) + slot state {state / 2**20:.1f} MiB + workspace {g(one.workspace_bytes())} = "
             f"{g(one.predicted_bytes())} for one song; raise the budget, shorten the songs, or use an 8-bit KV "
             "cache / a half-precision dtype")
     return GenerationPlan(int(n), **_rest(plan))
