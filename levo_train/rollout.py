@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from levo_infer.engine import QUEUE_PER_SLOT
 from levo_infer.generate import generate
 from levo_train.data.batch import ENDED_KEY
 from levo_train.data.shards import Song
@@ -56,11 +57,13 @@ class Sampling:
     cfg_coef: float | None = None
     max_frames: int = 96
     compat: bool = False
-    batch_size: int = 128
+    batch_size: int = 128  # songs generating at once: the engine's slots
+    kv_bits: int | None = None  # 8: 8-bit KV cache
 
     def generate_kwargs(self) -> dict[str, Any]:
         return {"max_frames": self.max_frames, "cfg_coef": self.cfg_coef, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "compat": self.compat}
+                "top_k": self.top_k, "top_p": self.top_p, "compat": self.compat, "slots": self.batch_size,
+                "kv_bits": self.kv_bits}
 
 
 @runtime_checkable
@@ -179,9 +182,10 @@ def sample_and_score(
     for i in mine:
         p = prompts[int(i)].prompt
         kinds.setdefault((None if p is None else tuple(p.shape), budget[int(i)]), []).append(int(i))
-    batches = [jobs[k:k + sampling.batch_size]
+    group = sampling.batch_size * QUEUE_PER_SLOT  # one engine call: batch_size slots refilled from its queue
+    batches = [jobs[k:k + group]
                for jobs in ([(i, j) for i in idx for j in range(per_prompt)] for idx in kinds.values())
-               for k in range(0, len(jobs), sampling.batch_size)]
+               for k in range(0, len(jobs), group)]
     total, done = sum(len(b) for b in batches), 0
     out: list[Candidate] = []
     was_training = bool(getattr(model, "training", False))

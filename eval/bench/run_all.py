@@ -103,6 +103,58 @@ def rows_infer(r: dict) -> list[Row]:
     return out
 
 
+def rows_engine(r: dict) -> list[Row]:
+    out: list[Row] = []
+    la = r.get("latency")
+    if la:
+        ref = (f"main before issue #22 (`--baseline-src`): {la['baseline_songs_per_s']:.3f} songs/s "
+               f"({la['baseline_seconds_per_song']:.2f} s/song): **{la['speedup']:.2f}×**"
+               if "baseline_songs_per_s" in la else "— (`--baseline-src DIR` with main before #22 compares)")
+        out.append((f"generation, batch 1, one {la['frames']}-frame song with v2's delays ({la['steps']} pattern steps; "
+                    "dim 256, 2+1 layers, 952-token prefix, CFG, compat top-k 50)",
+                    f"{la['songs_per_s']:.3f} songs/s ({la['seconds_per_song']:.2f} s/song, {la['ms_per_step']:.1f} "
+                    "ms/step)", ref))
+    for mx in r.get("mixed", []) + ([r["mixed_toy"]] if r.get("mixed_toy") else []):
+        what = (f"continuous vs static batching, {mx['slots']} slots, {mx['songs']} songs: " +
+                (f"{mx['distribution']} (mean {mx['frames_mean']:.1f}, {mx['frames_min']}–{mx['frames_max']})"
+                 if "frames_min" in mx else f"{mx['distribution']}, delays {mx['delays']}"))
+        c, st = mx["continuous"], mx["static"]
+        out.append((what, f"continuous {c['songs_per_s']:.2f} songs/s, {c['frames_per_s']:.0f} frames/s "
+                          f"(**{mx['speedup']:.2f}×**)",
+                     f"static {st['songs_per_s']:.2f} songs/s, {st['frames_per_s']:.0f} frames/s; decode steps "
+                     f"{st['decode_steps']} → {c['decode_steps']}; same songs bit for bit: "
+                     f"{'yes' if mx['bit_identical'] else 'NO'}"))
+    pc = r.get("planner_check")
+    if pc:
+        ours = "; ".join(f"{size} " + ", ".join(f"{x['slots']} slots {x['measured_mib']:.0f} MiB ({x['error']:+.1%})"
+                                                 for x in pc if x["size"] == size)
+                         for size in dict.fromkeys(x["size"] for x in pc))
+        ref = "; ".join(f"{size} " + ", ".join(f"{x['predicted_mib']:.0f}" for x in pc if x["size"] == size) + " MiB"
+                        for size in dict.fromkeys(x["size"] for x in pc))
+        out.append((f"memory planner: measured peak RSS of a generation ({pc[0]['frames']}-frame songs, fp32) vs "
+                    "predicted", ours, f"predicted: {ref}"))
+    v2 = r.get("planner_v2_large")
+    if v2:
+        by = {(x["card_gb"], x["kv"]): x for x in v2}
+        ours = "; ".join(f"{gb} GB: {by[(gb, 'bf16')]['slots']} (8-bit KV: {by[(gb, '8-bit')]['slots']})"
+                         for gb in sorted({x['card_gb'] for x in v2}))
+        one = next(x for x in v2 if x["slots"])
+        out.append(("memory planner, v2-large (bf16 weights), slots for 270 s songs with CFG per card",
+                    ours, f"weights {one['weights_gib']:.2f} GiB; KV cache per song "
+                          f"{next(x for x in v2 if x['kv'] == 'bf16' and x['slots'])['cache_gib_per_song']:.2f} GiB "
+                          f"bf16, {next(x for x in v2 if x['kv'] == '8-bit')['cache_gib_per_song']:.2f} GiB 8-bit"))
+    kv = r.get("kv8")
+    if kv and kv.get("toy"):
+        t = kv["toy"]
+        le = t["logit_error"]
+        out.append((f"8-bit KV cache vs the model's dtype: toy SFT export, {t['n']} held-out songs (same seeds)",
+                    f"quality {t['8bit']['quality']:.3f} ± {t['8bit']['se']:.3f} vs {t['full']['quality']:.3f} ± "
+                    f"{t['full']['se']:.3f} (paired difference {t['paired_diff']:+.4f} ± {t['paired_se']:.4f})",
+                    f"logit error along the same tokens: max {le['max_abs']:.3g}, mean {le['mean_abs_over_logit_std']:.2g}"
+                    f" × the logits' std, argmax agreement {le['argmax_agreement']:.3f}"))
+    return out
+
+
 def rows_strategies(r: dict) -> list[Row]:
     s = r["strategies"]
     ours = "; ".join(f"{k} {v['step_ms']:.0f} ms, held {v['held_mib']:.1f} MiB, peak RSS +{v['above_pg_mib']:.0f} MiB"
@@ -208,6 +260,8 @@ def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
         Bench("dpo", ["eval/bench/bench_dpo.py", "--repeats", "3" if q else "7"], rows_dpo),
         Bench("infer", ["eval/bench/bench_infer.py", *(["--skip-load"] if q else []), "--json", "{json}"], rows_infer,
               json_flag=True, timeout=1500),
+        Bench("engine", ["eval/bench/bench_engine.py", "--toy-init", sdpo_init or "{sft_export}",
+                         *(["--quick"] if q else []), "--json", "{json}"], rows_engine, json_flag=True, timeout=1800),
         Bench("strategies", ["eval/bench/bench_strategies.py", "--json", "{json}"], rows_strategies, json_flag=True),
         Bench("meta_init", ["eval/bench/bench_meta_init.py", "--legacy", "--export-legacy",
                             *(["--dim", "1024", "--ffn", "4096", "--heads", "8"] if q else []), "--json", "{json}"],
@@ -333,8 +387,8 @@ def main() -> int:
             rows += [(w, o, r, f"OMP_NUM_THREADS=1 python {cmd}") for w, o, r in b.rows(res)]
         selected = []
     with tempfile.TemporaryDirectory() as tmp:
-        if any(b.name == "sdpo" for b in selected) and not a.sdpo_init:
-            print("run_all: training a 300-step toy SFT export for the sDPO cycle ...", file=sys.stderr, flush=True)
+        if any(b.name in ("sdpo", "engine") for b in selected) and not a.sdpo_init:
+            print("run_all: training a 300-step toy SFT export for the sDPO cycle and the engine ...", file=sys.stderr, flush=True)
             fill["sft_export"] = str(make_sft_export(Path(tmp)))
         for b in selected:
             print(f"run_all: {b.name} ...", file=sys.stderr, flush=True)

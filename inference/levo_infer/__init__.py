@@ -9,9 +9,11 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, load_config, make_config, save_config
 from .errors import LevoInferError
 from .model import Conditions, LeLM, LyricFit, LyricTooLong
+from .planner import GenerationPlan, InsufficientMemoryError, plan_generation
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Conditions", "LeLM", "LevoInferError", "LyricFit", "LyricTooLong",
-    "ModelConfig", "SongLM", "load_config", "load_model", "make_config", "save_config",
+    "CheckpointError", "ConfigError", "Conditions", "GenerationPlan", "InsufficientMemoryError", "LeLM",
+    "LevoInferError", "LyricFit", "LyricTooLong", "ModelConfig", "SongLM", "load_config", "load_model", "make_config",
+    "plan_generation", "save_config",
 ]
 __version__ = "0.1.0"

@@ -93,11 +93,13 @@ from .checkpoint import CheckpointError, atomic_torch_save, resolve_dtype
 from .codec.encoder import EncoderError, PromptEncoder, load_encoder
 from .commands import Command, parse_command
 from .config import ConfigError, ConfigWarning
+from .engine import QUEUE_PER_SLOT
 from .errors import LevoInferError
 from .generate import RELEASED_PENALTY, RELEASED_TEMPERATURE, RELEASED_TOP_K, RELEASED_WINDOW, generate
 from .jsonio import jsonl_text, write_text_atomic
 from .jsonl import JsonlError, jsonl_lines
 from .outputs import OutputError, check_writable, decode_in_groups, inside, read_records, record_seeds
+from .planner import InsufficientMemoryError, plan_generation
 from .prompts import AutoPromptLibrary, PromptError
 from .request import LYRIC_POLICIES, RequestError, RequestOptions, SongRequest, line_idx, parse_request
 from .tokens import MODES, mode_tokens
@@ -185,7 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="base seed; song seed = base + line index (default: random, "
                    "recorded in the output JSONL)")
     r = ap.add_argument_group("runtime")
-    r.add_argument("--batch-size", "--batch_size", type=int, default=4, help="songs per forward (default %(default)s)")
+    r.add_argument("--batch-size", "--batch_size", type=int, default=4,
+                   help="songs generating at once: the engine's slots, refilled from the queue as songs end "
+                        "(default %(default)s)")
+    r.add_argument("--memory-gb", type=float, default=None,
+                   help="choose --batch-size from a memory budget in GiB (levo_infer.planner: weights, KV cache per "
+                        "song, workspace); refused up front, with the numbers, when one song does not fit")
+    r.add_argument("--kv-cache", choices=("model", "8bit"), default="model",
+                   help="KV cache in the model's dtype (default) or 8-bit with per-head scales (about half the "
+                        "cache memory of bf16)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on GPU; falls back to eager on failure)")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     r.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (default: the checkpoint's dtype on GPU, "
                    "fp32 on CPU)")
@@ -360,6 +372,16 @@ class Runner:
                 f"{given} needs {self.max_frames} frames, but {key}={limit} of {a.ckpt_dir} leaves room for at most "
                 f"{self.model.max_frames} frames ({most:g} s) after the {cfg.prefix_len} conditioning positions and "
                 f"the delay tail of {cfg.max_delay}: pass --duration {most:g} or less")
+        self.slots = a.batch_size
+        if a.memory_gb is not None:
+            try:
+                plan = plan_generation(cfg, memory_gb=a.memory_gb, max_frames=self.max_frames, dtype=self.model.dtype,
+                                       kv_bits=8 if a.kv_cache == "8bit" else None,
+                                       cfg_guidance=(a.cfg_coef if a.cfg_coef is not None else cfg.cfg_coef) != 1.0)
+            except InsufficientMemoryError as e:
+                raise UsageError(f"--memory-gb {a.memory_gb:g}: {e}") from None
+            self.slots = plan.slots
+            print(f"levo-infer: --memory-gb {a.memory_gb:g}: {plan.describe()}", file=sys.stderr)
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
         self.encoder: Any = None
         native_dir = None if a.codec_encoder else a.codec or song_codec.find_codec_dir(a.ckpt_dir)
@@ -383,7 +405,8 @@ class Runner:
             "repetition_penalty": (RELEASED_PENALTY if a.compat or a.repetition_penalty is None
                                    else a.repetition_penalty),
             "penalty_window": RELEASED_WINDOW if a.compat or a.penalty_window is None else a.penalty_window,
-            "duration": self.duration, "max_frames": self.max_frames, "batch_size": a.batch_size,
+            "duration": self.duration, "max_frames": self.max_frames, "batch_size": self.slots,
+            "kv_cache": a.kv_cache,
             "device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "low_mem": a.low_mem,
             "flash_attn": not a.not_use_flash_attn, "lyrics": a.lyrics, "truncate_lyrics": a.truncate_lyrics,
             "strict": a.strict,
@@ -547,7 +570,8 @@ class Runner:
         t0 = time.perf_counter()
         out = generate(m, [s.lyric for s in batch], [s.style for s in batch], prompt, max_frames=self.max_frames,
                        cfg_coef=a.cfg_coef, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                       seed=[s.seed for s in batch], compat=a.compat, stop_at_cut=True, progress=progress, **kw)
+                       seed=[s.seed for s in batch], compat=a.compat, stop_at_cut=True, progress=progress,
+                       slots=self.slots, kv_bits=8 if a.kv_cache == "8bit" else None, compile=a.compile, **kw)
         if m.device.type == "cuda":
             torch.cuda.synchronize(m.device)
         seconds = time.perf_counter() - t0
@@ -667,7 +691,7 @@ class Runner:
         songs = self.keep_inputs(self.read_songs(lines))
         self.decode_pending()
         self.write_jsonl()
-        bs = self.args.batch_size
+        bs = self.slots * QUEUE_PER_SLOT  # one engine call per group: its slots refill from the group's queue
         bar = progress_bar(len(songs), disable=self.args.no_progress)
         try:
             for start in range(0, len(songs), bs):

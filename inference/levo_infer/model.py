@@ -131,6 +131,91 @@ class KVCache:
         return self.k[layer][:, :, :start + n], self.v[layer][:, :, :start + n]
 
 
+class SlotKVCache:
+    """Static key/value cache of one stack for the generation engine (:mod:`levo_infer.engine`).
+
+    Allocated once, zero-filled, for ``rows`` sequences (a song with CFG takes two adjacent rows) of
+    up to ``max_len`` positions: ``k``/``v`` [layers, rows, H, max_len, hd] in the model's dtype, or
+    with ``bits=8`` int8 plus one fp32 scale per (row, head, position) (symmetric absmax over the
+    head dim). It holds the stack's RoPE tables for every position, so a step reads its cos/sin
+    instead of recomputing them.
+
+    The engine points a call at rows ``rows`` (a slice) and either prefills them from position 0
+    (``pos`` None: causal attention over the new keys, which are then stored) or decodes one step
+    (``pos`` [n] long: each row writes its new key/value at its own position and attends, through
+    ``mask`` [n, 1, 1, key_len] (fp32, 0 where allowed, -inf elsewhere), to its own positions <= pos
+    among the first ``key_len``).
+    """
+
+    def __init__(self, layers: int, rows: int, heads: int, max_len: int, head_dim: int, theta: float,
+                 device: torch.device, dtype: torch.dtype, bits: int | None = None) -> None:
+        if bits not in (None, 8):
+            raise ValueError(f"KV cache bits must be None (the model's dtype) or 8, got {bits}")
+        self.bits, self.dtype, self.max_len = bits, dtype, max_len
+        shape = (layers, rows, heads, max_len, head_dim)
+        store = torch.int8 if bits == 8 else dtype
+        self.k = torch.zeros(shape, device=device, dtype=store)
+        self.v = torch.zeros(shape, device=device, dtype=store)
+        self.k_scale = self.v_scale = None
+        if bits == 8:
+            self.k_scale = torch.zeros(shape[:-1] + (1,), device=device, dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:-1] + (1,), device=device, dtype=torch.float32)
+        self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), head_dim, theta, dtype)
+        self.rows: slice = slice(0, rows)
+        self.pos: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.key_len = max_len
+        self._ar: torch.Tensor = torch.arange(rows, device=device)
+
+    @staticmethod
+    def bytes_per_element(dtype: torch.dtype, bits: int | None, head_dim: int) -> float:
+        """Cache bytes per stored key (or value) element, scales included."""
+        if bits == 8:
+            return 1.0 + 4.0 / head_dim
+        return float(torch.empty((), dtype=dtype).element_size())
+
+    def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for this call: [length, hd] from position 0 (prefill), or [n, 1, 1, hd] per row (decode)."""
+        if self.pos is None:
+            return self.cos[:length], self.sin[:length]
+        n = self.pos.shape[0]
+        return self.cos[self.pos].view(n, 1, 1, -1), self.sin[self.pos].view(n, 1, 1, -1)
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127.0
+        return (x.float() / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+    def _store(self, layer: int, idx: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.bits == 8:
+            (qk, sk), (qv, sv) = self._quantize(k), self._quantize(v)
+            self.k[layer][idx], self.k_scale[layer][idx] = qk, sk  # type: ignore[index]
+            self.v[layer][idx], self.v_scale[layer][idx] = qv, sv  # type: ignore[index]
+        else:
+            self.k[layer][idx], self.v[layer][idx] = k, v
+
+    def _load(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r, n = self.rows, self.key_len
+        k, v = self.k[layer, r, :, :n], self.v[layer, r, :, :n]
+        if self.bits == 8:
+            k = (k.float() * self.k_scale[layer, r, :, :n]).to(self.dtype)  # type: ignore[index]
+            v = (v.float() * self.v_scale[layer, r, :, :n]).to(self.dtype)  # type: ignore[index]
+        return k, v
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new keys/values of ``layer`` and return attention [n, H, L, hd] (see the class)."""
+        if self.pos is None:  # prefill from position 0: attention over the fresh keys, then keep them
+            L = k.shape[2]
+            self._store(layer, (self.rows, slice(None), slice(0, L)), k, v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+        rows = self._ar[self.rows][:, None]  # [n, 1] row index beside the [n, 1] position index: one entry per row
+        self._store(layer, (rows, slice(None), self.pos[:, None]), k.transpose(1, 2), v.transpose(1, 2))
+        kk, vv = self._load(layer)
+        # one query per row: two small batched matmuls and an fp32 softmax beat the fused CPU kernel
+        att = torch.matmul(q, kk.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + self.mask
+        return torch.matmul(torch.softmax(att, dim=-1).to(vv.dtype), vv)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -141,12 +226,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0, use_flash: bool = False) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, layer: int = 0, use_flash: bool = False) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(cache, SlotKVCache):
+            return self.o_proj(cache.attend(layer, q, k, v).transpose(1, 2).reshape(B, L, -1))
         past = 0
         if cache is not None:
             past = cache.length
@@ -190,7 +277,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0, use_flash: bool = False) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, layer: int = 0, use_flash: bool = False) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, use_flash)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -216,12 +303,15 @@ class CausalLM(nn.Module):
         self.theta, self.head_dim = theta, dim // heads
         self.use_flash = False
 
-    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
+        if isinstance(cache, SlotKVCache):  # positions are the cache's (per row when decoding)
+            cos, sin = cache.rope(x.shape[1])
+        else:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, self.use_flash)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += x.shape[1]
         return self.model.norm(x)
 
@@ -470,7 +560,8 @@ class LeLM(nn.Module):
         return sum(self.layer2_emb[k](steps[:, k]) for k in range(1, self.code_depth))
 
     def step_hidden(self, steps: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None,
-                    caches: tuple[KVCache, KVCache] | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    caches: tuple[KVCache, KVCache] | tuple[SlotKVCache, SlotKVCache] | None = None,
+                    start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Run both stacks over pattern ``steps`` [B, K, L] (optionally after the prefix).
         Returns the post-norm hidden states (h1, h2) of the step positions only, [B, L, D] each."""
         n_prefix = prefix[0].shape[1] if prefix is not None else 0
@@ -508,6 +599,15 @@ class LeLM(nn.Module):
                prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced scoring API: logits [B, K, T, code_size+1] aligned with ``codes``."""
         return self(codes.to(self.device), self.prepare_conditions(lyrics, styles, prompt))
+
+    def new_slot_caches(self, rows: int, max_len: int, bits: int | None = None,
+                        dtype: torch.dtype | None = None) -> tuple[SlotKVCache, SlotKVCache]:
+        """Static caches of both stacks for the generation engine (see :class:`SlotKVCache`)."""
+        lm = self.cfg.lm
+        dt = dtype or self.dtype
+        return (SlotKVCache(lm.num_layers, rows, lm.num_heads, max_len, lm.head_dim, lm.rope_theta, self.device, dt, bits),
+                SlotKVCache(lm.num_layers_sub, rows, lm.num_heads, max_len, lm.head_dim, lm.rope_theta_sub, self.device,
+                            dt, bits))
 
     def new_caches(self, batch: int, max_len: int) -> tuple[KVCache, KVCache]:
         lm = self.cfg.lm
