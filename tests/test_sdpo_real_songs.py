@@ -182,3 +182,29 @@ def test_sampling_compat_gives_the_released_rules(tiny_model):
     with pytest.raises(Exception, match="sdpo.sampling=released"):
         SDPOSettings.from_cfg(compose_config(["recipe=sdpo", "reward.scorer=toy", "sdpo.sampling=released"]))
     json.dumps(s.identity())  # stored in checkpoints
+
+
+def test_gen_memory_gb_picks_the_engines_slots_from_the_planner():
+    """``sdpo.gen_memory_gb``: the engine's slot count is the planner's for the longest prompt budget
+    in ``gen_dtype`` (at most ``gen_batch_size``); without it the slots are ``gen_batch_size``; a
+    budget that cannot hold one song is refused naming the setting and the planner's terms; resume
+    may change it (it is not part of the run's identity: per-song seeds give the same songs)."""
+    from levo_infer.planner import plan_generation
+    from levo_train.methods.sdpo import generation_slots
+    from levo_train.settings import UsageError
+
+    model = LeLM(_with_positions(tiny_config(), 2000))
+    base = ["recipe=sdpo", "reward.scorer=toy", "sdpo.prompts=P.jsonl", "sdpo.gen_batch_size=64"]
+    prompts = [Prompt("[verse] la da", None, max_frames=250), Prompt("[verse] la", None, max_frames=500)]
+    plain = SDPOSettings.from_cfg(compose_config(base))
+    assert generation_slots(plain, plain.sampling, prompts, model.cfg, "cpu").batch_size == 64
+    s = SDPOSettings.from_cfg(compose_config([*base, "sdpo.gen_memory_gb=0.05"]))
+    assert s.identity() == plain.identity()
+    want = plan_generation(model.cfg, memory_gb=0.05, max_frames=500, dtype=torch.float32, max_slots=64).slots
+    got = generation_slots(s, s.sampling, prompts, model.cfg, "cpu")
+    assert 1 <= got.batch_size == want < 64 and dataclasses.replace(got, batch_size=64) == s.sampling
+    small = SDPOSettings.from_cfg(compose_config([*base, "sdpo.gen_memory_gb=0.001"]))
+    with pytest.raises(UsageError, match=r"sdpo.gen_memory_gb=0.001: .*GiB"):
+        generation_slots(small, small.sampling, prompts, model.cfg, "cpu")
+    with pytest.raises(UsageError, match="sdpo.gen_memory_gb=0.0: expected a number of GiB > 0"):
+        SDPOSettings.from_cfg(compose_config([*base, "sdpo.gen_memory_gb=0"]))

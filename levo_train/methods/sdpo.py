@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from levo_infer.generate import RELEASED_TEMPERATURE, RELEASED_TOP_K
 from levo_infer.integrity import sha256_file
+from levo_infer.planner import InsufficientMemoryError, plan_generation
 from levo_train.prompts import lyric_frame_budget, model_frame_limit, read_prompts
 from levo_train.rollout import Prompt, Sampling, Scorer
 from levo_train.scorers import WeightedScorer, load_scorer
@@ -32,6 +33,7 @@ from levo_train.toy.pairs import ToyPairSpec, split_seeds, toy_prompts
 from levo_train.toy.scorer import ToyOracleScorer
 from levo_train.toy.world import ToyWorld
 from levo_train.train.inference_copy import GEN_DTYPES
+from levo_train.train.inference_copy import gen_dtype as resolve_gen_dtype
 from levo_train.train.sdpo import (
     PLOT_NAME,
     ROUNDS_NAME,
@@ -147,6 +149,11 @@ class SDPOSettings:
     gen_dtype: str = "auto"
     """The dtype rounds generate in (auto: bfloat16 on a GPU, float32 on CPU); a sharded or LoRA policy
     generates from a rank-local copy in it (:mod:`levo_train.train.inference_copy`)."""
+    gen_memory_gb: float | None = None
+    """GiB a round may use for generation on its device (the generation copy's weights, the KV cache in
+    ``gen_dtype``, per-song state, workspace): the engine's slot count is then chosen by
+    :func:`levo_infer.planner.plan_generation` for the longest song budget, at most ``gen_batch_size``
+    (null: ``gen_batch_size`` slots). The training state beside it is not counted."""
 
     def identity(self) -> dict[str, Any]:
         """The settings that shape rounds (:data:`ROUND_SETTINGS`, the sampling rules, the scorer), by
@@ -198,7 +205,11 @@ class SDPOSettings:
                   prompts=typed(s, "prompts", to_strings, "a path or a list of paths", w) if s.get("prompts") else None,
                   sampling=sampling, frames=frames, oracle=str(s.get("oracle", "auto")),
                   save_candidates=bool(typed(s, "save_candidates", to_bool, "true or false", w)),
-                  gen_dtype=str(s.get("gen_dtype", "auto")))
+                  gen_dtype=str(s.get("gen_dtype", "auto")),
+                  gen_memory_gb=typed(s, "gen_memory_gb", to_float, "a number of GiB (or null)", w))
+        if out.gen_memory_gb is not None and not out.gen_memory_gb > 0:
+            raise UsageError(f"sdpo.gen_memory_gb={out.gen_memory_gb}: expected a number of GiB > 0 (or null: "
+                             "sdpo.gen_batch_size slots)")
         if out.oracle not in ORACLES:
             raise UsageError(f"sdpo.oracle={out.oracle}: expected one of {', '.join(ORACLES)}")
         if out.gen_dtype not in GEN_DTYPES:
@@ -252,6 +263,26 @@ def frame_budgets(settings: SDPOSettings, model: Any, prompts: list[Prompt]) -> 
     rate = float(model.cfg.frame_rate)
     return sampling, [dataclasses.replace(p, max_frames=lyric_frame_budget(p.lyric, frame_rate=rate, limit=limit))
                       for p in prompts]
+
+
+def generation_slots(settings: SDPOSettings, sampling: Sampling, prompts: list[Prompt], model_cfg: Any,
+                     device: str) -> Sampling:
+    """``sampling`` with the engine's slot count for ``sdpo.gen_memory_gb`` (unchanged without it):
+    the most songs of the longest budget among ``prompts`` whose predicted peak, in ``sdpo.gen_dtype``
+    on ``device``, fits the budget, at most ``sdpo.gen_batch_size``. A budget that cannot hold one
+    song is refused with the planner's terms."""
+    if settings.gen_memory_gb is None:
+        return sampling
+    longest = max([p.max_frames or sampling.max_frames for p in prompts] or [sampling.max_frames])
+    dtype = resolve_gen_dtype(settings.gen_dtype, device)
+    try:
+        gp = plan_generation(model_cfg, memory_gb=settings.gen_memory_gb, max_frames=longest, dtype=dtype,
+                             kv_bits=sampling.kv_bits, max_slots=sampling.batch_size)
+    except InsufficientMemoryError as e:
+        raise UsageError(f"sdpo.gen_memory_gb={settings.gen_memory_gb:g}: {e}") from None
+    log.info("sdpo.gen_memory_gb=%g: %d generation slots for songs of up to %d frames in %s", settings.gen_memory_gb,
+             gp.slots, longest, str(dtype).removeprefix("torch."))
+    return dataclasses.replace(sampling, batch_size=gp.slots)
 
 
 def policy_device(accelerator: str) -> str:
@@ -345,7 +376,8 @@ class SDPOMethod(Method):
                 buffer_rounds=s.buffer_rounds, ref_sync_every=s.ref_sync_every, sampling=s.sampling,
                 batch_size=int(plan.cfg.data.batch_size), out_dir=str(plan.run_dir / "sdpo"),
                 save_candidates=s.save_candidates, scorer_follows_policy=s.scorer.device is None,
-                gen_dtype=s.gen_dtype, settings_identity=s.identity(), **s.dpo.module_kwargs(), **common)
+                gen_dtype=s.gen_dtype, gen_batch_size=s.sampling.batch_size, settings_identity=s.identity(),
+                **s.dpo.module_kwargs(), **common)
         except ValueError as e:
             raise UsageError(str(e) if str(e).startswith("sdpo.") else f"sdpo: {e}") from e
 
@@ -353,7 +385,9 @@ class SDPOMethod(Method):
         """Freeze the reference, then read the prompt pool (released JSONL prompts are formatted for the model)."""
         try:
             module.freeze_reference()
-            module.sampling, prompts = frame_budgets(plan.settings, module.model, sdpo_prompts(plan, module.model))
+            sampling, prompts = frame_budgets(plan.settings, module.model, sdpo_prompts(plan, module.model))
+            device = policy_device(str(plan.cfg.trainer.get("accelerator", "auto")))
+            module.sampling = generation_slots(plan.settings, sampling, prompts, module.model.cfg, device)
             module.set_prompts(prompts)
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -180,6 +180,7 @@ class SemiOnlineDPOModule(DPOModule):
         save_candidates: bool = False,
         scorer_follows_policy: bool = True,
         gen_dtype: str = "auto",
+        gen_batch_size: int | None = None,
         settings_identity: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
@@ -201,6 +202,8 @@ class SemiOnlineDPOModule(DPOModule):
         self.scorer_follows_policy = scorer_follows_policy
         resolve_gen_dtype(gen_dtype, "cpu")  # refused now, not at the first round
         self.gen_dtype = gen_dtype
+        #: songs per chunk of a round (a safe point after each); the engine's slots are ``sampling.batch_size``
+        self.gen_batch_size = gen_batch_size
         #: the settings that shape rounds, as the run was started with them (a resume must match)
         self.settings_identity = settings_identity
         self._copy: InferenceCopy | None = None  # the rank-local generation model (not a submodule: no state)
@@ -295,7 +298,7 @@ class SemiOnlineDPOModule(DPOModule):
         chunks of one generation batch each, and the most chunks any rank has: every rank passes that
         many safe points, so the collectives match."""
         rank, world = self._rank_world()
-        per_chunk = max(1, self.sampling.batch_size // self.per_prompt)
+        per_chunk = max(1, (self.gen_batch_size or self.sampling.batch_size) // self.per_prompt)
         shares = [[i for i in range(q, n_prompts, world) if i not in done] for q in range(world)]
         mine = shares[rank]
         return [mine[k:k + per_chunk] for k in range(0, len(mine), per_chunk)], \
