@@ -146,3 +146,16 @@ def test_levo_infer_memory_budget_and_8bit_cache(tmp_path, capsys):
     assert "--memory-gb 0.5: " in err and " slots in 0.50 GiB" in err
     recs = [json.loads(x) for x in (tmp_path / "ok" / "jsonl" / "in.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and all(r["settings"]["kv_cache"] == "8bit" and r["settings"]["batch_size"] >= 3 for r in recs)
+
+
+def test_caches_of_sampled_songs_key_on_the_sampler():
+    """Toy pairs sampled from a model and the toy reward data are keyed on the sampler's version, so
+    songs drawn by another sampler (before the engine) are never reused for the same seeds; pairs the
+    world renders itself do not depend on it and keep their key."""
+    from levo_infer.sampling import SAMPLER_VERSION
+    from levo_train.toy.pairs import ToyPairSpec, toy_pairs_key
+    from levo_train.toy.scored import ToyRewardSpec, toy_reward_key
+
+    assert toy_pairs_key(ToyPairSpec(), 0, "fp")["sampler"] == SAMPLER_VERSION
+    assert "sampler" not in toy_pairs_key(ToyPairSpec(source="world"), 0, None)
+    assert toy_reward_key(ToyRewardSpec(), 0, "fp")["sampler"] == SAMPLER_VERSION

@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+#: which random numbers a sampled song is drawn from, for caches of sampled songs to key on: 2 is this
+#: module's per-song inverse-CDF draws (the generation engine); 1 was one batch-shared generator's
+#: ``torch.multinomial`` per step. Greedy songs do not depend on it.
+SAMPLER_VERSION = 2
+
 RELEASED_PENALTY = 1.1
 RELEASED_WINDOW = 50
 RELEASED_TOP_K = 5000

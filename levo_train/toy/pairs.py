@@ -33,6 +33,7 @@ import torch
 
 from levo_infer import load_model
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.sampling import SAMPLER_VERSION
 from levo_train.data.cache import build_once
 from levo_train.data.pairs import build_pairs
 from levo_train.data.shards import Song
@@ -248,8 +249,11 @@ def toy_pairs_key(spec: ToyPairSpec, world_seed: int, fingerprint: str | None) -
         del sd["scorer"]  # the hidden oracle: keys as before the option existed
     else:
         sd["scorer"] = scorer_identity(spec.scorer)
-    return {"spec": sd, "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
-            "model": fingerprint, "format": 4}
+    key = {"spec": sd, "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
+           "model": fingerprint, "format": 4}
+    if spec.source == "model":  # songs sampled from the model: other draws, other pairs
+        key["sampler"] = SAMPLER_VERSION
+    return key
 
 
 def scorer_identity(spec: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from levo_infer.jsonio import dumps as strict_dumps
+from levo_infer.sampling import SAMPLER_VERSION
 from levo_train.data.cache import build_once
 from levo_train.data.shards import ShardWriter, Song
 from levo_train.rollout import Sampling, sample_and_score
@@ -61,7 +62,7 @@ class ToyRewardSpec:
 
 def toy_reward_key(spec: ToyRewardSpec, world_seed: int, fingerprint: str) -> dict[str, Any]:
     return {"spec": dataclasses.asdict(spec), "world_seed": world_seed, "world_version": TOY_WORLD_VERSION,
-            "model": fingerprint, "format": 1}
+            "model": fingerprint, "format": 1, "sampler": SAMPLER_VERSION}
 
 
 def _write_split(out: Path, songs: Sequence[Song]) -> dict[str, Any]:
