@@ -202,6 +202,10 @@ def test_sample_ranks_resume_score_pairs_dpo(tmp_path, toy_sft_export, toy_cache
     assert s.meta["prompt_key"] == "toy_0" and s.meta["sample_index"] == 2 and s.meta["sampling"]["max_frames"] == 96
     assert s.style.startswith("[Musicality-very-high]")  # formatted as levo-infer formats descriptions
     assert len(list(one.glob("rank000-*.tar"))) == 5 and (one / "done.json").is_file()
+    from levo_infer.config import load_config
+
+    index = json.loads((one / "index.json").read_text())  # the sampling model's tokens, for rm: scorers' check
+    assert index["delays"] == list(load_config(toy_sft_export).delays) and index["code_size"] == TOY_CODE_SIZE
 
     # 2 ranks via srun's variables (rank 1 first: the last finisher writes the index), other batch size
     for r in (1, 0):
@@ -386,3 +390,37 @@ def test_score_on_two_ranks_equals_one_rank(tmp_path, capsys, monkeypatch):
     # a rerun on 2 ranks skips everything, a 1-rank rerun too (the ranks' progress counts)
     rc, res, _ = _run(["score", str(d), "--scorer", "toy", "--out", str(two)], capsys)
     assert rc == 0 and res["shards_skipped"] == 4 and res["songs_scored"] == 0
+
+
+def test_score_with_a_reward_model_of_other_tokens_is_refused(tmp_path, capsys):
+    """``--scorer rm:DIR`` (issue #21 item 8): an RM whose vocabulary or delay pattern differs from the
+    candidates' (index.json: ``code_size``, ``delays`` of the model that sampled them) is refused in one
+    line naming the RM folder, the candidates and what differs (it used to raise a bare IndexError or
+    score silently); a matching RM scores."""
+    from conftest import tiny_config
+
+    from levo_train.data.shards import ShardWriter
+    from levo_train.reward.model import RewardModel, save_reward_model
+
+    d = tmp_path / "cands"
+    with ShardWriter(d, code_size=TOY_CODE_SIZE, max_records=4) as w:
+        for s in _toy_songs(4):
+            w.write_song(s.key, s.tokens, s.lyric, s.style, {})
+    index = json.loads((d / "index.json").read_text())
+    (d / "index.json").write_text(json.dumps({**index, "delays": [0, 1, 1]}))  # as levo-data sample records them
+
+    def rm(name: str, **kw) -> Path:
+        folder = tmp_path / name
+        cfg = tiny_config(lyric_max_len=64, style_max_len=32, **kw)
+        save_reward_model(RewardModel(cfg, ("a",), pooling="mean"), folder, {})
+        return folder
+
+    for folder, needle in ((rm("rm16", code_size=16, delays=[0, 1, 1]), "code_size=16"),
+                           (rm("rm_delays", code_size=TOY_CODE_SIZE, delays=[0, 2, 2]), "delay pattern [0, 2, 2]")):
+        rc, _, err = _run(["score", str(d), "--scorer", f"rm:{folder}", "--out", str(tmp_path / "out")], capsys)
+        lines = [x for x in err.splitlines() if "error" in x]
+        assert rc != 0 and len(lines) == 1 and f"rm:{folder}" in lines[0] and needle in lines[0], err
+        assert str(d) in lines[0] and "IndexError" not in err, err
+    rc, res, err = _run(["score", str(d), "--scorer", f"rm:{rm('ok', code_size=TOY_CODE_SIZE, delays=[0, 1, 1])}",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0 and res["songs_scored"] == 4, err

@@ -77,6 +77,7 @@ from levo_train.data.shards import (
 from levo_train.fingerprint import model_fingerprint
 from levo_train.locking import locks_output
 from levo_train.prompts import model_frame_limit, read_prompts
+from levo_train.reward.model import token_layout_mismatch
 from levo_train.rollout import Sampling, check_scores, sample_and_score
 from levo_train.scorers import load_scorer
 
@@ -181,8 +182,10 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
                          "model, prompts and sampling settings to resume, or write to a new --out")
 
 
-def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], code_size: int) -> dict[str, Any] | None:
-    """Write ``index.json`` and ``done.json`` when every prompt is in a finished chunk."""
+def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], code_size: int,
+                        delays: Sequence[int]) -> dict[str, Any] | None:
+    """Write ``index.json`` (with the sampling model's ``code_size`` and ``delays``, which a reward
+    model scoring the songs must share) and ``done.json`` when every prompt is in a finished chunk."""
     done = _done_chunks(out)
     covered = {i for c in done.values() for i in c["prompts"]}
     if len(covered) < n_prompts:
@@ -191,7 +194,7 @@ def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], cod
                     key=lambda s: s["name"])
     records = sum(s["records"] for s in shards)
     write_json_atomic(out / INDEX_NAME, {"format": SONG_FORMAT, "version": SCHEMA_VERSION, "code_size": code_size,
-                                         "records": records, "shards": shards})
+                                         "delays": [int(d) for d in delays], "records": records, "shards": shards})
     gen_s = sum(c["seconds"] for c in done.values())
     songs = sum(c["records"] + c["empty"] for c in done.values())
     summary = {"out": str(out), "prompts": n_prompts, "songs": records, "empty_dropped": sum(c["empty"] for c in
@@ -308,7 +311,7 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
                            "skipped_prompts": len(range(rank, len(prompts), world)) - len(pending),
                            "seconds": round(wall, 2),
                            "songs_per_second": round(new_songs / wall, 3) if new_songs and wall > 0 else None}
-    summary = _finish_if_complete(out, len(prompts), settings, code_size)
+    summary = _finish_if_complete(out, len(prompts), settings, code_size, cfg.delays)
     res["complete"] = summary is not None
     if summary is not None:
         res["songs_total"] = summary["songs"]
@@ -317,6 +320,23 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
 
 
 # ----------------------------------------------------------------------------- score
+def _check_reward_model_tokens(scorer: Any, spec: str, shards: Sequence[str], code_size: int) -> None:
+    """A reward-model scorer (``rm:DIR``) must read the candidates' tokens: their vocabulary (the
+    ``code_size`` they are read with) and, where their ``index.json`` records it (``levo-data
+    sample`` does), the delay pattern of the model that sampled them. One line naming both otherwise."""
+    rm_cfg = getattr(scorer, "model_config", None)
+    if rm_cfg is None:
+        return
+    for d in dict.fromkeys(os.path.dirname(os.path.abspath(s)) for s in shards):
+        idx = read_index(d) or {}
+        where = os.path.join(d, INDEX_NAME) if idx else shards[0]
+        what = token_layout_mismatch(rm_cfg, f"the candidates ({where})", code_size=code_size,
+                                     delays=idx.get("delays"))
+        if what:
+            raise ValueError(f"--scorer {spec}: {what}; score them with a reward model trained on the tokens of the "
+                             "model that sampled them")
+
+
 def _code_size_of(shards: Sequence[str], given: int | None) -> int:
     if given is not None:
         return given
@@ -368,6 +388,7 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
     dev = resolve_device(device)
     scorer = load_scorer(scorer_spec, device=dev, world_seed=world_seed, setting="--scorer", codec=codec,
                          batch_size=batch_size)
+    _check_reward_model_tokens(scorer, scorer_spec, shards, cs)
     ident = {"spec": scorer_spec, "name": scorer.name, "overall": scorer.overall}
     names = [os.path.basename(s) for s in shards]
     if out is not None:
