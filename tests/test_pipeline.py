@@ -202,6 +202,10 @@ def test_sample_ranks_resume_score_pairs_dpo(tmp_path, toy_sft_export, toy_cache
     assert s.meta["prompt_key"] == "toy_0" and s.meta["sample_index"] == 2 and s.meta["sampling"]["max_frames"] == 96
     assert s.style.startswith("[Musicality-very-high]")  # formatted as levo-infer formats descriptions
     assert len(list(one.glob("rank000-*.tar"))) == 5 and (one / "done.json").is_file()
+    from levo_infer.config import load_config
+
+    index = json.loads((one / "index.json").read_text())  # the sampling model's tokens, for rm: scorers' check
+    assert index["delays"] == list(load_config(toy_sft_export).delays) and index["code_size"] == TOY_CODE_SIZE
 
     # 2 ranks via srun's variables (rank 1 first: the last finisher writes the index), other batch size
     for r in (1, 0):
@@ -346,3 +350,77 @@ def test_score_rerun_after_a_fix_and_failing_scorers(tmp_path, capsys, monkeypat
     rc, res, _ = _run(["score", str(d), "--scorer", "callable:lab_fix:make", "--out", str(out), "--overwrite"], capsys)
     assert rc == 0 and res["songs_scored"] == 4 and res["shards_skipped"] == 0
     assert {s.meta["scores"]["overall"] for s in iter_songs(out, code_size=TOY_CODE_SIZE)} == {0.75}
+
+
+def test_score_on_two_ranks_equals_one_rank(tmp_path, capsys, monkeypatch):
+    """``levo-data score`` under torchrun's RANK/WORLD_SIZE (issue #21 item 5): each rank scores every
+    other shard into the shared ``--out`` (its own progress file and lock), and the result -- shards,
+    ``index.json``, ``score.json`` -- equals the one-rank run's."""
+    import os
+    import subprocess
+
+    from levo_train.data.shards import ShardWriter
+
+    for v in RANK_VARS:
+        monkeypatch.delenv(v, raising=False)
+    d = tmp_path / "cands"
+    with ShardWriter(d, code_size=TOY_CODE_SIZE, max_records=2) as w:
+        for s in _toy_songs(8):
+            w.write_song(s.key, s.tokens, s.lyric, s.style, {})
+    one, two = tmp_path / "one", tmp_path / "two"
+    rc, res, err = _run(["score", str(d), "--scorer", "toy", "--out", str(one)], capsys)
+    assert rc == 0 and res["songs_scored"] == 8, err
+    cmd = [sys.executable, "-m", "levo_data", "score", str(d), "--scorer", "toy", "--out", str(two), "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    shares = [json.loads(o) for o, _ in outs]
+    assert [(s["rank"], s["world"], s["shards"], s["songs_scored"]) for s in shares] == [(1, 2, 2, 4), (0, 2, 2, 4)]
+    assert any(s["complete"] for s in shares)
+    a, b = _songs(one), _songs(two)
+    assert sorted(a) == sorted(b)
+    for k, s in a.items():
+        assert np.array_equal(s.tokens, b[k].tokens) and s.meta == b[k].meta
+        assert Path(s.shard).name == Path(b[k].shard).name
+    for name in ("index.json", "score.json"):
+        assert json.loads((one / name).read_text()) == json.loads((two / name).read_text()), name
+    assert not list(two.glob(".tmp*")) and not list(two.glob(".levo*"))
+    # a rerun on 2 ranks skips everything, a 1-rank rerun too (the ranks' progress counts)
+    rc, res, _ = _run(["score", str(d), "--scorer", "toy", "--out", str(two)], capsys)
+    assert rc == 0 and res["shards_skipped"] == 4 and res["songs_scored"] == 0
+
+
+def test_score_with_a_reward_model_of_other_tokens_is_refused(tmp_path, capsys):
+    """``--scorer rm:DIR`` (issue #21 item 8): an RM whose vocabulary or delay pattern differs from the
+    candidates' (index.json: ``code_size``, ``delays`` of the model that sampled them) is refused in one
+    line naming the RM folder, the candidates and what differs (it used to raise a bare IndexError or
+    score silently); a matching RM scores."""
+    from conftest import tiny_config
+
+    from levo_train.data.shards import ShardWriter
+    from levo_train.reward.model import RewardModel, save_reward_model
+
+    d = tmp_path / "cands"
+    with ShardWriter(d, code_size=TOY_CODE_SIZE, max_records=4) as w:
+        for s in _toy_songs(4):
+            w.write_song(s.key, s.tokens, s.lyric, s.style, {})
+    index = json.loads((d / "index.json").read_text())
+    (d / "index.json").write_text(json.dumps({**index, "delays": [0, 1, 1]}))  # as levo-data sample records them
+
+    def rm(name: str, **kw) -> Path:
+        folder = tmp_path / name
+        cfg = tiny_config(lyric_max_len=64, style_max_len=32, **kw)
+        save_reward_model(RewardModel(cfg, ("a",), pooling="mean"), folder, {})
+        return folder
+
+    for folder, needle in ((rm("rm16", code_size=16, delays=[0, 1, 1]), "code_size=16"),
+                           (rm("rm_delays", code_size=TOY_CODE_SIZE, delays=[0, 2, 2]), "delay pattern [0, 2, 2]")):
+        rc, _, err = _run(["score", str(d), "--scorer", f"rm:{folder}", "--out", str(tmp_path / "out")], capsys)
+        lines = [x for x in err.splitlines() if "error" in x]
+        assert rc != 0 and len(lines) == 1 and f"rm:{folder}" in lines[0] and needle in lines[0], err
+        assert str(d) in lines[0] and "IndexError" not in err, err
+    rc, res, err = _run(["score", str(d), "--scorer", f"rm:{rm('ok', code_size=TOY_CODE_SIZE, delays=[0, 1, 1])}",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0 and res["songs_scored"] == 4, err

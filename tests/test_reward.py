@@ -316,3 +316,46 @@ def test_reward_recipe_on_preference_pairs(toy_sft_export, toy_cache_dir, tmp_pa
     capsys.readouterr()
     assert main([*args[:-1], f"run_dir={tmp_path / 'both'}", f"data.pairs={pairs}", "data.train=x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def _scaled_shards(folder: Path, songs, lo: float, hi: float) -> Path:
+    """``songs`` with every score s written as lo + (hi - lo) * s (a 1-5 or 1-10 rating scale)."""
+    with ShardWriter(folder, code_size=16) as w:
+        for s in songs:
+            sc = {k: lo + (hi - lo) * v for k, v in s.meta["scores"].items()}
+            w.write_song(s.key, s.tokens, s.lyric, s.style, {"scores": {**sc, "overall": lo + (hi - lo) *
+                                                                        s.meta["quality"]}})
+    return folder
+
+
+def test_scores_on_another_scale_are_normalised_by_score_range(toy_sft_export, toy_cache_dir, tmp_path, capsys):
+    """``reward.score_range=[lo,hi]`` (issue #21 item 5): 1-5 ratings train the RM as the same ratings in
+    [0, 1] do (targets (s - lo) / (hi - lo); the trained exports equal), and a score outside the range
+    is refused naming the setting, the shard and the song."""
+    from levo_train.data.scored import RewardDataModule
+
+    songs = _songs(8)
+    unit, five = _scaled_shards(tmp_path / "unit", songs, 0.0, 1.0), _scaled_shards(tmp_path / "five", songs, 1.0, 5.0)
+
+    def targets(folder: Path, **kw) -> torch.Tensor:
+        dm = RewardDataModule(str(folder), batch_size=8, code_size=16, dimensions=DIMS, shuffle_buffer=1, **kw)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))["targets"]
+
+    want = torch.tensor([[*s.meta["scores"].values(), s.meta["quality"]] for s in songs], dtype=torch.float32)
+    assert torch.allclose(targets(unit), want, atol=1e-6)
+    assert torch.allclose(targets(five, score_range=(1.0, 5.0)), want, atol=1e-6)
+    with pytest.raises(ShardError, match=r"reward.score_range=\[0.0, 1.0\]") as e:
+        targets(five)  # 1-5 ratings under the default [0, 1]
+    assert "songs-000000.tar" in str(e.value) and "'s0'" in str(e.value)
+
+    runs = {}
+    for name, data, extra in (("unit", unit, []), ("five", five, ["reward.score_range=[1,5]"])):
+        runs[name] = tmp_path / f"run-{name}"
+        args = rm_args(toy_cache_dir, toy_sft_export, runs[name], f"data.train={data}", "data.val=null",
+                       "trainer.max_steps=2", "trainer.val_check_interval=1000", "reward.layers=1", *extra)
+        assert main(args) == 0, capsys.readouterr().err
+    wa, wb = (torch.load(r / "export" / "reward.pt", weights_only=True) for r in runs.values())
+    assert [k for k in wa if not torch.allclose(wa[k], wb[k], atol=1e-6)] == []
+    assert main([*args[:-1], "reward.score_range=[5,1]"]) == 2
+    assert "reward.score_range=[5.0, 1.0]" in capsys.readouterr().err

@@ -30,6 +30,13 @@ song shards ``OUT/rank{r:03d}-{n:05d}.tar``; keys ``{prompt key}-{j}``, meta ``p
 place (each shard rewritten atomically), with ``meta["scores"]`` = every dimension and the overall
 score, ``meta["score_overall_key"]`` and ``meta["scorer"]``. ``score.json`` in the output folder
 records which shards are done (resume per shard).
+
+* Ranks: as ``sample`` (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``); rank r scores
+  shards ``i % world == r`` of the candidate list, each into its own output file, and records them in
+  ``score-progress/rank{r:03d}.json`` (a one-rank run: in ``score.json`` directly). Each rank locks its
+  own lock file. A rank that finds every shard done (in any rank's record: the world size may change
+  between runs) merges the records into ``score.json`` and writes ``index.json``, so the result
+  equals the one-rank run's.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from levo_train.data.shards import (
 from levo_train.fingerprint import model_fingerprint
 from levo_train.locking import locks_output
 from levo_train.prompts import model_frame_limit, read_prompts
+from levo_train.reward.model import token_layout_mismatch
 from levo_train.rollout import Sampling, check_scores, sample_and_score
 from levo_train.scorers import load_scorer
 
@@ -82,6 +90,7 @@ SAMPLE_FORMAT = "levo-sample-1"
 SETTINGS_NAME = "sample.json"
 DONE_NAME = "done.json"
 SCORE_NAME = "score.json"
+SCORE_PROGRESS = "score-progress"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -173,8 +182,10 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
                          "model, prompts and sampling settings to resume, or write to a new --out")
 
 
-def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], code_size: int) -> dict[str, Any] | None:
-    """Write ``index.json`` and ``done.json`` when every prompt is in a finished chunk."""
+def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], code_size: int,
+                        delays: Sequence[int]) -> dict[str, Any] | None:
+    """Write ``index.json`` (with the sampling model's ``code_size`` and ``delays``, which a reward
+    model scoring the songs must share) and ``done.json`` when every prompt is in a finished chunk."""
     done = _done_chunks(out)
     covered = {i for c in done.values() for i in c["prompts"]}
     if len(covered) < n_prompts:
@@ -183,7 +194,7 @@ def _finish_if_complete(out: Path, n_prompts: int, settings: dict[str, Any], cod
                     key=lambda s: s["name"])
     records = sum(s["records"] for s in shards)
     write_json_atomic(out / INDEX_NAME, {"format": SONG_FORMAT, "version": SCHEMA_VERSION, "code_size": code_size,
-                                         "records": records, "shards": shards})
+                                         "delays": [int(d) for d in delays], "records": records, "shards": shards})
     gen_s = sum(c["seconds"] for c in done.values())
     songs = sum(c["records"] + c["empty"] for c in done.values())
     summary = {"out": str(out), "prompts": n_prompts, "songs": records, "empty_dropped": sum(c["empty"] for c in
@@ -300,7 +311,7 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
                            "skipped_prompts": len(range(rank, len(prompts), world)) - len(pending),
                            "seconds": round(wall, 2),
                            "songs_per_second": round(new_songs / wall, 3) if new_songs and wall > 0 else None}
-    summary = _finish_if_complete(out, len(prompts), settings, code_size)
+    summary = _finish_if_complete(out, len(prompts), settings, code_size, cfg.delays)
     res["complete"] = summary is not None
     if summary is not None:
         res["songs_total"] = summary["songs"]
@@ -309,6 +320,23 @@ def sample_candidate_shards(model_path: str, prompt_paths: Sequence[str], out: s
 
 
 # ----------------------------------------------------------------------------- score
+def _check_reward_model_tokens(scorer: Any, spec: str, shards: Sequence[str], code_size: int) -> None:
+    """A reward-model scorer (``rm:DIR``) must read the candidates' tokens: their vocabulary (the
+    ``code_size`` they are read with) and, where their ``index.json`` records it (``levo-data
+    sample`` does), the delay pattern of the model that sampled them. One line naming both otherwise."""
+    rm_cfg = getattr(scorer, "model_config", None)
+    if rm_cfg is None:
+        return
+    for d in dict.fromkeys(os.path.dirname(os.path.abspath(s)) for s in shards):
+        idx = read_index(d) or {}
+        where = os.path.join(d, INDEX_NAME) if idx else shards[0]
+        what = token_layout_mismatch(rm_cfg, f"the candidates ({where})", code_size=code_size,
+                                     delays=idx.get("delays"))
+        if what:
+            raise ValueError(f"--scorer {spec}: {what}; score them with a reward model trained on the tokens of the "
+                             "model that sampled them")
+
+
 def _code_size_of(shards: Sequence[str], given: int | None) -> int:
     if given is not None:
         return given
@@ -320,11 +348,35 @@ def _code_size_of(shards: Sequence[str], given: int | None) -> int:
     return CODE_SIZE
 
 
-@locks_output("levo-data score", _scored_folders)
+def _score_records(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every score record of an output folder: ``score.json`` and the ranks' ``score-progress/rank*.json``."""
+    found = []
+    for p in [folder / SCORE_NAME, *sorted((folder / SCORE_PROGRESS).glob("rank*.json"))]:
+        if p.is_file():
+            try:
+                rec = json.loads(p.read_text())
+                rec["scorer"], rec["shards"]  # noqa: B018 -- the two keys every record has
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{p}: unreadable score record ({e}); remove it to rescore its shards") from e
+            found.append((p, rec))
+    return found
+
+
+def _scored_entries(folder: Path, ident: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Shards of ``folder`` recorded as scored by ``ident`` whose file exists, across every rank's record."""
+    return {n: e for _, rec in _score_records(folder) if rec["scorer"] == ident
+            for n, e in rec["shards"].items() if (folder / n).is_file()}
+
+
+@locks_output("levo-data score", _scored_folders, per_rank=_sample_rank)
 def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: str | os.PathLike | None = None,
                            batch_size: int = 64, device: str | None = None, code_size: int | None = None,
-                           world_seed: int = 0, codec: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Score every record of candidate song shards (see the module docstring); resumable per shard."""
+                           world_seed: int = 0, codec: str | None = None, overwrite: bool = False,
+                           rank: int | None = None, world: int | None = None) -> dict[str, Any]:
+    """Score every record of candidate song shards (see the module docstring); resumable per shard,
+    split over ranks (this rank scores its share)."""
+    if rank is None or world is None:
+        rank, world = rank_world()
     for c in candidates:  # a levo-data sample folder must be complete (else *.tar is only a part of it)
         if (Path(c) / SETTINGS_NAME).is_file() and not (Path(c) / DONE_NAME).is_file():
             raise ValueError(f"{c}: levo-data sample has not finished there (no {DONE_NAME}); rerun the sample "
@@ -336,6 +388,7 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
     dev = resolve_device(device)
     scorer = load_scorer(scorer_spec, device=dev, world_seed=world_seed, setting="--scorer", codec=codec,
                          batch_size=batch_size)
+    _check_reward_model_tokens(scorer, scorer_spec, shards, cs)
     ident = {"spec": scorer_spec, "name": scorer.name, "overall": scorer.overall}
     names = [os.path.basename(s) for s in shards]
     if out is not None:
@@ -347,24 +400,37 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
         Path(out).mkdir(parents=True, exist_ok=True)
     else:
         targets = {s: Path(s) for s in shards}
-    # one progress file per output folder
+    mine = {s: t for i, (s, t) in enumerate(targets.items()) if i % world == rank}
+    # one progress record per output folder and rank (one rank: score.json itself)
     folders = sorted({t.parent for t in targets.values()})
-    progress = {}
+    progress: dict[Path, dict[str, Any]] = {}
+    prog_path: dict[Path, Path] = {}
     for f in folders:
-        p = f / SCORE_NAME
-        progress[f] = json.loads(p.read_text()) if p.is_file() else {"scorer": ident, "shards": {}}
-        prev = progress[f]["scorer"]
-        if overwrite:  # rescore every shard, also under the same spec (e.g. after fixing the scorer's code)
-            progress[f] = {"scorer": ident, "shards": {}}
-        elif prev != ident:
-            if not overwrite:
+        for _, rec in _score_records(f):
+            prev = rec["scorer"]
+            if prev != ident and not overwrite:
                 raise ValueError(f"{f} was scored with {prev['spec']!r} ({prev['name']}), not {scorer_spec!r}: pass "
                                  "--overwrite to rescore its shards, or write to a new --out")
-            progress[f] = {"scorer": ident, "shards": {}}
+        if overwrite:  # rescore every shard, also under the same spec (e.g. after fixing the scorer's code)
+            if world == 1:
+                shutil.rmtree(f / SCORE_PROGRESS, ignore_errors=True)
+            done = {}
+            if out is not None:  # the set is being rescored: no index may claim it is done
+                (f / INDEX_NAME).unlink(missing_ok=True)
+        else:
+            done = _scored_entries(f, ident)
+        if not (f / SCORE_NAME).is_file() or (overwrite and world == 1):  # marks the folder as scored output
+            write_json_atomic(f / SCORE_NAME, {"scorer": ident, "shards": {}})
+        if world > 1:
+            (f / SCORE_PROGRESS).mkdir(exist_ok=True)
+            prog_path[f] = f / SCORE_PROGRESS / f"rank{rank:03d}.json"
+        else:
+            prog_path[f] = f / SCORE_NAME
+        progress[f] = {"scorer": ident, "shards": done}
     t0 = time.perf_counter()
     n_scored = n_skipped = 0
     sums: dict[str, float] = {}
-    for src, dst in targets.items():
+    for src, dst in mine.items():
         prog = progress[dst.parent]
         if dst.name in prog["shards"] and dst.is_file():
             n_skipped += 1
@@ -413,21 +479,36 @@ def score_candidate_shards(candidates: Sequence[str], scorer_spec: str, *, out: 
             os.replace(tmp_dir / "songs-000000.tar", dst)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         prog["shards"][dst.name] = {"source": os.path.abspath(src), "records": n}
-        write_json_atomic(dst.parent / SCORE_NAME, prog)
+        write_json_atomic(prog_path[dst.parent], prog)
         n_scored += n
-    if out is not None:
-        shard_list = [{"name": t.name, "records": progress[t.parent]["shards"][t.name]["records"]}
-                      for t in targets.values() if progress[t.parent]["shards"][t.name]["records"] > 0]
-        write_json_atomic(Path(out) / INDEX_NAME, {"format": SONG_FORMAT, "version": SCHEMA_VERSION, "code_size": cs,
-                                                   "records": sum(s["records"] for s in shard_list),
-                                                   "shards": shard_list})
+    complete = _finish_scoring(targets, ident, out, cs) if world > 1 or out is not None else True
     secs = time.perf_counter() - t0
-    return {"out": str(out) if out is not None else "in place", "scorer": scorer.name, "overall": scorer.overall,
-            "dimensions": list(scorer.dimensions), "shards": len(shards), "shards_skipped": n_skipped,
+    return {"out": str(out) if out is not None else "in place", "rank": rank, "world": world, "complete": complete,
+            "scorer": scorer.name, "overall": scorer.overall,
+            "dimensions": list(scorer.dimensions), "shards": len(mine), "shards_skipped": n_skipped,
             "songs_scored": n_scored, "seconds": round(secs, 2),
             "songs_per_second": round(n_scored / secs, 2) if n_scored and secs > 0 else None,
             "mean_scores": {k: round(v / n_scored, 6) for k, v in sums.items()} if n_scored else {},
             "pairs_hint": f"levo-data pairs --candidates ... --dimension {scorer.overall}"}
+
+
+def _finish_scoring(targets: dict[str, Path], ident: dict[str, Any], out: str | os.PathLike | None, cs: int) -> bool:
+    """When every target shard is recorded as scored (by any rank): merge the records of each output
+    folder into its ``score.json`` and write ``--out``'s ``index.json``; True then, else False (other
+    ranks still score)."""
+    folders = sorted({t.parent for t in targets.values()})
+    entries = {f: _scored_entries(f, ident) for f in folders}
+    if any(t.name not in entries[t.parent] for t in targets.values()):
+        return False
+    for f in folders:
+        write_json_atomic(f / SCORE_NAME, {"scorer": ident, "shards": entries[f]})
+    if out is not None:
+        shard_list = [{"name": t.name, "records": entries[t.parent][t.name]["records"]}
+                      for t in targets.values() if entries[t.parent][t.name]["records"] > 0]
+        write_json_atomic(Path(out) / INDEX_NAME, {"format": SONG_FORMAT, "version": SCHEMA_VERSION, "code_size": cs,
+                                                   "records": sum(s["records"] for s in shard_list),
+                                                   "shards": shard_list})
+    return True
 
 
 def candidates_overall_key(candidates: Sequence[str]) -> str | None:

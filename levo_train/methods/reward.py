@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from levo_infer.config import config_from_omegaconf
 from levo_train.data.datamodule import PairDataModule
-from levo_train.data.scored import RewardDataModule, data_dimensions
+from levo_train.data.scored import UNIT_RANGE, RewardDataModule, check_score_range, data_dimensions
 from levo_train.data.shards import ShardError, iter_raw, resolve_shards
 from levo_train.export import CheckpointWeights, ExportError
 from levo_train.reward.model import POOLINGS, RewardModel, save_reward_model, write_reward_export
-from levo_train.settings import UsageError, to_float, to_int, to_strings, toy_cache_root, typed
+from levo_train.settings import UsageError, to_float, to_floats, to_int, to_strings, toy_cache_root, typed
 from levo_train.toy.scored import ToyRewardSpec, ensure_toy_reward_data
 from levo_train.toy.world import DIMENSIONS
 from levo_train.train.reward import RewardModule, check_reward_settings
@@ -47,7 +47,10 @@ class RewardSettings:
     rank_weight: float = 0.1
     """``reward.rank_weight``: the ranking term's weight."""
     rank_margin: float = 0.05
-    """``reward.rank_margin``: bt pairs whose true scores differ by at least this."""
+    """``reward.rank_margin``: bt pairs whose true scores differ by at least this (on the [0, 1] targets)."""
+    score_range: tuple[float, float] = UNIT_RANGE
+    """``reward.score_range``: ``[lo, hi]``, the scale ``data.train``'s scores were rated on (e.g. [1, 5]);
+    targets are (s - lo) / (hi - lo), since the loss assumes [0, 1]; a score outside it is refused."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RewardSettings:
@@ -57,7 +60,8 @@ class RewardSettings:
                 layers_sub=typed(r, "layers_sub", to_int, "a number of layers (or null)", "reward"),
                 pooling=str(r.pooling), loss=str(r.loss), rank_loss=str(r.rank_loss),
                 rank_weight=typed(r, "rank_weight", to_float, "a number >= 0", "reward"),
-                rank_margin=typed(r, "rank_margin", to_float, "a number >= 0", "reward"))
+                rank_margin=typed(r, "rank_margin", to_float, "a number >= 0", "reward"),
+                score_range=_score_range(r))
         if s.pooling not in POOLINGS:
             raise UsageError(f"reward.pooling={s.pooling!r}: expected one of {POOLINGS}")
         try:
@@ -66,6 +70,19 @@ class RewardSettings:
         except ValueError as e:
             raise UsageError(str(e)) from None
         return s
+
+
+def _score_range(r: DictConfig) -> tuple[float, float]:
+    """``reward.score_range`` (absent or null: [0, 1]) as checked ``(lo, hi)``."""
+    given = typed(r, "score_range", to_floats, "[lo, hi], two numbers", "reward")
+    if given is None:
+        return UNIT_RANGE
+    if len(given) != 2:
+        raise UsageError(f"reward.score_range={list(given)}: expected [lo, hi], two numbers (e.g. [1, 5])")
+    try:
+        return check_score_range(given)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def pair_dimensions(cfg: DictConfig) -> tuple[str, ...]:
@@ -187,7 +204,7 @@ class RewardMethod(Method):
             return PairDataModule(**common)
         assert plan.data is not None and plan.data.dimensions is not None
         return RewardDataModule(**common, dimensions=plan.data.dimensions, max_frames=plan.cfg.data.max_frames,
-                                crop="start")
+                                crop="start", score_range=plan.settings.score_range)
 
     def export(self, module: Any, folder: Path, dtype: Any = None) -> None:
         """The reward model's export folder (:func:`levo_train.reward.model.save_reward_model`)."""

@@ -26,6 +26,7 @@ from levo_infer.generate import RELEASED_TEMPERATURE, RELEASED_TOP_K
 from levo_infer.integrity import sha256_file
 from levo_infer.planner import InsufficientMemoryError, plan_generation
 from levo_train.prompts import lyric_frame_budget, model_frame_limit, read_prompts
+from levo_train.reward.model import token_layout_mismatch
 from levo_train.rollout import Prompt, Sampling, Scorer
 from levo_train.scorers import WeightedScorer, load_scorer
 from levo_train.settings import UsageError, on_cuda, to_bool, to_float, to_int, to_strings, typed
@@ -310,15 +311,11 @@ def load_sdpo_scorer(plan: Plan) -> tuple[Scorer, Scorer | None]:
     except (OSError, ValueError) as e:
         raise UsageError(str(e) if s.setting in str(e) else f"{s.setting}: {e}") from None
     rm_cfg = getattr(scorer, "model_config", None)
-    if rm_cfg is not None:  # a reward model reads the policy's tokens: same codebooks and sizes
-        for name in ("code_size", "code_depth"):
-            have, want = getattr(rm_cfg.lm, name), getattr(mc.lm, name)
-            if have != want:
-                raise UsageError(f"{s.setting}={s.value}: the reward model reads {name}={have}, the policy "
-                                 f"(model.init) writes {name}={want}; train a reward model on this policy's tokens")
-        if list(rm_cfg.delays) != list(mc.delays):
-            raise UsageError(f"{s.setting}: the reward model's delay pattern {list(rm_cfg.delays)} differs from the "
-                             f"policy's {list(mc.delays)}")
+    if rm_cfg is not None:  # a reward model reads the policy's tokens: same codebooks, sizes and delays
+        what = token_layout_mismatch(rm_cfg, "the policy (model.init)", code_size=mc.lm.code_size,
+                                     code_depth=mc.lm.code_depth, delays=mc.delays)
+        if what:
+            raise UsageError(f"{s.setting}={s.value}: {what}; train a reward model on this policy's tokens")
     if s.dimensions:
         missing = [d for d in s.dimensions if d not in scorer.dimensions]
         if missing:

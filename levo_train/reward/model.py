@@ -303,6 +303,22 @@ def load_reward_model(export_dir: str | os.PathLike, device: str | torch.device 
     return model.to(device).eval(), info
 
 
+def token_layout_mismatch(config: ModelConfig, other: str, *, code_size: int | None = None,
+                          code_depth: int | None = None, delays: Sequence[int] | None = None) -> str | None:
+    """What differs between the tokens a reward model reads (its ``config``) and those of ``other``
+    (a phrase: ``"the policy (model.init)"``, ``"the candidates (DIR/index.json)"``): vocabulary
+    (``code_size``), codebooks (``code_depth``) or delay pattern; None when they agree (a field
+    passed as None is not compared). A different vocabulary indexes past the RM's embeddings; a
+    different delay pattern scores every song silently wrong."""
+    for name, want in (("code_size", code_size), ("code_depth", code_depth)):
+        have = getattr(config.lm, name)
+        if want is not None and int(have) != int(want):
+            return f"the reward model reads {name}={have}, {other} has {name}={want}"
+    if delays is not None and list(config.delays) != [int(d) for d in delays]:
+        return f"the reward model has delay pattern {list(config.delays)}, {other} has {[int(d) for d in delays]}"
+    return None
+
+
 class RewardScorer:
     """A reward-model export as a :class:`~levo_train.rollout.Scorer`: each dimension of its
     ``reward.json`` plus ``overall``. Scores under ``no_grad`` in eval mode."""
@@ -334,4 +350,4 @@ class RewardScorer:
 
 __all__ = ["OVERALL", "POOLINGS", "RewardHead", "RewardModel", "RewardModelError", "RewardScorer",
            "load_reward_model", "mean_pool", "read_reward_info", "reward_forward", "save_reward_model",
-           "token_logp_features", "trunk_states", "truncate_trunk", "write_reward_export"]
+           "token_layout_mismatch", "token_logp_features", "trunk_states", "truncate_trunk", "write_reward_export"]
