@@ -23,6 +23,7 @@ that fails as one that does not load.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -202,12 +203,18 @@ def write_released_stream(folder: str | os.PathLike, config: ModelConfig, weight
                           f"unexpected {unexpected[:4]}, other shapes {bad[:4]}")
     out = {k: (dtype if dtype is not None and dt.is_floating_point else dt) for k, (_, dt) in expected.items()}
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    remove_manifest(folder)
-    write_torch_stream(folder / "model.pt", [(PREFIX + k, expected[k][0], out[k]) for k in expected],
-                       lambda name: weights.get(prefix + name[len(PREFIX):]).to(out[name[len(PREFIX):]]))
-    save_config(config, folder / "config.yaml")
-    write_manifest(folder, ["model.pt", "config.yaml"])
+    try:
+        remove_manifest(folder)
+        write_torch_stream(folder / "model.pt", [(PREFIX + k, expected[k][0], out[k]) for k in expected],
+                           lambda name: weights.get(prefix + name[len(PREFIX):]).to(out[name[len(PREFIX):]]))
+        save_config(config, folder / "config.yaml")
+        write_manifest(folder, ["model.pt", "config.yaml"])
+    except BaseException:
+        if created:  # a read that fails mid-stream (a bad or crafted item) leaves no half export behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
