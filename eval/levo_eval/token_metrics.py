@@ -70,6 +70,7 @@ from levo_infer.jsonio import dumps as strict_dumps
 from levo_infer.jsonio import write_json_atomic
 from levo_infer.jsonl import JsonlError, jsonl_lines, parse_json_line
 from levo_infer.tokens import CODE_SIZE, FRAME_RATE, SEPARATE_SUFFIXES, STREAMS, SUBSTITUTED
+from levo_train.data.batch import ENDED_KEY
 from levo_train.data.shards import ShardError, Song, iter_songs, read_index
 from levo_train.reward.model import RewardModelError, load_reward_model
 from levo_train.scorers import load_callable
@@ -329,7 +330,13 @@ def load_token_set(path: str | Path, *, max_frames: int | None = None) -> TokenS
         if rec is None:
             ts.unconditioned += 1
         lyric, style, cap = rec or ("", "", None)
-        ts.songs.append(Song(f.stem, arr, lyric, style, None, {}))
+        # whether the song ended with EOS (levo-infer records it; else: stopped before its cap), so a
+        # reward model embeds a song cut at its cap without an EOS, as sDPO and `levo-data sample` do
+        raw = recs.get(f.stem) or {}
+        ended = raw.get(ENDED_KEY)
+        if ended is None and cap is not None:
+            ended = arr.shape[1] < cap
+        ts.songs.append(Song(f.stem, arr, lyric, style, None, {} if ended is None else {ENDED_KEY: bool(ended)}))
         ts.caps.append(max_frames if max_frames is not None else cap)
         ts.modes.append(_mode(recs, f.stem))
     if not ts.songs:
