@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from levo_infer.engine import QUEUE_PER_SLOT
 from levo_infer.generate import generate
@@ -126,8 +127,6 @@ def check_scores(scorer: Scorer, scores: Sequence[dict[str, float]], n: int,
 
 def _prompt_tensor(prompts: Sequence[Prompt]) -> Any:
     """Audio prompts of a generation batch as one [B, K, P] tensor (None when no song has one)."""
-    import torch
-
     have = [p.prompt is not None for p in prompts]
     if not any(have):
         return None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .decoder import SEPTOKEN_FILE, VAE_CKPT, VAE_JSON
 from .flow import FlowDecoder
@@ -94,8 +95,6 @@ def write_codec_files(folder: str | os.PathLike, flow_state: dict[str, torch.Ten
     """Write a codec folder in the released runtime layout: the flat safetensors
     ``model_septoken/model_2.safetensors``, ``vae/stable_audio_1920_vae.json`` (``spec``) and the
     torch pickle ``vae/autoencoder_music_1320k.ckpt`` (``{'state_dict': vae_state}``)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     (folder / SEPTOKEN_FILE).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().clone().contiguous() for k, v in flow_state.items()}, str(folder / SEPTOKEN_FILE))
