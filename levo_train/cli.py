@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         return code
+    finally:  # each rank closes its process group before exit: a gloo group left to interpreter shutdown
+        # aborted a finished rank now and then ("terminate called without an active exception")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
