@@ -58,6 +58,21 @@ def write_tiny_codec(folder: str | Path, *, seed: int = 0, counts: float = 1e6, 
     return write_codec_files(folder, sd, vsd, spec)
 
 
+def save_tiny_lm(folder: str | Path, *, code_size: int = 16384, prompt_frames: int = 3) -> Path:
+    """A tiny LM (seed 0) in the released folder layout, whose tokens the tiny codec decodes (the real
+    codebook size by default; ``prompt_frames`` long enough for the audio prompts a test encodes)."""
+    from levo_infer.checkpoint import save_released
+    from levo_infer.config import make_config
+    from levo_infer.model import LeLM
+
+    torch.manual_seed(0)
+    m = LeLM(make_config(dim=32, num_heads=2, num_layers=1, num_layers_sub=1, intermediate_size=64,
+                         code_size=code_size, delays=[0, 2, 2], lyric_max_len=12, style_max_len=6,
+                         prompt_frames=prompt_frames, text_words=["<unk>", ".", ",", ";", "la", "da", "rock"]))
+    m.init_weights()
+    return save_released(m, str(folder))
+
+
 def standin_checkout(tmp_path: Path, builders: str, generate: str, config: str) -> Any:
     """A stand-in SongGeneration checkout (``codeclm/models/builders.py``, ``generate.py``) with the
     given sources and a model ``config.yaml``; yields ``(root, config_path)`` and forgets its modules

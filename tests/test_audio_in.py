@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from codec_fixtures import save_tiny_lm, tiny_htdemucs, write_released_demucs, write_tiny_encoder
 from codec_fixtures import test_song as song
-from codec_fixtures import tiny_htdemucs, write_released_demucs, write_tiny_encoder
 from conftest import TINY
 
 from levo_data.cli import main as levo_data
@@ -200,17 +200,9 @@ def test_bad_songs_are_named_one_at_a_time_in_shards(bundle, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- levo-infer
 def test_levo_infer_encodes_an_audio_prompt_natively(bundle, songs, reference, tmp_path, capsys):
-    from levo_infer.checkpoint import save_released
     from levo_infer.cli import main
-    from levo_infer.config import make_config
-    from levo_infer.model import LeLM
 
-    torch.manual_seed(0)
-    m = LeLM(make_config(dim=32, num_heads=2, num_layers=1, num_layers_sub=1, intermediate_size=64, code_size=16384,
-                         delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=40,
-                         text_words=["<unk>", ".", ",", ";", "la", "da", "rock"]))
-    m.init_weights()
-    save_released(m, str(tmp_path / "lm"))
+    save_tiny_lm(tmp_path / "lm", prompt_frames=40)
     d = songs.parent
     (tmp_path / "text.wav").write_text("not audio")
     _wav(tmp_path / "nan.wav", torch.full((2, 100), float("nan")), subtype="FLOAT")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from codec_fixtures import tiny_flow, tiny_vae, write_tiny_codec
+from codec_fixtures import save_tiny_lm, tiny_flow, tiny_vae, write_tiny_codec
 from conftest import CODEC_LAYOUT
 
 from levo_infer.codec.decoder import (
@@ -309,18 +309,9 @@ def test_levo_infer_writes_flac_of_the_right_length_for_every_mode(tmp_path, cod
     sf = pytest.importorskip("soundfile")
     from conftest import TINY_WORDS  # noqa: F401 - the tiny LM's vocabulary
 
-    from levo_infer.checkpoint import save_released
     from levo_infer.cli import main
-    from levo_infer.config import make_config
-    from levo_infer.model import LeLM
 
-    cfg = make_config(dim=32, num_heads=2, num_layers=1, num_layers_sub=1, intermediate_size=64, code_size=16384,
-                      delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=3,
-                      text_words=["<unk>", ".", ",", ";", "la", "da", "rock"])
-    torch.manual_seed(0)
-    m = LeLM(cfg)
-    m.init_weights()
-    save_released(m, str(tmp_path / "lm"))
+    save_tiny_lm(tmp_path / "lm")
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"idx": "a", "gt_lyric": "[verse] la da"}) + "\n")
     for mode, names in [("mixed", ["a"]), ("vocal", ["a"]), ("bgm", ["a"]), ("separate", ["a", "a_bgm", "a_vocal"])]:

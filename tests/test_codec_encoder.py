@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from codec_fixtures import save_tiny_lm
 
 from levo_infer.codec.encoder import EncoderError, load_encoder
 
@@ -81,17 +82,9 @@ def test_encoder_spec_and_checkout_errors(checkout, tmp_path):
 
 def test_levo_infer_encodes_an_audio_prompt_with_the_checkout(checkout, tmp_path, capsys):
     root, cfg = checkout
-    from levo_infer.checkpoint import save_released
     from levo_infer.cli import main
-    from levo_infer.config import make_config
-    from levo_infer.model import LeLM
 
-    torch.manual_seed(0)
-    m = LeLM(make_config(dim=32, num_heads=2, num_layers=1, num_layers_sub=1, intermediate_size=64, code_size=256,
-                         delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=40,
-                         text_words=["<unk>", ".", ",", ";", "la", "da", "rock"]))
-    m.init_weights()
-    save_released(m, str(tmp_path / "lm"))
+    save_tiny_lm(tmp_path / "lm", code_size=256, prompt_frames=40)
     with open(tmp_path / "lm" / "config.yaml", "a") as f:  # a released config names the tokenizer checkpoints
         f.write(cfg.read_text())
     (tmp_path / "lm" / "checksums.json").unlink()  # edited by hand, as a released folder (which has none)

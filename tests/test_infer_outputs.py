@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from codec_fixtures import save_tiny_lm
 
 from levo_infer import cli
 from levo_infer import codec as song_codec
-from levo_infer.checkpoint import save_released
-from levo_infer.config import make_config
-from levo_infer.model import LeLM
 
 sf = pytest.importorskip("soundfile")
 
@@ -24,15 +22,7 @@ sf = pytest.importorskip("soundfile")
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> Path:
     """A tiny LM with the real codebook size (its tokens decode with the tiny codec)."""
-    cfg = make_config(dim=32, num_heads=2, num_layers=1, num_layers_sub=1, intermediate_size=64, code_size=16384,
-                      delays=[0, 2, 2], lyric_max_len=12, style_max_len=6, prompt_frames=3,
-                      text_words=["<unk>", ".", ",", ";", "la", "da", "rock"])
-    torch.manual_seed(0)
-    m = LeLM(cfg)
-    m.init_weights()
-    folder = tmp_path_factory.mktemp("lm") / "lm"
-    save_released(m, str(folder))
-    return folder
+    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "lm")
 
 
 @pytest.fixture(scope="module")
