@@ -325,8 +325,9 @@ class Runner:
         # what can fail cheaply fails before the model loads: unwritable output folders, a bad codec folder
         self.codec = None
         self.codec_dir: str | None = None
+        found = a.codec or song_codec.find_codec_dir(a.ckpt_dir)  # decodes audio out, encodes audio prompts
         if not a.tokens_only:
-            codec_dir = a.codec or song_codec.find_codec_dir(a.ckpt_dir)
+            codec_dir = found
             if codec_dir is None:
                 print(f"levo-infer: no audio codec: no --codec CODEC_DIR given and no codec folder (model_septoken/ and "
                       f"vae/) beside {a.ckpt_dir}; writing tokens only to {self.out / 'tokens'} (--tokens-only "
@@ -384,7 +385,7 @@ class Runner:
             print(f"levo-infer: --memory-gb {a.memory_gb:g}: {plan.describe()}", file=sys.stderr)
         self.base_seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
         self.encoder: Any = None
-        native_dir = None if a.codec_encoder else a.codec or song_codec.find_codec_dir(a.ckpt_dir)
+        native_dir = None if a.codec_encoder else found
         if a.codec_encoder and Path(a.codec_encoder).is_dir():  # a codec folder: the native encoder
             native_dir = a.codec_encoder
         elif a.codec_encoder:
