@@ -17,6 +17,7 @@ from test_infer import LYRICS, STYLES, make_model, prompts_for
 
 from levo_infer.engine import planned_steps
 from levo_infer.generate import generate
+from levo_infer.styles import null_styles
 
 FRAMES = [20, 7, 33, 12, 25, 9, 40, 15]  # per-song frame limits: a mixed-length queue
 SEEDS = [100 + 7 * i for i in range(8)]
@@ -39,7 +40,8 @@ def test_song_tokens_do_not_depend_on_slots_neighbours_order_or_policy(model, mo
     assert len(set(lengths)) >= 5  # a mixed queue: songs end at many different steps
     runs = {(slots, policy): generate(m, LYRICS, STYLES, prompt, max_frames=FRAMES, seed=SEEDS, slots=slots,
                                       policy=policy, **kw)
-            for slots, policy in ((1, "continuous"), (3, "continuous"), (3, "static"), (8, "continuous"))}
+            for slots, policy in ((1, "continuous"), (3, "continuous"), (3, "static"), (3, "static-drop"),
+                                  (8, "continuous"))}
     for (slots, policy), out in runs.items():
         assert out.codes.shape == (8, 3, max(FRAMES))
         for i in range(8):
@@ -47,11 +49,40 @@ def test_song_tokens_do_not_depend_on_slots_neighbours_order_or_policy(model, mo
             assert torch.equal(out.raw_codes[i, :, :FRAMES[i]], alone[i].raw_codes[0]), (slots, policy, i)
             assert (out.raw_codes[i, :, FRAMES[i]:] == m.pad_id).all()
     # continuous batching refills slots: fewer decode steps than static batches at the same slot count
-    assert runs[(3, "continuous")].steps < runs[(3, "static")].steps
+    assert runs[(3, "continuous")].steps < runs[(3, "static")].steps == runs[(3, "static-drop")].steps
+    # songs moved down into freed slots: continuous once the queue is empty, static-drop whenever one ends
+    assert runs[(3, "continuous")].moves > 0 and runs[(3, "static-drop")].moves > runs[(3, "continuous")].moves
+    assert runs[(3, "static")].moves == 0
     perm = [3, 1, 7, 0, 5, 2, 6, 4]
     shuffled = generate(m, [LYRICS[i] for i in perm], [STYLES[i] for i in perm], prompt[perm],
                         max_frames=[FRAMES[i] for i in perm], seed=[SEEDS[i] for i in perm], slots=3, **kw)
     assert torch.equal(shuffled.raw_codes, runs[(1, "continuous")].raw_codes[perm])
+
+
+def test_prefixes_are_shared_between_rows_with_the_same_conditions(model):
+    """Candidates of one prompt and CFG's null rows take a copy of a prefix computed once: the copies
+    change no token (each song equals itself generated alone), and only distinct conditions prefill."""
+    m = model
+    idx = [0, 0, 3, 0, 3, 5]  # songs 0, 1, 3 share conditions, and 2, 4; seeds differ
+    lyr, sty = [LYRICS[i] for i in idx], [STYLES[i] for i in idx]
+    prompt = prompts_for(m, 8)[idx]
+    frames = [FRAMES[i] for i in range(len(idx))]
+    seeds = SEEDS[:len(idx)]
+    kw = dict(compat=False, temperature=1.0, top_k=10)
+    out = generate(m, lyr, sty, prompt, max_frames=frames, seed=seeds, slots=2, **kw)
+    for i in range(len(idx)):
+        one = generate(m, lyr[i:i + 1], sty[i:i + 1], prompt[i:i + 1], max_frames=frames[i], seed=[seeds[i]], **kw)
+        assert torch.equal(out.raw_codes[i, :, :frames[i]], one.raw_codes[0]), i
+        assert one.prefilled_rows == 2  # a song alone: its cond and its null row
+    distinct_null = len(set(null_styles(sty, m.cfg.version)))
+    assert out.prefilled_rows < 2 * len(idx)  # 2 slots: a freed row's prefix serves a later song while it lasts
+    together = generate(m, lyr, sty, prompt, max_frames=frames, seed=seeds, slots=len(idx), **kw)
+    assert torch.equal(together.raw_codes, out.raw_codes)
+    assert together.prefilled_rows == 3 + distinct_null == 5  # each distinct condition once
+    # the 8-bit cache's scales travel with the copied (and moved) rows
+    q2 = generate(m, lyr, sty, prompt, max_frames=frames, seed=seeds, slots=3, policy="static-drop", kv_bits=8, **kw)
+    q6 = generate(m, lyr, sty, prompt, max_frames=frames, seed=seeds, slots=len(idx), kv_bits=8, **kw)
+    assert q2.moves > 0 and torch.equal(q2.raw_codes, q6.raw_codes)
 
 
 def test_planned_steps_schedule():

@@ -41,6 +41,7 @@ import torch
 
 from levo_infer import load_model
 from levo_infer.config import ModelConfig, make_config
+from levo_infer.engine import planned_steps
 from levo_infer.generate import generate
 from levo_infer.model import LeLM
 from levo_infer.pattern import build_delayed
@@ -63,6 +64,11 @@ MODEL_SRC = textwrap.dedent("""
     from levo_infer.config import make_config
     from levo_infer.model import LeLM
     WORDS = {words!r}
+    def song_lyrics(n, seed=0):  # n distinct lyrics: no two songs share a prefix (CFG's null rows still do)
+        import random
+        rng, w = random.Random(seed), WORDS[3:]
+        return ["[verse] " + " ".join(rng.choice(w) for _ in range(6)) + " ; [chorus] "
+                + " ".join(rng.choice(w) for _ in range(4)) + f" . {{i}}" for i in range(n)]
     def bench_model(dim, heads, layers, layers_sub, inter, delays):
         cfg = make_config(dim=dim, num_heads=heads, num_layers=layers, num_layers_sub=layers_sub,
                           intermediate_size=inter, code_size=16384, delays=delays, lyric_max_len=600,
@@ -78,6 +84,11 @@ MODEL_SRC = textwrap.dedent("""
 """).format(words=WORDS)
 _NS: dict[str, Any] = {}
 exec(MODEL_SRC, _NS)  # the child processes below run the same source
+
+
+def song_lyrics(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct lyrics: no two songs share a prefix (CFG's null rows still do)."""
+    return _NS["song_lyrics"](n, seed)
 
 
 def bench_model(dim: int, heads: int, layers: int, layers_sub: int, inter: int, delays: list[int]) -> LeLM:
@@ -136,35 +147,56 @@ def bench_latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- (b) static vs continuous
+POLICY_ORDER = ("static", "static-drop", "continuous")
+
+
+def _policy_runs(run, songs: int, rounds: int, label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Alternate the three policies ``rounds`` times; the best time of each (the machine is shared)."""
+    outs: dict[str, Any] = {}
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for policy in POLICY_ORDER:
+            t0 = time.perf_counter()
+            outs[policy] = run(policy)
+            best[policy] = min(best.get(policy, math.inf), time.perf_counter() - t0)
+    res: dict[str, Any] = {}
+    for policy in POLICY_ORDER:
+        out, dt = outs[policy], best[policy]
+        frames = int(out.lengths.sum())
+        res[policy] = {"seconds": dt, "songs_per_s": songs / dt, "frames_per_s": frames / dt, "decode_steps": out.steps,
+                       "prefilled_rows": out.prefilled_rows, "moves": out.moves}
+        print(f"  (b) {label}, {policy:11s}: {dt:7.2f} s, {songs / dt:8.3f} songs/s, {frames / dt:6.0f} frames/s, "
+              f"{out.steps} decode steps, {out.prefilled_rows} rows prefilled, {out.moves} moves", flush=True)
+    res["bit_identical"] = all(torch.equal(outs[p].raw_codes, outs["continuous"].raw_codes) for p in POLICY_ORDER)
+    res["speedup"] = res["continuous"]["songs_per_s"] / res["static"]["songs_per_s"]
+    res["speedup_vs_static_drop"] = res["continuous"]["songs_per_s"] / res["static-drop"]["songs_per_s"]
+    return res, outs
+
+
 def bench_mixed(args: argparse.Namespace, delays: list[int], lo: int, hi: int, songs: int) -> dict[str, Any]:
+    """Songs of distinct lyrics and uniform frame limits (EOS never sampled: each runs to its limit)."""
     m = bench_model(256, 2, 2, 1, 512, delays)
     rng = random.Random(args.seed)
     frames = [rng.randint(lo, hi) for _ in range(songs)]
-    L, S = [LYRIC] * songs, [STYLE] * songs
+    L, S = song_lyrics(songs, args.seed), [STYLE] * songs
     seeds = list(range(songs))
     generate(m, L[:1], S[:1], max_frames=2, compat=True, top_k=50, seed=0)  # warm-up
     res: dict[str, Any] = {"delays": delays, "songs": songs, "slots": args.slots, "frames_lo": lo, "frames_hi": hi,
-                           "frames_mean": sum(frames) / songs, "distribution": f"uniform integer {lo}..{hi} frames"}
-    outs = {}
-    for policy in ("static", "continuous"):
-        t0 = time.perf_counter()
-        out = generate(m, L, S, max_frames=frames, compat=True, top_k=50, temperature=0.8, seed=seeds,
-                       slots=args.slots, policy=policy)
-        dt = time.perf_counter() - t0
-        outs[policy] = out
-        res[policy] = {"seconds": dt, "songs_per_s": songs / dt, "frames_per_s": int(out.lengths.sum()) / dt,
-                       "decode_steps": out.steps}
-        print(f"  (b) delays {delays}, {songs} songs of {lo}..{hi} frames, {args.slots} slots, {policy:10s}: "
-              f"{dt:7.1f} s, {songs / dt:.3f} songs/s, {int(out.lengths.sum()) / dt:.0f} frames/s, "
-              f"{out.steps} decode steps", flush=True)
-    res["bit_identical"] = bool(torch.equal(outs["static"].raw_codes, outs["continuous"].raw_codes))
-    res["speedup"] = res["continuous"]["songs_per_s"] / res["static"]["songs_per_s"]
+                           "frames_mean": sum(frames) / songs, "distribution": f"uniform integer {lo}..{hi} frames",
+                           "planned_steps": {p: planned_steps([f + max(delays) for f in frames], args.slots, p)
+                                             for p in ("static", "continuous")}}
+    run = lambda policy: generate(m, L, S, max_frames=frames, compat=True, top_k=50, temperature=0.8,  # noqa: E731
+                                  seed=seeds, slots=args.slots, policy=policy)
+    out, _ = _policy_runs(run, songs, args.mixed_rounds,
+                          f"delays {delays}, {songs} songs of {lo}..{hi} frames, {args.slots} slots")
+    res.update(out)
     return res
 
 
 def bench_mixed_toy(args: argparse.Namespace) -> dict[str, Any]:
-    """The toy world's own workload (``levo-eval toy`` / sDPO rounds): held-out conditions sampled at
-    temperature 1 from a toy SFT export, up to 96 frames, lengths set by the policy's EOS."""
+    """The toy world's own workload (``levo-eval toy`` / sDPO rounds: ``Sampling.batch_size`` 128 slots, one
+    engine call of ``QUEUE_PER_SLOT`` songs per slot): held-out conditions sampled at temperature 1 from a
+    toy SFT export, up to 96 frames, lengths set by the policy's EOS."""
     scorer = ToyOracleScorer(0)
     m = load_model(args.toy_init)
     prompts = heldout_prompts(scorer.world, args.toy_songs, seed=args.seed, tier="top")
@@ -174,26 +206,13 @@ def bench_mixed_toy(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"songs": len(prompts), "slots": args.toy_slots, "max_frames": 96,
                            "distribution": "the toy SFT export's own EOS-driven lengths (held-out top-tier "
                                            "conditions, temperature 1, at most 96 frames)"}
-    outs: dict[str, Any] = {}
-    best: dict[str, float] = {}
-    for _ in range(args.rounds):  # alternate the policies; the best of each (the machine is shared)
-        for policy in ("static", "continuous"):
-            t0 = time.perf_counter()
-            outs[policy] = generate(m, lyr, sty, max_frames=96, temperature=1.0, seed=seeds, slots=args.toy_slots,
-                                    policy=policy)
-            best[policy] = min(best.get(policy, math.inf), time.perf_counter() - t0)
-    for policy in ("static", "continuous"):
-        out, dt = outs[policy], best[policy]
-        frames = int(out.lengths.sum())
-        res[policy] = {"seconds": dt, "songs_per_s": len(prompts) / dt, "frames_per_s": frames / dt,
-                       "decode_steps": out.steps}
-        print(f"  (b) toy SFT export, {len(prompts)} songs, {args.toy_slots} slots, {policy:10s}: {dt:7.1f} s, "
-              f"{len(prompts) / dt:.2f} songs/s, {frames / dt:.0f} frames/s, {out.steps} decode steps", flush=True)
+    run = lambda policy: generate(m, lyr, sty, max_frames=96, temperature=1.0, seed=seeds,  # noqa: E731
+                                  slots=args.toy_slots, policy=policy)
+    out, outs = _policy_runs(run, len(prompts), args.rounds, f"toy SFT export, {len(prompts)} songs, {args.toy_slots} slots")
+    res.update(out)
     lengths = outs["static"].lengths.float()
     res.update(frames_mean=float(lengths.mean()), frames_min=int(lengths.min()), frames_max=int(lengths.max()),
                frames_std=float(lengths.std()))
-    res["bit_identical"] = bool(torch.equal(outs["static"].raw_codes, outs["continuous"].raw_codes))
-    res["speedup"] = res["continuous"]["songs_per_s"] / res["static"]["songs_per_s"]
     return res
 
 
@@ -218,12 +237,12 @@ PEAK_CHILD = MODEL_SRC + textwrap.dedent("""
             raise Stop
     n = 2 * slots  # a queue longer than the slots: every slot is filled
     try:
-        generate(m, [{lyric!r}] * n, [{style!r}] * n, max_frames=frames, compat=True, top_k=50, seed=0, slots=slots,
+        generate(m, song_lyrics(n), [{style!r}] * n, max_frames=frames, compat=True, top_k=50, seed=0, slots=slots,
                  kv_bits=None if kv == 'none' else int(kv), progress=progress)
     except Stop:
         pass
     print(json.dumps({{"base": base, "peak": peak()}}))
-""").format(lyric=LYRIC, style=STYLE)
+""").format(style=STYLE)
 
 
 def bench_planner_check(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -382,8 +401,9 @@ def main() -> None:
     ap.add_argument("--v2-seconds", type=float, default=270.0)
     ap.add_argument("--toy-init", default=None, help="toy SFT export for the 8-bit cache's toy quality")
     ap.add_argument("--toy-n", type=int, default=512)
-    ap.add_argument("--toy-songs", type=int, default=512, help="songs of the toy workload in (b)")
-    ap.add_argument("--toy-slots", type=int, default=32)
+    ap.add_argument("--toy-songs", type=int, default=1024, help="songs of the toy workload in (b)")
+    ap.add_argument("--toy-slots", type=int, default=128, help="slots of the toy workload (Sampling.batch_size)")
+    ap.add_argument("--mixed-rounds", type=int, default=1, help="rounds of the uniform workload in (b) (minutes each)")
     ap.add_argument("--v2-workload", action="store_true", help="(b) also with v2's delays and 100..1000-frame songs "
                     "(minutes on CPU)")
     ap.add_argument("--quick", action="store_true")
@@ -392,7 +412,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
-        args.rounds, args.reps, args.songs, args.toy_n, args.toy_songs = 1, 1, 16, 128, 128
+        args.rounds, args.reps, args.songs, args.toy_n, args.toy_songs, args.toy_slots = 1, 1, 16, 128, 128, 32
     want = lambda s: args.only is None or s in args.only  # noqa: E731
     res: dict[str, Any] = {"threads": 1, "torch": torch.__version__}
     if want("latency"):

@@ -9,6 +9,7 @@ recipe runs, GPU checks) live in the README's other table and are not touched.
     OMP_NUM_THREADS=1 python eval/bench/run_all.py [--only NAME ...] [--quick] [--no-readme]
     eval/bench/run_all                         # the same, as a command
 
+``--only NAME ...`` replaces just those benchmarks' rows in the README's table (each dated).
 ``--quick`` shrinks the slow ones (fewer repeats, no 1 GiB load file) for a smoke run. The sDPO
 cycle needs a toy SFT export: ``--sdpo-init PATH``, else a short toy SFT run (300 steps) is made
 first. PER throughput is measured by ``eval/bench/bench_per.py`` when the ``.[eval]`` extra and its
@@ -118,12 +119,14 @@ def rows_engine(r: dict) -> list[Row]:
         what = (f"continuous vs static batching, {mx['slots']} slots, {mx['songs']} songs: " +
                 (f"{mx['distribution']} (mean {mx['frames_mean']:.1f}, {mx['frames_min']}–{mx['frames_max']})"
                  if "frames_min" in mx else f"{mx['distribution']}, delays {mx['delays']}"))
-        c, st = mx["continuous"], mx["static"]
+        c, st, sd = mx["continuous"], mx["static"], mx.get("static-drop")
+        drop = (f"; static-drop (finished songs leave the step) {sd['songs_per_s']:.2f} songs/s: continuous "
+                f"{mx['speedup_vs_static_drop']:.2f}× of it" if sd else "")
         out.append((what, f"continuous {c['songs_per_s']:.2f} songs/s, {c['frames_per_s']:.0f} frames/s "
-                          f"(**{mx['speedup']:.2f}×**)",
-                     f"static {st['songs_per_s']:.2f} songs/s, {st['frames_per_s']:.0f} frames/s; decode steps "
-                     f"{st['decode_steps']} → {c['decode_steps']}; same songs bit for bit: "
-                     f"{'yes' if mx['bit_identical'] else 'NO'}"))
+                          f"(**{mx['speedup']:.2f}×** static)",
+                     f"static (a batch holds its slots until its longest song ends) {st['songs_per_s']:.2f} songs/s, "
+                     f"{st['frames_per_s']:.0f} frames/s; decode steps {st['decode_steps']} → {c['decode_steps']}{drop}; "
+                     f"same songs bit for bit: {'yes' if mx['bit_identical'] else 'NO'}"))
     pc = r.get("planner_check")
     if pc:
         ours = "; ".join(f"{size} " + ", ".join(f"{x['slots']} slots {x['measured_mib']:.0f} MiB ({x['error']:+.1%})"
@@ -253,7 +256,7 @@ def rows_per(r: dict) -> list[Row]:
              f"corpus PER {r['corpus_per']:.3f} on matching lyrics" if "corpus_per" in r else "—")]
 
 
-def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
+def benches(quick: bool, sdpo_init: str | None, engine_baseline: str | None = None) -> list[Bench]:
     q = quick
     return [
         Bench("train", ["eval/bench/bench_train.py", "--steps", "3" if q else "5"], rows_train),
@@ -261,7 +264,8 @@ def benches(quick: bool, sdpo_init: str | None) -> list[Bench]:
         Bench("infer", ["eval/bench/bench_infer.py", *(["--skip-load"] if q else []), "--json", "{json}"], rows_infer,
               json_flag=True, timeout=1500),
         Bench("engine", ["eval/bench/bench_engine.py", "--toy-init", sdpo_init or "{sft_export}",
-                         *(["--quick"] if q else []), "--json", "{json}"], rows_engine, json_flag=True, timeout=1800),
+                         *(["--quick"] if q else []), *(["--baseline-src", engine_baseline] if engine_baseline else []),
+                         "--json", "{json}"], rows_engine, json_flag=True, timeout=1800),
         Bench("strategies", ["eval/bench/bench_strategies.py", "--json", "{json}"], rows_strategies, json_flag=True),
         Bench("meta_init", ["eval/bench/bench_meta_init.py", "--legacy", "--export-legacy",
                             *(["--dim", "1024", "--ffn", "4096", "--heads", "8"] if q else []), "--json", "{json}"],
@@ -360,12 +364,36 @@ def write_readme(text: str) -> None:
     os.replace(tmp, README)
 
 
+def update_readme_rows(benches_run: list[Bench], rows: list[tuple[str, str, str, str]], date: str) -> int:
+    """Replace, in the README's table, the rows of the benchmarks just run (``--only``): a row is a
+    benchmark's when its command cell names the benchmark's script. The new rows take the place of the
+    first old one (or go last), each with its date, the rest of the table untouched. Returns the rows written."""
+    s = README.read_text()
+    if START not in s or END not in s:
+        raise SystemExit("README.md has no performance table to update; run without --only first")
+    a, b = s.index(START), s.index(END)
+    lines = s[a:b].split("\n")
+    scripts = [x.command[0] for x in benches_run]
+    mine = [i for i, line in enumerate(lines) if line.startswith("| ") and any(f"python {sc}" in line for sc in scripts)]
+    new = [f"| {w} | {o} | {r} | `{c}` ({date}) |" for w, o, r, c in rows]
+    at = mine[0] if mine else max(i for i, line in enumerate(lines) if line.startswith("|")) + 1
+    kept = [line for i, line in enumerate(lines) if i not in mine]
+    at -= sum(1 for i in mine if i < at)
+    kept[at:at] = new
+    tmp = README.with_name(f".README.md.tmp{os.getpid()}")
+    tmp.write_text(s[:a] + "\n".join(kept) + s[b:])
+    os.replace(tmp, README)
+    return len(new)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (default: all)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sdpo-init", default=None, help="toy SFT export for the sDPO cycle (default: trained first)")
+    ap.add_argument("--engine-baseline", default=None, help="a source tree of main before issue #22 (e.g. "
+                    "`git archive 7db8be4 | tar -x -C DIR`) for the engine's batch-1 comparison (MAIN_TREE in the table)")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rebuild the table from the JSON already in --out")
     a = ap.parse_args()
@@ -373,7 +401,7 @@ def main() -> int:
     out = a.out or REPO / "bench-results" / date
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="offline")
-    selected = [b for b in benches(a.quick, a.sdpo_init) if a.only is None or b.name in a.only]
+    selected = [b for b in benches(a.quick, a.sdpo_init, a.engine_baseline) if a.only is None or b.name in a.only]
     unknown = set(a.only or []) - {b.name for b in benches(False, None)}
     if unknown:
         ap.error(f"unknown benchmark(s) {sorted(unknown)}")
@@ -393,7 +421,8 @@ def main() -> int:
         for b in selected:
             print(f"run_all: {b.name} ...", file=sys.stderr, flush=True)
             res, secs, cmd = run_bench(b, out, env, fill)
-            cmd = re.sub(r"--json \S+", "", cmd).replace(fill.get("sft_export", "\0"), "SFT_EXPORT").strip()
+            cmd = re.sub(r"--json \S+", "", cmd).replace(fill.get("sft_export", "\0"), "SFT_EXPORT")
+            cmd = cmd.replace(a.sdpo_init or "\0", "SFT_EXPORT").replace(a.engine_baseline or "\0", "MAIN_TREE").strip()
             got = b.rows(res) if not (isinstance(res, dict) and res.get("skipped")) or b.name == "per" else [
                 (b.name, f"skipped: {res['skipped']}", "—")]
             rows += [(w, o, r, f"OMP_NUM_THREADS=1 python {cmd}") for w, o, r in got]
@@ -401,9 +430,14 @@ def main() -> int:
     text = table(rows, machine(), date)
     (out / "table.md").write_text(text + "\n")
     print(text)
-    if not a.no_readme and a.only is None:
+    if a.quick:  # a smoke run: figures not for the README
+        pass
+    elif not a.no_readme and a.only is None:
         write_readme(text)
         print(f"run_all: README.md table regenerated ({len(rows)} rows)", file=sys.stderr)
+    elif not a.no_readme and rows:
+        n = update_readme_rows([b for b in benches(a.quick, a.sdpo_init) if b.name in a.only], rows, date)
+        print(f"run_all: README.md table: the rows of {', '.join(a.only)} replaced ({n} rows)", file=sys.stderr)
     print(f"run_all: {time.perf_counter() - t_all:.0f} s in all; results in {out}", file=sys.stderr)
     return 0
 

@@ -3,9 +3,16 @@
 Songs wait in a queue; ``slots`` of them generate together. When a song ends (all of its streams
 emitted EOS, its own frame limit, or, with ``stop_at_cut``, every frame before its earliest EOS
 exists) its slot is refilled at once from the queue: the newcomer's ``[lyrics | prompt | style]``
-prefix is prefilled into the slot's cache rows, and from the next step on it joins the shared decode
-steps, each slot at its own pattern step and position. ``policy="static"`` refills only when every
-slot is free (a batch runs until its longest song ends), the baseline that the benchmark compares.
+prefix is put into the slot's cache rows, and from the next step on it joins the shared decode
+steps, each slot at its own pattern step and position. ``policy="static"`` is the baseline that the
+benchmark compares: a batch of ``slots`` songs is admitted when every slot is free and holds its slots
+until its longest song ends (its finished songs' slots keep stepping, as in a fixed-shape batch);
+``policy="static-drop"``: the same batches, finished songs leaving the step (see :data:`POLICIES`).
+
+* **Shared prefixes.** A row's prefix (positions ``[0, P)``, never written by a decode step) is copied
+  from any cache row that holds the same conditions, and prefilled only when none does: CFG's null
+  rows are the same for every song with the same null style, and candidates of one prompt share
+  theirs. Prefill is row-independent, so a copy is the prefill bit for bit.
 
 * **Cache.** :class:`levo_infer.model.SlotKVCache` per stack, allocated once for ``slots`` x (prefix
   + the longest song's steps) rows (two per song with CFG, adjacent: cond then null), in the model's
@@ -42,6 +49,12 @@ from .sampling import SamplingConfig, sample_uniform, song_uniforms, stream_rule
 #: call's records when it ends; rollouts score per call): long enough that refills keep the slots busy
 QUEUE_PER_SLOT = 8
 
+#: ``continuous``: a freed slot is refilled at once; ``static``: a batch of ``slots`` songs holds its slots
+#: until its longest song ends; ``static-drop``: the same batches, but finished songs leave the step (the
+#: busy songs move down into freed slots), as generation before the engine dropped finished rows
+POLICIES = ("continuous", "static", "static-drop")
+STATIC = ("static", "static-drop")
+
 ProgressFn = Callable[[int, int, int], None]  # (decode steps run, steps planned, songs still running)
 
 
@@ -51,12 +64,14 @@ class GenerationOutput:
     lengths: torch.Tensor  # [B] frames before the earliest EOS (or the song's frame limit)
     raw_codes: torch.Tensor | None = None  # [B, K, max_frames] per-stream tokens before the cut (EOS kept)
     steps: int = 0  # decode steps run (batch 1: pattern steps)
+    prefilled_rows: int = 0  # cache rows whose prefix was computed (the others were copied from a row with the same conditions)
+    moves: int = 0  # songs moved down into freed slots (``continuous`` once the queue is empty, ``static-drop``)
 
 
 def planned_steps(song_steps: Sequence[int], slots: int, policy: str = "continuous") -> int:
     """Decode steps for songs that each run ``song_steps[i]`` steps (none ending early), admitted in
     order into ``slots`` slots: the engine's schedule, computed on the host (progress totals, benchmarks)."""
-    if policy == "static":
+    if policy in STATIC:
         return sum(max(song_steps[i:i + slots]) for i in range(0, len(song_steps), slots))
     free = [0] * min(slots, max(len(song_steps), 1))
     for n in song_steps:
@@ -78,8 +93,8 @@ class GenerationEngine:
                  repetition_penalty: float = 1.0, penalty_window: int = 50, banned: torch.Tensor | None = None,
                  stop_at_cut: bool = False, kv_bits: int | None = None, policy: str = "continuous",
                  compile: bool = False, progress: ProgressFn | None = None) -> None:
-        if policy not in ("continuous", "static"):
-            raise ValueError(f"policy must be 'continuous' or 'static', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         B = cond.batch_size
         if len(frames) != B:
             raise ValueError(f"got {len(frames)} frame limits for {B} songs")
@@ -135,6 +150,13 @@ class GenerationEngine:
         self.song_of: list[int] = [-1] * n
         self.s_host: list[int] = [1] * n
         self.rules = [stream_rule(k, compat=compat, sampling=self.sampling) for k in range(K)]
+        # prefix sharing: the conditions of every cache row (a song's cond row, then its null row with CFG)
+        # and, per distinct conditions, the rows whose positions [0, P) hold their prefix
+        self.all_cond = _interleave(cond, null_cond) if self.use_cfg else cond  # type: ignore[arg-type]
+        self.cond_key = _row_keys(self.all_cond)
+        self.row_key: list[bytes | None] = [None] * (n * self.m_rows)
+        self.key_rows: dict[bytes, set[int]] = {}
+        self.prefilled_rows = self.moves = 0  # see GenerationOutput
         self._step_fn: Callable[[int, int, int], torch.Tensor] = self._decode
         if compile:
             self._step_fn = self._compiled()
@@ -144,16 +166,17 @@ class GenerationEngine:
         return slice(lo * self.m_rows, hi * self.m_rows)
 
     def _admit(self, pairs: list[tuple[int, int]]) -> None:
-        """Put songs into free slots: (slot, song) pairs with consecutive slots, prefilled together."""
-        slots = [j for j, _ in pairs]
+        """Put songs into free slots: (slot, song) pairs. Each cache row's prefix is copied from a row
+        that already holds the same conditions (the null rows of CFG are the same for most songs;
+        candidates of one prompt share theirs) and prefilled otherwise, :data:`PREFILL_SONGS` songs'
+        rows per call."""
         songs = torch.tensor([i for _, i in pairs], device=self.dev)
-        lo, hi = slots[0], slots[-1] + 1
+        sl = torch.tensor([j for j, _ in pairs], device=self.dev)
         for j, i in pairs:
             g = self.gens[i] if self.gens is not None else None
             n = self.frames[i] + self.maxd + 1
             self.U[j, :n] = song_uniforms(g, n, self.K, self.dev).to(self.dev)
             self.song_of[j], self.s_host[j] = i, 1
-        sl = slice(lo, hi)
         self.step[sl] = 1
         self.tok[sl] = self.special
         self.hist[sl] = self.special
@@ -166,14 +189,83 @@ class GenerationEngine:
             self.seen[sl] = 0
         if self.ban is not None:
             self.ban[sl] = self.banned[songs].to(self.dev)  # type: ignore[index]
-        c = _select(self.cond, songs)
-        if self.use_cfg:  # rows: cond, null of each song, adjacent
-            c = _interleave(c, _select(self.null, songs))  # type: ignore[arg-type]
-        prefix = self.m.condition_prefix(c)
+        self._fill_prefixes([(j * self.m_rows + q, i * self.m_rows + q) for j, i in pairs for q in range(self.m_rows)])
+
+    def _fill_prefixes(self, rows: list[tuple[int, int]]) -> None:
+        """(cache row, condition row of :attr:`all_cond`) pairs: copy or prefill positions [0, P) (a row
+        that already holds the conditions' prefix keeps it)."""
+        rows = [(r, c) for r, c in rows if self.row_key[r] != self.cond_key[c]]
+        for r, _ in rows:  # these rows are overwritten: they no longer hold their old prefix
+            old = self.row_key[r]
+            if old is not None:
+                self.key_rows[old].discard(r)
+        fill: list[tuple[int, int]] = []
+        copies: list[tuple[int, int]] = []
+        first: dict[bytes, int] = {}
+        for r, c in rows:
+            key = self.cond_key[c]
+            held = self.key_rows.get(key)
+            if held:
+                copies.append((r, min(held)))
+            elif key in first:
+                copies.append((r, first[key]))
+            else:
+                first[key] = r
+                fill.append((r, c))
+        for a in range(0, len(fill), PREFILL_SONGS * self.m_rows):  # the planner's prefill workspace
+            part = fill[a:a + PREFILL_SONGS * self.m_rows]
+            idx = torch.tensor([r for r, _ in part], device=self.dev)
+            prefix = self.m.condition_prefix(_select(self.all_cond, torch.tensor([c for _, c in part], device=self.dev)))
+            for cache in self.caches:
+                cache.rows, cache.pos, cache.mask = idx, None, None
+            empty = torch.empty((len(part), self.K, 0), dtype=torch.long, device=self.dev)
+            self.m.step_hidden(empty, prefix, self.caches)  # type: ignore[arg-type]
+        self.prefilled_rows += len(fill)
+        if copies:
+            dst = torch.tensor([r for r, _ in copies], device=self.dev)
+            src = torch.tensor([r for _, r in copies], device=self.dev)
+            for cache in self.caches:
+                cache.copy_rows(dst, src, self.P)
+        for r, c in rows:
+            key = self.cond_key[c]
+            self.row_key[r] = key
+            self.key_rows.setdefault(key, set()).add(r)
+
+    def _compact(self, free: list[int]) -> None:
+        """With the queue empty, move the songs of the highest busy slots into the free slots below
+        them, so that the span of busy slots a step runs over shrinks as songs end (a move copies the
+        song's state and its cache rows up to its position: far less than the steps it saves)."""
+        busy = [j for j in range(self.slots) if self.song_of[j] >= 0]
+        holes = sorted(j for j in free if busy and j < busy[-1])
+        moves: list[tuple[int, int]] = []
+        while holes and busy and holes[0] < busy[-1]:
+            moves.append((busy.pop(), holes.pop(0)))
+        if not moves:
+            return
+        src = torch.tensor([a for a, _ in moves], device=self.dev)
+        dst = torch.tensor([b for _, b in moves], device=self.dev)
+        for t in (self.step, self.tok, self.hist, self.ended, self.eos_frame, self.limit, self.active, self.U,
+                  self.seen, self.ban):
+            if t is not None:
+                t[dst] = t[src]
+        self.active[src] = False
+        mr = self.m_rows
+        rsrc = [a * mr + q for a, _ in moves for q in range(mr)]
+        rdst = [b * mr + q for _, b in moves for q in range(mr)]
+        length = min(self.max_len, max(self.P + self.s_host[a] for a, _ in moves))
         for cache in self.caches:
-            cache.rows, cache.pos, cache.mask = self._rows(lo, hi), None, None
-        empty = torch.empty((c.batch_size, self.K, 0), dtype=torch.long, device=self.dev)
-        self.m.step_hidden(empty, prefix, self.caches, start=0)  # type: ignore[arg-type]
+            cache.copy_rows(torch.tensor(rdst, device=self.dev), torch.tensor(rsrc, device=self.dev), length)
+        for rs, rd in zip(rsrc, rdst):  # the destination rows now hold the moved songs' prefixes too
+            old = self.row_key[rd]
+            if old is not None:
+                self.key_rows[old].discard(rd)
+            self.row_key[rd] = self.row_key[rs]
+            self.key_rows[self.row_key[rs]].add(rd)  # type: ignore[index]
+        self.moves += len(moves)
+        for a, b in moves:
+            self.song_of[b], self.s_host[b], self.song_of[a] = self.song_of[a], self.s_host[a], -1
+            free.remove(b)
+            free.append(a)
 
     # ----------------------------------------------------------------------------- one decode step
     def _decode(self, lo: int, hi: int, key_len: int) -> torch.Tensor:
@@ -267,20 +359,17 @@ class GenerationEngine:
         total = planned_steps(song_steps, self.slots, self.policy)
         queue = list(range(B))[::-1]  # pop() takes the next song
         free = list(range(self.slots))
-        n_steps = 0
+        n_steps = batch_hi = 0
         while queue or any(i >= 0 for i in self.song_of):
-            if queue and free and (self.policy == "continuous" or len(free) == self.slots):
+            if queue and free and (self.policy not in STATIC or len(free) == self.slots):
                 free.sort()
                 take = [(free.pop(0), queue.pop()) for _ in range(min(len(free), len(queue)))]
-                run_: list[tuple[int, int]] = []
-                for pair in take:  # prefill runs of consecutive slots together, PREFILL_SONGS at most
-                    if run_ and (pair[0] != run_[-1][0] + 1 or len(run_) == PREFILL_SONGS):
-                        self._admit(run_)
-                        run_ = []
-                    run_.append(pair)
-                self._admit(run_)
+                self._admit(take)
+                batch_hi = take[-1][0] + 1
             busy = [j for j in range(self.slots) if self.song_of[j] >= 0]
-            lo, hi = busy[0], busy[-1] + 1
+            # continuous: the step spans the busy slots; static: a batch holds its slots until its longest
+            # song ends (finished songs' slots still step, as in a fixed-shape batch)
+            lo, hi = (0, batch_hi) if self.policy == "static" else (busy[0], busy[-1] + 1)
             top = max(self.P + self.s_host[j] - 1 for j in busy)
             key_len = min(self.max_len, -(-(top + 1) // KEY_BLOCK) * KEY_BLOCK)
             done = self._step_fn(lo, hi, key_len)
@@ -296,15 +385,24 @@ class GenerationEngine:
                 self.song_of[j] = -1
                 self.active[j] = False
                 free.append(j)
+            if finished and not self.static_shapes and (self.policy == "static-drop" or
+                                                        (self.policy == "continuous" and not queue)):
+                self._compact(free)
             if self.progress is not None:
                 self.progress(n_steps, max(total, n_steps), sum(i >= 0 for i in self.song_of) + len(queue))
         T = torch.arange(F, device=dev)
         codes = torch.where(T[None, None, :] < lengths[:, None, None], raw, torch.full_like(raw, self.special))
-        return GenerationOutput(codes, lengths, raw, n_steps)
+        return GenerationOutput(codes, lengths, raw, n_steps, self.prefilled_rows, self.moves)
 
 
 def _select(c: Conditions, idx: torch.Tensor) -> Conditions:
     return Conditions(c.lyric_ids[idx], c.lyric_structure[idx], c.style_ids[idx], c.prompt[idx])
+
+
+def _row_keys(c: Conditions) -> list[bytes]:
+    """One key per row of ``c``: equal keys, equal conditions (so equal prefixes)."""
+    flat = torch.cat([c.lyric_ids, c.lyric_structure, c.style_ids, c.prompt.flatten(1).long()], dim=1).cpu()
+    return [row.numpy().tobytes() for row in flat]
 
 
 def _interleave(a: Conditions, b: Conditions) -> Conditions:
@@ -314,4 +412,4 @@ def _interleave(a: Conditions, b: Conditions) -> Conditions:
                       f(a.style_ids, b.style_ids), f(a.prompt, b.prompt))
 
 
-__all__ = ["QUEUE_PER_SLOT", "GenerationEngine", "GenerationOutput", "ProgressFn", "planned_steps"]
+__all__ = ["POLICIES", "QUEUE_PER_SLOT", "GenerationEngine", "GenerationOutput", "ProgressFn", "planned_steps"]

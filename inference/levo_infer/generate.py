@@ -75,7 +75,8 @@ def generate_codes(model: LeLM, cond: Conditions, *, max_frames: int | Sequence[
     ``stop_at_cut``: a song stops as soon as every frame before its earliest EOS exists (its cut
     output is unchanged; the frames of the raw output past the cut are then the special id).
     ``slots``: songs generated at once (None: all); ``kv_bits=8``: 8-bit KV cache; ``policy``:
-    ``continuous`` (refill a slot as soon as its song ends) or ``static`` (refill when all are free);
+    ``continuous`` (refill a slot as soon as its song ends), ``static`` (a batch holds its slots until its
+    longest song ends) or ``static-drop`` (the same batches, finished songs leaving the step);
     ``compile``: :func:`torch.compile` the decode step (see :mod:`levo_infer.engine`).
     ``use_cache=False`` recomputes every step from the full sequence (reference path for tests and
     benchmarks; all songs at once, one frame limit).

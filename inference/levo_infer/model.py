@@ -140,9 +140,10 @@ class SlotKVCache:
     head dim). It holds the stack's RoPE tables for every position, so a step reads its cos/sin
     instead of recomputing them.
 
-    The engine points a call at rows ``rows`` (a slice) and either prefills them from position 0
-    (``pos`` None: causal attention over the new keys, which are then stored) or decodes one step
-    (``pos`` [n] long: each row writes its new key/value at its own position and attends, through
+    The engine points a call at rows ``rows`` and either prefills them from position 0 (``pos``
+    None: causal attention over the new keys, which are then stored; ``rows`` a slice or a long
+    tensor of row indices) or decodes one step (``rows`` a slice; ``pos`` [n] long: each row writes
+    its new key/value at its own position and attends, through
     ``mask`` [n, 1, 1, key_len] (fp32, 0 where allowed, -inf elsewhere), to its own positions <= pos
     among the first ``key_len``).
     """
@@ -161,11 +162,19 @@ class SlotKVCache:
             self.k_scale = torch.zeros(shape[:-1] + (1,), device=device, dtype=torch.float32)
             self.v_scale = torch.zeros(shape[:-1] + (1,), device=device, dtype=torch.float32)
         self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), head_dim, theta, dtype)
-        self.rows: slice = slice(0, rows)
+        self.rows: slice | torch.Tensor = slice(0, rows)
         self.pos: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.key_len = max_len
         self._ar: torch.Tensor = torch.arange(rows, device=device)
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
+        """Copy positions ``[0, length)`` of rows ``src`` into rows ``dst`` (long tensors), every layer:
+        a prefix computed once serves every row with the same conditions, and a song moves to another
+        slot."""
+        for buf in (self.k, self.v, self.k_scale, self.v_scale):
+            if buf is not None:
+                buf[:, dst, :, :length] = buf[:, src, :, :length]
 
     @staticmethod
     def bytes_per_element(dtype: torch.dtype, bits: int | None, head_dim: int) -> float:

@@ -13,8 +13,10 @@ What the engine holds (:mod:`levo_infer.engine`), term by term:
   cache dtype (the model's, or 8-bit plus one fp32 scale per head and position);
 * **slot state** per song: the step history (int64), the song's uniforms (fp32), the repetition
   penalty's counts (int32 per stream and code) and the prompt ban (bool per code);
-* **workspace**: the prefill of :data:`PREFILL_SONGS` songs (the
-  activations of one decoder layer over the prefix, the MLP's four [tokens, F] tensors dominating)
+* **workspace**: the largest prefill call, :data:`PREFILL_SONGS` songs' rows at most (the
+  activations of one decoder layer over the prefix, the MLP's four [tokens, F] tensors dominating;
+  with CFG a first admission of ``n`` songs prefills ``n`` condition rows and at most
+  :data:`NULL_PREFIXES` null rows, the rest are copies)
   plus one decode step over every slot (the step's logits, the attention scores, the 8-bit cache's
   dequantised keys and values of one layer).
 
@@ -34,6 +36,9 @@ from .model import LeLM
 
 #: songs prefilled together when slots are refilled (bounds the prefill workspace)
 PREFILL_SONGS = 4
+#: distinct CFG null conditions :func:`levo_infer.generate.generate` makes (no lyrics, no prompt; v2's
+#: negative style or no style), so at most this many null rows are ever prefilled in one admission
+NULL_PREFIXES = 2
 #: a decode step attends over a multiple of this many keys, and the cache is allocated in whole blocks
 KEY_BLOCK = 32
 
@@ -63,15 +68,21 @@ class GenerationPlan:
     weights_bytes: int
     cache_bytes_per_song: int
     state_bytes_per_song: int
-    prefill_bytes_per_song: int
+    prefill_bytes_per_song: int  # all of a song's rows (two with CFG)
     decode_bytes_per_song: int
     max_frames: int
     cache_positions: int
+    rows_per_song: int = 2
+
+    def prefill_rows(self, slots: int) -> int:
+        """Rows of the largest prefill call with ``slots`` slots (see the module docstring)."""
+        r = self.rows_per_song
+        return min(PREFILL_SONGS * r, slots * r if r == 1 else slots + min(slots, NULL_PREFIXES))
 
     def workspace_bytes(self, slots: int | None = None) -> int:
         n = self.slots if slots is None else slots
         # added, not the larger of the two: the allocator keeps much of the prefill's freed memory resident
-        return self.prefill_bytes_per_song * min(n, PREFILL_SONGS) + self.decode_bytes_per_song * n
+        return self.prefill_bytes_per_song * self.prefill_rows(n) // self.rows_per_song + self.decode_bytes_per_song * n
 
     def predicted_bytes(self, slots: int | None = None) -> int:
         """Peak bytes of a generation with ``slots`` slots (default: the planned count)."""
@@ -121,7 +132,7 @@ def plan_generation(cfg: ModelConfig, *, memory_gb: float, max_frames: int, dtyp
     decode = rows * 6 * V * 4 + rows * H * positions * 4 * 3
     if kv_bits == 8:
         decode += 2 * rows * H * positions * hd * (act + 4)
-    plan = GenerationPlan(1, int(memory_gb * GIB), weights, cache, state, prefill, decode, max_frames, positions)
+    plan = GenerationPlan(1, int(memory_gb * GIB), weights, cache, state, prefill, decode, max_frames, positions, rows)
     fits = lambda n: GenerationPlan(n, **_rest(plan)).predicted_bytes() <= plan.budget_bytes  # noqa: E731
     lo, hi = 0, max(1, (plan.budget_bytes - weights) // max(cache + state, 1) + 1)  # fits(lo) (or n = 0); not fits(hi)
     while hi - lo > 1:
@@ -146,12 +157,12 @@ def plan_generation(cfg: ModelConfig, *, memory_gb: float, max_frames: int, dtyp
 def _rest(plan: GenerationPlan) -> dict:
     return {k: getattr(plan, k) for k in ("budget_bytes", "weights_bytes", "cache_bytes_per_song",
                                           "state_bytes_per_song", "prefill_bytes_per_song", "decode_bytes_per_song",
-                                          "max_frames", "cache_positions")}
+                                          "max_frames", "cache_positions", "rows_per_song")}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-__all__ = ["GIB", "KEY_BLOCK", "PREFILL_SONGS", "GenerationPlan", "InsufficientMemoryError", "param_count",
+__all__ = ["GIB", "KEY_BLOCK", "NULL_PREFIXES", "PREFILL_SONGS", "GenerationPlan", "InsufficientMemoryError", "param_count",
            "plan_generation"]
