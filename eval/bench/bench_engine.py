@@ -5,11 +5,16 @@
     temperature 0.8) with v2's delays [0, 250, 250], so a 100-frame song takes 350 pattern steps;
     with ``--baseline-src DIR`` (a source tree holding ``inference/levo_infer``, e.g. ``git archive
     main``) the same measurement runs alternately with that code, in fresh processes;
-(b) mixed-length workloads, static vs continuous batching at the same slot count, the same songs bit
-    for bit under both: the model of (a) with delays [0, 2, 2] and frame limits drawn uniformly from
-    25..250 (seeded; EOS never sampled, so every song runs to its limit; ``--v2-workload``: delays
-    [0, 250, 250] and 100..1000 frames), and with ``--toy-init`` the toy world's own workload (a toy
-    SFT export sampling held-out conditions, lengths set by its EOS);
+(b) mixed-length workloads, the same songs bit for bit under three policies at the same slot count:
+    ``static`` (a batch holds its slots until its longest song ends), ``static-drop`` (the same batches,
+    finished songs leave the step: on CPU a step costs in proportion to its rows, so this is the
+    strongest static baseline here) and ``continuous``; best of ``--mixed-rounds`` / ``--rounds``
+    alternating rounds: the model of (a) with delays [0, 2, 2], distinct lyrics and frame limits drawn
+    uniformly from 25..250 (seeded; the 1:10 range of the released ``min_dur``..``max_dur``, 30..270 s;
+    EOS never sampled, so every song runs to its limit; ``--v2-workload``: delays [0, 250, 250] and
+    100..1000 frames), and with ``--toy-init`` the toy world's own workload (a toy SFT export sampling
+    held-out conditions, lengths set by its EOS, one ``levo-eval``/``levo-data sample`` engine call:
+    ``Sampling.batch_size`` 128 slots x ``QUEUE_PER_SLOT`` songs);
 (c) the memory planner's predicted peak against the measured peak RSS of a fresh process (above its
     own baseline after the imports), at three slot counts for a tiny and a medium model;
 (d) the planner's slot counts for the v2-large config on 16 / 24 / 80 GB cards (bf16, songs of
@@ -403,7 +408,7 @@ def main() -> None:
     ap.add_argument("--toy-n", type=int, default=512)
     ap.add_argument("--toy-songs", type=int, default=1024, help="songs of the toy workload in (b)")
     ap.add_argument("--toy-slots", type=int, default=128, help="slots of the toy workload (Sampling.batch_size)")
-    ap.add_argument("--mixed-rounds", type=int, default=1, help="rounds of the uniform workload in (b) (minutes each)")
+    ap.add_argument("--mixed-rounds", type=int, default=3, help="rounds of the uniform workload in (b) (~1.5 min each)")
     ap.add_argument("--v2-workload", action="store_true", help="(b) also with v2's delays and 100..1000-frame songs "
                     "(minutes on CPU)")
     ap.add_argument("--quick", action="store_true")
@@ -413,6 +418,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.quick:
         args.rounds, args.reps, args.songs, args.toy_n, args.toy_songs, args.toy_slots = 1, 1, 16, 128, 128, 32
+        args.mixed_rounds = 1
     want = lambda s: args.only is None or s in args.only  # noqa: E731
     res: dict[str, Any] = {"threads": 1, "torch": torch.__version__}
     if want("latency"):
