@@ -43,6 +43,7 @@ from levo_infer.integrity import (
     verify_entries,
     verify_torch_zip,
 )
+from levo_infer.jsonio import atomic_file
 from levo_infer.jsonio import dumps as strict_dumps
 
 log = logging.getLogger(__name__)
@@ -124,36 +125,29 @@ def write_torch_stream(path: str | os.PathLike, entries: Sequence[tuple[str, Seq
         refs[name] = _TensorRef(_Storage(str(i), dtype, numel), shape)
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(refs)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-            def record(rname: str, data: bytes) -> None:
-                info, zip64 = _aligned_info(zf, f"{arch}/{rname}", len(data))
-                with zf.open(info, "w", force_zip64=zip64) as w:
-                    w.write(data)
+    # the archive closes (its central directory written) before atomic_file fsyncs and renames
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        def record(rname: str, data: bytes) -> None:
+            info, zip64 = _aligned_info(zf, f"{arch}/{rname}", len(data))
+            with zf.open(info, "w", force_zip64=zip64) as w:
+                w.write(data)
 
-            record("data.pkl", buf.getvalue())
-            record(".format_version", b"1")
-            record(".storage_alignment", str(_ALIGN).encode())
-            record("byteorder", b"little")
-            for name, _shape, dtype in entries:
-                ref = refs[name]
-                t = get(name)
-                if tuple(t.shape) != ref.shape or t.dtype != dtype:
-                    raise ValueError(f"{path}: {name} is {tuple(t.shape)} {t.dtype}, expected {ref.shape} {dtype}")
-                flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                info, zip64 = _aligned_info(zf, f"{arch}/data/{ref.storage.key}", flat.numel())
-                with zf.open(info, "w", force_zip64=zip64) as w:
-                    for a in range(0, flat.numel(), _WRITE_CHUNK):
-                        w.write(flat[a:a + _WRITE_CHUNK].numpy().data)
-                del t, flat
-            record("version", b"3\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        record("data.pkl", buf.getvalue())
+        record(".format_version", b"1")
+        record(".storage_alignment", str(_ALIGN).encode())
+        record("byteorder", b"little")
+        for name, _shape, dtype in entries:
+            ref = refs[name]
+            t = get(name)
+            if tuple(t.shape) != ref.shape or t.dtype != dtype:
+                raise ValueError(f"{path}: {name} is {tuple(t.shape)} {t.dtype}, expected {ref.shape} {dtype}")
+            flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            info, zip64 = _aligned_info(zf, f"{arch}/data/{ref.storage.key}", flat.numel())
+            with zf.open(info, "w", force_zip64=zip64) as w:
+                for a in range(0, flat.numel(), _WRITE_CHUNK):
+                    w.write(flat[a:a + _WRITE_CHUNK].numpy().data)
+            del t, flat
+        record("version", b"3\n")
     return path
 
 

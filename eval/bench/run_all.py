@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from levo_infer.jsonio import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 START, END = "<!-- perf-table:start (eval/bench/run_all.py writes this table) -->", "<!-- perf-table:end -->"
@@ -359,9 +361,7 @@ def write_readme(text: str) -> None:
             raise SystemExit("README.md has no '## Performance' section to put the table in")
         i = s.index(anchor) + len(anchor)
         s = s[:i] + "\n" + text + "\n" + s[i:]
-    tmp = README.with_name(f".README.md.tmp{os.getpid()}")
-    tmp.write_text(s)
-    os.replace(tmp, README)
+    write_text_atomic(README, s)
 
 
 def update_readme_rows(benches_run: list[Bench], rows: list[tuple[str, str, str, str]], date: str) -> int:
@@ -380,9 +380,7 @@ def update_readme_rows(benches_run: list[Bench], rows: list[tuple[str, str, str,
     kept = [line for i, line in enumerate(lines) if i not in mine]
     at -= sum(1 for i in mine if i < at)
     kept[at:at] = new
-    tmp = README.with_name(f".README.md.tmp{os.getpid()}")
-    tmp.write_text(s[:a] + "\n".join(kept) + s[b:])
-    os.replace(tmp, README)
+    write_text_atomic(README, s[:a] + "\n".join(kept) + s[b:])
     return len(new)
 
 

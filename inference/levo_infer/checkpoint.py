@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, load_config, save_config
 from .errors import LevoInferError
 from .integrity import IntegrityError, remove_manifest, verify_folder, verify_torch_zip, write_manifest
+from .jsonio import atomic_file
 from .model import LeLM
 from .offload import enable_layer_offload
 from .safe_load import is_zip, torch_load
@@ -88,18 +89,9 @@ def released_state_dict(model: LeLM, dtype: torch.dtype | None = None) -> dict[s
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path`` (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def save_released(model: LeLM, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,

@@ -19,12 +19,13 @@ Standard library only (levo_infer imports no training stack).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import LevoInferError
 
@@ -81,19 +82,28 @@ def dumps(obj: Any, *, nonfinite: str = "error", what: str | None = None, **kw: 
         raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """``text`` at ``path``, all or nothing: a per-process temp file beside it, fsynced, renamed over it
-    (several ranks may write the same file)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through, all or nothing: a per-process temp file beside it,
+    fsynced once the ``with`` body (and whatever it wrapped around the file) has finished, then renamed
+    over ``path``; on an error the temp file is removed and ``path`` left as it was (several ranks may
+    write the same file)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) at ``path``, all or nothing (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False, indent: int | None = 1,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LevoInferError
+from ..jsonio import atomic_file
 
 #: the encoder's sample rate (input) and the MusicFM rate (after 48 k -> 24 k)
 SAMPLE_RATE = 48000
@@ -207,15 +208,8 @@ def write_flac(wav: torch.Tensor, sample_rate: int, path: str | os.PathLike) -> 
     x = check_waveform(wav.detach().cpu(), str(path), stereo=False)
     clipped = int((x.abs() > 1.0).sum())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            sf.write(f, x.numpy().T, int(sample_rate), format="FLAC", subtype="PCM_24")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        sf.write(f, x.numpy().T, int(sample_rate), format="FLAC", subtype="PCM_24")
     return clipped
 
 
