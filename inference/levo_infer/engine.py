@@ -102,7 +102,7 @@ class GenerationEngine:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if generators is not None and len(generators) != B:
             raise ValueError(f"got {len(generators)} generators for {B} songs")
-        self.m, self.cond, self.null = model, cond, null_cond
+        self.m = model
         self.use_cfg = null_cond is not None and cfg_coef != 1.0
         self.cfg_coef, self.compat, self.policy, self.progress = cfg_coef, compat, policy, progress
         self.sampling = sampling or SamplingConfig()
@@ -196,9 +196,7 @@ class GenerationEngine:
         that already holds the conditions' prefix keeps it)."""
         rows = [(r, c) for r, c in rows if self.row_key[r] != self.cond_key[c]]
         for r, _ in rows:  # these rows are overwritten: they no longer hold their old prefix
-            old = self.row_key[r]
-            if old is not None:
-                self.key_rows[old].discard(r)
+            self._set_row_key(r, None)
         fill: list[tuple[int, int]] = []
         copies: list[tuple[int, int]] = []
         first: dict[bytes, int] = {}
@@ -227,8 +225,15 @@ class GenerationEngine:
             for cache in self.caches:
                 cache.copy_rows(dst, src, self.P)
         for r, c in rows:
-            key = self.cond_key[c]
-            self.row_key[r] = key
+            self._set_row_key(r, self.cond_key[c])
+
+    def _set_row_key(self, r: int, key: bytes | None) -> None:
+        """Cache row ``r`` now holds the prefix of the conditions ``key`` (None: no usable prefix)."""
+        old = self.row_key[r]
+        if old is not None:
+            self.key_rows[old].discard(r)
+        self.row_key[r] = key
+        if key is not None:
             self.key_rows.setdefault(key, set()).add(r)
 
     def _compact(self, free: list[int]) -> None:
@@ -236,7 +241,7 @@ class GenerationEngine:
         them, so that the span of busy slots a step runs over shrinks as songs end (a move copies the
         song's state and its cache rows up to its position: far less than the steps it saves)."""
         busy = [j for j in range(self.slots) if self.song_of[j] >= 0]
-        holes = sorted(j for j in free if busy and j < busy[-1])
+        holes = sorted(free)
         moves: list[tuple[int, int]] = []
         while holes and busy and holes[0] < busy[-1]:
             moves.append((busy.pop(), holes.pop(0)))
@@ -253,14 +258,11 @@ class GenerationEngine:
         rsrc = [a * mr + q for a, _ in moves for q in range(mr)]
         rdst = [b * mr + q for _, b in moves for q in range(mr)]
         length = min(self.max_len, max(self.P + self.s_host[a] for a, _ in moves))
+        rows_dst, rows_src = torch.tensor(rdst, device=self.dev), torch.tensor(rsrc, device=self.dev)
         for cache in self.caches:
-            cache.copy_rows(torch.tensor(rdst, device=self.dev), torch.tensor(rsrc, device=self.dev), length)
+            cache.copy_rows(rows_dst, rows_src, length)
         for rs, rd in zip(rsrc, rdst):  # the destination rows now hold the moved songs' prefixes too
-            old = self.row_key[rd]
-            if old is not None:
-                self.key_rows[old].discard(rd)
-            self.row_key[rd] = self.row_key[rs]
-            self.key_rows[self.row_key[rs]].add(rd)  # type: ignore[index]
+            self._set_row_key(rd, self.row_key[rs])
         self.moves += len(moves)
         for a, b in moves:
             self.song_of[b], self.s_host[b], self.song_of[a] = self.song_of[a], self.s_host[a], -1
