@@ -45,16 +45,20 @@ class SignalAt(Callback):
         self.seen += 1
 
 
-@pytest.fixture
-def fake_slurm(monkeypatch):
-    """A one-task Slurm job as Lightning's SLURMEnvironment sees it; scontrol is recorded."""
+def fake_slurm_job(monkeypatch, job_id: str) -> list[list[str]]:
+    """A one-task Slurm job as Lightning's SLURMEnvironment sees it; returns the scontrol calls, recorded."""
     for k, v in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "levo-test",
-                 "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                 "SLURM_JOB_ID": job_id, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
                  "SLURM_NODELIST": "localhost"}.items():
         monkeypatch.setenv(k, v)
     calls: list[list[str]] = []
     monkeypatch.setattr(slurm_mod.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     return calls
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch):
+    return fake_slurm_job(monkeypatch, "4242")
 
 
 def with_signal_at(monkeypatch, k: int) -> None:
@@ -196,12 +200,7 @@ def test_signal_during_a_round_checkpoints_inside_it_and_resumes_exactly(tmp_pat
     rd = tmp_path / "run"
     straight = sdpo_straight(*extra)
     if signum == signal.SIGUSR1:
-        for k, v in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "levo-test",
-                     "SLURM_JOB_ID": "4243", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-                     "SLURM_NODELIST": "localhost"}.items():
-            monkeypatch.setenv(k, v)
-        requeued: list[list[str]] = []
-        monkeypatch.setattr(slurm_mod.subprocess, "call", lambda cmd: requeued.append(cmd) or 0)
+        requeued = fake_slurm_job(monkeypatch, "4243")
     count_generation(monkeypatch, signal_at=at, signum=signum)
     if signum == signal.SIGUSR1:
         with pytest.raises(SystemExit) as e:

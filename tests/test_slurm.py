@@ -103,6 +103,20 @@ def assert_completed(info: dict[str, str], run_dir: Path, job: str, submit_dir: 
     return log
 
 
+def interrupt_once(job: str, run_dir: Path, submit_dir: Path, until, command: list[str], before: str) -> str:
+    """Wait until ``until(info)`` holds, run ``command + [job]`` (a signal or a requeue), then wait for the
+    job to complete after exactly one restart; returns the run log. ``before``: what the job must not
+    have finished before (for the message)."""
+    info = wait_job(job, until=until)
+    assert info.get("JobState") == "RUNNING", f"job {job} ended before {before}: {info}\n" \
+                                              f"{read_log(run_dir, job)[-4000:]}"
+    subprocess.run([*command, job], check=True, timeout=30)
+    info = wait_job(job)
+    log = assert_completed(info, run_dir, job, submit_dir)
+    assert info.get("Restarts") == "1", info
+    return log
+
+
 def assert_same_as_uninterrupted(recipe: str, overrides: list[str], run_dir: Path, submit_dir: Path,
                                  env: dict[str, str]) -> None:
     """Run the same job again, never interrupted: its export must equal ``run_dir``'s bit for bit."""
@@ -204,13 +218,7 @@ def test_sbatch_requeue_on_usr1_resumes(tmp_path, toy_cache) -> None:
     def training(info: dict[str, str]) -> bool:  # well into training: a periodic checkpoint exists
         return info.get("JobState") == "RUNNING" and (run_dir / "checkpoints" / "last.ckpt").is_file()
 
-    info = wait_job(job, until=training)
-    assert info.get("JobState") == "RUNNING", f"job {job} ended before it could be preempted: {info}\n" \
-                                              f"{read_log(run_dir, job)[-4000:]}"
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-    info = wait_job(job)
-    log = assert_completed(info, run_dir, job, tmp_path)
-    assert info.get("Restarts") == "1", info
+    log = interrupt_once(job, run_dir, tmp_path, training, ["scancel", "--signal=USR1"], "it could be preempted")
     hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
     assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], "no (or more than one) requeue checkpoint on USR1"
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name], "temp files left in the run folder"
@@ -283,13 +291,7 @@ def test_sbatch_dpo_fsdp2_scontrol_requeue_resumes_exactly(sft_job, toy_cache, t
     def checkpointed(info: dict[str, str]) -> bool:  # a complete sharded checkpoint exists, the run goes on
         return info.get("JobState") == "RUNNING" and (run_dir / "checkpoints" / "last.ckpt" / "levo_complete.json").is_file()
 
-    info = wait_job(job, until=checkpointed)
-    assert info.get("JobState") == "RUNNING", f"job {job} ended before it could be requeued: {info}\n" \
-                                              f"{read_log(run_dir, job)[-4000:]}"
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
-    info = wait_job(job)
-    log = assert_completed(info, run_dir, job, tmp_path)
-    assert info.get("Restarts") == "1", info
+    log = interrupt_once(job, run_dir, tmp_path, checkpointed, ["scontrol", "requeue"], "it could be requeued")
     assert f"job {job} start #1" in log and f"job {job} start #2" in log  # both attempts, one log
     m = re.search(r"resuming from (\S+) \(step (\d+)\)", log)
     assert m and 0 < int(m.group(2)) < max_steps, log[-4000:]
@@ -321,13 +323,7 @@ def test_sbatch_sdpo_fsdp2_usr1_during_a_round_resumes_exactly(sft_job, toy_cach
     def generating(info: dict[str, str]) -> bool:  # round 0 is under way
         return info.get("JobState") == "RUNNING" and re.search(r"round 0: \d+/\d+ prompts", read_log(run_dir, job))
 
-    info = wait_job(job, until=generating)
-    assert info.get("JobState") == "RUNNING", f"job {job} ended before its first round: {info}\n" \
-                                              f"{read_log(run_dir, job)[-4000:]}"
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-    info = wait_job(job)
-    log = assert_completed(info, run_dir, job, tmp_path)
-    assert info.get("Restarts") == "1", info
+    log = interrupt_once(job, run_dir, tmp_path, generating, ["scancel", "--signal=USR1"], "its first round")
     m = re.search(r"resuming from (\S+) \(step (\d+)\)", log)
     assert m and Path(m.group(1)).name == "hpc_ckpt_1.ckpt" and m.group(2) == "0", log[-4000:]
     assert Path(m.group(1)).is_dir()  # a sharded (DCP) checkpoint
