@@ -30,6 +30,7 @@ from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 from omegaconf.grammar_parser import parse as parse_interpolation
 
 from .errors import LevoInferError
+from .jsonio import write_text_atomic
 from .lyrics import STRUCTURE_TAGS
 from .styles import STYLE_TAGS_V2
 from .tokenizer import CONTROL_TOKENS, QWEN2_BASE_VOCAB, TextTokenizer, build_text_tokenizer
@@ -744,10 +745,7 @@ def save_config(mc: ModelConfig, path: str | os.PathLike) -> Path:
     if p.is_dir() or p.suffix == "":
         p.mkdir(parents=True, exist_ok=True)
         p = p / "config.yaml"
-    text = OmegaConf.to_yaml(OmegaConf.create(mc.to_dict()))
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    write_text_atomic(p, OmegaConf.to_yaml(OmegaConf.create(mc.to_dict())))
     return p
 
 

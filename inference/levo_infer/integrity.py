@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LevoInferError
+from .jsonio import write_text_atomic
 
 #: the manifest of an export / reward export / adapter folder
 MANIFEST = "checksums.json"
@@ -218,9 +219,7 @@ def write_manifest(folder: str | os.PathLike, names: Iterable[str]) -> Path:
     folder = Path(folder)
     doc = {"format": MANIFEST_FORMAT, "version": 1, "files": manifest_entries(folder, names)}
     target = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    os.replace(tmp, target)
+    write_text_atomic(target, json.dumps(doc, indent=1, sort_keys=True))
     return target
 
 

@@ -19,7 +19,6 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .jsonio import atomic_file
 from .jsonio import dumps as strict_dumps
 from .lyrics import STRUCTURE_TAGS as LYRIC_TAGS  # the lyric tokenizer's added tokens are the structure tags
 from .styles import MUSICALITY_TAGS, STYLE_TAGS_V2
@@ -157,14 +157,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def qwen2_files(out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
